@@ -1,0 +1,87 @@
+//! The API service: routes a request, checks credentials and CORS, and runs its handler.
+//!
+//! Invariant: decide, then act: handlers parse and validate into typed commands before anything
+//! reaches a core, and every failure is an [`ApiError`] rendered with the JSON envelope.
+
+pub mod ops;
+pub mod params;
+pub mod session;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use relay_engine::shell::{ControlService, CoreHandle, Outcome, Request};
+
+use crate::auth;
+use crate::config::ApiConfig;
+use crate::cors;
+use crate::error::ApiError;
+use crate::router::{self, Miss, Route};
+
+/// The control plane's implementation of the engine's [`ControlService`]; one clone per core.
+#[derive(Clone)]
+pub struct Service {
+    config: Arc<ApiConfig>,
+}
+
+impl Service {
+    /// A service with `config`.
+    pub fn new(config: ApiConfig) -> Self {
+        Self { config: Arc::new(config) }
+    }
+
+    async fn dispatch(&self, core: &CoreHandle, route: Route, request: &Request) -> Result<Outcome, ApiError> {
+        let respond = |r: Result<Response<Bytes>, ApiError>| r.map(Outcome::Respond);
+        match route {
+            Route::Health => respond(Ok(ops::health(core))),
+            Route::HealthDetailed => respond(Ok(ops::health_detailed(core, &self.config))),
+            Route::StartCall => respond(session::start_call(core, request).await),
+            Route::StopCall => respond(session::stop_call(core, request).await),
+            Route::Mute => respond(session::set_microphone(core, request, false).await),
+            Route::Unmute => respond(session::set_microphone(core, request, true).await),
+            Route::SendCustomStream => respond(session::send_custom_stream(core, request).await),
+            Route::ResumeMicrophone => respond(session::resume_microphone(core, request).await),
+            Route::CallStatus => respond(session::call_status(core, request).await),
+            Route::TrackStatus => respond(session::track_status(core, request).await),
+            Route::Events => session::events(&self.config, request).map(Outcome::Observe),
+        }
+    }
+}
+
+impl ControlService for Service {
+    async fn handle(&self, core: &CoreHandle, request: Request) -> Outcome {
+        let head = &request.head;
+        let path = head.uri.path();
+        let mut outcome = if head.method == Method::OPTIONS {
+            match router::allow(path) {
+                Some(allow) => Outcome::Respond(cors::options(&self.config.cors, &head.headers, allow)),
+                None => Outcome::Respond(ApiError::no_route(&head.method, path).into_response()),
+            }
+        } else {
+            let result = match router::route(&head.method, path) {
+                Err(Miss::NotFound) => Err(ApiError::no_route(&head.method, path)),
+                Err(Miss::MethodNotAllowed(allow)) => Err(ApiError::method_not_allowed(&head.method, path, allow)),
+                Ok(route) => {
+                    // /health answers load balancers without credentials; /ws checks session
+                    // tokens itself; everything else needs the API key when one is set.
+                    let open = matches!(route, Route::Health | Route::Events);
+                    if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
+                        Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"))
+                    } else {
+                        self.dispatch(core, route, &request).await
+                    }
+                }
+            };
+            result.unwrap_or_else(|e| Outcome::Respond(e.into_response()))
+        };
+        if let Outcome::Respond(response) = &mut outcome {
+            cors::decorate(&self.config.cors, &head.headers, response);
+        }
+        outcome
+    }
+
+    fn error_response(&self, status: StatusCode, message: &str) -> Response<Bytes> {
+        ApiError::new(status, message).into_response()
+    }
+}

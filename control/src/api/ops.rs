@@ -1,0 +1,90 @@
+//! Operational endpoints: `/health` (every seed's shape at once) and `/health/detailed`.
+//!
+//! Invariant: never exposes a secret; reads only counters and the data directory.
+
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use relay_engine::shell::CoreHandle;
+use serde_json::{json, Value};
+
+use crate::config::ApiConfig;
+use crate::error::json_response;
+
+/// The crate version reported by `/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `GET /health`: the superset of seeds 000/001 and 003.
+pub fn health(core: &CoreHandle) -> Response<Bytes> {
+    let active: usize = core.stats().iter().map(|s| s.sessions).sum();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "success": true,
+            "message": "Relay is running",
+            "status": "ok",
+            "timestamp": timestamp(),
+            "uptime": core.uptime().as_secs(),
+            "activeSessions": active,
+            "data": { "activeSessions": active, "version": VERSION },
+        }),
+    )
+}
+
+/// `GET /health/detailed` (seed 003): services, memory, and sessions per core. 503 when the
+/// data directory is unusable.
+pub fn health_detailed(core: &CoreHandle, config: &ApiConfig) -> Response<Bytes> {
+    let stats = core.stats();
+    let active: usize = stats.iter().map(|s| s.sessions).sum();
+    let (db_up, db_latency_ms) = probe_data_dir(config);
+    let cores: Vec<Value> = stats
+        .iter()
+        .map(|s| json!({ "id": s.core.0, "sessions": s.sessions, "observers": s.observers, "connections": s.connections }))
+        .collect();
+    let status = if db_up { "healthy" } else { "unhealthy" };
+    let body = json!({
+        "status": status,
+        "timestamp": timestamp(),
+        "services": {
+            "database": { "status": if db_up { "up" } else { "down" }, "latency": db_latency_ms },
+            "openai": { "status": "not_configured" },
+            "twilio": { "status": "not_configured" },
+            "server": {
+                "status": "up",
+                "uptime": core.uptime().as_secs(),
+                "activeSessions": active,
+                "memoryUsage": { "rss": rss_bytes() },
+                "cores": cores,
+            },
+        },
+    });
+    json_response(if db_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+/// Whether the data directory is a writable directory, and how long the check took (ms).
+fn probe_data_dir(config: &ApiConfig) -> (bool, u64) {
+    #[allow(clippy::disallowed_methods)] // Measures the probe's own latency; not on the media path.
+    let start = Instant::now();
+    let probe = config.data_dir.join(".health-probe");
+    let up = std::fs::write(&probe, b"ok").is_ok() && std::fs::remove_file(&probe).is_ok();
+    (up, start.elapsed().as_millis() as u64)
+}
+
+/// Resident set size of this process, bytes (0 if /proc is unreadable).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn timestamp() -> String {
+    #[allow(clippy::disallowed_methods)] // Wall time for a response field, outside the engine.
+    let now = SystemTime::now();
+    humantime::format_rfc3339_seconds(now).to_string()
+}

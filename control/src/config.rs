@@ -1,0 +1,206 @@
+//! Configuration: every flag with its `RELAY_*` environment twin, its default and its meaning.
+//!
+//! Invariant: the doc comments here are user documentation; `relay --help` prints them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use relay_engine::config::{EngineConfig, Limits};
+use relay_engine::secret::Secret;
+
+/// Relay: a thread-per-core media relay for voice-AI calls.
+///
+/// Serves the session-control API (HTTP and WebSocket) on one port from one pinned executor per
+/// core. Every flag has an environment twin, shown in brackets.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "relay", version, about, long_about = None)]
+pub struct Config {
+    /// Address and port for HTTP and WebSocket. Port 0 picks a free port.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Executors to run, one pinned per CPU. Default: every CPU this process may use.
+    #[arg(long, env = "RELAY_CORES")]
+    pub cores: Option<usize>,
+
+    /// Bearer token required on control endpoints (all but /health). Without it, only a loopback
+    /// --listen address is allowed, unless --insecure-public is given.
+    #[arg(long, env = "RELAY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Allow listening on a non-loopback address without an --api-key.
+    #[arg(long, env = "RELAY_INSECURE_PUBLIC")]
+    pub insecure_public: bool,
+
+    /// Directory for the embedded database and state; created when missing.
+    #[arg(long, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
+    pub data_dir: PathBuf,
+
+    /// Origins browsers may call the API from: `*` for any, or a comma-separated list of
+    /// origins such as `https://app.example.com`. Empty disables CORS.
+    #[arg(long, env = "RELAY_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+
+    /// Log filter: error, warn, info, debug or trace, optionally per module
+    /// (`info,relay_engine=debug`).
+    #[arg(long, env = "RELAY_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Largest request body accepted, bytes (413 past it).
+    #[arg(long, env = "RELAY_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+
+    /// Largest request head accepted, bytes (431 past it).
+    #[arg(long, env = "RELAY_MAX_HEAD_BYTES", default_value_t = Limits::default().max_head_bytes)]
+    pub max_head_bytes: usize,
+
+    /// Most header fields in a request (431 past it; at most 128).
+    #[arg(long, env = "RELAY_MAX_HEADERS", default_value_t = Limits::default().max_headers)]
+    pub max_headers: usize,
+
+    /// Time a client has to send a whole request once it started one (408 past it).
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Time an idle keep-alive connection stays open.
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Sessions one core holds (503 past it).
+    #[arg(long, env = "RELAY_SESSIONS_PER_CORE", default_value_t = Limits::default().sessions_per_core)]
+    pub sessions_per_core: usize,
+
+    /// Event sockets (/ws) one session may have (429 past it).
+    #[arg(long, env = "RELAY_OBSERVERS_PER_SESSION", default_value_t = Limits::default().observers_per_session)]
+    pub observers_per_session: usize,
+
+    /// How long a /ws socket may wait for its session to be started (then closed with 1008).
+    #[arg(long, env = "RELAY_PENDING_OBSERVER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub pending_observer_timeout: Duration,
+
+    /// How long graceful shutdown waits for connections to close.
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Where CORS lets browsers call from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// No cross-origin access.
+    None,
+    /// Any origin (`*`).
+    Any,
+    /// Exactly these origins.
+    List(Vec<String>),
+}
+
+/// Settings the API handlers read, shared by every core.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Bearer token for control endpoints.
+    pub api_key: Option<Secret>,
+    /// CORS policy.
+    pub cors: CorsOrigins,
+    /// The data directory (probed by /health/detailed).
+    pub data_dir: PathBuf,
+}
+
+impl Config {
+    /// Checks combinations clap cannot, e.g. a public address without an API key.
+    ///
+    /// # Errors
+    /// A sentence saying what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cores == Some(0) {
+            return Err("--cores must be at least 1".to_owned());
+        }
+        if self.api_key.as_deref().is_some_and(str::is_empty) {
+            return Err("--api-key must not be empty".to_owned());
+        }
+        if !self.listen.ip().is_loopback() && self.api_key.is_none() && !self.insecure_public {
+            return Err(format!(
+                "refusing to listen on {} without --api-key: set RELAY_API_KEY, listen on 127.0.0.1, or pass --insecure-public",
+                self.listen
+            ));
+        }
+        if self.max_headers == 0 || self.max_headers > relay_engine::proto::http::HEADER_SLOTS {
+            return Err(format!("--max-headers must be between 1 and {}", relay_engine::proto::http::HEADER_SLOTS));
+        }
+        Ok(())
+    }
+
+    /// The engine's part of the configuration.
+    pub fn engine(&self) -> EngineConfig {
+        let limits = Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_head_bytes: self.max_head_bytes,
+            max_headers: self.max_headers,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            sessions_per_core: self.sessions_per_core,
+            observers_per_session: self.observers_per_session,
+            pending_observer_timeout: self.pending_observer_timeout,
+            shutdown_grace: self.shutdown_grace,
+            ..Limits::default()
+        };
+        EngineConfig {
+            listen: self.listen,
+            cores: self.cores.unwrap_or_else(relay_engine::shell::available_cores),
+            limits,
+        }
+    }
+
+    /// The API handlers' part of the configuration.
+    pub fn api(&self) -> ApiConfig {
+        let origins: Vec<String> =
+            self.cors_origins.split(',').map(|o| o.trim().trim_end_matches('/').to_owned()).filter(|o| !o.is_empty()).collect();
+        let cors = if origins.is_empty() {
+            CorsOrigins::None
+        } else if origins.iter().any(|o| o == "*") {
+            CorsOrigins::Any
+        } else {
+            CorsOrigins::List(origins)
+        };
+        ApiConfig { api_key: self.api_key.clone().map(Secret::new), cors, data_dir: self.data_dir.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("relay").chain(args.iter().copied())).expect("valid flags")
+    }
+
+    /// Defaults are the documented ones and pass validation.
+    #[test]
+    fn defaults() {
+        let c = parse(&[]);
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(c.engine().limits, Limits { header_timeout: Duration::from_secs(10), ..Limits::default() });
+        assert_eq!(c.api().cors, CorsOrigins::Any);
+        c.validate().expect("defaults are valid");
+    }
+
+    /// A public address needs an API key or an explicit opt-out.
+    #[test]
+    fn public_needs_key() {
+        assert!(parse(&["--listen", "0.0.0.0:80"]).validate().is_err());
+        assert!(parse(&["--listen", "0.0.0.0:80", "--api-key", "k"]).validate().is_ok());
+        assert!(parse(&["--listen", "0.0.0.0:80", "--insecure-public"]).validate().is_ok());
+        assert!(parse(&["--cores", "0"]).validate().is_err());
+    }
+
+    /// CORS lists are split, trimmed and normalised.
+    #[test]
+    fn cors_lists() {
+        assert_eq!(
+            parse(&["--cors-origins", "https://a.example/, https://b.example"]).api().cors,
+            CorsOrigins::List(vec!["https://a.example".into(), "https://b.example".into()])
+        );
+        assert_eq!(parse(&["--cors-origins", ""]).api().cors, CorsOrigins::None);
+    }
+}

@@ -1,0 +1,89 @@
+//! API errors: one status per variant of API.md, rendered as `{"success":false,"error":…}`.
+//!
+//! Invariant: error messages are sentences for the client and never contain secrets.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use relay_engine::error::CommandError;
+
+/// An error answer: status plus a sentence, and any headers the status requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for the client.
+    pub message: String,
+    /// `Allow` for 405.
+    pub allow: Option<&'static str>,
+}
+
+impl ApiError {
+    /// An error with `status` and `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), allow: None }
+    }
+
+    /// 400: the request is malformed or a field is missing or invalid.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 401: credentials missing or wrong.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    /// 404 for a path with no endpoint.
+    pub fn no_route(method: &http::Method, path: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("no endpoint {method} {path}"))
+    }
+
+    /// 405 with the methods the path accepts.
+    pub fn method_not_allowed(method: &http::Method, path: &str, allow: &'static str) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("{method} is not allowed on {path}; use {}", allow.trim_end_matches(", OPTIONS")),
+            allow: Some(allow),
+        }
+    }
+
+    /// The error for a failed session command.
+    pub fn from_command(error: &CommandError, session: &str) -> Self {
+        let status = match error {
+            CommandError::NotFound => StatusCode::NOT_FOUND,
+            CommandError::AlreadyActive => StatusCode::CONFLICT,
+            CommandError::CoreFull { .. } | CommandError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            CommandError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match error {
+            CommandError::NotFound => format!("session {session} not found"),
+            CommandError::AlreadyActive => format!("session {session} is already active"),
+            other => other.to_string(),
+        };
+        Self::new(status, message)
+    }
+
+    /// The HTTP response.
+    pub fn into_response(self) -> Response<Bytes> {
+        let body = serde_json::json!({ "success": false, "error": self.message });
+        let mut response = json_response(self.status, &body);
+        if let Some(allow) = self.allow {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// A JSON response with `status`.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,73 @@
+//! # relay-control
+//!
+//! Relay's control plane: configuration and CLI, the documented HTTP/WebSocket API, and
+//! startup. It implements the engine's `ControlService`; the engine owns sockets, cores and
+//! sessions.
+//!
+//! ## What it never does
+//!
+//! * Hold session state: sessions live on their owner core in the engine; handlers turn a request
+//!   into a typed command, dispatch it to that core, and render the reply.
+//! * Leak secrets: API keys and access tokens are `Secret`s, redacted in logs and responses.
+//!
+//! ## Flow of a request
+//!
+//! 1. The engine parses the head on the core that accepted the connection and calls
+//!    [`api::Service`]'s `handle`.
+//! 2. [`router`] picks the route (or 404/405), [`auth`] checks the API key, [`cors`] decorates.
+//! 3. The handler validates the body ([`api::params`]) into an engine `Command` and awaits
+//!    `CoreHandle::dispatch`, which runs it on the session's core, locally or over the mesh.
+//! 4. The reply becomes the seed-compatible JSON envelope; errors become [`error::ApiError`].
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod cors;
+pub mod error;
+pub mod router;
+
+use anyhow::Context as _;
+
+/// Starts the relay with `config`, serves until SIGINT/SIGTERM, then shuts down gracefully.
+///
+/// # Errors
+/// A one-line reason the relay could not start or a core failed.
+pub fn run(config: config::Config) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create --data-dir {}", config.data_dir.display()))?;
+    let engine = config.engine();
+    let cores = engine.cores;
+    let grace = engine.limits.shutdown_grace;
+    let relay = relay_engine::shell::start(engine, api::Service::new(config.api()))?;
+    tracing::info!("relay listening on http://{} with {cores} cores", relay.local_addr());
+
+    let shutdown = relay.shutdown_handle();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut forever = signals.forever();
+            if let Some(signal) = forever.next() {
+                tracing::info!(signal, "shutting down: ending calls and closing connections");
+                shutdown.shutdown();
+                // A core that cannot finish in time must not keep the process alive.
+                let deadline = grace + std::time::Duration::from_secs(2);
+                std::thread::spawn(move || {
+                    std::thread::sleep(deadline);
+                    tracing::warn!("shutdown took longer than {deadline:?}; exiting");
+                    std::process::exit(1);
+                });
+            }
+            if forever.next().is_some() {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    relay.wait().map_err(anyhow::Error::msg)?;
+    tracing::info!("relay stopped");
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Engine configuration: plain data, one field for every size, count, rate and time a client controls.
+//!
+//! Invariant: no I/O and no defaults hidden elsewhere; the control crate maps its CLI onto these.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything the engine needs to start its cores.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Address every core listens on (SO_REUSEPORT); port 0 picks a free port once for all cores.
+    pub listen: SocketAddr,
+    /// Number of cores (executors), each pinned to one CPU.
+    pub cores: usize,
+    /// Bounds on what clients can make the relay hold.
+    pub limits: Limits,
+}
+
+/// Bounds on client-controlled sizes, counts and times. Crossing one is a typed error or a counted drop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest HTTP request head (request line + headers), bytes; past it the answer is 431.
+    pub max_head_bytes: usize,
+    /// Most header lines in one request; past it the answer is 431.
+    pub max_headers: usize,
+    /// Largest request body, bytes; past it the answer is 413 (control bodies are small JSON).
+    pub max_body_bytes: usize,
+    /// Time a client has to send a whole request (head and body) once it has started one.
+    pub header_timeout: Duration,
+    /// Time a keep-alive connection may sit idle between requests before it is closed.
+    pub idle_timeout: Duration,
+    /// Largest WebSocket frame payload a client may send, bytes; past it the socket closes with 1009.
+    pub ws_max_frame_bytes: usize,
+    /// Largest reassembled WebSocket message, bytes; past it the socket closes with 1009.
+    pub ws_max_message_bytes: usize,
+    /// Initial read buffer per WebSocket, bytes: small, because thousands of sockets are idle at once.
+    pub ws_read_buffer_bytes: usize,
+    /// Most bytes queued for a WebSocket that is not reading before the socket is closed.
+    pub ws_max_write_buffer_bytes: usize,
+    /// Frames queued toward one WebSocket before new ones are dropped (counted).
+    pub ws_outbox_frames: usize,
+    /// Event sockets (`/ws`) one session may have.
+    pub observers_per_session: usize,
+    /// Session ids that may have event sockets waiting for `/start-call` on one core.
+    pub pending_sessions_per_core: usize,
+    /// How long an event socket may wait for its session to start before it is closed with 1008.
+    pub pending_observer_timeout: Duration,
+    /// Sessions one core holds; `/start-call` past it answers 503.
+    pub sessions_per_core: usize,
+    /// Open connections one core serves; connections past it are closed at once.
+    pub connections_per_core: usize,
+    /// Messages queued between two cores before new ones are shed.
+    pub mesh_capacity: usize,
+    /// How long a request waits for the owner core's reply before it answers 503.
+    pub command_timeout: Duration,
+    /// How long graceful shutdown waits for connections to finish before cores exit anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: 8 * 1024,
+            max_headers: 64,
+            max_body_bytes: 64 * 1024,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            ws_max_frame_bytes: 64 * 1024,
+            ws_max_message_bytes: 256 * 1024,
+            ws_read_buffer_bytes: 4 * 1024,
+            ws_max_write_buffer_bytes: 1024 * 1024,
+            ws_outbox_frames: 256,
+            observers_per_session: 32,
+            pending_sessions_per_core: 10_000,
+            pending_observer_timeout: Duration::from_secs(30),
+            sessions_per_core: 20_000,
+            connections_per_core: 50_000,
+            mesh_capacity: 4096,
+            command_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! What other cores and the control plane ask of a session's owner core, and its answers.
+//!
+//! Invariant: plain `Send` data; every command gets exactly one [`Reply`] or [`CommandError`].
+
+use crate::id::StreamId;
+use crate::media::SampleRate;
+use crate::secret::Secret;
+
+/// A request for one session, executed on the session's owner core.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Create the session (`/start-call`).
+    Start(StartCall),
+    /// End the session (`/stop-call`).
+    Stop,
+    /// Mute (`false`) or unmute (`true`) the microphone toward the agent.
+    SetMicrophone(bool),
+    /// Make the agent hear the custom stream `StreamId` instead of the microphone.
+    SendCustomStream(StreamId),
+    /// Make the agent hear the microphone again.
+    ResumeMicrophone,
+    /// Report `/call-status`.
+    CallStatus,
+    /// Report `/track-status`.
+    TrackStatus,
+}
+
+/// Parameters of a new session.
+#[derive(Debug, Clone)]
+pub struct StartCall {
+    /// Bearer token for the session's media legs and event sockets.
+    pub access_token: Secret,
+    /// Rate of raw samples sent on `/ws`.
+    pub sample_rate: SampleRate,
+    /// Whether `/ws` carries the agent's audio as float samples.
+    pub emit_raw_audio_samples: bool,
+}
+
+/// A command's successful result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The session exists now.
+    Started,
+    /// The session is gone.
+    Stopped,
+    /// The microphone state after `SetMicrophone`.
+    Microphone {
+        /// Whether the agent hears the microphone (unmuted).
+        enabled: bool,
+    },
+    /// The custom stream the agent hears now.
+    CustomStream(StreamId),
+    /// The agent hears the microphone again.
+    MicrophoneResumed,
+    /// Answer to [`Command::CallStatus`].
+    CallStatus(CallStatus),
+    /// Answer to [`Command::TrackStatus`].
+    TrackStatus(TrackStatus),
+}
+
+/// `/call-status` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallStatus {
+    /// The session exists and has not been stopped.
+    pub is_active: bool,
+    /// A caller leg is connected.
+    pub is_connected: bool,
+    /// Voice activity on the agent's audio now.
+    pub is_agent_talking: bool,
+    /// At least one `/ws` event socket is attached.
+    pub has_web_socket: bool,
+}
+
+/// `/track-status` fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackStatus {
+    /// Whether the microphone is unmuted.
+    pub microphone_enabled: bool,
+    /// The audio tracks the session really carries.
+    pub tracks: Vec<Track>,
+}
+
+/// One audio track of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Track {
+    /// Track id, unique in the session.
+    pub sid: String,
+    /// Media kind (`audio`).
+    pub kind: &'static str,
+    /// Human name (`microphone`, the custom stream id, `agent`).
+    pub name: String,
+    /// What produces it (`microphone`, `custom`, `agent`).
+    pub source: &'static str,
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// No active session has this id.
+    #[error("session not found")]
+    NotFound,
+    /// `Start` for a session that is already active.
+    #[error("session is already active")]
+    AlreadyActive,
+    /// The owner core holds `sessions_per_core` sessions already.
+    #[error("this relay core is at its limit of {limit} sessions")]
+    CoreFull {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The owner core could not be reached in time (queue full or no reply).
+    #[error("the session's core is busy; try again")]
+    Busy,
+    /// The command hit a bug; the session was dropped so the core could go on.
+    #[error("internal error; the session was closed")]
+    Internal,
+}

@@ -1,0 +1,390 @@
+//! HTTP/1.1 request heads from bytes (httparse) with limits, and responses into a caller's buffer.
+//!
+//! Invariant: no I/O, no clock; "not enough bytes yet" is [`Parse::Incomplete`], never an error, and
+//! no input makes this panic.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+
+use crate::config::Limits;
+
+/// Most header lines the parser has room for; `Limits::max_headers` may only lower it.
+pub const HEADER_SLOTS: usize = 128;
+
+/// A parsed request head plus what the connection needs to know about its body and lifetime.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    /// Request method.
+    pub method: Method,
+    /// Request target in origin form (`/path?query`), or `*` for `OPTIONS *`.
+    pub uri: Uri,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// Header fields, names lowercased.
+    pub headers: HeaderMap,
+    /// Body length from `Content-Length` (0 when absent).
+    pub content_length: usize,
+    /// Whether the connection stays open after the response (version default and `Connection`).
+    pub keep_alive: bool,
+    /// The client sent `Expect: 100-continue` and waits for a go-ahead before its body.
+    pub expect_continue: bool,
+}
+
+/// Outcome of feeding the bytes received so far to [`parse_head`].
+#[derive(Debug)]
+pub enum Parse {
+    /// The head is not complete yet; read more and call again with the longer buffer.
+    Incomplete,
+    /// A whole head: the body (if any) starts at `head_len`.
+    Complete {
+        /// The parsed head.
+        head: RequestHead,
+        /// Bytes of `buf` the head used.
+        head_len: usize,
+    },
+}
+
+/// Why a request head is refused; each maps to one status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// The head is larger than `max_head_bytes`.
+    #[error("request head is larger than {limit} bytes")]
+    HeadTooLarge {
+        /// The limit that was crossed.
+        limit: usize,
+    },
+    /// More header lines than `max_headers`.
+    #[error("request has more than {limit} header fields")]
+    TooManyHeaders {
+        /// The limit that was crossed.
+        limit: usize,
+    },
+    /// The body announced by `Content-Length` is larger than `max_body_bytes`.
+    #[error("request body of {length} bytes is larger than the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The announced length.
+        length: u64,
+        /// The limit that was crossed.
+        limit: usize,
+    },
+    /// `Transfer-Encoding` is present; only `Content-Length` bodies are accepted.
+    #[error("Transfer-Encoding is not supported; send a Content-Length body")]
+    TransferEncoding,
+    /// The request is not well-formed HTTP/1.x.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+}
+
+impl HeadError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::HeadTooLarge { .. } | Self::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TransferEncoding => StatusCode::NOT_IMPLEMENTED,
+            Self::Malformed(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Parses the request head at the start of `buf`.
+///
+/// # Errors
+/// [`HeadError`] when the head (complete or not) already breaks a limit or is malformed.
+pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    let max_headers = limits.max_headers.min(HEADER_SLOTS);
+    let mut req = httparse::Request::new(&mut slots[..max_headers]);
+    let status = match req.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::TooManyHeaders { limit: max_headers })
+        }
+        Err(e) => return Err(HeadError::Malformed(malformed_reason(e))),
+    };
+    let head_len = match status {
+        httparse::Status::Partial => {
+            if buf.len() > limits.max_head_bytes {
+                return Err(HeadError::HeadTooLarge { limit: limits.max_head_bytes });
+            }
+            return Ok(Parse::Incomplete);
+        }
+        httparse::Status::Complete(n) => n,
+    };
+    if head_len > limits.max_head_bytes {
+        return Err(HeadError::HeadTooLarge { limit: limits.max_head_bytes });
+    }
+    // httparse only reports Complete once method, path and version are all present.
+    let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed("incomplete request line"));
+    };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed("bad method"))?;
+    let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+    let uri = parse_target(&method, path)?;
+
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| HeadError::Malformed("bad header name"))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Malformed("bad header value"))?;
+        headers.append(name, value);
+    }
+
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(HeadError::TransferEncoding);
+    }
+    let content_length = content_length(&headers, limits)?;
+    let keep_alive = keep_alive(version, &headers);
+    let expect_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+
+    Ok(Parse::Complete {
+        head: RequestHead { method, uri, version, headers, content_length, keep_alive, expect_continue },
+        head_len,
+    })
+}
+
+/// A header's value split on commas, each token trimmed: `Connection: keep-alive, Upgrade`.
+pub fn header_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Writes `response` as HTTP/1.1 into `out`, with `Content-Length`, and `Connection: close` when
+/// `close` is set. `head_only` leaves the body out (answers to `HEAD`). `date` is an IMF-fixdate.
+pub fn write_response(out: &mut Vec<u8>, response: &http::Response<Bytes>, close: bool, head_only: bool, date: &str) {
+    let status = response.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in response.headers() {
+        if name == header::CONTENT_LENGTH || name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !date.is_empty() {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let body = response.body();
+    let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if !bodiless {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !bodiless && !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
+/// The interim response that tells an `Expect: 100-continue` client to send its body.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+fn parse_target(method: &Method, path: &str) -> Result<Uri, HeadError> {
+    if path == "*" {
+        return if method == Method::OPTIONS {
+            Ok(Uri::from_static("*"))
+        } else {
+            Err(HeadError::Malformed("'*' target is only for OPTIONS"))
+        };
+    }
+    if !path.starts_with('/') {
+        return Err(HeadError::Malformed("request target must be an absolute path"));
+    }
+    path.parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))
+}
+
+fn content_length(headers: &HeaderMap, limits: &Limits) -> Result<usize, HeadError> {
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let bytes = v.as_bytes();
+        if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
+            return Err(HeadError::Malformed("bad Content-Length"));
+        }
+        // At most 19 ASCII digits, so the parse cannot overflow a u64.
+        let n: u64 = std::str::from_utf8(bytes).ok().and_then(|s| s.parse().ok()).ok_or(HeadError::Malformed("bad Content-Length"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(HeadError::Malformed("conflicting Content-Length headers"));
+        }
+        length = Some(n);
+    }
+    let length = length.unwrap_or(0);
+    if length > limits.max_body_bytes as u64 {
+        return Err(HeadError::BodyTooLarge { length, limit: limits.max_body_bytes });
+    }
+    // Checked against a usize limit just above.
+    Ok(length as usize)
+}
+
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = false;
+    let mut keep = false;
+    for t in header_tokens(headers, &header::CONNECTION) {
+        close |= t.eq_ignore_ascii_case("close");
+        keep |= t.eq_ignore_ascii_case("keep-alive");
+    }
+    if close {
+        false
+    } else {
+        version == Version::HTTP_11 || keep
+    }
+}
+
+fn malformed_reason(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "bad header name",
+        httparse::Error::HeaderValue => "bad header value",
+        httparse::Error::NewLine => "bad line ending",
+        httparse::Error::Status => "bad status",
+        httparse::Error::Token => "bad token in request line",
+        httparse::Error::TooManyHeaders => "too many headers",
+        httparse::Error::Version => "unsupported HTTP version",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn complete(buf: &[u8]) -> (RequestHead, usize) {
+        match parse_head(buf, &Limits::default()).expect("valid head") {
+            Parse::Complete { head, head_len } => (head, head_len),
+            Parse::Incomplete => panic!("expected a complete head"),
+        }
+    }
+
+    /// A POST head gives method, path, query, body length and keep-alive.
+    #[test]
+    fn parses_post() {
+        let raw = b"POST /start-call?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        let (head, len) = complete(raw);
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri.path(), "/start-call");
+        assert_eq!(head.uri.query(), Some("x=1"));
+        assert_eq!(head.content_length, 5);
+        assert!(head.keep_alive);
+        assert_eq!(&raw[len..], b"hello");
+    }
+
+    /// Every prefix of a valid head is Incomplete, never an error.
+    #[test]
+    fn prefixes_are_incomplete() {
+        let raw = b"GET /health HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n";
+        for n in 0..raw.len() {
+            assert!(matches!(parse_head(&raw[..n], &Limits::default()), Ok(Parse::Incomplete)), "prefix {n}");
+        }
+    }
+
+    /// Connection semantics: 1.1 keeps alive unless `close`; 1.0 closes unless `keep-alive`.
+    #[test]
+    fn keep_alive_rules() {
+        assert!(!complete(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").0.keep_alive);
+        assert!(!complete(b"GET / HTTP/1.0\r\n\r\n").0.keep_alive);
+        assert!(complete(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").0.keep_alive);
+        assert!(complete(b"GET / HTTP/1.1\r\nConnection: Upgrade, keep-alive\r\n\r\n").0.keep_alive);
+    }
+
+    /// Oversized heads (complete or not), too many headers and big bodies get 431/431/413.
+    #[test]
+    fn limits() {
+        let limits = Limits { max_head_bytes: 64, max_headers: 4, max_body_bytes: 10, ..Limits::default() };
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(100));
+        let e = parse_head(long.as_bytes(), &limits).unwrap_err();
+        assert_eq!(e.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let e = parse_head(b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\nd: 4\r\ne: 5\r\n\r\n", &limits).unwrap_err();
+        assert_eq!(e, HeadError::TooManyHeaders { limit: 4 });
+        let e = parse_head(b"POST / HTTP/1.1\r\ncontent-length: 11\r\n\r\n", &limits).unwrap_err();
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let e = parse_head(b"POST / HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n", &limits).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    /// Garbage, bad targets, chunked bodies and conflicting lengths are refused with their status.
+    #[test]
+    fn malformed() {
+        let l = Limits::default();
+        assert_eq!(parse_head(b"\x00\x01\x02 / HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(parse_head(b"GET http:x HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(parse_head(b"GET * HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert!(parse_head(b"OPTIONS * HTTP/1.1\r\n\r\n", &l).is_ok());
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", &l).unwrap_err(),
+            HeadError::TransferEncoding
+        );
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", &l).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+    }
+
+    /// Expect: 100-continue is seen.
+    #[test]
+    fn expect_continue() {
+        assert!(complete(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n").0.expect_continue);
+    }
+
+    /// Responses carry status line, headers, length, close and body; HEAD and 204 carry no body.
+    #[test]
+    fn writes_responses() {
+        let resp = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Bytes::from_static(b"{}"))
+            .expect("static response");
+        let mut out = Vec::new();
+        write_response(&mut out, &resp, true, false, "Sat, 21 Nov 2026 00:00:00 GMT");
+        let s = String::from_utf8(out).expect("ascii");
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\n"), "{s}");
+        assert!(s.contains("content-type: application/json\r\n"));
+        assert!(s.contains("content-length: 2\r\n"));
+        assert!(s.contains("connection: close\r\n"));
+        assert!(s.ends_with("\r\n\r\n{}"));
+        let mut out = Vec::new();
+        write_response(&mut out, &resp, false, true, "");
+        assert!(String::from_utf8(out).expect("ascii").ends_with("content-length: 2\r\n\r\n"));
+        let resp = http::Response::builder().status(204).body(Bytes::new()).expect("static response");
+        let mut out = Vec::new();
+        write_response(&mut out, &resp, false, false, "");
+        assert_eq!(out, b"HTTP/1.1 204 No Content\r\n\r\n");
+    }
+
+    proptest! {
+        /// No byte string makes the parser panic.
+        #[test]
+        fn never_panics(buf in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_head(&buf, &Limits::default());
+        }
+
+        /// Any head that fits is parsed whatever the read boundaries: a prefix is Incomplete.
+        #[test]
+        fn split_anywhere(path in "/[a-z0-9/]{0,40}", n in 0usize..200) {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let cut = n.min(raw.len());
+            let r = parse_head(&raw.as_bytes()[..cut], &Limits::default()).expect("valid prefix");
+            prop_assert_eq!(matches!(r, Parse::Complete { .. }), cut == raw.len());
+        }
+    }
+}

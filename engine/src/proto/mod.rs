@@ -1,0 +1,7 @@
+//! Wire formats: bytes ⇄ typed values.
+//!
+//! Invariant: no clocks, no sockets, no session state; every parser is total (errors, not panics).
+
+pub mod events;
+pub mod http;
+pub mod ws;

@@ -1,0 +1,318 @@
+//! One core's executor: its shared state, the drive loop around [`CoreState`], and the tasks that
+//! feed it (accept, mesh, ticks).
+//!
+//! Invariant: every call into `CoreState` goes through [`CoreShared::drive`], which drains all
+//! outputs before returning, and through `catch_unwind`, so a bug drops one session, not the core.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use event_listener::Event;
+use futures::channel::oneshot;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+
+use super::mesh::CoreMessage;
+use super::ws::Outbox;
+use super::{clock, mesh, tcp, ControlService, CoreStats, Global};
+use crate::config::Limits;
+use crate::core::command::{Command, CommandError, Reply};
+use crate::core::{CoreState, Output};
+use crate::id::{core_for, ConnectionId, CoreId, SessionId};
+use crate::time::Now;
+
+/// Everything a core needs to start, handed over from the main thread.
+pub(crate) struct CoreSetup {
+    pub(crate) id: CoreId,
+    pub(crate) cores: usize,
+    pub(crate) limits: Limits,
+    pub(crate) listener: OwnedFd,
+    pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
+    pub(crate) global: Arc<Global>,
+}
+
+/// State shared by the tasks of one core. Single-threaded: `Rc` and `RefCell`, never across cores.
+pub(crate) struct CoreShared {
+    pub(crate) id: CoreId,
+    pub(crate) cores: usize,
+    pub(crate) limits: Limits,
+    pub(crate) global: Arc<Global>,
+    state: RefCell<CoreState>,
+    mesh_tx: Senders<CoreMessage>,
+    /// Requests sent to other cores, waiting for their reply, by request number.
+    pending: RefCell<HashMap<u64, oneshot::Sender<Result<Reply, CommandError>>>>,
+    next_request: Cell<u64>,
+    next_conn: Cell<u64>,
+    /// Outgoing queues of the event sockets this core serves.
+    outboxes: RefCell<HashMap<ConnectionId, Rc<Outbox>>>,
+    /// Set once graceful shutdown began; `shutdown_event` wakes the tasks that wait on it.
+    pub(crate) shutting_down: Cell<bool>,
+    pub(crate) shutdown_event: Event,
+    /// Connections open on this core (HTTP and WebSocket).
+    pub(crate) connections: Cell<usize>,
+    /// Frames dropped because an event socket's queue was full.
+    pub(crate) dropped_frames: Cell<u64>,
+}
+
+/// What the control plane uses on a core: its id, session commands and the relay's counts.
+#[derive(Clone)]
+pub struct CoreHandle(pub(crate) Rc<CoreShared>);
+
+impl CoreHandle {
+    /// This core.
+    pub fn id(&self) -> CoreId {
+        self.0.id
+    }
+
+    /// Number of cores.
+    pub fn cores(&self) -> usize {
+        self.0.cores
+    }
+
+    /// The core that owns `session`.
+    pub fn owner(&self, session: &SessionId) -> CoreId {
+        core_for(session, self.0.cores)
+    }
+
+    /// Runs `command` on `session`'s owner core (here, or over the mesh) and returns its answer.
+    pub async fn dispatch(&self, session: SessionId, command: Command) -> Result<Reply, CommandError> {
+        let owner = self.owner(&session);
+        if owner == self.0.id {
+            return self.0.command(&session, command);
+        }
+        let request = self.0.next_request.get();
+        self.0.next_request.set(request + 1);
+        let (tx, rx) = oneshot::channel();
+        self.0.pending.borrow_mut().insert(request, tx);
+        let message = CoreMessage::Command { from: self.0.id, request, session, command };
+        if self.0.send_to_core(owner, message).is_err() {
+            self.0.pending.borrow_mut().remove(&request);
+            return Err(CommandError::Busy);
+        }
+        let reply = glommio::timer::timeout(self.0.limits.command_timeout, async { Ok(rx.await) }).await;
+        self.0.pending.borrow_mut().remove(&request);
+        match reply {
+            Ok(Ok(result)) => result,
+            // Timed out, or the owner dropped the request: the caller may retry.
+            _ => Err(CommandError::Busy),
+        }
+    }
+
+    /// Every core's counts, from the shared gauges.
+    pub fn stats(&self) -> Vec<CoreStats> {
+        let g = &self.0.global;
+        (0..self.0.cores)
+            .map(|i| CoreStats {
+                core: CoreId(i),
+                sessions: g.sessions[i].load(Ordering::Relaxed),
+                observers: g.observers[i].load(Ordering::Relaxed),
+                connections: g.connections[i].load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Seconds since the relay started.
+    pub fn uptime(&self) -> Duration {
+        clock::now().instant.saturating_duration_since(self.0.global.started)
+    }
+
+    /// Whether graceful shutdown has begun.
+    pub fn shutting_down(&self) -> bool {
+        self.0.shutting_down.get()
+    }
+}
+
+impl CoreShared {
+    /// Runs a command for a session this core owns, isolating panics to that session.
+    pub(crate) fn command(&self, session: &SessionId, command: Command) -> Result<Reply, CommandError> {
+        let now = clock::now();
+        let result = self.drive(|state| {
+            catch_unwind(AssertUnwindSafe(|| state.handle_command(now, session, command)))
+        });
+        match result {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(session = %session, "session command panicked; the session was dropped");
+                self.drive(|state| state.handle_panic(session));
+                Err(CommandError::Internal)
+            }
+        }
+    }
+
+    /// Feeds one input to the core state, then drains and applies every output.
+    pub(crate) fn drive<R>(&self, input: impl FnOnce(&mut CoreState) -> R) -> R {
+        let mut state = self.state.borrow_mut();
+        let result = input(&mut state);
+        while let Some(output) = state.poll_output() {
+            self.apply(output);
+        }
+        let stats = state.stats();
+        self.global.sessions[self.id.0].store(stats.active_sessions, Ordering::Relaxed);
+        self.global.observers[self.id.0].store(stats.observers, Ordering::Relaxed);
+        result
+    }
+
+    pub(crate) fn now(&self) -> Now {
+        clock::now()
+    }
+
+    pub(crate) fn next_connection(&self) -> ConnectionId {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        ConnectionId(id)
+    }
+
+    pub(crate) fn register_outbox(&self, conn: ConnectionId, outbox: Rc<Outbox>) {
+        self.outboxes.borrow_mut().insert(conn, outbox);
+    }
+
+    pub(crate) fn remove_outbox(&self, conn: ConnectionId) {
+        self.outboxes.borrow_mut().remove(&conn);
+    }
+
+    pub(crate) fn send_to_core(&self, core: CoreId, message: CoreMessage) -> Result<(), CoreMessage> {
+        use glommio::{GlommioError, ResourceType};
+        match self.mesh_tx.try_send_to(core.0, message) {
+            Ok(()) => Ok(()),
+            Err(GlommioError::WouldBlock(ResourceType::Channel(m)) | GlommioError::Closed(ResourceType::Channel(m))) => {
+                Err(m)
+            }
+            // try_send_to only fails with the message inside; anything else had nowhere to go.
+            Err(e) => {
+                tracing::error!(core = self.id.0, "mesh send failed: {e}");
+                Err(CoreMessage::Dropped)
+            }
+        }
+    }
+
+    pub(crate) fn complete(&self, request: u64, result: Result<Reply, CommandError>) {
+        if let Some(tx) = self.pending.borrow_mut().remove(&request) {
+            let _ = tx.send(result);
+        }
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.set(self.connections.get() + 1);
+        self.global.connections[self.id.0].store(self.connections.get(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.set(self.connections.get() - 1);
+        self.global.connections[self.id.0].store(self.connections.get(), Ordering::Relaxed);
+        if self.shutting_down.get() && self.connections.get() == 0 {
+            self.shutdown_event.notify(usize::MAX);
+        }
+    }
+
+    fn apply(&self, output: Output) {
+        let outboxes = self.outboxes.borrow();
+        match output {
+            Output::Send { conn, text } => {
+                if let Some(outbox) = outboxes.get(&conn) {
+                    if !outbox.push(text, self.limits.ws_outbox_frames) {
+                        self.dropped_frames.set(self.dropped_frames.get() + 1);
+                    }
+                }
+            }
+            Output::Close { conn, code, reason } => {
+                if let Some(outbox) = outboxes.get(&conn) {
+                    outbox.close(code, reason);
+                }
+            }
+        }
+    }
+}
+
+/// The executor's main future: joins the mesh, starts the core's tasks, runs until shutdown.
+pub(crate) async fn run_core<S: ControlService>(
+    setup: CoreSetup,
+    service: S,
+    ready: mpsc::Sender<(usize, Result<(), String>)>,
+) -> Result<(), String> {
+    let (mesh_tx, mut mesh_rx) = match setup.mesh.join().await {
+        Ok(pair) => pair,
+        Err(_) => {
+            let _ = ready.send((setup.id.0, Err("could not join the core mesh".to_owned())));
+            return Err("could not join the core mesh".to_owned());
+        }
+    };
+    // Mesh peers are numbered by executor creation order, which is core order; check it, since
+    // every cross-core message is addressed by that number.
+    if mesh_tx.peer_id() != setup.id.0 {
+        let message = format!("mesh peer {} does not match core {}", mesh_tx.peer_id(), setup.id.0);
+        let _ = ready.send((setup.id.0, Err(message.clone())));
+        return Err(message);
+    }
+    // SAFETY: the main thread bound this listening socket and gave up ownership with the OwnedFd.
+    let listener = unsafe { glommio::net::TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
+    let shared = Rc::new(CoreShared {
+        id: setup.id,
+        cores: setup.cores,
+        state: RefCell::new(CoreState::new(setup.limits.clone())),
+        limits: setup.limits,
+        global: setup.global,
+        mesh_tx,
+        pending: RefCell::new(HashMap::new()),
+        next_request: Cell::new(0),
+        next_conn: Cell::new(0),
+        outboxes: RefCell::new(HashMap::new()),
+        shutting_down: Cell::new(false),
+        shutdown_event: Event::new(),
+        connections: Cell::new(0),
+        dropped_frames: Cell::new(0),
+    });
+    let service = Rc::new(service);
+    for (_, receiver) in mesh_rx.streams() {
+        glommio::spawn_local(mesh::receive_task(shared.clone(), service.clone(), receiver)).detach();
+    }
+    let accept = glommio::spawn_local(tcp::accept_task(shared.clone(), service.clone(), listener));
+    let _ = ready.send((shared.id.0, Ok(())));
+    tracing::debug!(core = shared.id.0, "core serving");
+
+    tick_task(&shared).await;
+
+    // Graceful shutdown: stop accepting, end sessions (call_ended, close frames), let connections
+    // finish within the grace period.
+    accept.cancel().await;
+    let now = shared.now();
+    shared.drive(|state| state.handle_shutdown(now));
+    let grace = shared.limits.shutdown_grace;
+    let drained = glommio::timer::timeout(grace, async {
+        while shared.connections.get() > 0 {
+            let listener = shared.shutdown_event.listen();
+            if shared.connections.get() == 0 {
+                break;
+            }
+            listener.await;
+        }
+        Ok(())
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(core = shared.id.0, open = shared.connections.get(), "connections still open after the shutdown grace period");
+    }
+    Ok(())
+}
+
+/// Runs timers and watches the process-wide shutdown flag; returns when shutdown begins.
+async fn tick_task(shared: &Rc<CoreShared>) {
+    const TICK: Duration = Duration::from_millis(50);
+    loop {
+        glommio::timer::sleep(TICK).await;
+        if shared.global.shutdown.load(Ordering::Acquire) {
+            shared.shutting_down.set(true);
+            shared.shutdown_event.notify(usize::MAX);
+            return;
+        }
+        let now = shared.now();
+        let due = shared.state.borrow().poll_timeout().is_some_and(|t| t <= now.instant);
+        if due {
+            shared.drive(|state| state.handle_timeout(now));
+        }
+    }
+}

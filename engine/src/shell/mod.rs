@@ -1,0 +1,345 @@
+//! The glommio shell: one pinned executor per core, the cross-core mesh, TCP and WebSocket tasks.
+//!
+//! Invariant: the only module that imports glommio, socket2 or reads the clock; it feeds the
+//! sans-IO [`CoreState`] one input at a time and drains every output before awaiting again.
+
+mod clock;
+mod core_task;
+mod handoff;
+mod mesh;
+mod tcp;
+mod ws;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+
+use crate::config::EngineConfig;
+use crate::core::Credential;
+use crate::id::{CoreId, SessionId};
+use crate::proto::http::RequestHead;
+
+pub use core_task::CoreHandle;
+
+/// The control plane, as the shell sees it: turns a request into a response, or into an event
+/// socket for a session. One clone runs on every core.
+pub trait ControlService: Clone + Send + 'static {
+    /// Handles a request on the core that read it. Session commands go through `core`.
+    fn handle(&self, core: &CoreHandle, request: Request) -> impl Future<Output = Outcome>;
+
+    /// The response for an error the shell found itself (limits, malformed heads, busy cores).
+    fn error_response(&self, status: StatusCode, message: &str) -> http::Response<Bytes>;
+}
+
+/// A whole request: head and body.
+#[derive(Debug)]
+pub struct Request {
+    /// The parsed head.
+    pub head: RequestHead,
+    /// The body (`Content-Length` bytes).
+    pub body: Bytes,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send this response.
+    Respond(http::Response<Bytes>),
+    /// Switch to WebSocket and attach to the session's events, on the session's owner core.
+    Observe(Observe),
+}
+
+/// An accepted `/ws` upgrade, to be completed on the session's owner core.
+#[derive(Debug)]
+pub struct Observe {
+    /// The session to watch.
+    pub session: SessionId,
+    /// What the client presented.
+    pub credential: Credential,
+    /// `Sec-WebSocket-Accept` for the 101 answer.
+    pub accept: String,
+}
+
+/// Why the relay could not start; each message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen socket could not be created.
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+        /// What to change.
+        hint: &'static str,
+    },
+    /// `RLIMIT_MEMLOCK` is below what io_uring needs.
+    #[error("io_uring needs RLIMIT_MEMLOCK of at least {need_kib} KiB, but it is {have_kib} KiB: raise it (`ulimit -l unlimited`, LimitMEMLOCK=infinity under systemd, `--ulimit memlock=-1` for containers)")]
+    Memlock {
+        /// Locked memory needed, KiB.
+        need_kib: u64,
+        /// The current limit, KiB.
+        have_kib: u64,
+    },
+    /// An executor could not start (io_uring missing or refused).
+    #[error("cannot start core {core}: {message}")]
+    Executor {
+        /// Which core.
+        core: usize,
+        /// What failed and what to change.
+        message: String,
+    },
+    /// `--cores` is zero.
+    #[error("--cores must be at least 1")]
+    NoCores,
+}
+
+/// Process-wide state every core can read: the shutdown flag and per-core gauges.
+pub(crate) struct Global {
+    shutdown: AtomicBool,
+    /// Active sessions per core; each core writes only its own slot.
+    sessions: Vec<AtomicUsize>,
+    /// Attached event sockets per core.
+    observers: Vec<AtomicUsize>,
+    /// Open connections per core.
+    connections: Vec<AtomicUsize>,
+    started: Instant,
+}
+
+/// A core's counts, read from the shared gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreStats {
+    /// The core.
+    pub core: CoreId,
+    /// Active sessions it owns.
+    pub sessions: usize,
+    /// Event sockets attached to its sessions.
+    pub observers: usize,
+    /// Open TCP connections it serves.
+    pub connections: usize,
+}
+
+/// Asks a running relay to shut down gracefully; cheap to clone and `Send`.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Global>);
+
+impl ShutdownHandle {
+    /// Starts graceful shutdown: stop accepting, end calls, close sockets, exit.
+    pub fn shutdown(&self) {
+        self.0.shutdown.store(true, Ordering::Release);
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    local_addr: SocketAddr,
+    global: Arc<Global>,
+    exits: mpsc::Receiver<(usize, Result<(), String>)>,
+    cores: usize,
+}
+
+impl Relay {
+    /// The address the cores listen on (the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that triggers graceful shutdown from any thread (e.g. a signal handler thread).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.global.clone())
+    }
+
+    /// Blocks until every core has exited.
+    ///
+    /// # Errors
+    /// When a core exits before shutdown was asked for (a core that dies ends the process).
+    pub fn wait(self) -> Result<(), String> {
+        for _ in 0..self.cores {
+            let (core, result) = self.exits.recv().map_err(|_| "core threads vanished".to_owned())?;
+            result.map_err(|e| format!("core {core} failed: {e}"))?;
+            if !self.global.shutdown.load(Ordering::Acquire) {
+                return Err(format!("core {core} exited unexpectedly"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Storage I/O memory glommio pre-registers per executor, bytes. Relay does no file I/O on the
+/// executors, so this stays small.
+const IO_MEMORY_BYTES: usize = 256 << 10;
+/// RLIMIT_MEMLOCK glommio refuses to start below (its `MemLockLimit` check, measured: 512 KiB
+/// whatever the core count on kernel 6.x, which charges io_uring rings to the memory cgroup).
+const MEMLOCK_NEEDED_BYTES: u64 = 512 << 10;
+
+/// Binds the listen sockets, starts one executor per core and returns once all serve.
+///
+/// # Errors
+/// [`StartError`] with a message that says what to change.
+pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Relay, StartError> {
+    if config.cores == 0 {
+        return Err(StartError::NoCores);
+    }
+    check_memlock()?;
+    let listeners = bind_listeners(config.listen, config.cores)?;
+    let local_addr = listeners[0].local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+        hint: "",
+    })?;
+    let cpus = allowed_cpus();
+    let global = Arc::new(Global {
+        shutdown: AtomicBool::new(false),
+        sessions: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
+        observers: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
+        connections: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
+        started: clock::now().instant,
+    });
+    let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.cores, config.limits.mesh_capacity);
+    let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
+    let (exit_tx, exit_rx) = mpsc::channel();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let cpu = cpus[index % cpus.len()];
+        let core = core_task::CoreSetup {
+            id: CoreId(index),
+            cores: config.cores,
+            limits: config.limits.clone(),
+            listener: OwnedFd::from(listener),
+            mesh: mesh.clone(),
+            global: global.clone(),
+        };
+        let service = service.clone();
+        let ready = ready_tx.clone();
+        let exit = exit_tx.clone();
+        let spawned = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+            .name(&format!("core-{index:02}"))
+            .io_memory(IO_MEMORY_BYTES)
+            .spawn(move || core_task::run_core(core, service, ready));
+        let handle = spawned.map_err(|e| StartError::Executor { core: index, message: explain(&e.to_string()) })?;
+        std::thread::Builder::new()
+            .name(format!("core-{index:02}-join"))
+            .spawn(move || {
+                let result = match handle.join() {
+                    Ok(r) => r,
+                    Err(e) => Err(explain(&e.to_string())),
+                };
+                let _ = exit.send((index, result));
+            })
+            .map_err(|e| StartError::Executor { core: index, message: e.to_string() })?;
+    }
+    drop(ready_tx);
+    for _ in 0..config.cores {
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((_, Ok(()))) => {}
+            Ok((core, Err(message))) => return Err(StartError::Executor { core, message }),
+            Err(_) => {
+                // A core ended before reporting: its join result says why.
+                let (core, result) = exit_rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or((0, Err("did not start within 30 s".to_owned())));
+                let message = result.err().unwrap_or_else(|| "exited during startup".to_owned());
+                return Err(StartError::Executor { core, message });
+            }
+        }
+    }
+    Ok(Relay { local_addr, global, exits: exit_rx, cores: config.cores })
+}
+
+/// Turns glommio's startup errors into what the operator has to change.
+fn explain(error: &str) -> String {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("cannot allocate memory") || lower.contains("memlock") || lower.contains("enomem") {
+        format!("{error}: locked memory is too low for io_uring; raise RLIMIT_MEMLOCK (`ulimit -l unlimited`)")
+    } else if lower.contains("function not implemented") || lower.contains("operation not permitted") || lower.contains("permission denied") {
+        format!("{error}: io_uring is unavailable; Relay needs Linux ≥ 5.8 with io_uring enabled (sysctl kernel.io_uring_disabled=0, and a seccomp profile that allows io_uring_setup)")
+    } else {
+        error.to_owned()
+    }
+}
+
+fn check_memlock() -> Result<(), StartError> {
+    let need = MEMLOCK_NEEDED_BYTES;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Ok(()); // Cannot tell; let the executors report what fails.
+    }
+    if lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max == libc::RLIM_INFINITY || lim.rlim_max >= need {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass; raising the soft limit up to the hard limit
+        // is always permitted.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0 {
+            return Ok(());
+        }
+    }
+    Err(StartError::Memlock { need_kib: need / 1024, have_kib: lim.rlim_cur / 1024 })
+}
+
+fn bind_listeners(addr: SocketAddr, cores: usize) -> Result<Vec<StdListener>, StartError> {
+    let mut listeners = Vec::with_capacity(cores);
+    let mut bound = addr;
+    for _ in 0..cores {
+        let listener = bind_one(bound).map_err(|source| {
+            let hint = match source.kind() {
+                std::io::ErrorKind::AddrInUse => ": the port is taken; choose another with --listen / RELAY_LISTEN",
+                std::io::ErrorKind::PermissionDenied => ": ports below 1024 need privileges; choose a port ≥ 1024",
+                std::io::ErrorKind::AddrNotAvailable => ": that address is not on this machine",
+                _ => "",
+            };
+            StartError::Listen { addr, source, hint }
+        })?;
+        if bound.port() == 0 {
+            // Port 0: the first core's socket picked a port, every other core joins that port.
+            bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source, hint: "" })?;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<StdListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// CPUs this process may run on (its affinity mask), in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into `set`.
+    let ok = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } == 0;
+    let cpus: Vec<usize> = if ok {
+        // SAFETY: CPU_ISSET reads the set we own; the index is below CPU_SETSIZE.
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}
+
+/// CPUs this process may use: the default for `--cores`.
+pub fn available_cores() -> usize {
+    allowed_cpus().len()
+}

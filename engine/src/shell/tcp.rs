@@ -1,0 +1,236 @@
+//! TCP on one core: the SO_REUSEPORT accept loop and HTTP/1.1 connections (keep-alive,
+//! pipelining, limits, timeouts), handing WebSocket upgrades to their session's core.
+//!
+//! Invariant: a connection costs only itself: every read and write has a deadline, every buffer a
+//! limit, and an error closes this connection alone.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use glommio::net::{TcpListener, TcpStream};
+use http::{Method, StatusCode};
+
+use super::core_task::{CoreHandle, CoreShared};
+use super::mesh::{CoreMessage, Handoff};
+use super::{clock, handoff, ws, ControlService, Outcome, Request};
+use crate::id::core_for;
+use crate::proto::http::{parse_head, write_response, Parse, CONTINUE};
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 4096;
+
+/// Accepts connections until cancelled at shutdown.
+pub(crate) async fn accept_task<S: ControlService>(shared: Rc<CoreShared>, service: Rc<S>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin; the listener stays.
+                tracing::warn!(core = shared.id.0, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shared.connections.get() >= shared.limits.connections_per_core {
+            tracing::debug!(core = shared.id.0, "connection refused: core at its connection limit");
+            drop(stream);
+            continue;
+        }
+        let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let _ = stream.set_nodelay(true);
+        shared.connection_opened();
+        let (s, svc) = (shared.clone(), service.clone());
+        glommio::spawn_local(async move {
+            http_task(&s, &svc, stream, peer).await;
+            s.connection_closed();
+        })
+        .detach();
+    }
+}
+
+/// How a read ended when it did not deliver bytes.
+enum ReadEnd {
+    Eof,
+    TimedOut,
+    Shutdown,
+    Failed,
+}
+
+/// Serves one HTTP/1.1 connection until it closes, times out or upgrades.
+async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, mut stream: TcpStream, peer: SocketAddr) {
+    let limits = &shared.limits;
+    let handle = CoreHandle(shared.clone());
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
+    // When the request now being received began (its first byte), for the header timeout.
+    let mut request_started: Option<Instant> = None;
+    loop {
+        let parsed = parse_head(&buf, limits);
+        let (head, head_len) = match parsed {
+            Ok(Parse::Complete { head, head_len }) => (head, head_len),
+            Ok(Parse::Incomplete) => {
+                if !flush(&mut stream, &mut out, limits.idle_timeout).await {
+                    return;
+                }
+                let deadline = match request_started {
+                    Some(t) => t + limits.header_timeout,
+                    None if shared.shutting_down.get() => return,
+                    None => clock::now().instant + limits.idle_timeout,
+                };
+                match read_more(shared, &mut stream, &mut buf, deadline, request_started.is_none()).await {
+                    Ok(()) => {
+                        request_started.get_or_insert_with(|| clock::now().instant);
+                        continue;
+                    }
+                    Err(ReadEnd::TimedOut) if request_started.is_some() => {
+                        let resp = service.error_response(StatusCode::REQUEST_TIMEOUT, "the request was not received in time");
+                        respond_and_close(&mut stream, &mut out, &resp, false).await;
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = flush(&mut stream, &mut out, limits.idle_timeout).await;
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let resp = service.error_response(e.status(), &e.to_string());
+                respond_and_close(&mut stream, &mut out, &resp, false).await;
+                return;
+            }
+        };
+        let started = request_started.unwrap_or_else(|| clock::now().instant);
+        let total = head_len + head.content_length;
+        if buf.len() < total && head.expect_continue {
+            out.extend_from_slice(CONTINUE);
+        }
+        while buf.len() < total {
+            if !flush(&mut stream, &mut out, limits.idle_timeout).await {
+                return;
+            }
+            if let Err(end) = read_more(shared, &mut stream, &mut buf, started + limits.header_timeout, false).await {
+                if matches!(end, ReadEnd::TimedOut) {
+                    let resp = service.error_response(StatusCode::REQUEST_TIMEOUT, "the request body was not received in time");
+                    respond_and_close(&mut stream, &mut out, &resp, false).await;
+                }
+                return;
+            }
+        }
+        let body = Bytes::copy_from_slice(&buf[head_len..total]);
+        buf.drain(..total);
+        request_started = if buf.is_empty() { None } else { Some(clock::now().instant) };
+
+        let head_only = head.method == Method::HEAD;
+        let keep_alive = head.keep_alive && !shared.shutting_down.get();
+        match service.handle(&handle, Request { head, body, peer }).await {
+            Outcome::Respond(resp) => {
+                let now = clock::now();
+                clock::with_http_date(now, |date| write_response(&mut out, &resp, !keep_alive, head_only, date));
+                if !keep_alive {
+                    let _ = flush(&mut stream, &mut out, limits.idle_timeout).await;
+                    return;
+                }
+                // Pipelined requests already buffered are answered together in one write.
+            }
+            Outcome::Observe(observe) => {
+                if !flush(&mut stream, &mut out, limits.idle_timeout).await {
+                    return;
+                }
+                upgrade(shared, service, stream, peer, buf, observe).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Completes a WebSocket upgrade here, or moves the connection to the session's owner core.
+async fn upgrade<S: ControlService>(
+    shared: &Rc<CoreShared>,
+    service: &Rc<S>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    read_ahead: Vec<u8>,
+    observe: super::Observe,
+) {
+    let owner = core_for(&observe.session, shared.cores);
+    if owner == shared.id {
+        ws::observe_task(shared.clone(), service.clone(), stream, peer, read_ahead, observe).await;
+        return;
+    }
+    let fd = match handoff::detach(&stream) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(core = shared.id.0, "cannot hand a connection over: {e}");
+            let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, "cannot move the connection to its session's core");
+            respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+            return;
+        }
+    };
+    let message = CoreMessage::Handoff(Handoff { fd, peer, read_ahead, observe });
+    if let Err(message) = shared.send_to_core(owner, message) {
+        drop(message); // Closes the duplicate descriptor; this core still answers the client.
+        let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, "the session's core is busy; try again");
+        respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+        return;
+    }
+    // The owner core now holds the socket through its duplicate; dropping ours closes only this
+    // descriptor.
+    drop(stream);
+}
+
+/// Reads at least one byte into `buf`, before `deadline`. `idle` means between requests, where
+/// shutdown may interrupt.
+async fn read_more(
+    shared: &CoreShared,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    idle: bool,
+) -> Result<(), ReadEnd> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let wait = deadline.saturating_duration_since(clock::now().instant);
+    let read = async { Ok::<_, ReadEnd>(stream.read(&mut chunk).await) };
+    let timer = async {
+        glommio::timer::sleep(wait).await;
+        Err(ReadEnd::TimedOut)
+    };
+    let shutdown = async {
+        if !idle {
+            return std::future::pending().await;
+        }
+        let listener = shared.shutdown_event.listen();
+        if !shared.shutting_down.get() {
+            listener.await;
+        }
+        Err(ReadEnd::Shutdown)
+    };
+    match read.or(timer).or(shutdown).await? {
+        Ok(0) => Err(ReadEnd::Eof),
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        }
+        Err(_) => Err(ReadEnd::Failed),
+    }
+}
+
+/// Writes out `out` within `timeout`; false when the peer is gone or not reading.
+pub(crate) async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Duration) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let written = glommio::timer::timeout(timeout, async { Ok(stream.write_all(out).await) }).await;
+    out.clear();
+    matches!(written, Ok(Ok(())))
+}
+
+/// Sends `resp` (after anything already in `out`) and closes the connection.
+pub(crate) async fn respond_and_close(stream: &mut TcpStream, out: &mut Vec<u8>, resp: &http::Response<Bytes>, head_only: bool) {
+    let now = clock::now();
+    clock::with_http_date(now, |date| write_response(out, resp, true, head_only, date));
+    let _ = flush(stream, out, Duration::from_secs(5)).await;
+    let _ = stream.close().await;
+}
