@@ -154,8 +154,12 @@ impl Config {
 
     /// The API handlers' part of the configuration.
     pub fn api(&self) -> ApiConfig {
-        let origins: Vec<String> =
-            self.cors_origins.split(',').map(|o| o.trim().trim_end_matches('/').to_owned()).filter(|o| !o.is_empty()).collect();
+        let origins: Vec<String> = self
+            .cors_origins
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect();
         let cors = if origins.is_empty() {
             CorsOrigins::None
         } else if origins.iter().any(|o| o == "*") {

@@ -27,15 +27,12 @@ pub fn allow_origin(policy: &CorsOrigins, origin: &HeaderValue) -> Option<Header
 
 /// Adds CORS headers to `response` when the request came from an allowed `Origin`.
 pub fn decorate(policy: &CorsOrigins, request: &HeaderMap, response: &mut Response<Bytes>) {
+    vary(policy, response.headers_mut());
     let Some(origin) = request.get(header::ORIGIN) else { return };
     if let Some(value) = allow_origin(policy, origin) {
-        let listed = value != "*";
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
         headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-relay-core"));
-        if listed {
-            headers.append(header::VARY, HeaderValue::from_static("Origin"));
-        }
     }
 }
 
@@ -46,20 +43,24 @@ pub fn options(policy: &CorsOrigins, request: &HeaderMap, allow: &'static str) -
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
     headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+    vary(policy, headers);
     let preflight = request.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     if let (true, Some(origin)) = (preflight, request.get(header::ORIGIN)) {
         if let Some(value) = allow_origin(policy, origin) {
-            let listed = value != "*";
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
             headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(allow));
             headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(ALLOW_HEADERS));
             headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(MAX_AGE_SECS));
-            if listed {
-                headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-            }
         }
     }
     response
+}
+
+/// With an origin list the answer depends on `Origin`, allowed or not, so caches must key on it.
+fn vary(policy: &CorsOrigins, headers: &mut HeaderMap) {
+    if matches!(policy, CorsOrigins::List(_)) {
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! Invariant: error messages are sentences for the client and never contain secrets.
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::{header, HeaderValue, Response, StatusCode};
 use relay_engine::error::CommandError;
 
@@ -13,14 +14,14 @@ pub struct ApiError {
     pub status: StatusCode,
     /// What went wrong, for the client.
     pub message: String,
-    /// `Allow` for 405.
-    pub allow: Option<&'static str>,
+    /// Headers the status requires (`Allow` for 405, `Upgrade` for 426).
+    pub headers: Vec<(HeaderName, &'static str)>,
 }
 
 impl ApiError {
     /// An error with `status` and `message`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), allow: None }
+        Self { status, message: message.into(), headers: Vec::new() }
     }
 
     /// 400: the request is malformed or a field is missing or invalid.
@@ -43,7 +44,16 @@ impl ApiError {
         Self {
             status: StatusCode::METHOD_NOT_ALLOWED,
             message: format!("{method} is not allowed on {path}; use {}", allow.trim_end_matches(", OPTIONS")),
-            allow: Some(allow),
+            headers: vec![(header::ALLOW, allow)],
+        }
+    }
+
+    /// 426: the endpoint is a WebSocket; names the protocol and version to use.
+    pub fn upgrade_required(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UPGRADE_REQUIRED,
+            message: message.into(),
+            headers: vec![(header::UPGRADE, "websocket"), (header::SEC_WEBSOCKET_VERSION, "13")],
         }
     }
 
@@ -67,8 +77,8 @@ impl ApiError {
     pub fn into_response(self) -> Response<Bytes> {
         let body = serde_json::json!({ "success": false, "error": self.message });
         let mut response = json_response(self.status, &body);
-        if let Some(allow) = self.allow {
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, HeaderValue::from_static(value));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

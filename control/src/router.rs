@@ -71,12 +71,7 @@ static TABLE: &[Entry] = &[
 pub fn route(method: &Method, path: &str) -> Result<Route, Miss> {
     let entry = entry(path).ok_or(Miss::NotFound)?;
     let wanted = if method == Method::HEAD { &Method::GET } else { method };
-    entry
-        .methods
-        .iter()
-        .find(|(m, _)| m == wanted)
-        .map(|(_, r)| *r)
-        .ok_or(Miss::MethodNotAllowed(entry.allow))
+    entry.methods.iter().find(|(m, _)| m == wanted).map(|(_, r)| *r).ok_or(Miss::MethodNotAllowed(entry.allow))
 }
 
 /// The `Allow` value for `path`, if it exists (for `OPTIONS` and CORS preflights).

@@ -32,9 +32,10 @@ pub async fn start_call(core: &CoreHandle, request: &Request) -> Result<Response
     let access_token = Secret::new(body.string("accessToken")?);
     let sample_rate = match body.field("sampleRate") {
         None => SampleRate::DEFAULT,
-        Some(v) => v.as_u64().and_then(SampleRate::from_hz).ok_or_else(|| {
-            ApiError::bad_request("sampleRate must be one of 8000, 16000, 24000, 48000")
-        })?,
+        Some(v) => v
+            .as_u64()
+            .and_then(SampleRate::from_hz)
+            .ok_or_else(|| ApiError::bad_request("sampleRate must be one of 8000, 16000, 24000, 48000"))?,
     };
     let emit_raw_audio_samples = match body.field("emitRawAudioSamples") {
         None => false,
@@ -153,12 +154,14 @@ pub fn events(config: &ApiConfig, request: &Request) -> Result<Observe, ApiError
     let head = &request.head;
     let session = params::query_session(head.uri.query(), "sessionId")?;
     if !ws::wants_upgrade(&head.headers) {
-        let mut e = ApiError::new(StatusCode::UPGRADE_REQUIRED, "this endpoint is a WebSocket: connect with Upgrade: websocket");
-        e.allow = None;
-        return Err(e);
+        return Err(ApiError::upgrade_required("this endpoint is a WebSocket: connect with Upgrade: websocket"));
     }
-    let accept = ws::accept_key(head).map_err(|e| ApiError::new(e.status(), e.to_string()))?;
-    let query_token = params::query(head.uri.query(), "accessToken").or_else(|| params::query(head.uri.query(), "token"));
+    let accept = ws::accept_key(head).map_err(|e| match e {
+        ws::HandshakeError::Version => ApiError::upgrade_required(e.to_string()),
+        other => ApiError::new(other.status(), other.to_string()),
+    })?;
+    let query_token =
+        params::query(head.uri.query(), "accessToken").or_else(|| params::query(head.uri.query(), "token"));
     let credential = auth::credential(config.api_key.as_ref(), &head.headers, query_token.filter(|t| !t.is_empty()));
     Ok(Observe { session, credential, accept })
 }

@@ -17,7 +17,9 @@ struct Harness {
 
 impl Harness {
     fn new(limits: Limits) -> Self {
-        Self { core: CoreState::new(limits), t0: Instant::now(), ms: 0 }
+        #[allow(clippy::disallowed_methods)] // The virtual clock's origin; tests advance `ms` by hand.
+        let t0 = Instant::now();
+        Self { core: CoreState::new(limits), t0, ms: 0 }
     }
 
     fn now(&self) -> Now {
@@ -46,7 +48,7 @@ impl Harness {
             match o {
                 Output::Send { conn: c, text } if c.0 == conn => {
                     let v: Value = serde_json::from_str(text).expect("json");
-                    types.push(v["eventType"].as_str().or(v["type"].as_str()).unwrap_or_default().to_owned());
+                    types.push(v["eventType"].as_str().or_else(|| v["type"].as_str()).unwrap_or_default().to_owned());
                 }
                 Output::Close { conn: c, code, .. } if c.0 == conn => closed = Some(*code),
                 _ => {}
@@ -61,7 +63,11 @@ fn sid(s: &str) -> SessionId {
 }
 
 fn start(token: &str) -> Command {
-    Command::Start(StartCall { access_token: Secret::new(token), sample_rate: SampleRate::DEFAULT, emit_raw_audio_samples: false })
+    Command::Start(StartCall {
+        access_token: Secret::new(token),
+        sample_rate: SampleRate::DEFAULT,
+        emit_raw_audio_samples: false,
+    })
 }
 
 fn token(t: &str) -> Credential {

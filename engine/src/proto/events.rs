@@ -123,10 +123,14 @@ mod tests {
     fn shapes() {
         let id = SessionId::parse("s-1").expect("valid");
         let v: Value = serde_json::from_str(&connection_established(&id, false, false)).expect("json");
-        assert_eq!(v, json!({"type":"connection_established","sessionId":"s-1","status":{"isConnected":false,"isAgentTalking":false}}));
+        assert_eq!(
+            v,
+            json!({"type":"connection_established","sessionId":"s-1","status":{"isConnected":false,"isAgentTalking":false}})
+        );
         let v: Value = serde_json::from_str(&pong(1_647_875_400_000)).expect("json");
         assert_eq!(v, json!({"type":"pong","timestamp":"1647875400000"}));
-        let v: Value = serde_json::from_str(&retell_event(RetellEvent::AgentStartTalking, Value::Null, 5)).expect("json");
+        let v: Value =
+            serde_json::from_str(&retell_event(RetellEvent::AgentStartTalking, Value::Null, 5)).expect("json");
         assert_eq!(v, json!({"type":"retell_event","eventType":"agent_start_talking","data":null,"timestamp":"5"}));
     }
 

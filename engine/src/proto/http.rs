@@ -33,6 +33,7 @@ pub struct RequestHead {
 
 /// Outcome of feeding the bytes received so far to [`parse_head`].
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // Consumed at once by the caller; boxing would allocate per request.
 pub enum Parse {
     /// The head is not complete yet; read more and call again with the longer buffer.
     Incomplete,
@@ -80,9 +81,7 @@ impl HeadError {
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::HeadTooLarge { .. } | Self::TooManyHeaders { .. } => {
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-            }
+            Self::HeadTooLarge { .. } | Self::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TransferEncoding => StatusCode::NOT_IMPLEMENTED,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -100,9 +99,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
     let mut req = httparse::Request::new(&mut slots[..max_headers]);
     let status = match req.parse(buf) {
         Ok(s) => s,
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(HeadError::TooManyHeaders { limit: max_headers })
-        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders { limit: max_headers }),
         Err(e) => return Err(HeadError::Malformed(malformed_reason(e))),
     };
     let head_len = match status {
@@ -127,8 +124,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
 
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| HeadError::Malformed("bad header name"))?;
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Malformed("bad header name"))?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Malformed("bad header value"))?;
         headers.append(name, value);
     }
@@ -138,9 +134,8 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
     }
     let content_length = content_length(&headers, limits)?;
     let keep_alive = keep_alive(version, &headers);
-    let expect_continue = headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expect_continue =
+        headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
 
     Ok(Parse::Complete {
         head: RequestHead { method, uri, version, headers, content_length, keep_alive, expect_continue },
@@ -209,10 +204,18 @@ fn parse_target(method: &Method, path: &str) -> Result<Uri, HeadError> {
             Err(HeadError::Malformed("'*' target is only for OPTIONS"))
         };
     }
-    if !path.starts_with('/') {
-        return Err(HeadError::Malformed("request target must be an absolute path"));
+    if path.starts_with('/') {
+        return path.parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"));
     }
-    path.parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))
+    // Absolute form (`http://host/path`), which servers must accept (RFC 9112 §3.2.2); routing
+    // uses its path and query.
+    let uri = path.parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))?;
+    match (uri.scheme_str(), uri.authority(), uri.path_and_query()) {
+        (Some("http" | "https"), Some(_), Some(pq)) => {
+            pq.as_str().parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))
+        }
+        _ => Err(HeadError::Malformed("request target must be an absolute path or absolute URI")),
+    }
 }
 
 fn content_length(headers: &HeaderMap, limits: &Limits) -> Result<usize, HeadError> {
@@ -223,7 +226,10 @@ fn content_length(headers: &HeaderMap, limits: &Limits) -> Result<usize, HeadErr
             return Err(HeadError::Malformed("bad Content-Length"));
         }
         // At most 19 ASCII digits, so the parse cannot overflow a u64.
-        let n: u64 = std::str::from_utf8(bytes).ok().and_then(|s| s.parse().ok()).ok_or(HeadError::Malformed("bad Content-Length"))?;
+        let n: u64 = std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or(HeadError::Malformed("bad Content-Length"))?;
         if length.is_some_and(|l| l != n) {
             return Err(HeadError::Malformed("conflicting Content-Length headers"));
         }
@@ -327,6 +333,11 @@ mod tests {
         let l = Limits::default();
         assert_eq!(parse_head(b"\x00\x01\x02 / HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
         assert_eq!(parse_head(b"GET http:x HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(parse_head(b"GET ftp://h/x HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        let Ok(Parse::Complete { head, .. }) = parse_head(b"GET http://h:1/a?b=c HTTP/1.1\r\n\r\n", &l) else {
+            panic!("absolute form is accepted")
+        };
+        assert_eq!((head.uri.path(), head.uri.query()), ("/a", Some("b=c")));
         assert_eq!(parse_head(b"GET * HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
         assert!(parse_head(b"OPTIONS * HTTP/1.1\r\n\r\n", &l).is_ok());
         assert_eq!(

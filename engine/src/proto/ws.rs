@@ -297,9 +297,13 @@ mod tests {
     #[test]
     fn handshake_refusals() {
         let base = "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
-        let e = accept_key(&head(&format!("{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"))).unwrap_err();
+        let e = accept_key(&head(&format!(
+            "{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+        )))
+        .unwrap_err();
         assert_eq!(e.status(), StatusCode::UPGRADE_REQUIRED);
-        let e = accept_key(&head(&format!("{base}Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n"))).unwrap_err();
+        let e = accept_key(&head(&format!("{base}Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n")))
+            .unwrap_err();
         assert_eq!(e, HandshakeError::Key);
         let e = accept_key(&head("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")).unwrap_err();
         assert_eq!(e, HandshakeError::NotUpgrade);

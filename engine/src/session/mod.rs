@@ -125,7 +125,11 @@ mod tests {
     fn session() -> Session {
         Session::new(
             SessionId::parse("s").expect("valid"),
-            StartCall { access_token: Secret::new("t"), sample_rate: SampleRate::DEFAULT, emit_raw_audio_samples: false },
+            StartCall {
+                access_token: Secret::new("t"),
+                sample_rate: SampleRate::DEFAULT,
+                emit_raw_audio_samples: false,
+            },
         )
     }
 

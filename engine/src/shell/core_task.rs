@@ -131,9 +131,7 @@ impl CoreShared {
     /// Runs a command for a session this core owns, isolating panics to that session.
     pub(crate) fn command(&self, session: &SessionId, command: Command) -> Result<Reply, CommandError> {
         let now = clock::now();
-        let result = self.drive(|state| {
-            catch_unwind(AssertUnwindSafe(|| state.handle_command(now, session, command)))
-        });
+        let result = self.drive(|state| catch_unwind(AssertUnwindSafe(|| state.handle_command(now, session, command))));
         match result {
             Ok(r) => r,
             Err(_) => {
@@ -179,9 +177,9 @@ impl CoreShared {
         use glommio::{GlommioError, ResourceType};
         match self.mesh_tx.try_send_to(core.0, message) {
             Ok(()) => Ok(()),
-            Err(GlommioError::WouldBlock(ResourceType::Channel(m)) | GlommioError::Closed(ResourceType::Channel(m))) => {
-                Err(m)
-            }
+            Err(
+                GlommioError::WouldBlock(ResourceType::Channel(m)) | GlommioError::Closed(ResourceType::Channel(m)),
+            ) => Err(m),
             // try_send_to only fails with the message inside; anything else had nowhere to go.
             Err(e) => {
                 tracing::error!(core = self.id.0, "mesh send failed: {e}");
@@ -234,13 +232,11 @@ pub(crate) async fn run_core<S: ControlService>(
     service: S,
     ready: mpsc::Sender<(usize, Result<(), String>)>,
 ) -> Result<(), String> {
-    let (mesh_tx, mut mesh_rx) = match setup.mesh.join().await {
-        Ok(pair) => pair,
-        Err(_) => {
-            let _ = ready.send((setup.id.0, Err("could not join the core mesh".to_owned())));
-            return Err("could not join the core mesh".to_owned());
-        }
+    let Ok((mesh_tx, mut mesh_rx)) = setup.mesh.join().await else {
+        let _ = ready.send((setup.id.0, Err("could not join the core mesh".to_owned())));
+        return Err("could not join the core mesh".to_owned());
     };
+
     // Mesh peers are numbered by executor creation order, which is core order; check it, since
     // every cross-core message is addressed by that number.
     if mesh_tx.peer_id() != setup.id.0 {
@@ -294,7 +290,11 @@ pub(crate) async fn run_core<S: ControlService>(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(core = shared.id.0, open = shared.connections.get(), "connections still open after the shutdown grace period");
+        tracing::warn!(
+            core = shared.id.0,
+            open = shared.connections.get(),
+            "connections still open after the shutdown grace period"
+        );
     }
     Ok(())
 }

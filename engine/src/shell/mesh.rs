@@ -21,7 +21,7 @@ pub(crate) enum CoreMessage {
     /// The answer to request `request`.
     Reply { request: u64, result: Result<Reply, CommandError> },
     /// A connection whose WebSocket upgrade belongs to a session the receiver owns.
-    Handoff(Handoff),
+    Handoff(Box<Handoff>),
     /// Stands in for a message the mesh lost in an unexpected send error.
     Dropped,
 }
@@ -53,6 +53,7 @@ pub(crate) async fn receive_task<S: ControlService>(
             CoreMessage::Reply { request, result } => shared.complete(request, result),
             CoreMessage::Dropped => {}
             CoreMessage::Handoff(h) => {
+                let h = *h;
                 let stream = handoff::adopt(h.fd);
                 shared.connection_opened();
                 let (s, svc) = (shared.clone(), service.clone());

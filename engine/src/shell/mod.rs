@@ -190,11 +190,8 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
     }
     check_memlock()?;
     let listeners = bind_listeners(config.listen, config.cores)?;
-    let local_addr = listeners[0].local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-        hint: "",
-    })?;
+    let local_addr =
+        listeners[0].local_addr().map_err(|source| StartError::Listen { addr: config.listen, source, hint: "" })?;
     let cpus = allowed_cpus();
     let global = Arc::new(Global {
         shutdown: AtomicBool::new(false),
@@ -244,7 +241,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
                 // A core ended before reporting: its join result says why.
                 let (core, result) = exit_rx
                     .recv_timeout(Duration::from_secs(5))
-                    .unwrap_or((0, Err("did not start within 30 s".to_owned())));
+                    .unwrap_or_else(|_| (0, Err("did not start within 30 s".to_owned())));
                 let message = result.err().unwrap_or_else(|| "exited during startup".to_owned());
                 return Err(StartError::Executor { core, message });
             }
@@ -258,7 +255,10 @@ fn explain(error: &str) -> String {
     let lower = error.to_ascii_lowercase();
     if lower.contains("cannot allocate memory") || lower.contains("memlock") || lower.contains("enomem") {
         format!("{error}: locked memory is too low for io_uring; raise RLIMIT_MEMLOCK (`ulimit -l unlimited`)")
-    } else if lower.contains("function not implemented") || lower.contains("operation not permitted") || lower.contains("permission denied") {
+    } else if lower.contains("function not implemented")
+        || lower.contains("operation not permitted")
+        || lower.contains("permission denied")
+    {
         format!("{error}: io_uring is unavailable; Relay needs Linux ≥ 5.8 with io_uring enabled (sysctl kernel.io_uring_disabled=0, and a seccomp profile that allows io_uring_setup)")
     } else {
         error.to_owned()

@@ -60,7 +60,12 @@ enum ReadEnd {
 }
 
 /// Serves one HTTP/1.1 connection until it closes, times out or upgrades.
-async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, mut stream: TcpStream, peer: SocketAddr) {
+async fn http_task<S: ControlService>(
+    shared: &Rc<CoreShared>,
+    service: &Rc<S>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
     let limits = &shared.limits;
     let handle = CoreHandle(shared.clone());
     let mut buf: Vec<u8> = Vec::new();
@@ -86,7 +91,8 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                         continue;
                     }
                     Err(ReadEnd::TimedOut) if request_started.is_some() => {
-                        let resp = service.error_response(StatusCode::REQUEST_TIMEOUT, "the request was not received in time");
+                        let resp =
+                            service.error_response(StatusCode::REQUEST_TIMEOUT, "the request was not received in time");
                         respond_and_close(&mut stream, &mut out, &resp, false).await;
                         return;
                     }
@@ -113,7 +119,8 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
             }
             if let Err(end) = read_more(shared, &mut stream, &mut buf, started + limits.header_timeout, false).await {
                 if matches!(end, ReadEnd::TimedOut) {
-                    let resp = service.error_response(StatusCode::REQUEST_TIMEOUT, "the request body was not received in time");
+                    let resp = service
+                        .error_response(StatusCode::REQUEST_TIMEOUT, "the request body was not received in time");
                     respond_and_close(&mut stream, &mut out, &resp, false).await;
                 }
                 return;
@@ -164,12 +171,13 @@ async fn upgrade<S: ControlService>(
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(core = shared.id.0, "cannot hand a connection over: {e}");
-            let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, "cannot move the connection to its session's core");
+            let resp = service
+                .error_response(StatusCode::SERVICE_UNAVAILABLE, "cannot move the connection to its session's core");
             respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
             return;
         }
     };
-    let message = CoreMessage::Handoff(Handoff { fd, peer, read_ahead, observe });
+    let message = CoreMessage::Handoff(Box::new(Handoff { fd, peer, read_ahead, observe }));
     if let Err(message) = shared.send_to_core(owner, message) {
         drop(message); // Closes the duplicate descriptor; this core still answers the client.
         let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, "the session's core is busy; try again");
@@ -228,7 +236,12 @@ pub(crate) async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Du
 }
 
 /// Sends `resp` (after anything already in `out`) and closes the connection.
-pub(crate) async fn respond_and_close(stream: &mut TcpStream, out: &mut Vec<u8>, resp: &http::Response<Bytes>, head_only: bool) {
+pub(crate) async fn respond_and_close(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    resp: &http::Response<Bytes>,
+    head_only: bool,
+) {
     let now = clock::now();
     clock::with_http_date(now, |date| write_response(out, resp, true, head_only, date));
     let _ = flush(stream, out, Duration::from_secs(5)).await;

@@ -45,7 +45,9 @@ impl Outbox {
         }
         frames.push_back(text);
         drop(frames);
-        self.event.notify(1);
+        // Both the writer and the reader's close watch listen on this event: wake every listener,
+        // or the one wake-up may go to the reader and leave the frame unsent.
+        self.event.notify(usize::MAX);
         true
     }
 

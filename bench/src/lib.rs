@@ -1,0 +1,11 @@
+//! # relay-bench
+//!
+//! Load generators and measurement for Relay. Each scenario runs against a relay it starts
+//! itself (`--spawn <binary>`) or any server speaking the same API (`--url`), and prints a table
+//! plus a JSON file, so the same run can measure Relay and a baseline side by side.
+//!
+//! Scenarios so far: `control` (session start/stop throughput and latency over keep-alive HTTP).
+
+pub mod client;
+pub mod stats;
+pub mod target;

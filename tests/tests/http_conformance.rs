@@ -1,0 +1,375 @@
+//! HTTP/1.1 as clients use it: keep-alive, pipelining, `Connection: close`, HTTP/1.0,
+//! `Expect: 100-continue`, HEAD, routing errors (404/405) and the head/body limits.
+
+use relay_tests::{assert_error, assert_json_type, assert_success, format_request, Conn, Relay};
+use serde_json::json;
+
+/// Several requests on one connection are all answered, and the connection stays open.
+#[test]
+fn keep_alive_serves_several_requests() {
+    let relay = Relay::start(&[]);
+    let mut conn = relay.conn();
+    assert_eq!(conn.get("/health").status, 200);
+    assert_success(
+        &conn.post("/start-call", &json!({"sessionId": "ka", "accessToken": "t"})),
+        "Call started successfully",
+    );
+    assert_success(&conn.get("/call-status?sessionId=ka"), "Call status retrieved");
+    assert_success(&conn.post("/mute", &json!({"sessionId": "ka"})), "Microphone muted");
+    assert_success(&conn.post("/stop-call", &json!({"sessionId": "ka"})), "Call stopped successfully");
+    assert_error(&conn.get("/call-status?sessionId=ka"), 404);
+    assert_error(&conn.get("/no-such-path"), 404);
+    assert_eq!(conn.get("/health").status, 200, "errors do not end a keep-alive connection");
+}
+
+/// Requests written in one go are answered in order.
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let relay = Relay::start(&[]);
+    let host = relay.addr().to_string();
+    let mut bytes = Vec::new();
+    let start = json!({"sessionId": "pipe", "accessToken": "t"}).to_string();
+    let stop = json!({"sessionId": "pipe"}).to_string();
+    bytes.extend(format_request("POST", "/start-call", &host, &[], Some(&start)));
+    bytes.extend(format_request("GET", "/call-status?sessionId=pipe", &host, &[], None));
+    bytes.extend(format_request("POST", "/mute", &host, &[], Some(&stop)));
+    bytes.extend(format_request("GET", "/track-status?sessionId=pipe", &host, &[], None));
+    bytes.extend(format_request("POST", "/stop-call", &host, &[], Some(&stop)));
+    bytes.extend(format_request("GET", "/call-status?sessionId=pipe", &host, &[], None));
+    bytes.extend(format_request("GET", "/health", &host, &[], None));
+    let mut conn = relay.conn();
+    conn.write_raw(&bytes).expect("write the pipelined requests");
+    assert_success(&conn.read_response(), "Call started successfully");
+    assert_success(&conn.read_response(), "Call status retrieved");
+    assert_success(&conn.read_response(), "Microphone muted");
+    let tracks = assert_success(&conn.read_response(), "Track status retrieved");
+    assert_eq!(tracks["microphoneEnabled"], false);
+    assert_success(&conn.read_response(), "Call stopped successfully");
+    assert_error(&conn.read_response(), 404);
+    assert_eq!(conn.read_response().json()["message"], "Relay is running");
+}
+
+/// Pipelined requests split at arbitrary byte boundaries are still answered, in order.
+#[test]
+fn pipelined_requests_split_across_writes() {
+    let relay = Relay::start(&[]);
+    let host = relay.addr().to_string();
+    let mut bytes = Vec::new();
+    for i in 0..10 {
+        let body = json!({"sessionId": format!("split-{i}"), "accessToken": "t"}).to_string();
+        bytes.extend(format_request("POST", "/start-call", &host, &[], Some(&body)));
+    }
+    let mut conn = relay.conn();
+    for piece in bytes.chunks(37) {
+        conn.write_raw(piece).expect("write a piece");
+    }
+    for i in 0..10 {
+        let data = assert_success(&conn.read_response(), "Call started successfully");
+        assert_eq!(data["sessionId"], format!("split-{i}"));
+    }
+}
+
+/// `Connection: close` is honoured: the relay closes after its response.
+#[test]
+fn connection_close_is_honoured() {
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    let resp = conn.request("GET", "/health", &[("Connection", "close")], None);
+    assert_eq!(resp.status, 200);
+    assert!(conn.closed_by_server(), "connection closed after the response");
+}
+
+/// HTTP/1.0 closes by default, and keeps alive when asked to.
+#[test]
+fn http10_closes_by_default() {
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(b"GET /health HTTP/1.0\r\n\r\n").expect("write");
+    let resp = conn.read_response();
+    assert_eq!(resp.status, 200);
+    assert!(conn.closed_by_server(), "HTTP/1.0 without keep-alive is closed after the response");
+
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").expect("write");
+    assert_eq!(conn.read_response().status, 200);
+    conn.write_raw(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").expect("write");
+    assert_eq!(conn.read_response().status, 200, "HTTP/1.0 with keep-alive serves a second request");
+}
+
+/// `Expect: 100-continue` gets `100 Continue` before the body is sent, then the real answer.
+#[test]
+fn expect_continue_gets_100_first() {
+    let relay = Relay::start(&[]);
+    let body = json!({"sessionId": "cont", "accessToken": "t"}).to_string();
+    let head = format!(
+        "POST /start-call HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(head.as_bytes()).expect("write head");
+    let interim = conn.read_response();
+    assert_eq!(interim.status, 100, "interim response before the body: {interim:?}");
+    conn.write_raw(body.as_bytes()).expect("write body");
+    assert_success(&conn.read_response(), "Call started successfully");
+}
+
+/// A malformed request line is answered 400 and the connection is closed.
+#[test]
+fn malformed_request_line_is_400() {
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(b"\x01\x02 garbage\r\n\r\n").expect("write");
+    assert_error(&conn.read_response(), 400);
+    assert!(conn.closed_by_server());
+    assert_eq!(relay.get("/health").status, 200);
+}
+
+/// A request head larger than `--max-head-bytes` is answered 431.
+#[test]
+fn oversized_head_is_431() {
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    let big = "a".repeat(9000);
+    let resp = conn.request("GET", "/health", &[("X-Filler", &big)], None);
+    assert_error(&resp, 431);
+
+    let relay = Relay::start(&["--max-head-bytes", "1024"]);
+    let filler = "b".repeat(2000);
+    assert_error(&Conn::open(relay.addr()).request("GET", "/health", &[("X-Filler", &filler)], None), 431);
+    let small = "c".repeat(500);
+    assert_eq!(Conn::open(relay.addr()).request("GET", "/health", &[("X-Filler", &small)], None).status, 200);
+}
+
+/// More header lines than `--max-headers` are answered 431; fewer are fine.
+#[test]
+fn too_many_headers_is_431() {
+    let relay = Relay::start(&[]);
+    let names: Vec<String> = (0..70).map(|i| format!("X-H{i}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    assert_error(&Conn::open(relay.addr()).request("GET", "/health", &headers, None), 431);
+
+    let relay = Relay::start(&["--max-headers", "8"]);
+    assert_error(&Conn::open(relay.addr()).request("GET", "/health", &headers[..10], None), 431);
+    assert_eq!(Conn::open(relay.addr()).request("GET", "/health", &headers[..4], None).status, 200);
+}
+
+/// A `Content-Length` over `--max-body-bytes` is answered 413 without waiting for the body.
+#[test]
+fn oversized_body_is_413_before_reading_it() {
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(
+        b"POST /start-call HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
+    )
+    .expect("write head");
+    assert_error(&conn.read_response(), 413);
+    assert!(conn.closed_by_server(), "the unread body cannot be parsed as a request: closed");
+
+    let relay = Relay::start(&["--max-body-bytes", "100"]);
+    let body = json!({"sessionId": "b", "accessToken": "x".repeat(200)}).to_string();
+    assert_error(&Conn::open(relay.addr()).request("POST", "/start-call", &[], Some(&body)), 413);
+    let small = json!({"sessionId": "b", "accessToken": "t"}).to_string();
+    assert_success(
+        &Conn::open(relay.addr()).request("POST", "/start-call", &[], Some(&small)),
+        "Call started successfully",
+    );
+}
+
+/// `Transfer-Encoding: chunked` bodies are refused with 501.
+#[test]
+fn chunked_body_is_501() {
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(
+        b"POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .expect("write");
+    assert_error(&conn.read_response(), 501);
+    assert!(conn.closed_by_server(), "the chunked body cannot be parsed as a request: closed");
+    assert_eq!(relay.active_sessions(), 0);
+}
+
+/// Unknown paths are 404 with the error envelope.
+#[test]
+fn unknown_path_is_404() {
+    let relay = Relay::start(&[]);
+    for (method, path) in [("GET", "/nope"), ("POST", "/start-call/extra"), ("GET", "/"), ("DELETE", "/nothing-here")] {
+        let resp = relay.request(method, path, &[], None);
+        assert_error(&resp, 404);
+    }
+}
+
+/// A known path with the wrong method is 405 with an `Allow` header naming the right one.
+#[test]
+fn wrong_method_is_405_with_allow() {
+    let relay = Relay::start(&[]);
+    for (method, path, allowed) in [
+        ("GET", "/start-call", "POST"),
+        ("PUT", "/stop-call", "POST"),
+        ("DELETE", "/mute", "POST"),
+        ("GET", "/send-custom-stream", "POST"),
+        ("POST", "/health", "GET"),
+        ("DELETE", "/health/detailed", "GET"),
+        ("POST", "/call-status?sessionId=x", "GET"),
+        ("PATCH", "/track-status?sessionId=x", "GET"),
+    ] {
+        let body = (method != "GET").then_some("{}");
+        let resp = relay.request(method, path, &[], body);
+        assert_error(&resp, 405);
+        let allow = resp.header("allow").unwrap_or_else(|| panic!("{method} {path}: 405 without allow header"));
+        assert!(allow.split(',').any(|m| m.trim().eq_ignore_ascii_case(allowed)), "{method} {path}: allow {allow:?}");
+    }
+}
+
+/// HEAD works wherever GET does: same status and headers, no body.
+#[test]
+fn head_works_like_get() {
+    let relay = Relay::start(&[]);
+    assert_success(&relay.start_call("hd", "t"), "Call started successfully");
+    let mut conn = relay.conn();
+    for path in [
+        "/health",
+        "/health/detailed",
+        "/call-status?sessionId=hd",
+        "/track-status?sessionId=hd",
+        "/call-status?sessionId=none",
+    ] {
+        let get = conn.request("GET", path, &[], None);
+        let head = conn.request("HEAD", path, &[], None);
+        assert_eq!(head.status, get.status, "HEAD {path}");
+        assert!(head.body.is_empty());
+        assert_json_type(&head);
+        if let Some(len) = head.header("content-length") {
+            if path != "/health" && path != "/health/detailed" {
+                // Health bodies carry a clock; the others are stable, so the length matches.
+                assert_eq!(len, get.body.len().to_string(), "HEAD {path} content-length");
+            }
+        }
+    }
+    // If a HEAD answer had carried a body, this response would not parse.
+    assert_eq!(conn.get("/health").status, 200);
+}
+
+/// Every response, success or error, is JSON.
+#[test]
+fn every_response_is_json() {
+    let relay = Relay::start(&[]);
+    let cases: [(&str, &str, Option<&str>); 6] = [
+        ("GET", "/health", None),
+        ("GET", "/nope", None),
+        ("GET", "/start-call", None),
+        ("POST", "/start-call", Some("nope")),
+        ("POST", "/stop-call", Some("{\"sessionId\":\"x\"}")),
+        ("GET", "/call-status", None),
+    ];
+    for (method, path, body) in cases {
+        let resp = relay.request(method, path, &[], body);
+        assert_json_type(&resp);
+        resp.json();
+    }
+}
+
+/// Header names are case-insensitive.
+#[test]
+fn header_names_are_case_insensitive() {
+    let relay = Relay::start(&[]);
+    let body = json!({"sessionId": "case", "accessToken": "t"}).to_string();
+    let head = format!(
+        "POST /start-call HTTP/1.1\r\nhOsT: x\r\nCONTENT-TYPE: application/json\r\ncontent-LENGTH: {}\r\n\r\n",
+        body.len()
+    );
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(format!("{head}{body}").as_bytes()).expect("write");
+    assert_success(&conn.read_response(), "Call started successfully");
+    conn.write_raw(b"GET /health HTTP/1.1\r\nCONNECTION: CLOSE\r\n\r\n").expect("write");
+    assert_eq!(conn.read_response().status, 200);
+    assert!(conn.closed_by_server(), "CONNECTION: CLOSE honoured");
+}
+
+/// In a pipeline, a request with `Connection: close` is the last one answered.
+#[test]
+fn pipelined_close_is_the_last_answer() {
+    let relay = Relay::start(&[]);
+    let host = relay.addr().to_string();
+    let mut bytes = Vec::new();
+    bytes.extend(format_request("GET", "/health", &host, &[], None));
+    bytes.extend(format_request("GET", "/health", &host, &[("Connection", "close")], None));
+    let start = json!({"sessionId": "after-close", "accessToken": "t"}).to_string();
+    bytes.extend(format_request("POST", "/start-call", &host, &[], Some(&start)));
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(&bytes).expect("write");
+    assert_eq!(conn.read_response().status, 200);
+    assert_eq!(conn.read_response().status, 200);
+    assert!(conn.closed_by_server(), "closed after the Connection: close request");
+    assert_error(&relay.get("/call-status?sessionId=after-close"), 404);
+}
+
+/// `Expect: 100-continue` with a body over the limit is answered 413 at once, with no 100 first.
+#[test]
+fn expect_continue_over_limit_is_413() {
+    let relay = Relay::start(&["--max-body-bytes", "1000"]);
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(b"POST /start-call HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+        .expect("write head");
+    assert_error(&conn.read_response(), 413);
+}
+
+/// Two hundred requests written at once are all answered, in order.
+#[test]
+fn deep_pipeline_is_answered_in_order() {
+    let relay = Relay::start(&[]);
+    let host = relay.addr().to_string();
+    let mut bytes = Vec::new();
+    for i in 0..200 {
+        let body = json!({"sessionId": format!("deep-{i}"), "accessToken": "t"}).to_string();
+        bytes.extend(format_request("POST", "/start-call", &host, &[], Some(&body)));
+    }
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(&bytes).expect("write");
+    for i in 0..200 {
+        let data = assert_success(&conn.read_response(), "Call started successfully");
+        assert_eq!(data["sessionId"], format!("deep-{i}"));
+    }
+    assert_eq!(relay.active_sessions(), 200);
+}
+
+/// A keep-alive connection that served requests can then upgrade to the event socket.
+#[test]
+fn keep_alive_connection_can_upgrade() {
+    let relay = Relay::start(&[]);
+    for id in relay_tests::ids_on_core("upg", 0, 2, 1).into_iter().chain(relay_tests::ids_on_core("upg", 1, 2, 1)) {
+        assert_success(&relay.start_call(&id, "t"), "Call started successfully");
+        let mut conn = relay.conn();
+        assert_eq!(conn.get("/health").status, 200);
+        assert_success(&conn.get(&format!("/call-status?sessionId={id}")), "Call status retrieved");
+        let upgrade = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Authorization", "Bearer t"),
+        ];
+        let resp = conn.request("GET", &format!("/ws?sessionId={id}"), &upgrade, None);
+        assert_eq!(resp.status, 101, "{id}: {}", resp.text());
+        let (stream, rest) = conn.into_parts();
+        let mut ws =
+            tungstenite::WebSocket::from_partially_read(stream, rest, tungstenite::protocol::Role::Client, None);
+        let greeting: serde_json::Value =
+            serde_json::from_str(ws.read().expect("greeting").to_text().expect("text")).expect("JSON");
+        assert_eq!(greeting["type"], "connection_established");
+        assert_success(&relay.stop_call(&id), "Call stopped successfully");
+        let ended: serde_json::Value =
+            serde_json::from_str(ws.read().expect("event").to_text().expect("text")).expect("JSON");
+        assert_eq!(ended["eventType"], "call_ended", "{id}");
+    }
+}
+
+/// The absolute-form request target is accepted (RFC 9112 §3.2.2: a server MUST accept it).
+#[test]
+fn absolute_form_target_is_accepted() {
+    let relay = Relay::start(&[]);
+    let target = format!("http://{}/call-status?sessionId=abs", relay.addr());
+    assert_success(&relay.start_call("abs", "t"), "Call started successfully");
+    let resp = relay.request("GET", &target, &[], None);
+    assert_success(&resp, "Call status retrieved");
+}

@@ -1,0 +1,214 @@
+//! The process: `--help`, configuration through environment twins, startup errors as one clear
+//! line (never a panic), and graceful shutdown on SIGTERM/SIGINT.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+
+use relay_tests::{
+    assert_success, encode_frame, ids_on_core, output_bounded, relay_command, temp_dir, Conn, RawWs, Relay, TIMEOUT,
+};
+use serde_json::json;
+
+/// `relay --help` exits 0 and documents the main flags.
+#[test]
+fn help_lists_the_flags() {
+    let mut cmd = relay_command();
+    cmd.arg("--help");
+    let out = output_bounded(cmd, TIMEOUT);
+    assert!(out.status.success(), "--help exit status {:?}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--listen", "--cores", "--api-key", "--data-dir"] {
+        assert!(text.contains(flag), "--help mentions {flag}:\n{text}");
+    }
+}
+
+/// With `RLIMIT_MEMLOCK` at 0 the relay exits non-zero naming the limit, without panicking.
+#[test]
+fn memlock_limit_is_a_clear_error() {
+    let data = temp_dir("memlock");
+    let mut cmd = relay_command();
+    cmd.args(["--listen", "127.0.0.1:0", "--cores", "2", "--data-dir"]).arg(&data);
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, which is
+    // async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &zero) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = output_bounded(cmd, TIMEOUT);
+    let _ = std::fs::remove_dir_all(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}; stderr:\n{stderr}", out.status);
+    assert!(stderr.contains("RLIMIT_MEMLOCK"), "stderr names RLIMIT_MEMLOCK:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "no panic:\n{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.contains("RLIMIT_MEMLOCK")).count(), 1, "one error line:\n{stderr}");
+}
+
+/// A port already taken gives a non-zero exit and one line saying so.
+#[test]
+fn taken_port_is_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("local addr").to_string();
+    let data = temp_dir("taken");
+    let mut cmd = relay_command();
+    cmd.args(["--listen", &addr, "--cores", "2", "--data-dir"]).arg(&data);
+    let out = output_bounded(cmd, TIMEOUT);
+    let _ = std::fs::remove_dir_all(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}; stderr:\n{stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "no panic:\n{stderr}");
+    let port = addr.rsplit(':').next().expect("port");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains(port) && (l.contains("in use") || l.contains("taken"))
+        })
+        .collect();
+    assert_eq!(lines.len(), 1, "one line naming the port as taken:\n{stderr}");
+    drop(taken);
+}
+
+/// Listening on a public address without an API key is refused unless `--insecure-public`.
+#[test]
+fn public_listen_needs_a_key() {
+    let data = temp_dir("public");
+    let mut cmd = relay_command();
+    cmd.args(["--listen", "0.0.0.0:0", "--cores", "1", "--data-dir"]).arg(&data);
+    let out = output_bounded(cmd, TIMEOUT);
+    let _ = std::fs::remove_dir_all(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}; stderr:\n{stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "no panic:\n{stderr}");
+
+    // With a key it starts, and answers on loopback.
+    let relay = Relay::start(&["--listen", "0.0.0.0:0", "--api-key", "public-key"]);
+    assert_eq!(relay.request("POST", "/start-call", &[], Some("{}")).status, 401);
+    assert_eq!(relay.get("/health").status, 200);
+    drop(relay);
+
+    let relay = Relay::start(&["--listen", "0.0.0.0:0", "--insecure-public"]);
+    assert_eq!(relay.get("/health").status, 200);
+}
+
+/// Invalid flag values are refused with a non-zero exit and no panic.
+#[test]
+fn invalid_flags_are_refused() {
+    for args in [
+        vec!["--cores", "0"],
+        vec!["--cores", "many"],
+        vec!["--header-timeout", "soon"],
+        vec!["--listen", "not-an-address"],
+        vec!["--max-body-bytes", "-5"],
+        vec!["--no-such-flag"],
+    ] {
+        let data = temp_dir("badflag");
+        let mut cmd = relay_command();
+        cmd.args(["--data-dir"]).arg(&data);
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(&args);
+        let out = output_bounded(cmd, TIMEOUT);
+        let _ = std::fs::remove_dir_all(&data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted; stderr:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+        assert!(!stderr.trim().is_empty(), "{args:?} says why");
+    }
+}
+
+/// Flags have `RELAY_*` environment twins.
+#[test]
+fn environment_twins_configure_the_relay() {
+    let relay = Relay::start_with_env(
+        &[],
+        &[("RELAY_CORES", "3"), ("RELAY_API_KEY", "env-key"), ("RELAY_LISTEN", "127.0.0.1:0")],
+    );
+    assert_eq!(relay.request("GET", "/health/detailed", &[], None).status, 401, "RELAY_API_KEY applies");
+    let cores = relay.detailed()["services"]["server"]["cores"].as_array().expect("cores").len();
+    assert_eq!(cores, 3, "RELAY_CORES applies");
+}
+
+/// SIGTERM ends every call (`call_ended` reason shutdown, then close 1001) and exits 0.
+#[test]
+fn sigterm_ends_calls_and_exits_cleanly() {
+    let mut relay = Relay::start(&["--shutdown-grace", "3s"]);
+    let mut sockets = Vec::new();
+    for core in 0..2 {
+        for id in ids_on_core("down", core, 2, 2) {
+            assert_success(&relay.start_call(&id, "t"), "Call started successfully");
+            for _ in 0..3 {
+                sockets.push((id.clone(), relay.observe(&id, "t")));
+            }
+        }
+    }
+    // An idle keep-alive connection and a socket waiting for a session must not hold the exit up.
+    let mut idle = relay.conn();
+    assert_eq!(idle.get("/health").status, 200);
+    let mut waiting = relay.observe("not-started", "t");
+
+    relay.signal(libc::SIGTERM);
+    for (id, ws) in &mut sockets {
+        assert_eq!(ws.expect_event("call_ended"), json!({"sessionId": id, "reason": "shutdown"}));
+        assert_eq!(ws.expect_close(), Some(1001), "{id}");
+    }
+    assert_eq!(waiting.expect_close(), Some(1001), "a socket waiting for a session is told the relay is going away");
+    let status = relay.wait_exit(TIMEOUT);
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
+/// SIGINT shuts down gracefully too, exiting 0.
+#[test]
+fn sigint_exits_cleanly() {
+    let mut relay = Relay::start(&["--shutdown-grace", "3s"]);
+    assert_success(&relay.start_call("int", "t"), "Call started successfully");
+    let mut ws = relay.observe("int", "t");
+    relay.signal(libc::SIGINT);
+    assert_eq!(ws.expect_event("call_ended")["reason"], "shutdown");
+    assert_eq!(ws.expect_close(), Some(1001));
+    let status = relay.wait_exit(TIMEOUT);
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
+/// A relay with nothing open exits 0 on SIGTERM, well within its grace period.
+#[test]
+fn idle_relay_terminates() {
+    let mut relay = Relay::start(&["--shutdown-grace", "3s"]);
+    let status = relay.terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(!relay.is_running());
+}
+
+/// `--data-dir` is created when missing.
+#[test]
+fn data_dir_is_created() {
+    let parent = temp_dir("datadir");
+    let dir = parent.join("nested").join("relay-data");
+    let dir_arg = dir.to_str().expect("utf-8 temp path");
+    let relay = Relay::start(&["--data-dir", dir_arg]);
+    assert!(dir.is_dir(), "{} created", dir.display());
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+/// Clients that never read or never finish their request do not keep the relay from exiting 0.
+#[test]
+fn stuck_clients_do_not_block_shutdown() {
+    let mut relay = Relay::start(&["--shutdown-grace", "1s"]);
+    assert_success(&relay.start_call("stuck", "t"), "Call started successfully");
+    // A WebSocket client that never reads (its pongs pile up) and never answers the close.
+    let mut deaf =
+        RawWs::connect(relay.addr(), "/ws?sessionId=stuck", &[("Authorization", "Bearer t")]).expect("upgrade");
+    let ping = encode_frame(true, 1, b"{\"type\":\"ping\"}", Some([9, 8, 7, 6]));
+    let _ = deaf.send_raw(&ping.repeat(5000));
+    // An HTTP client stuck halfway through its head, with the default 10 s header timeout.
+    let mut slow = Conn::open(relay.addr());
+    slow.write_raw(b"POST /start-call HTTP/1.1\r\nHost: x\r\n").expect("write half a head");
+    let status = relay.terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
