@@ -63,7 +63,6 @@ fn main() -> anyhow::Result<()> {
 fn control(target: &Target, sessions: usize, clients: usize, json_path: Option<&str>) -> anyhow::Result<()> {
     let run = format!("b{}", std::process::id());
     let next = Arc::new(AtomicUsize::new(0));
-    #[allow(clippy::disallowed_methods)] // The bench measures wall time; it is not engine code.
     let started = Instant::now();
     let workers: Vec<_> = (0..clients)
         .map(|_| {
@@ -128,7 +127,6 @@ fn control(target: &Target, sessions: usize, clients: usize, json_path: Option<&
 }
 
 fn timed(f: impl FnOnce() -> anyhow::Result<relay_bench::client::Response>) -> anyhow::Result<Duration> {
-    #[allow(clippy::disallowed_methods)] // Latency measurement in the bench client.
     let t = Instant::now();
     f()?;
     Ok(t.elapsed())

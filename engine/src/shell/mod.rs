@@ -1,7 +1,7 @@
 //! The glommio shell: one pinned executor per core, the cross-core mesh, TCP and WebSocket tasks.
 //!
 //! Invariant: the only module that imports glommio, socket2 or reads the clock; it feeds the
-//! sans-IO [`CoreState`] one input at a time and drains every output before awaiting again.
+//! sans-IO [`CoreState`](crate::core::CoreState) one input at a time and drains every output before awaiting again.
 
 mod clock;
 mod core_task;
