@@ -48,6 +48,59 @@ fn memlock_limit_is_a_clear_error() {
     assert_eq!(stderr.lines().filter(|l| l.contains("RLIMIT_MEMLOCK")).count(), 1, "one error line:\n{stderr}");
 }
 
+/// Without io_uring (its setup syscall refused, as seccomp profiles and `io_uring_disabled` do)
+/// the relay exits non-zero with one line naming io_uring, without panicking.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn missing_io_uring_is_a_clear_error() {
+    let data = temp_dir("no-uring");
+    let mut cmd = relay_command();
+    cmd.args(["--listen", "127.0.0.1:0", "--cores", "2", "--data-dir"]).arg(&data);
+    // SAFETY: the closure runs in the forked child before exec; prctl is async-signal-safe and the
+    // filter program lives on the child's stack for the duration of the call that copies it.
+    unsafe {
+        cmd.pre_exec(|| {
+            deny_io_uring_setup()?;
+            Ok(())
+        });
+    }
+    let out = output_bounded(cmd, TIMEOUT);
+    let _ = std::fs::remove_dir_all(&data);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}; stderr:\n{stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "no panic:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("io_uring")).collect();
+    assert_eq!(lines.len(), 1, "one error line naming io_uring:\n{stderr}");
+    assert!(lines[0].contains("io_uring_disabled"), "the line says what to change:\n{stderr}");
+}
+
+/// Installs a seccomp filter that fails `io_uring_setup` with ENOSYS and allows everything else.
+#[cfg(target_arch = "x86_64")]
+fn deny_io_uring_setup() -> std::io::Result<()> {
+    const IO_URING_SETUP: u32 = 425; // x86_64 syscall number.
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let filter = [
+        libc::sock_filter { code: LD_W_ABS, jt: 0, jf: 0, k: 0 }, // seccomp_data.nr
+        libc::sock_filter { code: JEQ_K, jt: 0, jf: 1, k: IO_URING_SETUP },
+        libc::sock_filter { code: RET_K, jt: 0, jf: 0, k: RET_ERRNO | libc::ENOSYS as u32 },
+        libc::sock_filter { code: RET_K, jt: 0, jf: 0, k: RET_ALLOW },
+    ];
+    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: plain prctl calls; `program` points at `filter`, which outlives both calls.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &program as *const libc::sock_fprog) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// A port already taken gives a non-zero exit and one line saying so.
 #[test]
 fn taken_port_is_a_clear_error() {

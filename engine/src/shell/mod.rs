@@ -97,6 +97,14 @@ pub enum StartError {
         /// What failed and what to change.
         message: String,
     },
+    /// The kernel refuses io_uring.
+    #[error("io_uring is unavailable ({source}): Relay needs Linux ≥ 5.8 with io_uring enabled (sysctl kernel.io_uring_disabled=0{disabled}) and a seccomp profile that allows io_uring_setup")]
+    IoUring {
+        /// The error `io_uring_setup` returned.
+        source: std::io::Error,
+        /// The current `kernel.io_uring_disabled` setting, when readable.
+        disabled: String,
+    },
     /// `--cores` is zero.
     #[error("--cores must be at least 1")]
     NoCores,
@@ -189,6 +197,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         return Err(StartError::NoCores);
     }
     check_memlock()?;
+    check_io_uring()?;
     let listeners = bind_listeners(config.listen, config.cores)?;
     let local_addr =
         listeners[0].local_addr().map_err(|source| StartError::Listen { addr: config.listen, source, hint: "" })?;
@@ -263,6 +272,26 @@ fn explain(error: &str) -> String {
     } else {
         error.to_owned()
     }
+}
+
+/// Creates and closes a one-entry ring, so a kernel without io_uring is reported here rather than
+/// as a panic inside glommio's executor setup.
+fn check_io_uring() -> Result<(), StartError> {
+    // struct io_uring_params is 120 bytes of u32 fields; zeroed asks for the defaults.
+    let mut params = [0u32; 30];
+    // SAFETY: io_uring_setup reads and writes only the params struct we pass, sized as the kernel
+    // expects; on success it returns a new descriptor that we own and close right away.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        let source = std::io::Error::last_os_error();
+        let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+            .map(|v| format!("; it is {}", v.trim()))
+            .unwrap_or_default();
+        return Err(StartError::IoUring { source, disabled });
+    }
+    // SAFETY: `fd` is the descriptor io_uring_setup just returned; nothing else refers to it.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
 }
 
 fn check_memlock() -> Result<(), StartError> {

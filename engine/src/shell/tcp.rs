@@ -21,6 +21,9 @@ use crate::proto::http::{parse_head, write_response, Parse, CONTINUE};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 4096;
+/// Buffer capacity an idle connection may keep; a larger one (left by a big request) is freed, so
+/// thousands of idle keep-alive connections cost little memory.
+const IDLE_BUFFER_BYTES: usize = 2 * READ_CHUNK;
 
 /// Accepts connections until cancelled at shutdown.
 pub(crate) async fn accept_task<S: ControlService>(shared: Rc<CoreShared>, service: Rc<S>, listener: TcpListener) {
@@ -79,6 +82,10 @@ async fn http_task<S: ControlService>(
             Ok(Parse::Incomplete) => {
                 if !flush(&mut stream, &mut out, limits.idle_timeout).await {
                     return;
+                }
+                if request_started.is_none() {
+                    release_if_large(&mut buf);
+                    release_if_large(&mut out);
                 }
                 let deadline = match request_started {
                     Some(t) => t + limits.header_timeout,
@@ -187,6 +194,12 @@ async fn upgrade<S: ControlService>(
     // The owner core now holds the socket through its duplicate; dropping ours closes only this
     // descriptor.
     drop(stream);
+}
+
+fn release_if_large(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > IDLE_BUFFER_BYTES {
+        *buf = Vec::new();
+    }
 }
 
 /// Reads at least one byte into `buf`, before `deadline`. `idle` means between requests, where
