@@ -942,6 +942,20 @@ impl RawWs {
     /// # Panics
     /// When the connection fails or no response arrives.
     pub fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Self, Response> {
+        Self::connect_with_early(addr, path, headers, &[])
+    }
+
+    /// As [`Self::connect`], with `early` bytes (client frames) written in the same write as the
+    /// upgrade request, before any answer: they reach the relay together with the request head.
+    ///
+    /// # Panics
+    /// When the connection fails or no response arrives.
+    pub fn connect_with_early(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        early: &[u8],
+    ) -> Result<Self, Response> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
@@ -958,7 +972,9 @@ impl RawWs {
             defaults.into_iter().filter(|(d, _)| !headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(d))).collect();
         all.extend_from_slice(headers);
         let mut conn = Conn::open(addr);
-        conn.send("GET", path, &all, None);
+        let mut request = format_request("GET", path, &addr.to_string(), &all, None);
+        request.extend_from_slice(early);
+        conn.write_raw(&request).expect("write the upgrade request");
         let resp = conn.read_response();
         if resp.status != 101 {
             return Err(resp);

@@ -134,3 +134,31 @@ fn one_core_owns_everything() {
     assert_success(&relay.stop_call("solo-3"), "Call stopped successfully");
     assert_eq!(ws.expect_event("call_ended")["reason"], "stopped");
 }
+
+/// Frames a client sends in the same write as its upgrade request are kept, whichever core
+/// accepted the connection: they travel with the socket to the session's owner core.
+#[test]
+fn frames_behind_the_upgrade_request_are_not_lost() {
+    let relay = Relay::start(&[]);
+    let ping = relay_tests::encode_frame(true, 0x1, br#"{"type":"ping"}"#, Some([9, 8, 7, 6]));
+    for core in 0..2 {
+        let id = &ids_on_core("early", core, 2, 1)[0];
+        assert_success(&relay.start_call(id, "t"), "Call started successfully");
+        // Connections land on cores by the kernel's hash of their ports: with ten, both the local
+        // path and the handoff path are taken with overwhelming likelihood.
+        for _ in 0..10 {
+            let path = format!("/ws?sessionId={id}&accessToken=t");
+            let mut ws = relay_tests::RawWs::connect_with_early(relay.addr(), &path, &[], &ping)
+                .unwrap_or_else(|r| panic!("upgrade refused: {}", r.status));
+            let mut texts = Vec::new();
+            while texts.len() < 2 {
+                let frame = ws.read_frame().expect("the socket stays open");
+                if frame.opcode == 0x1 {
+                    let v: serde_json::Value = serde_json::from_slice(&frame.payload).expect("json");
+                    texts.push(v["type"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+            assert_eq!(texts, ["connection_established", "pong"], "greeting, then the early ping's pong");
+        }
+    }
+}
