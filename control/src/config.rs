@@ -80,6 +80,38 @@ pub struct Config {
     #[arg(long, env = "RELAY_PENDING_OBSERVER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub pending_observer_timeout: Duration,
 
+    /// Open connections one core serves; more are closed at once.
+    #[arg(long, env = "RELAY_CONNECTIONS_PER_CORE", default_value_t = Limits::default().connections_per_core)]
+    pub connections_per_core: usize,
+
+    /// Not-yet-started session ids with waiting sockets one core holds (503 past it).
+    #[arg(long, env = "RELAY_PENDING_SESSIONS_PER_CORE", default_value_t = Limits::default().pending_sessions_per_core)]
+    pub pending_sessions_per_core: usize,
+
+    /// Largest WebSocket frame payload a client may send, bytes (close 1009 past it).
+    #[arg(long, env = "RELAY_WS_MAX_FRAME_BYTES", default_value_t = Limits::default().ws_max_frame_bytes)]
+    pub ws_max_frame_bytes: usize,
+
+    /// Largest reassembled WebSocket message, bytes (close 1009 past it).
+    #[arg(long, env = "RELAY_WS_MAX_MESSAGE_BYTES", default_value_t = Limits::default().ws_max_message_bytes)]
+    pub ws_max_message_bytes: usize,
+
+    /// Frames queued toward one WebSocket before new ones are dropped (counted).
+    #[arg(long, env = "RELAY_WS_OUTBOX_FRAMES", default_value_t = Limits::default().ws_outbox_frames)]
+    pub ws_outbox_frames: usize,
+
+    /// A quiet WebSocket gets a ping after this long.
+    #[arg(long, env = "RELAY_WS_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ws_ping_interval: Duration,
+
+    /// A WebSocket whose peer sends nothing (not even pongs) this long is closed with 1001.
+    #[arg(long, env = "RELAY_WS_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ws_idle_timeout: Duration,
+
+    /// How long a request waits for the session's core to answer (503 past it).
+    #[arg(long, env = "RELAY_COMMAND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub command_timeout: Duration,
+
     /// How long graceful shutdown waits for connections to close.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -125,6 +157,9 @@ impl Config {
                 self.listen
             ));
         }
+        if self.ws_ping_interval.is_zero() || self.ws_idle_timeout <= self.ws_ping_interval {
+            return Err("--ws-idle-timeout must be longer than --ws-ping-interval (and both above zero)".to_owned());
+        }
         if self.max_headers == 0 || self.max_headers > relay_engine::proto::http::HEADER_SLOTS {
             return Err(format!("--max-headers must be between 1 and {}", relay_engine::proto::http::HEADER_SLOTS));
         }
@@ -143,6 +178,14 @@ impl Config {
             observers_per_session: self.observers_per_session,
             pending_observer_timeout: self.pending_observer_timeout,
             shutdown_grace: self.shutdown_grace,
+            connections_per_core: self.connections_per_core,
+            pending_sessions_per_core: self.pending_sessions_per_core,
+            ws_max_frame_bytes: self.ws_max_frame_bytes,
+            ws_max_message_bytes: self.ws_max_message_bytes,
+            ws_outbox_frames: self.ws_outbox_frames,
+            ws_ping_interval: self.ws_ping_interval,
+            ws_idle_timeout: self.ws_idle_timeout,
+            command_timeout: self.command_timeout,
             ..Limits::default()
         };
         EngineConfig {

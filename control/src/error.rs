@@ -62,7 +62,9 @@ impl ApiError {
         let status = match error {
             CommandError::NotFound => StatusCode::NOT_FOUND,
             CommandError::AlreadyActive => StatusCode::CONFLICT,
-            CommandError::CoreFull { .. } | CommandError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            CommandError::CoreFull { .. } | CommandError::Busy | CommandError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             CommandError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match error {

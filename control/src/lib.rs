@@ -24,7 +24,9 @@ pub mod auth;
 pub mod config;
 pub mod cors;
 pub mod error;
+pub mod probe;
 pub mod router;
+pub mod twilio;
 
 use anyhow::Context as _;
 
@@ -39,7 +41,8 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     let engine = config.engine();
     let cores = engine.cores;
     let grace = engine.limits.shutdown_grace;
-    let relay = relay_engine::shell::start(engine, api::Service::new(config.api()))?;
+    let data_dir = probe::start(config.data_dir.clone()).context("cannot start the data-dir probe")?;
+    let relay = relay_engine::shell::start(engine, api::Service::new(config.api(), data_dir))?;
     tracing::info!("relay listening on http://{} with {cores} cores", relay.local_addr());
 
     let shutdown = relay.shutdown_handle();

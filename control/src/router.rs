@@ -47,6 +47,9 @@ struct Entry {
     allow: &'static str,
 }
 
+/// Every method the relay serves somewhere (the answer to `OPTIONS *`).
+pub const ALL_METHODS: &str = "GET, HEAD, POST, OPTIONS";
+
 const GET: &str = "GET, HEAD, OPTIONS";
 const POST: &str = "POST, OPTIONS";
 

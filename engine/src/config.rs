@@ -37,6 +37,10 @@ pub struct Limits {
     pub ws_read_buffer_bytes: usize,
     /// Most bytes queued for a WebSocket that is not reading before the socket is closed.
     pub ws_max_write_buffer_bytes: usize,
+    /// A WebSocket quiet this long gets a ping from the relay.
+    pub ws_ping_interval: Duration,
+    /// A WebSocket whose peer sends nothing (not even pongs) this long is closed with 1001.
+    pub ws_idle_timeout: Duration,
     /// Frames queued toward one WebSocket before new ones are dropped (counted).
     pub ws_outbox_frames: usize,
     /// Event sockets (`/ws`) one session may have.
@@ -69,6 +73,8 @@ impl Default for Limits {
             ws_max_message_bytes: 256 * 1024,
             ws_read_buffer_bytes: 4 * 1024,
             ws_max_write_buffer_bytes: 1024 * 1024,
+            ws_ping_interval: Duration::from_secs(20),
+            ws_idle_timeout: Duration::from_secs(60),
             ws_outbox_frames: 256,
             observers_per_session: 32,
             pending_sessions_per_core: 10_000,

@@ -350,7 +350,11 @@ fn detailed_health_sees_a_broken_data_dir() {
     let relay = Relay::start(&["--data-dir", dir.to_str().expect("utf-8 path")]);
     assert_eq!(relay.detailed()["status"], "healthy");
     std::fs::remove_dir_all(&dir).expect("remove the data dir");
-    let resp = relay.get("/health/detailed");
+    // The probe runs in the background, once a second.
+    let resp = relay_tests::poll_until("the probe to see the broken data dir", || {
+        let r = relay.get("/health/detailed");
+        (r.json()["status"] != "healthy").then_some(r)
+    });
     assert_json_type(&resp);
     let v = resp.json();
     assert_ne!(v["status"], "healthy", "{v}");

@@ -17,25 +17,27 @@ use crate::auth;
 use crate::config::ApiConfig;
 use crate::cors;
 use crate::error::ApiError;
+use crate::probe::DataDirHealth;
 use crate::router::{self, Miss, Route};
 
 /// The control plane's implementation of the engine's [`ControlService`]; one clone per core.
 #[derive(Clone)]
 pub struct Service {
     config: Arc<ApiConfig>,
+    data_dir: Arc<DataDirHealth>,
 }
 
 impl Service {
-    /// A service with `config`.
-    pub fn new(config: ApiConfig) -> Self {
-        Self { config: Arc::new(config) }
+    /// A service with `config`, reporting the data directory's health from `data_dir`.
+    pub fn new(config: ApiConfig, data_dir: Arc<DataDirHealth>) -> Self {
+        Self { config: Arc::new(config), data_dir }
     }
 
     async fn dispatch(&self, core: &CoreHandle, route: Route, request: &Request) -> Result<Outcome, ApiError> {
         let respond = |r: Result<Response<Bytes>, ApiError>| r.map(Outcome::Respond);
         match route {
             Route::Health => respond(Ok(ops::health(core))),
-            Route::HealthDetailed => respond(Ok(ops::health_detailed(core, &self.config))),
+            Route::HealthDetailed => respond(Ok(ops::health_detailed(core, &self.data_dir))),
             Route::StartCall => respond(session::start_call(core, request).await),
             Route::StopCall => respond(session::stop_call(core, request).await),
             Route::Mute => respond(session::set_microphone(core, request, false).await),
@@ -54,7 +56,7 @@ impl ControlService for Service {
         let head = &request.head;
         let path = head.uri.path();
         let mut outcome = if head.method == Method::OPTIONS {
-            match router::allow(path) {
+            match router::allow(path).or_else(|| (path == "*").then_some(router::ALL_METHODS)) {
                 Some(allow) => Outcome::Respond(cors::options(&self.config.cors, &head.headers, allow)),
                 None => Outcome::Respond(ApiError::no_route(&head.method, path).into_response()),
             }

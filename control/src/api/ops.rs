@@ -2,15 +2,15 @@
 //!
 //! Invariant: never exposes a secret; reads only counters and the data directory.
 
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use relay_engine::shell::CoreHandle;
 use serde_json::{json, Value};
 
-use crate::config::ApiConfig;
 use crate::error::json_response;
+use crate::probe::DataDirHealth;
 
 /// The crate version reported by `/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -34,13 +34,16 @@ pub fn health(core: &CoreHandle) -> Response<Bytes> {
 
 /// `GET /health/detailed` (seed 003): services, memory, and sessions per core. 503 when the
 /// data directory is unusable.
-pub fn health_detailed(core: &CoreHandle, config: &ApiConfig) -> Response<Bytes> {
+pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth) -> Response<Bytes> {
     let stats = core.stats();
     let active: usize = stats.iter().map(|s| s.sessions).sum();
-    let (db_up, db_latency_ms) = probe_data_dir(config);
+    let (db_up, db_latency_ms) = data_dir.read();
     let cores: Vec<Value> = stats
         .iter()
-        .map(|s| json!({ "id": s.core.0, "sessions": s.sessions, "observers": s.observers, "connections": s.connections }))
+        .map(|s| {
+            json!({ "id": s.core.0, "sessions": s.sessions, "observers": s.observers,
+                    "connections": s.connections, "droppedFrames": s.dropped_frames })
+        })
         .collect();
     let status = if db_up { "healthy" } else { "unhealthy" };
     let body = json!({
@@ -60,14 +63,6 @@ pub fn health_detailed(core: &CoreHandle, config: &ApiConfig) -> Response<Bytes>
         },
     });
     json_response(if db_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
-}
-
-/// Whether the data directory is a writable directory, and how long the check took (ms).
-fn probe_data_dir(config: &ApiConfig) -> (bool, u64) {
-    let start = Instant::now();
-    let probe = config.data_dir.join(".health-probe");
-    let up = std::fs::write(&probe, b"ok").is_ok() && std::fs::remove_file(&probe).is_ok();
-    (up, start.elapsed().as_millis() as u64)
 }
 
 /// Resident set size of this process, bytes (0 if /proc is unreadable).

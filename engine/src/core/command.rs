@@ -108,9 +108,13 @@ pub enum CommandError {
         /// The configured limit.
         limit: usize,
     },
-    /// The owner core could not be reached in time (queue full or no reply).
-    #[error("the session's core is busy; try again")]
+    /// The owner core could not be reached in time (queue full or no reply). The command may
+    /// still have run, so a retry can meet its effect (409 after a start, 404 after a stop).
+    #[error("the session's core did not answer in time; the command may have been applied, check before retrying")]
     Busy,
+    /// The relay is shutting down and starts no new sessions.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
     /// The command hit a bug; the session was dropped so the core could go on.
     #[error("internal error; the session was closed")]
     Internal,

@@ -45,6 +45,9 @@ pub enum AttachError {
     /// The core holds `pending_sessions_per_core` not-yet-started ids with waiting sockets.
     #[error("too many sessions are waiting to start on this core")]
     TooManyPending,
+    /// The relay is shutting down and takes no new sockets.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
 }
 
 /// An effect for the shell to carry out.
@@ -89,6 +92,10 @@ pub struct CoreState {
     outputs: VecDeque<Output>,
     active: usize,
     observers: usize,
+    /// Ids whose sockets wait for a start now (the `pending` queue also holds stale entries).
+    waiting: usize,
+    /// Set by `handle_shutdown`: no new sessions or sockets from then on.
+    shutting_down: bool,
 }
 
 /// One id's entry: the session once started, and the sockets watching it (before or after).
@@ -111,6 +118,8 @@ impl CoreState {
             outputs: VecDeque::new(),
             active: 0,
             observers: 0,
+            waiting: 0,
+            shutting_down: false,
         }
     }
 
@@ -158,6 +167,9 @@ impl CoreState {
         conn: ConnectionId,
         credential: Credential,
     ) -> Result<Utf8Bytes, AttachError> {
+        if self.shutting_down {
+            return Err(AttachError::ShuttingDown);
+        }
         if let Some(slot) = self.slots.get(id) {
             if let Some(session) = &slot.session {
                 if !authorizes(session, &credential) {
@@ -173,9 +185,10 @@ impl CoreState {
             if matches!(credential, Credential::Anonymous) {
                 return Err(AttachError::Unauthorized);
             }
-            if self.pending.len() >= self.limits.pending_sessions_per_core {
+            if self.waiting >= self.limits.pending_sessions_per_core {
                 return Err(AttachError::TooManyPending);
             }
+            self.waiting += 1;
             self.pending.push_back((now.instant, id.clone()));
             self.slots.insert(id.clone(), Slot { waiting_since: Some(now.instant), ..Slot::default() });
         }
@@ -195,6 +208,7 @@ impl CoreState {
         slot.observers.retain(|(c, _)| *c != conn);
         if slot.session.is_none() && slot.observers.is_empty() {
             self.slots.remove(&id);
+            self.waiting -= 1;
         }
     }
 
@@ -223,6 +237,7 @@ impl CoreState {
                 continue;
             }
             let slot = self.slots.remove(&id).expect("checked above");
+            self.waiting -= 1;
             for (conn, _) in slot.observers {
                 self.conns.remove(&conn);
                 self.observers -= 1;
@@ -233,6 +248,7 @@ impl CoreState {
 
     /// Ends every session (`call_ended` with reason `shutdown`) and closes every event socket.
     pub fn handle_shutdown(&mut self, now: Now) {
+        self.shutting_down = true;
         let ids: Vec<SessionId> = self.slots.keys().cloned().collect();
         for id in ids {
             let event = self.slots.get(&id).and_then(|s| s.session.as_ref()).map(|s| s.ended_event("shutdown"));
@@ -240,6 +256,7 @@ impl CoreState {
                 Some(event) => self.end(now, &id, event, 1001, "relay shutting down"),
                 None => {
                     let slot = self.slots.remove(&id).expect("id from keys");
+                    self.waiting -= 1;
                     for (conn, _) in slot.observers {
                         self.conns.remove(&conn);
                         self.observers -= 1;
@@ -256,6 +273,8 @@ impl CoreState {
         let Some(slot) = self.slots.remove(id) else { return };
         if slot.session.is_some() {
             self.active -= 1;
+        } else {
+            self.waiting -= 1;
         }
         for (conn, _) in slot.observers {
             self.conns.remove(&conn);
@@ -285,6 +304,9 @@ impl CoreState {
     }
 
     fn start(&mut self, now: Now, id: &SessionId, start: command::StartCall) -> Result<Reply, CommandError> {
+        if self.shutting_down {
+            return Err(CommandError::ShuttingDown);
+        }
         if self.slots.get(id).is_some_and(|s| s.session.is_some()) {
             return Err(CommandError::AlreadyActive);
         }
@@ -293,7 +315,9 @@ impl CoreState {
         }
         let session = Session::new(id.clone(), start);
         let slot = self.slots.entry(id.clone()).or_default();
-        slot.waiting_since = None;
+        if slot.waiting_since.take().is_some() {
+            self.waiting -= 1;
+        }
         // Sockets that attached before the start presented a token; only those holding this
         // session's token (or the operator key) may stay.
         let mut kept = Vec::with_capacity(slot.observers.len());

@@ -196,3 +196,30 @@ fn shutdown_ends_everything() {
     assert_eq!(Harness::events_for(&out, 2), (vec![], Some(1001)));
     assert_eq!(h.core.stats(), Stats::default());
 }
+
+/// Sockets that waited and left free their place at once: the pending limit counts live waits.
+#[test]
+fn pending_limit_counts_live_waits() {
+    let mut h = Harness::new(Limits { pending_sessions_per_core: 2, ..Limits::default() });
+    for round in 0..10u64 {
+        h.attach(&format!("a{round}"), round * 2, token("x")).expect("room");
+        h.attach(&format!("b{round}"), round * 2 + 1, token("x")).expect("room");
+        assert_eq!(h.attach("c", 999, token("x")), Err(AttachError::TooManyPending));
+        h.core.handle_detach(ConnectionId(round * 2));
+        h.core.handle_detach(ConnectionId(round * 2 + 1));
+    }
+    h.attach("started", 50, token("t")).expect("room");
+    h.cmd("started", start("t")).expect("start");
+    h.attach("p", 51, token("x")).expect("a started session no longer counts as waiting");
+    h.attach("q", 52, token("x")).expect("room for the second");
+}
+
+/// After shutdown no session starts and no socket attaches.
+#[test]
+fn shutdown_refuses_new_work() {
+    let mut h = Harness::new(Limits::default());
+    let now = h.now();
+    h.core.handle_shutdown(now);
+    assert_eq!(h.cmd("s", start("t")), Err(CommandError::ShuttingDown));
+    assert_eq!(h.attach("s", 1, token("t")), Err(AttachError::ShuttingDown));
+}

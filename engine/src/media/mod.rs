@@ -2,6 +2,9 @@
 //!
 //! Invariant: pure data and arithmetic: no clocks, no I/O.
 
+pub mod g711;
+pub mod pacer;
+
 /// A PCM sample rate the API accepts for raw samples on `/ws` (`sampleRate` of `/start-call`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SampleRate {

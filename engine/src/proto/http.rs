@@ -72,6 +72,9 @@ pub enum HeadError {
     /// `Transfer-Encoding` is present; only `Content-Length` bodies are accepted.
     #[error("Transfer-Encoding is not supported; send a Content-Length body")]
     TransferEncoding,
+    /// `Expect` asks for something other than `100-continue` (answered 417).
+    #[error("unsupported expectation; only 100-continue is supported")]
+    Expectation,
     /// The request is not well-formed HTTP/1.x.
     #[error("malformed request: {0}")]
     Malformed(&'static str),
@@ -84,6 +87,7 @@ impl HeadError {
             Self::HeadTooLarge { .. } | Self::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TransferEncoding => StatusCode::NOT_IMPLEMENTED,
+            Self::Expectation => StatusCode::EXPECTATION_FAILED,
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -132,10 +136,18 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         return Err(HeadError::TransferEncoding);
     }
+    // HTTP/1.1 requests carry exactly one Host (RFC 9112 §3.2).
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
+        return Err(HeadError::Malformed("an HTTP/1.1 request needs exactly one Host header"));
+    }
     let content_length = content_length(&headers, limits)?;
     let keep_alive = keep_alive(version, &headers);
-    let expect_continue =
-        headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expect_continue = match headers.get(header::EXPECT) {
+        None => false,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"100-continue") => true,
+        Some(_) => return Err(HeadError::Expectation),
+    };
 
     Ok(Parse::Complete {
         head: RequestHead { method, uri, version, headers, content_length, keep_alive, expect_continue },
@@ -154,9 +166,26 @@ pub fn header_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iter
         .filter(|t| !t.is_empty())
 }
 
-/// Writes `response` as HTTP/1.1 into `out`, with `Content-Length`, and `Connection: close` when
-/// `close` is set. `head_only` leaves the body out (answers to `HEAD`). `date` is an IMF-fixdate.
-pub fn write_response(out: &mut Vec<u8>, response: &http::Response<Bytes>, close: bool, head_only: bool, date: &str) {
+/// What a response says about the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// HTTP/1.1's default: stays open; no header.
+    Default,
+    /// `Connection: keep-alive`, for HTTP/1.0 clients that asked for it.
+    KeepAlive,
+    /// `Connection: close`: the server closes after this response.
+    Close,
+}
+
+/// Writes `response` as HTTP/1.1 into `out`, with `Content-Length` and the `connection` header.
+/// `head_only` leaves the body out (answers to `HEAD`). `date` is an IMF-fixdate.
+pub fn write_response(
+    out: &mut Vec<u8>,
+    response: &http::Response<Bytes>,
+    connection: Connection,
+    head_only: bool,
+    date: &str,
+) {
     let status = response.status();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -184,8 +213,10 @@ pub fn write_response(out: &mut Vec<u8>, response: &http::Response<Bytes>, close
         out.extend_from_slice(body.len().to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
+    match connection {
+        Connection::Default => {}
+        Connection::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        Connection::Close => out.extend_from_slice(b"connection: close\r\n"),
     }
     out.extend_from_slice(b"\r\n");
     if !bodiless && !head_only {
@@ -306,24 +337,26 @@ mod tests {
     /// Connection semantics: 1.1 keeps alive unless `close`; 1.0 closes unless `keep-alive`.
     #[test]
     fn keep_alive_rules() {
-        assert!(!complete(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").0.keep_alive);
+        assert!(!complete(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").0.keep_alive);
         assert!(!complete(b"GET / HTTP/1.0\r\n\r\n").0.keep_alive);
         assert!(complete(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").0.keep_alive);
-        assert!(complete(b"GET / HTTP/1.1\r\nConnection: Upgrade, keep-alive\r\n\r\n").0.keep_alive);
+        assert!(complete(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, keep-alive\r\n\r\n").0.keep_alive);
     }
 
     /// Oversized heads (complete or not), too many headers and big bodies get 431/431/413.
     #[test]
     fn limits() {
-        let limits = Limits { max_head_bytes: 64, max_headers: 4, max_body_bytes: 10, ..Limits::default() };
-        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(100));
+        let limits = Limits { max_head_bytes: 128, max_headers: 4, max_body_bytes: 10, ..Limits::default() };
+        let long = format!("GET /{} HTTP/1.1\r\nHost: h\r\n", "a".repeat(200));
         let e = parse_head(long.as_bytes(), &limits).unwrap_err();
         assert_eq!(e.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-        let e = parse_head(b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\nd: 4\r\ne: 5\r\n\r\n", &limits).unwrap_err();
+        let e = parse_head(b"GET / HTTP/1.1\r\nHost: h\r\na: 1\r\nb: 2\r\nc: 3\r\nd: 4\r\ne: 5\r\n\r\n", &limits)
+            .unwrap_err();
         assert_eq!(e, HeadError::TooManyHeaders { limit: 4 });
-        let e = parse_head(b"POST / HTTP/1.1\r\ncontent-length: 11\r\n\r\n", &limits).unwrap_err();
+        let e = parse_head(b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 11\r\n\r\n", &limits).unwrap_err();
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let e = parse_head(b"POST / HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n", &limits).unwrap_err();
+        let e = parse_head(b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 99999999999999999999\r\n\r\n", &limits)
+            .unwrap_err();
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
     }
 
@@ -332,29 +365,56 @@ mod tests {
     fn malformed() {
         let l = Limits::default();
         assert_eq!(parse_head(b"\x00\x01\x02 / HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
-        assert_eq!(parse_head(b"GET http:x HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
-        assert_eq!(parse_head(b"GET ftp://h/x HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
-        let Ok(Parse::Complete { head, .. }) = parse_head(b"GET http://h:1/a?b=c HTTP/1.1\r\n\r\n", &l) else {
+        assert_eq!(
+            parse_head(b"GET http:x HTTP/1.1\r\nHost: h\r\n\r\n", &l).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            parse_head(b"GET ftp://h/x HTTP/1.1\r\nHost: h\r\n\r\n", &l).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+        let Ok(Parse::Complete { head, .. }) = parse_head(b"GET http://h:1/a?b=c HTTP/1.1\r\nHost: h\r\n\r\n", &l)
+        else {
             panic!("absolute form is accepted")
         };
         assert_eq!((head.uri.path(), head.uri.query()), ("/a", Some("b=c")));
-        assert_eq!(parse_head(b"GET * HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
-        assert!(parse_head(b"OPTIONS * HTTP/1.1\r\n\r\n", &l).is_ok());
+        assert_eq!(parse_head(b"GET * HTTP/1.1\r\nHost: h\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert!(parse_head(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", &l).is_ok());
         assert_eq!(
-            parse_head(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", &l).unwrap_err(),
+            parse_head(b"POST / HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked\r\n\r\n", &l).unwrap_err(),
             HeadError::TransferEncoding
         );
         assert_eq!(
-            parse_head(b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", &l).unwrap_err().status(),
+            parse_head(b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", &l)
+                .unwrap_err()
+                .status(),
             StatusCode::BAD_REQUEST
         );
         assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
     }
 
+    /// HTTP/1.1 needs exactly one Host; HTTP/1.0 may omit it; other expectations get 417.
+    #[test]
+    fn host_and_expect() {
+        let l = Limits::default();
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", &l).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert!(matches!(parse_head(b"GET / HTTP/1.0\r\n\r\n", &l), Ok(Parse::Complete { .. })));
+        let e = parse_head(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: magic\r\n\r\n", &l).unwrap_err();
+        assert_eq!(e.status(), StatusCode::EXPECTATION_FAILED);
+    }
+
     /// Expect: 100-continue is seen.
     #[test]
     fn expect_continue() {
-        assert!(complete(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n").0.expect_continue);
+        assert!(
+            complete(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+                .0
+                .expect_continue
+        );
     }
 
     /// Responses carry status line, headers, length, close and body; HEAD and 204 carry no body.
@@ -366,7 +426,7 @@ mod tests {
             .body(Bytes::from_static(b"{}"))
             .expect("static response");
         let mut out = Vec::new();
-        write_response(&mut out, &resp, true, false, "Sat, 21 Nov 2026 00:00:00 GMT");
+        write_response(&mut out, &resp, Connection::Close, false, "Sat, 21 Nov 2026 00:00:00 GMT");
         let s = String::from_utf8(out).expect("ascii");
         assert!(s.starts_with("HTTP/1.1 200 OK\r\n"), "{s}");
         assert!(s.contains("content-type: application/json\r\n"));
@@ -374,12 +434,12 @@ mod tests {
         assert!(s.contains("connection: close\r\n"));
         assert!(s.ends_with("\r\n\r\n{}"));
         let mut out = Vec::new();
-        write_response(&mut out, &resp, false, true, "");
+        write_response(&mut out, &resp, Connection::Default, true, "");
         assert!(String::from_utf8(out).expect("ascii").ends_with("content-length: 2\r\n\r\n"));
         let resp = http::Response::builder().status(204).body(Bytes::new()).expect("static response");
         let mut out = Vec::new();
-        write_response(&mut out, &resp, false, false, "");
-        assert_eq!(out, b"HTTP/1.1 204 No Content\r\n\r\n");
+        write_response(&mut out, &resp, Connection::KeepAlive, false, "");
+        assert_eq!(out, b"HTTP/1.1 204 No Content\r\nconnection: keep-alive\r\n\r\n");
     }
 
     proptest! {

@@ -3,5 +3,7 @@
 //! Invariant: no clocks, no sockets, no session state; every parser is total (errors, not panics).
 
 pub mod events;
+pub mod frontend;
 pub mod http;
+pub mod twilio;
 pub mod ws;

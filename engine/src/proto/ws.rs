@@ -53,7 +53,8 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 pub fn accept_key(head: &RequestHead) -> Result<String, HandshakeError> {
     let connection_upgrade =
         header_tokens(&head.headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    if head.method != Method::GET || !connection_upgrade || !wants_upgrade(&head.headers) {
+    let http11 = head.version == http::Version::HTTP_11;
+    if head.method != Method::GET || !http11 || !connection_upgrade || !wants_upgrade(&head.headers) {
         return Err(HandshakeError::NotUpgrade);
     }
     if head.headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
@@ -165,6 +166,11 @@ impl WsCodec {
     /// [`WsError::Closed`] after a close, [`WsError::WriteBufferFull`] when the peer stopped reading.
     pub fn send_text(&mut self, text: Utf8Bytes) -> Result<(), WsError> {
         self.send(Message::Text(text))
+    }
+
+    /// Queues a ping (the peer's pong proves it is alive; pongs are absorbed by [`Self::poll_incoming`]).
+    pub fn send_ping(&mut self) {
+        let _ = self.send(Message::Ping(Bytes::new()));
     }
 
     /// Queues a close frame with `code` and `reason` (a no-op if a close was already sent).
@@ -296,7 +302,7 @@ mod tests {
     /// Wrong version gets 426, a bad key or a missing Connection token gets 400.
     #[test]
     fn handshake_refusals() {
-        let base = "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+        let base = "GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
         let e = accept_key(&head(&format!(
             "{base}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
         )))
@@ -305,7 +311,7 @@ mod tests {
         let e = accept_key(&head(&format!("{base}Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n")))
             .unwrap_err();
         assert_eq!(e, HandshakeError::Key);
-        let e = accept_key(&head("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")).unwrap_err();
+        let e = accept_key(&head("GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")).unwrap_err();
         assert_eq!(e, HandshakeError::NotUpgrade);
     }
 

@@ -2,7 +2,7 @@
 //! feed it (accept, mesh, ticks).
 //!
 //! Invariant: every call into `CoreState` goes through [`CoreShared::drive`], which drains all
-//! outputs before returning, and through `catch_unwind`, so a bug drops one session, not the core.
+//! outputs before returning and catches panics: a bug drops the session it concerns, not the core.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -17,7 +17,7 @@ use event_listener::Event;
 use futures::channel::oneshot;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 
-use super::mesh::CoreMessage;
+use super::mesh::{CoreMessage, ReplyMessage};
 use super::ws::Outbox;
 use super::{clock, mesh, tcp, ControlService, CoreStats, Global};
 use crate::config::Limits;
@@ -33,6 +33,7 @@ pub(crate) struct CoreSetup {
     pub(crate) limits: Limits,
     pub(crate) listener: OwnedFd,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
+    pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
     pub(crate) global: Arc<Global>,
 }
 
@@ -44,6 +45,9 @@ pub(crate) struct CoreShared {
     pub(crate) global: Arc<Global>,
     state: RefCell<CoreState>,
     mesh_tx: Senders<CoreMessage>,
+    /// Replies travel on their own mesh, sized to the bound on outstanding requests, so a reply
+    /// always has room and is never shed.
+    reply_tx: Senders<ReplyMessage>,
     /// Requests sent to other cores, waiting for their reply, by request number.
     pending: RefCell<HashMap<u64, oneshot::Sender<Result<Reply, CommandError>>>>,
     next_request: Cell<u64>,
@@ -85,6 +89,9 @@ impl CoreHandle {
         if owner == self.0.id {
             return self.0.command(&session, command);
         }
+        if self.0.pending.borrow().len() >= self.0.limits.mesh_capacity {
+            return Err(CommandError::Busy);
+        }
         let request = self.0.next_request.get();
         self.0.next_request.set(request + 1);
         let (tx, rx) = oneshot::channel();
@@ -112,6 +119,7 @@ impl CoreHandle {
                 sessions: g.sessions[i].load(Ordering::Relaxed),
                 observers: g.observers[i].load(Ordering::Relaxed),
                 connections: g.connections[i].load(Ordering::Relaxed),
+                dropped_frames: g.dropped_frames[i].load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -131,28 +139,39 @@ impl CoreShared {
     /// Runs a command for a session this core owns, isolating panics to that session.
     pub(crate) fn command(&self, session: &SessionId, command: Command) -> Result<Reply, CommandError> {
         let now = clock::now();
-        let result = self.drive(|state| catch_unwind(AssertUnwindSafe(|| state.handle_command(now, session, command))));
-        match result {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::error!(session = %session, "session command panicked; the session was dropped");
-                self.drive(|state| state.handle_panic(session));
-                Err(CommandError::Internal)
-            }
-        }
+        self.drive(Some(session), |state| state.handle_command(now, session, command))
+            .unwrap_or(Err(CommandError::Internal))
     }
 
     /// Feeds one input to the core state, then drains and applies every output.
-    pub(crate) fn drive<R>(&self, input: impl FnOnce(&mut CoreState) -> R) -> R {
+    ///
+    /// A panic inside the input is a bug: it is caught, and the session `blame` names (the one the
+    /// input concerned) is discarded with its sockets closed, so the core and every other session go
+    /// on. Returns `None` after a panic.
+    pub(crate) fn drive<R>(&self, blame: Option<&SessionId>, input: impl FnOnce(&mut CoreState) -> R) -> Option<R> {
         let mut state = self.state.borrow_mut();
-        let result = input(&mut state);
+        let result = catch_unwind(AssertUnwindSafe(|| input(&mut state))).ok();
+        if result.is_none() {
+            tracing::error!(core = self.id.0, session = ?blame, "a core input panicked; its session was dropped");
+            if let Some(id) = blame {
+                // The state may be half-updated for this session only; discarding it restores the
+                // invariants for everything else.
+                let _ = catch_unwind(AssertUnwindSafe(|| state.handle_panic(id)));
+            }
+        }
         while let Some(output) = state.poll_output() {
             self.apply(output);
         }
         let stats = state.stats();
         self.global.sessions[self.id.0].store(stats.active_sessions, Ordering::Relaxed);
         self.global.observers[self.id.0].store(stats.observers, Ordering::Relaxed);
+        self.global.dropped_frames[self.id.0].store(self.dropped_frames.get(), Ordering::Relaxed);
         result
+    }
+
+    /// The session connection `conn` belongs to, to blame it if an input about `conn` panics.
+    pub(crate) fn session_of(&self, conn: ConnectionId) -> Option<SessionId> {
+        self.state.borrow().session_of(conn).cloned()
     }
 
     pub(crate) fn now(&self) -> Now {
@@ -171,6 +190,14 @@ impl CoreShared {
 
     pub(crate) fn remove_outbox(&self, conn: ConnectionId) {
         self.outboxes.borrow_mut().remove(&conn);
+    }
+
+    /// Sends a reply; the reply mesh has room for every outstanding request, so this only fails if
+    /// the requesting core is gone.
+    pub(crate) fn reply_to_core(&self, core: CoreId, reply: ReplyMessage) {
+        if self.reply_tx.try_send_to(core.0, reply).is_err() {
+            tracing::warn!(core = self.id.0, to = core.0, "reply not delivered: the requesting core is gone");
+        }
     }
 
     pub(crate) fn send_to_core(&self, core: CoreId, message: CoreMessage) -> Result<(), CoreMessage> {
@@ -232,14 +259,16 @@ pub(crate) async fn run_core<S: ControlService>(
     service: S,
     ready: mpsc::Sender<(usize, Result<(), String>)>,
 ) -> Result<(), String> {
-    let Ok((mesh_tx, mut mesh_rx)) = setup.mesh.join().await else {
+    let (Ok((mesh_tx, mut mesh_rx)), Ok((reply_tx, mut reply_rx))) =
+        (setup.mesh.join().await, setup.replies.join().await)
+    else {
         let _ = ready.send((setup.id.0, Err("could not join the core mesh".to_owned())));
         return Err("could not join the core mesh".to_owned());
     };
 
     // Mesh peers are numbered by executor creation order, which is core order; check it, since
     // every cross-core message is addressed by that number.
-    if mesh_tx.peer_id() != setup.id.0 {
+    if mesh_tx.peer_id() != setup.id.0 || reply_tx.peer_id() != setup.id.0 {
         let message = format!("mesh peer {} does not match core {}", mesh_tx.peer_id(), setup.id.0);
         let _ = ready.send((setup.id.0, Err(message.clone())));
         return Err(message);
@@ -253,6 +282,7 @@ pub(crate) async fn run_core<S: ControlService>(
         limits: setup.limits,
         global: setup.global,
         mesh_tx,
+        reply_tx,
         pending: RefCell::new(HashMap::new()),
         next_request: Cell::new(0),
         next_conn: Cell::new(0),
@@ -266,6 +296,9 @@ pub(crate) async fn run_core<S: ControlService>(
     for (_, receiver) in mesh_rx.streams() {
         glommio::spawn_local(mesh::receive_task(shared.clone(), service.clone(), receiver)).detach();
     }
+    for (_, receiver) in reply_rx.streams() {
+        glommio::spawn_local(mesh::reply_task(shared.clone(), receiver)).detach();
+    }
     let accept = glommio::spawn_local(tcp::accept_task(shared.clone(), service.clone(), listener));
     let _ = ready.send((shared.id.0, Ok(())));
     tracing::debug!(core = shared.id.0, "core serving");
@@ -276,7 +309,7 @@ pub(crate) async fn run_core<S: ControlService>(
     // finish within the grace period.
     accept.cancel().await;
     let now = shared.now();
-    shared.drive(|state| state.handle_shutdown(now));
+    shared.drive(None, |state| state.handle_shutdown(now));
     let grace = shared.limits.shutdown_grace;
     let drained = glommio::timer::timeout(grace, async {
         while shared.connections.get() > 0 {
@@ -312,7 +345,7 @@ async fn tick_task(shared: &Rc<CoreShared>) {
         let now = shared.now();
         let due = shared.state.borrow().poll_timeout().is_some_and(|t| t <= now.instant);
         if due {
-            shared.drive(|state| state.handle_timeout(now));
+            shared.drive(None, |state| state.handle_timeout(now));
         }
     }
 }

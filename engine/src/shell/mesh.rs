@@ -3,14 +3,15 @@
 //!
 //! Invariant: nothing here awaits a full queue: senders use `try_send_to` and shed on full.
 
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
 use glommio::channels::shared_channel::ConnectedReceiver;
 
 use super::core_task::CoreShared;
-use super::{handoff, ws, ControlService, Observe};
+use http::StatusCode;
+
+use super::{handoff, tcp, ws, ControlService, Observe};
 use crate::core::command::{Command, CommandError, Reply};
 use crate::id::{CoreId, SessionId};
 
@@ -18,18 +19,21 @@ use crate::id::{CoreId, SessionId};
 pub(crate) enum CoreMessage {
     /// Run `command` on `session` (owned by the receiver) and reply to `from`.
     Command { from: CoreId, request: u64, session: SessionId, command: Command },
-    /// The answer to request `request`.
-    Reply { request: u64, result: Result<Reply, CommandError> },
     /// A connection whose WebSocket upgrade belongs to a session the receiver owns.
     Handoff(Box<Handoff>),
     /// Stands in for a message the mesh lost in an unexpected send error.
     Dropped,
 }
 
+/// The answer to request `request`, on the reply mesh.
+pub(crate) struct ReplyMessage {
+    pub(crate) request: u64,
+    pub(crate) result: Result<Reply, CommandError>,
+}
+
 /// A connection moving to its session's core, with the bytes already read from it.
 pub(crate) struct Handoff {
     pub(crate) fd: OwnedFd,
-    pub(crate) peer: SocketAddr,
     /// Bytes the client sent after its upgrade request (early WebSocket frames).
     pub(crate) read_ahead: Vec<u8>,
     pub(crate) observe: Observe,
@@ -45,24 +49,39 @@ pub(crate) async fn receive_task<S: ControlService>(
         match message {
             CoreMessage::Command { from, request, session, command } => {
                 let result = shared.command(&session, command);
-                if shared.send_to_core(from, CoreMessage::Reply { request, result }).is_err() {
-                    // The requester times out and answers 503; nothing waits on a full queue.
-                    tracing::debug!(core = shared.id.0, to = from.0, "reply dropped: mesh queue full");
-                }
+                shared.reply_to_core(from, ReplyMessage { request, result });
             }
-            CoreMessage::Reply { request, result } => shared.complete(request, result),
             CoreMessage::Dropped => {}
             CoreMessage::Handoff(h) => {
                 let h = *h;
-                let stream = handoff::adopt(h.fd);
+                let mut stream = handoff::adopt(h.fd);
+                if shared.connections.get() >= shared.limits.connections_per_core {
+                    let resp = service
+                        .error_response(StatusCode::SERVICE_UNAVAILABLE, "this relay core is at its connection limit");
+                    glommio::spawn_local(async move {
+                        tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+                    })
+                    .detach();
+                    continue;
+                }
                 shared.connection_opened();
                 let (s, svc) = (shared.clone(), service.clone());
                 glommio::spawn_local(async move {
-                    ws::observe_task(s.clone(), svc, stream, h.peer, h.read_ahead, h.observe).await;
+                    ws::observe_task(s.clone(), svc, stream, h.read_ahead, h.observe).await;
                     s.connection_closed();
                 })
                 .detach();
             }
         }
+        // One message per turn: a flood from another core cannot starve this core's own tasks.
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Receives replies from one peer core and completes the waiting requests.
+pub(crate) async fn reply_task(shared: Rc<CoreShared>, receiver: ConnectedReceiver<ReplyMessage>) {
+    while let Some(ReplyMessage { request, result }) = receiver.recv().await {
+        shared.complete(request, result);
+        glommio::yield_if_needed().await;
     }
 }

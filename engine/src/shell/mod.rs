@@ -119,6 +119,8 @@ pub(crate) struct Global {
     observers: Vec<AtomicUsize>,
     /// Open connections per core.
     connections: Vec<AtomicUsize>,
+    /// Frames dropped because a socket's queue was full, per core.
+    dropped_frames: Vec<std::sync::atomic::AtomicU64>,
     started: Instant,
 }
 
@@ -133,6 +135,8 @@ pub struct CoreStats {
     pub observers: usize,
     /// Open TCP connections it serves.
     pub connections: usize,
+    /// Frames dropped because a socket's queue was full.
+    pub dropped_frames: u64,
 }
 
 /// Asks a running relay to shut down gracefully; cheap to clone and `Send`.
@@ -207,9 +211,12 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         sessions: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         observers: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         connections: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
+        dropped_frames: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         started: clock::now().instant,
     });
     let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.cores, config.limits.mesh_capacity);
+    // Each core has at most `mesh_capacity` requests outstanding, so each reply channel needs no more.
+    let replies = glommio::channels::channel_mesh::MeshBuilder::full(config.cores, config.limits.mesh_capacity);
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
     let (exit_tx, exit_rx) = mpsc::channel();
     for (index, listener) in listeners.into_iter().enumerate() {
@@ -220,6 +227,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             limits: config.limits.clone(),
             listener: OwnedFd::from(listener),
             mesh: mesh.clone(),
+            replies: replies.clone(),
             global: global.clone(),
         };
         let service = service.clone();

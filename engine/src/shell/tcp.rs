@@ -17,7 +17,7 @@ use super::core_task::{CoreHandle, CoreShared};
 use super::mesh::{CoreMessage, Handoff};
 use super::{clock, handoff, ws, ControlService, Outcome, Request};
 use crate::id::core_for;
-use crate::proto::http::{parse_head, write_response, Parse, CONTINUE};
+use crate::proto::http::{parse_head, write_response, Connection, Parse, CONTINUE};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 4096;
@@ -117,7 +117,7 @@ async fn http_task<S: ControlService>(
         };
         let started = request_started.unwrap_or_else(|| clock::now().instant);
         let total = head_len + head.content_length;
-        if buf.len() < total && head.expect_continue {
+        if buf.len() < total && head.expect_continue && head.version == http::Version::HTTP_11 {
             out.extend_from_slice(CONTINUE);
         }
         while buf.len() < total {
@@ -139,21 +139,28 @@ async fn http_task<S: ControlService>(
 
         let head_only = head.method == Method::HEAD;
         let keep_alive = head.keep_alive && !shared.shutting_down.get();
+        let connection = match (keep_alive, head.version) {
+            (false, _) => Connection::Close,
+            (true, http::Version::HTTP_10) => Connection::KeepAlive,
+            (true, _) => Connection::Default,
+        };
         match service.handle(&handle, Request { head, body, peer }).await {
             Outcome::Respond(resp) => {
                 let now = clock::now();
-                clock::with_http_date(now, |date| write_response(&mut out, &resp, !keep_alive, head_only, date));
+                clock::with_http_date(now, |date| write_response(&mut out, &resp, connection, head_only, date));
                 if !keep_alive {
                     let _ = flush(&mut stream, &mut out, limits.idle_timeout).await;
                     return;
                 }
-                // Pipelined requests already buffered are answered together in one write.
+                // Pipelined requests already buffered are answered together in one write; yield
+                // between requests so one client's pipeline cannot starve the core.
+                glommio::yield_if_needed().await;
             }
             Outcome::Observe(observe) => {
                 if !flush(&mut stream, &mut out, limits.idle_timeout).await {
                     return;
                 }
-                upgrade(shared, service, stream, peer, buf, observe).await;
+                upgrade(shared, service, stream, buf, observe).await;
                 return;
             }
         }
@@ -165,13 +172,12 @@ async fn upgrade<S: ControlService>(
     shared: &Rc<CoreShared>,
     service: &Rc<S>,
     mut stream: TcpStream,
-    peer: SocketAddr,
     read_ahead: Vec<u8>,
     observe: super::Observe,
 ) {
     let owner = core_for(&observe.session, shared.cores);
     if owner == shared.id {
-        ws::observe_task(shared.clone(), service.clone(), stream, peer, read_ahead, observe).await;
+        ws::observe_task(shared.clone(), service.clone(), stream, read_ahead, observe).await;
         return;
     }
     let fd = match handoff::detach(&stream) {
@@ -184,7 +190,7 @@ async fn upgrade<S: ControlService>(
             return;
         }
     };
-    let message = CoreMessage::Handoff(Box::new(Handoff { fd, peer, read_ahead, observe }));
+    let message = CoreMessage::Handoff(Box::new(Handoff { fd, read_ahead, observe }));
     if let Err(message) = shared.send_to_core(owner, message) {
         drop(message); // Closes the duplicate descriptor; this core still answers the client.
         let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, "the session's core is busy; try again");
@@ -249,14 +255,33 @@ pub(crate) async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Du
 }
 
 /// Sends `resp` (after anything already in `out`) and closes the connection.
+///
+/// The close lingers (RFC 9112 §9.6): after our FIN, what the client still sends is read and
+/// discarded for a moment, so an unread request body does not make the kernel reset the
+/// connection and destroy the response before the client reads it.
 pub(crate) async fn respond_and_close(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     resp: &http::Response<Bytes>,
     head_only: bool,
 ) {
+    const LINGER: Duration = Duration::from_secs(1);
+    const LINGER_BYTES: usize = 256 * 1024;
     let now = clock::now();
-    clock::with_http_date(now, |date| write_response(out, resp, true, head_only, date));
-    let _ = flush(stream, out, Duration::from_secs(5)).await;
-    let _ = stream.close().await;
+    clock::with_http_date(now, |date| write_response(out, resp, Connection::Close, head_only, date));
+    if !flush(stream, out, Duration::from_secs(5)).await {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let mut drained = 0;
+    let mut chunk = [0u8; READ_CHUNK];
+    let deadline = clock::now().instant + LINGER;
+    while drained < LINGER_BYTES {
+        let wait = deadline.saturating_duration_since(clock::now().instant);
+        let read = glommio::timer::timeout(wait, async { Ok(stream.read(&mut chunk).await) }).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
 }

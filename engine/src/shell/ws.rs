@@ -1,14 +1,14 @@
 //! Event sockets (`/ws`) on the session's owner core: the 101 answer, then a reader task that
 //! feeds client frames to the core and a writer that drains the socket's bounded outbox.
 //!
-//! Invariant: runs only on the owner core; a socket that stops reading loses its own frames
-//! (counted) and is closed, never slowing the core.
+//! Invariant: runs only on the owner core; every socket ends: a peer that stops reading, stops
+//! answering pings, or ignores our close frame is dropped within a bounded time, never slowing the
+//! core.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
@@ -17,8 +17,9 @@ use http::StatusCode;
 use tungstenite::Utf8Bytes;
 
 use super::core_task::CoreShared;
-use super::{tcp, ControlService, Observe};
+use super::{clock, tcp, ControlService, Observe};
 use crate::core::AttachError;
+use crate::id::ConnectionId;
 use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
 
 /// How long a closing socket waits for the peer's close frame before the TCP connection is dropped.
@@ -28,19 +29,30 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct Outbox {
     frames: RefCell<VecDeque<Utf8Bytes>>,
     close: Cell<Option<(u16, &'static str)>>,
-    /// Wakes the writer when a frame or a close arrives.
+    /// When the close began: the peer has until then plus [`CLOSE_WAIT`] to answer it.
+    closing_since: Cell<Option<Instant>>,
+    /// Wakes the writer (and the reader's close watch) when a frame or a close arrives.
     event: Event,
+    /// Frames that could not be queued or encoded for this socket.
+    dropped: Cell<u64>,
 }
 
 impl Outbox {
     fn new() -> Self {
-        Self { frames: RefCell::new(VecDeque::new()), close: Cell::new(None), event: Event::new() }
+        Self {
+            frames: RefCell::new(VecDeque::new()),
+            close: Cell::new(None),
+            closing_since: Cell::new(None),
+            event: Event::new(),
+            dropped: Cell::new(0),
+        }
     }
 
-    /// Queues a frame; false (and nothing queued) when `limit` frames are waiting already.
+    /// Queues a frame; false (and nothing queued) when `limit` frames are waiting already or the
+    /// socket is closing.
     pub(crate) fn push(&self, text: Utf8Bytes, limit: usize) -> bool {
         let mut frames = self.frames.borrow_mut();
-        if frames.len() >= limit {
+        if frames.len() >= limit || self.close.get().is_some() {
             return false;
         }
         frames.push_back(text);
@@ -55,8 +67,14 @@ impl Outbox {
     pub(crate) fn close(&self, code: u16, reason: &'static str) {
         if self.close.get().is_none() {
             self.close.set(Some((code, reason)));
+            self.closing_since.set(Some(clock::now().instant));
         }
         self.event.notify(usize::MAX);
+    }
+
+    /// When the peer's time to answer our close runs out, once a close began.
+    fn close_deadline(&self) -> Option<Instant> {
+        self.closing_since.get().map(|t| t + CLOSE_WAIT)
     }
 }
 
@@ -65,20 +83,22 @@ pub(crate) async fn observe_task<S: ControlService>(
     shared: Rc<CoreShared>,
     service: Rc<S>,
     mut stream: TcpStream,
-    _peer: SocketAddr,
     read_ahead: Vec<u8>,
     observe: Observe,
 ) {
     let conn = shared.next_connection();
     let now = shared.now();
-    let attached = shared.drive(|state| state.handle_attach(now, &observe.session, conn, observe.credential));
+    let session = observe.session.clone();
+    let attached = shared
+        .drive(Some(&session), |state| state.handle_attach(now, &observe.session, conn, observe.credential))
+        .unwrap_or(Err(AttachError::ShuttingDown));
     let greeting = match attached {
         Ok(g) => g,
         Err(e) => {
             let status = match e {
                 AttachError::Unauthorized => StatusCode::UNAUTHORIZED,
                 AttachError::TooManyObservers { .. } => StatusCode::TOO_MANY_REQUESTS,
-                AttachError::TooManyPending => StatusCode::SERVICE_UNAVAILABLE,
+                AttachError::TooManyPending | AttachError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             };
             let resp = service.error_response(status, &e.to_string());
             tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
@@ -101,13 +121,23 @@ pub(crate) async fn observe_task<S: ControlService>(
     let read = reader_task(&shared, conn, &outbox, &codec, reader);
     futures_lite::future::zip(write, read).await;
     shared.remove_outbox(conn);
-    shared.drive(|state| state.handle_detach(conn));
+    shared.dropped_frames.set(shared.dropped_frames.get() + outbox.dropped.get());
+    let blame = shared.session_of(conn);
+    shared.drive(blame.as_ref(), |state| state.handle_detach(conn));
 }
 
-/// Feeds client frames to the codec and the core until the peer closes or breaks the protocol.
+/// How a wait in the reader ended.
+enum Wake {
+    Read(std::io::Result<usize>),
+    /// The close handshake or the idle deadline ran out.
+    Expired,
+}
+
+/// Feeds client frames to the codec and the core until the peer closes, breaks the protocol,
+/// goes silent past the idle timeout, or ignores our close frame.
 async fn reader_task(
     shared: &CoreShared,
-    conn: crate::id::ConnectionId,
+    conn: ConnectionId,
     outbox: &Outbox,
     codec: &RefCell<WsCodec>,
     mut reader: futures_lite::io::ReadHalf<TcpStream>,
@@ -118,9 +148,12 @@ async fn reader_task(
         loop {
             let incoming = codec.borrow_mut().poll_incoming();
             match incoming {
+                // After our close frame only the peer's close answer matters.
+                Ok(Some(Incoming::Text(_))) if outbox.close.get().is_some() => {}
                 Ok(Some(Incoming::Text(text))) => {
                     let now = shared.now();
-                    shared.drive(|state| state.handle_client_text(now, conn, &text));
+                    let blame = shared.session_of(conn);
+                    shared.drive(blame.as_ref(), |state| state.handle_client_text(now, conn, &text));
                 }
                 Ok(Some(Incoming::Binary(_))) => {} // The event socket carries no binary input.
                 Ok(Some(Incoming::Close)) | Err(_) => {
@@ -132,29 +165,48 @@ async fn reader_task(
             }
         }
         outbox.event.notify(usize::MAX); // Pongs the codec queued.
-        let read = async { Some(reader.read(&mut chunk).await) };
-        let closing = async {
+                                         // The deadline is absolute: reading does not extend the time a closing peer has.
+        let deadline = outbox.close_deadline().unwrap_or_else(|| clock::now().instant + shared.limits.ws_idle_timeout);
+        let read = async { Wake::Read(reader.read(&mut chunk).await) };
+        let expiry = async {
             loop {
+                // A close that begins while we wait shortens the deadline.
                 let listener = outbox.event.listen();
-                if outbox.close.get().is_some() {
-                    break;
+                let until = outbox.close_deadline().map_or(deadline, |d| d.min(deadline));
+                let wait = until.saturating_duration_since(clock::now().instant);
+                let timer = async {
+                    glommio::timer::sleep(wait).await;
+                    true
+                };
+                if timer
+                    .or(async {
+                        listener.await;
+                        false
+                    })
+                    .await
+                {
+                    return Wake::Expired;
                 }
-                listener.await;
             }
-            glommio::timer::sleep(CLOSE_WAIT).await;
-            None
         };
-        match read.or(closing).await {
-            Some(Ok(n)) if n > 0 => codec.borrow_mut().handle_bytes(&chunk[..n]),
+        match read.or(expiry).await {
+            Wake::Read(Ok(n)) if n > 0 => codec.borrow_mut().handle_bytes(&chunk[..n]),
+            Wake::Expired if outbox.close.get().is_none() => {
+                // Silent past the idle timeout despite our pings: the peer is gone.
+                outbox.close(1001, "idle timeout");
+                return;
+            }
             _ => {
                 outbox.close(1000, "");
                 return;
             }
         }
+        glommio::yield_if_needed().await;
     }
 }
 
-/// Writes the 101 answer, then queued frames as they come, then the close frame.
+/// Writes the 101 answer, then queued frames as they come (and a ping when the socket has been
+/// quiet for `ws_ping_interval`), then the close frame.
 async fn writer_task(
     shared: &CoreShared,
     outbox: &Outbox,
@@ -163,6 +215,8 @@ async fn writer_task(
     mut pending: Vec<u8>,
 ) {
     let timeout = shared.limits.idle_timeout;
+    let ping_interval = shared.limits.ws_ping_interval;
+    let mut ping_due = false;
     loop {
         let listener = outbox.event.listen();
         let closing = {
@@ -170,8 +224,11 @@ async fn writer_task(
             let frames: Vec<Utf8Bytes> = outbox.frames.borrow_mut().drain(..).collect();
             for text in frames {
                 if codec.send_text(text).is_err() {
-                    break;
+                    outbox.dropped.set(outbox.dropped.get() + 1);
                 }
+            }
+            if std::mem::take(&mut ping_due) {
+                codec.send_ping();
             }
             let close = outbox.close.get();
             if let Some((code, reason)) = close {
@@ -196,7 +253,16 @@ async fn writer_task(
             return;
         }
         if outbox.frames.borrow().is_empty() && outbox.close.get().is_none() {
-            listener.await;
+            let idle = async {
+                glommio::timer::sleep(ping_interval).await;
+                true
+            };
+            ping_due = idle
+                .or(async {
+                    listener.await;
+                    false
+                })
+                .await;
         }
     }
 }
