@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use relay_engine::config::{EngineConfig, Limits};
 use relay_engine::secret::Secret;
+use relay_engine::session::agent::{AgentPolicy, AgentUrl};
 
 /// Relay: a thread-per-core media relay for voice-AI calls.
 ///
@@ -42,6 +43,28 @@ pub struct Config {
     /// origins such as `https://app.example.com`. Empty disables CORS.
     #[arg(long, env = "RELAY_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
+
+    /// Base URL clients and Twilio reach the relay at (`https://relay.example.com`), used in TwiML
+    /// stream URLs and signature checks behind proxies. Default: taken from each request's Host.
+    #[arg(long, env = "RELAY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Upstream agent every call dials, a `ws://` bot speaking Twilio's Media Streams protocol.
+    #[arg(long, env = "RELAY_AGENT_URL")]
+    pub agent_url: Option<String>,
+
+    /// Comma-separated `host` or `host:port` entries that a per-call `agentUrl` parameter may name.
+    #[arg(long, env = "RELAY_AGENT_ALLOW", default_value = "")]
+    pub agent_allow: String,
+
+    /// Twilio auth token: when set, webhooks and stream upgrades must carry a valid
+    /// X-Twilio-Signature (403 otherwise).
+    #[arg(long, env = "RELAY_TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    pub twilio_auth_token: Option<String>,
+
+    /// Concurrent `/frontend-stream` sockets per `user_id` (close 1008 past it).
+    #[arg(long, env = "RELAY_FRONTEND_SOCKETS_PER_USER", default_value_t = 3)]
+    pub frontend_sockets_per_user: usize,
 
     /// Log filter: error, warn, info, debug or trace, optionally per module
     /// (`info,relay_engine=debug`).
@@ -137,6 +160,12 @@ pub struct ApiConfig {
     pub cors: CorsOrigins,
     /// The data directory (probed by /health/detailed).
     pub data_dir: PathBuf,
+    /// Base URL of the relay as clients see it, without a trailing slash.
+    pub public_url: Option<String>,
+    /// Twilio auth token for signature checks.
+    pub twilio_auth_token: Option<Secret>,
+    /// Concurrent frontend sockets per user id.
+    pub frontend_sockets_per_user: usize,
 }
 
 impl Config {
@@ -159,6 +188,14 @@ impl Config {
         }
         if self.ws_ping_interval.is_zero() || self.ws_idle_timeout <= self.ws_ping_interval {
             return Err("--ws-idle-timeout must be longer than --ws-ping-interval (and both above zero)".to_owned());
+        }
+        if let Some(url) = &self.agent_url {
+            AgentUrl::parse(url).map_err(|e| format!("--agent-url {url}: {e}"))?;
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("--public-url {url}: must start with http:// or https://"));
+            }
         }
         if self.max_headers == 0 || self.max_headers > relay_engine::proto::http::HEADER_SLOTS {
             return Err(format!("--max-headers must be between 1 and {}", relay_engine::proto::http::HEADER_SLOTS));
@@ -188,10 +225,15 @@ impl Config {
             command_timeout: self.command_timeout,
             ..Limits::default()
         };
+        let agents = AgentPolicy {
+            default_url: self.agent_url.as_deref().and_then(|u| AgentUrl::parse(u).ok()),
+            allow: self.agent_allow.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        };
         EngineConfig {
             listen: self.listen,
             cores: self.cores.unwrap_or_else(relay_engine::shell::available_cores),
             limits,
+            agents,
         }
     }
 
@@ -210,7 +252,14 @@ impl Config {
         } else {
             CorsOrigins::List(origins)
         };
-        ApiConfig { api_key: self.api_key.clone().map(Secret::new), cors, data_dir: self.data_dir.clone() }
+        ApiConfig {
+            api_key: self.api_key.clone().map(Secret::new),
+            cors,
+            data_dir: self.data_dir.clone(),
+            public_url: self.public_url.as_deref().map(|u| u.trim_end_matches('/').to_owned()),
+            twilio_auth_token: self.twilio_auth_token.clone().filter(|t| !t.is_empty()).map(Secret::new),
+            frontend_sockets_per_user: self.frontend_sockets_per_user,
+        }
     }
 }
 

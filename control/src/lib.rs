@@ -24,6 +24,7 @@ pub mod auth;
 pub mod config;
 pub mod cors;
 pub mod error;
+pub mod limits;
 pub mod probe;
 pub mod router;
 pub mod twilio;

@@ -29,6 +29,14 @@ pub enum Route {
     TrackStatus,
     /// `GET /ws` (WebSocket upgrade).
     Events,
+    /// `POST /twilio/voice` (Twilio webhook).
+    TwilioVoice,
+    /// `POST /twilio/status` (Twilio status callback).
+    TwilioStatus,
+    /// `GET /twilio/stream` (Twilio Media Stream upgrade).
+    TwilioStream,
+    /// `GET /frontend-stream` (WebSocket upgrade).
+    FrontendStream,
 }
 
 /// Why a request has no route.
@@ -65,6 +73,10 @@ static TABLE: &[Entry] = &[
     Entry { path: "/call-status", methods: &[(Method::GET, Route::CallStatus)], allow: GET },
     Entry { path: "/track-status", methods: &[(Method::GET, Route::TrackStatus)], allow: GET },
     Entry { path: "/ws", methods: &[(Method::GET, Route::Events)], allow: GET },
+    Entry { path: "/twilio/voice", methods: &[(Method::POST, Route::TwilioVoice)], allow: POST },
+    Entry { path: "/twilio/status", methods: &[(Method::POST, Route::TwilioStatus)], allow: POST },
+    Entry { path: "/twilio/stream", methods: &[(Method::GET, Route::TwilioStream)], allow: GET },
+    Entry { path: "/frontend-stream", methods: &[(Method::GET, Route::FrontendStream)], allow: GET },
 ];
 
 /// The route for `method` on `path`. `HEAD` is served wherever `GET` is.

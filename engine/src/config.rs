@@ -14,6 +14,8 @@ pub struct EngineConfig {
     pub cores: usize,
     /// Bounds on what clients can make the relay hold.
     pub limits: Limits,
+    /// Which agents calls may dial.
+    pub agents: crate::session::agent::AgentPolicy,
 }
 
 /// Bounds on client-controlled sizes, counts and times. Crossing one is a typed error or a counted drop.
@@ -41,6 +43,8 @@ pub struct Limits {
     pub ws_ping_interval: Duration,
     /// A WebSocket whose peer sends nothing (not even pongs) this long is closed with 1001.
     pub ws_idle_timeout: Duration,
+    /// Time allowed to reach an agent: name lookup, TCP connect and WebSocket handshake.
+    pub agent_connect_timeout: Duration,
     /// Frames queued toward one WebSocket before new ones are dropped (counted).
     pub ws_outbox_frames: usize,
     /// Event sockets (`/ws`) one session may have.
@@ -75,6 +79,7 @@ impl Default for Limits {
             ws_max_write_buffer_bytes: 1024 * 1024,
             ws_ping_interval: Duration::from_secs(20),
             ws_idle_timeout: Duration::from_secs(60),
+            agent_connect_timeout: Duration::from_secs(5),
             ws_outbox_frames: 256,
             observers_per_session: 32,
             pending_sessions_per_core: 10_000,

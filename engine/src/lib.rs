@@ -59,7 +59,12 @@
 //!     }
 //! }
 //!
-//! let config = EngineConfig { listen: "127.0.0.1:8080".parse().unwrap(), cores: 2, limits: Limits::default() };
+//! let config = EngineConfig {
+//!     listen: "127.0.0.1:8080".parse().unwrap(),
+//!     cores: 2,
+//!     limits: Limits::default(),
+//!     agents: Default::default(),
+//! };
 //! let relay = shell::start(config, Hello).expect("relay starts");
 //! relay.wait().expect("clean exit");
 //! # }

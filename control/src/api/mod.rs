@@ -6,6 +6,7 @@
 pub mod ops;
 pub mod params;
 pub mod session;
+pub mod twilio;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::auth;
 use crate::config::ApiConfig;
 use crate::cors;
 use crate::error::ApiError;
+use crate::limits::UserLimits;
 use crate::probe::DataDirHealth;
 use crate::router::{self, Miss, Route};
 
@@ -25,12 +27,14 @@ use crate::router::{self, Miss, Route};
 pub struct Service {
     config: Arc<ApiConfig>,
     data_dir: Arc<DataDirHealth>,
+    users: Arc<UserLimits>,
 }
 
 impl Service {
     /// A service with `config`, reporting the data directory's health from `data_dir`.
     pub fn new(config: ApiConfig, data_dir: Arc<DataDirHealth>) -> Self {
-        Self { config: Arc::new(config), data_dir }
+        let users = UserLimits::new(config.frontend_sockets_per_user, 5);
+        Self { config: Arc::new(config), data_dir, users }
     }
 
     async fn dispatch(&self, core: &CoreHandle, route: Route, request: &Request) -> Result<Outcome, ApiError> {
@@ -46,7 +50,15 @@ impl Service {
             Route::ResumeMicrophone => respond(session::resume_microphone(core, request).await),
             Route::CallStatus => respond(session::call_status(core, request).await),
             Route::TrackStatus => respond(session::track_status(core, request).await),
-            Route::Events => session::events(&self.config, request).map(Outcome::Observe),
+            Route::Events => session::events(&self.config, request).map(Outcome::Upgrade),
+            Route::TwilioVoice => respond(twilio::voice(&self.config, request)),
+            Route::TwilioStatus => {
+                let (call_sid, status, duration) = twilio::status(&self.config, request)?;
+                tracing::debug!(call = %call_sid, status, ?duration, "twilio status callback");
+                respond(Ok(twilio::status_ok()))
+            }
+            Route::TwilioStream => twilio::stream(&self.config, request).map(Outcome::Upgrade),
+            Route::FrontendStream => twilio::frontend(&self.config, &self.users, request).map(Outcome::Upgrade),
         }
     }
 }
@@ -65,9 +77,18 @@ impl ControlService for Service {
                 Err(Miss::NotFound) => Err(ApiError::no_route(&head.method, path)),
                 Err(Miss::MethodNotAllowed(allow)) => Err(ApiError::method_not_allowed(&head.method, path, allow)),
                 Ok(route) => {
-                    // /health answers load balancers without credentials; /ws checks session
-                    // tokens itself; everything else needs the API key when one is set.
-                    let open = matches!(route, Route::Health | Route::Events);
+                    // /health answers load balancers without credentials; listeners check session
+                    // tokens, Twilio's endpoints its signatures; everything else needs the API key
+                    // when one is set.
+                    let open = matches!(
+                        route,
+                        Route::Health
+                            | Route::Events
+                            | Route::FrontendStream
+                            | Route::TwilioVoice
+                            | Route::TwilioStatus
+                            | Route::TwilioStream
+                    );
                     if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
                         Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"))
                     } else {

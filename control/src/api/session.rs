@@ -9,13 +9,11 @@ use http::{HeaderValue, Response, StatusCode};
 use relay_engine::core::command::{Command, Reply, StartCall};
 use relay_engine::id::SessionId;
 use relay_engine::media::SampleRate;
-use relay_engine::proto::ws;
 use relay_engine::secret::Secret;
-use relay_engine::shell::{CoreHandle, Observe, Request};
+use relay_engine::shell::{CoreHandle, Request, SocketKind, Upgrade};
 use serde_json::{json, Value};
 
 use super::params::{self, Body};
-use crate::auth;
 use crate::config::ApiConfig;
 use crate::error::{json_response, ApiError};
 
@@ -149,21 +147,13 @@ pub async fn track_status(core: &CoreHandle, request: &Request) -> Result<Respon
 /// `GET /ws?sessionId=`: validates the upgrade; the engine completes it on the owner core.
 ///
 /// # Errors
-/// 400 for a bad id or handshake, 426 for a plain GET or an unsupported version.
-pub fn events(config: &ApiConfig, request: &Request) -> Result<Observe, ApiError> {
-    let head = &request.head;
-    let session = params::query_session(head.uri.query(), "sessionId")?;
-    if !ws::wants_upgrade(&head.headers) {
-        return Err(ApiError::upgrade_required("this endpoint is a WebSocket: connect with Upgrade: websocket"));
-    }
-    let accept = ws::accept_key(head).map_err(|e| match e {
-        ws::HandshakeError::Version => ApiError::upgrade_required(e.to_string()),
-        other => ApiError::new(other.status(), other.to_string()),
-    })?;
-    let query_token =
-        params::query(head.uri.query(), "accessToken").or_else(|| params::query(head.uri.query(), "token"));
-    let credential = auth::credential(config.api_key.as_ref(), &head.headers, query_token.filter(|t| !t.is_empty()));
-    Ok(Observe { session, credential, accept })
+/// 400 for a bad id or handshake, 401 without a credential when an API key is configured, 426
+/// for a plain GET or an unsupported version.
+pub fn events(config: &ApiConfig, request: &Request) -> Result<Upgrade, ApiError> {
+    let session = params::query_session(request.head.uri.query(), "sessionId")?;
+    let accept = super::twilio::accept(request)?;
+    let credential = super::twilio::listener_credential(config, request)?;
+    Ok(Upgrade { kind: SocketKind::Events, session: Some(session), credential, accept, guard: None, reject: None })
 }
 
 /// Runs `command` on the owner core and renders its reply with `render` (message, data).

@@ -1,43 +1,62 @@
-//! Everything one core owns: its sessions, the event sockets attached to them, and their timers.
+//! Everything one core owns: its sessions, every connection attached to them (event and frontend
+//! listeners, caller streams, agent legs), media routing between them, and their timers.
 //!
 //! Invariant: sans-IO. Inputs arrive through `handle_*` with the time passed in; effects leave
 //! through [`CoreState::poll_output`]; nothing here touches a socket, a clock or another core.
 
 pub mod command;
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
 
-use serde_json::Value;
+use bytes::Bytes;
+use serde_json::{json, Value};
 use tungstenite::Utf8Bytes;
 
 use crate::config::Limits;
 use crate::id::{ConnectionId, SessionId};
+use crate::media::pacer;
 use crate::proto::events::{self, ClientMessage, RetellEvent};
+use crate::proto::{frontend, twilio};
 use crate::secret::Secret;
-use crate::session::Session;
+use crate::session::agent::{AgentPolicy, AgentUrl};
+use crate::session::{Agent, Caller, Session};
 use crate::time::Now;
 use command::{Command, CommandError, Reply};
 
-/// Proof of identity an event socket presented.
+/// Connection ids the core hands out itself (agent legs it dials) have this bit set, so they never
+/// collide with the shell's ids for accepted connections.
+const CORE_CONN_BIT: u64 = 1 << 63;
+
+/// Proof of identity a listener presented.
 #[derive(Debug, Clone)]
 pub enum Credential {
     /// The relay's API key (checked by the control plane): may watch any session.
     Operator,
     /// A session access token (`Authorization: Bearer` or `?accessToken=`).
     Token(Secret),
-    /// Nothing.
+    /// Nothing: enough only for sessions without an access token (calls that arrived by stream).
     Anonymous,
 }
 
-/// Why an event socket may not attach.
+/// What a listener receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenKind {
+    /// `/ws`: `connection_established`, `pong`, `retell_event`s.
+    Events,
+    /// `/frontend-stream`: `audio` of both tracks and `transcription`, after `connect-twilio`.
+    Frontend,
+}
+
+/// Why a listener may not attach.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttachError {
     /// No credential, or not the session's access token.
     #[error("a valid access token for this session is required")]
     Unauthorized,
-    /// The session has `observers_per_session` sockets already.
-    #[error("this session has its limit of {limit} event sockets")]
+    /// The session has `observers_per_session` listeners already.
+    #[error("this session has its limit of {limit} listeners")]
     TooManyObservers {
         /// The configured limit.
         limit: usize,
@@ -55,19 +74,29 @@ pub enum AttachError {
 pub enum Output {
     /// Send this text message on the connection.
     Send {
-        /// The event socket.
+        /// The socket.
         conn: ConnectionId,
         /// JSON text, shared by every socket it goes to.
         text: Utf8Bytes,
     },
     /// Send a close frame with `code` and `reason`, then close the connection.
     Close {
-        /// The event socket.
+        /// The socket.
         conn: ConnectionId,
         /// WebSocket close code.
         code: u16,
         /// Close reason for the peer.
         reason: &'static str,
+    },
+    /// Dial the agent at `url` as connection `conn`, then report `handle_agent_open` or
+    /// `handle_agent_closed`.
+    ConnectAgent {
+        /// The id the agent leg will have.
+        conn: ConnectionId,
+        /// The session it belongs to.
+        session: SessionId,
+        /// Where to dial.
+        url: AgentUrl,
     },
 }
 
@@ -76,68 +105,108 @@ pub enum Output {
 pub struct Stats {
     /// Sessions started and not stopped.
     pub active_sessions: usize,
-    /// Attached event sockets, waiting ones included.
+    /// Attached listeners (event and frontend sockets), waiting ones included.
     pub observers: usize,
+    /// Connected caller streams.
+    pub callers: usize,
+    /// Malformed or out-of-order messages received on media legs (answered by ignoring them).
+    pub protocol_errors: u64,
+    /// Agent audio or marks refused because the pacer queue was full.
+    pub pacer_drops: u64,
 }
 
-/// A core's sessions and their event sockets.
+/// A core's sessions and their connections.
 pub struct CoreState {
     limits: Limits,
+    agents: AgentPolicy,
     slots: HashMap<SessionId, Slot>,
-    /// Which session each attached socket watches, for detach and client messages.
-    conns: HashMap<ConnectionId, SessionId>,
-    /// Ids that have sockets but no session, in the order their wait started. All waits last the
+    /// Which session each attached connection belongs to, and as what.
+    conns: HashMap<ConnectionId, (SessionId, Role)>,
+    /// Ids that have listeners but no session, in the order their wait started. All waits last the
     /// same `pending_observer_timeout`, so the queue is sorted by deadline.
     pending: VecDeque<(Instant, SessionId)>,
+    /// Session timers (pacing, marks), earliest first; an entry is stale unless it equals the
+    /// session's `armed` time.
+    timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     outputs: VecDeque<Output>,
-    active: usize,
-    observers: usize,
-    /// Ids whose sockets wait for a start now (the `pending` queue also holds stale entries).
+    next_conn: u64,
+    stats: Stats,
+    /// Ids whose listeners wait for a start now (the `pending` queue also holds stale entries).
     waiting: usize,
     /// Set by `handle_shutdown`: no new sessions or sockets from then on.
     shutting_down: bool,
 }
 
-/// One id's entry: the session once started, and the sockets watching it (before or after).
+/// What a connection is to its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Listener,
+    /// A caller stream whose `start` has not arrived yet.
+    CallerPending,
+    Caller,
+    Agent,
+}
+
+/// One id's entry: the session once started, and the listeners watching it (before or after).
 #[derive(Default)]
 struct Slot {
     session: Option<Session>,
-    observers: Vec<(ConnectionId, Credential)>,
-    /// When the first socket started waiting for the session to start.
+    listeners: Vec<Listener>,
+    /// When the first listener started waiting for the session to start.
     waiting_since: Option<Instant>,
 }
 
+struct Listener {
+    conn: ConnectionId,
+    credential: Credential,
+    kind: ListenKind,
+    /// Frontends receive audio only after `connect-twilio`; event sockets at once.
+    active: bool,
+}
+
 impl CoreState {
-    /// An empty core.
-    pub fn new(limits: Limits) -> Self {
+    /// An empty core that dials agents as `agents` allows.
+    pub fn new(limits: Limits, agents: AgentPolicy) -> Self {
         Self {
             limits,
+            agents,
             slots: HashMap::new(),
             conns: HashMap::new(),
             pending: VecDeque::new(),
+            timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
-            active: 0,
-            observers: 0,
+            next_conn: 0,
+            stats: Stats::default(),
             waiting: 0,
             shutting_down: false,
         }
     }
 
-    /// Runs a command for `id`.
+    /// Runs a control command for `id`.
     ///
     /// # Errors
     /// [`CommandError`] when the session is missing, already exists, or the core is full.
     pub fn handle_command(&mut self, now: Now, id: &SessionId, command: Command) -> Result<Reply, CommandError> {
         if let Command::Start(start) = command {
-            return self.start(now, id, start);
+            if self.shutting_down {
+                return Err(CommandError::ShuttingDown);
+            }
+            if self.slots.get(id).is_some_and(|s| s.session.is_some()) {
+                return Err(CommandError::AlreadyActive);
+            }
+            if self.stats.active_sessions >= self.limits.sessions_per_core {
+                return Err(CommandError::CoreFull { limit: self.limits.sessions_per_core });
+            }
+            self.create(now, id, Session::new(id.clone(), start));
+            return Ok(Reply::Started);
         }
         let slot = self.slots.get_mut(id).ok_or(CommandError::NotFound)?;
+        let has_listeners = slot.listeners.iter().any(|l| l.kind == ListenKind::Events);
         let session = slot.session.as_mut().ok_or(CommandError::NotFound)?;
         let (reply, event) = match command {
             Command::Start(_) => unreachable!("handled above"),
             Command::Stop => {
-                let event = session.ended_event("stopped");
-                self.end(now, id, event, 1000, "call ended");
+                self.end(now, id, "stopped", 1000, "call ended");
                 return Ok(Reply::Stopped);
             }
             Command::SetMicrophone(enabled) => (Reply::Microphone { enabled }, Some(session.set_microphone(enabled))),
@@ -146,7 +215,7 @@ impl CoreState {
                 (Reply::CustomStream(stream), Some(event))
             }
             Command::ResumeMicrophone => (Reply::MicrophoneResumed, Some(session.resume_microphone())),
-            Command::CallStatus => (Reply::CallStatus(session.call_status(!slot.observers.is_empty())), None),
+            Command::CallStatus => (Reply::CallStatus(session.call_status(has_listeners)), None),
             Command::TrackStatus => (Reply::TrackStatus(session.track_status()), None),
         };
         if let Some((event, data)) = event {
@@ -155,8 +224,8 @@ impl CoreState {
         Ok(reply)
     }
 
-    /// Attaches event socket `conn` to `id` (started or not yet) and returns its
-    /// `connection_established` message.
+    /// Attaches listener `conn` to `id` (started or not yet). Event sockets get their
+    /// `connection_established` message back; frontends get nothing until they say `connect-twilio`.
     ///
     /// # Errors
     /// [`AttachError`] when the credential does not fit or a limit is reached.
@@ -165,67 +234,195 @@ impl CoreState {
         now: Now,
         id: &SessionId,
         conn: ConnectionId,
+        kind: ListenKind,
         credential: Credential,
-    ) -> Result<Utf8Bytes, AttachError> {
+    ) -> Result<Option<Utf8Bytes>, AttachError> {
         if self.shutting_down {
             return Err(AttachError::ShuttingDown);
         }
-        if let Some(slot) = self.slots.get(id) {
-            if let Some(session) = &slot.session {
-                if !authorizes(session, &credential) {
+        match self.slots.get(id) {
+            Some(slot) => {
+                match &slot.session {
+                    Some(session) if !authorizes(session, &credential) => return Err(AttachError::Unauthorized),
+                    None if kind == ListenKind::Events && matches!(credential, Credential::Anonymous) => {
+                        return Err(AttachError::Unauthorized)
+                    }
+                    _ => {}
+                }
+                if slot.listeners.len() >= self.limits.observers_per_session {
+                    return Err(AttachError::TooManyObservers { limit: self.limits.observers_per_session });
+                }
+            }
+            None => {
+                // Event sockets must bring a credential to wait; frontends (seed 004) may wait
+                // anonymously and are checked against the session's token when it starts.
+                if kind == ListenKind::Events && matches!(credential, Credential::Anonymous) {
                     return Err(AttachError::Unauthorized);
                 }
-            } else if matches!(credential, Credential::Anonymous) {
-                return Err(AttachError::Unauthorized);
+                if self.waiting >= self.limits.pending_sessions_per_core {
+                    return Err(AttachError::TooManyPending);
+                }
+                self.waiting += 1;
+                self.pending.push_back((now.instant, id.clone()));
+                self.slots.insert(id.clone(), Slot { waiting_since: Some(now.instant), ..Slot::default() });
             }
-            if slot.observers.len() >= self.limits.observers_per_session {
-                return Err(AttachError::TooManyObservers { limit: self.limits.observers_per_session });
-            }
-        } else {
-            if matches!(credential, Credential::Anonymous) {
-                return Err(AttachError::Unauthorized);
-            }
-            if self.waiting >= self.limits.pending_sessions_per_core {
-                return Err(AttachError::TooManyPending);
-            }
-            self.waiting += 1;
-            self.pending.push_back((now.instant, id.clone()));
-            self.slots.insert(id.clone(), Slot { waiting_since: Some(now.instant), ..Slot::default() });
         }
         let slot = self.slots.get_mut(id).expect("inserted or found just above");
-        slot.observers.push((conn, credential));
-        self.conns.insert(conn, id.clone());
-        self.observers += 1;
-        let is_connected = slot.session.as_ref().is_some_and(|s| s.call_status(true).is_connected);
-        Ok(events::connection_established(id, is_connected, false))
-    }
-
-    /// Detaches `conn` (its socket closed).
-    pub fn handle_detach(&mut self, conn: ConnectionId) {
-        let Some(id) = self.conns.remove(&conn) else { return };
-        self.observers -= 1;
-        let Some(slot) = self.slots.get_mut(&id) else { return };
-        slot.observers.retain(|(c, _)| *c != conn);
-        if slot.session.is_none() && slot.observers.is_empty() {
-            self.slots.remove(&id);
-            self.waiting -= 1;
-        }
-    }
-
-    /// A text message from event socket `conn`.
-    pub fn handle_client_text(&mut self, now: Now, conn: ConnectionId, text: &str) {
-        match events::parse_client(text) {
-            Ok(ClientMessage::Ping) => self.outputs.push_back(Output::Send { conn, text: events::pong(now.unix_ms) }),
-            Ok(ClientMessage::Other) => {}
-            Err(e) => {
-                let data = serde_json::json!({ "message": e.to_string() });
-                let text = events::retell_event(RetellEvent::Error, data, now.unix_ms);
-                self.outputs.push_back(Output::Send { conn, text });
+        slot.listeners.push(Listener { conn, credential, kind, active: kind == ListenKind::Events });
+        self.conns.insert(conn, (id.clone(), Role::Listener));
+        self.stats.observers += 1;
+        Ok(match kind {
+            ListenKind::Events => {
+                let is_connected = slot.session.as_ref().is_some_and(|s| s.caller.is_some());
+                Some(events::connection_established(id, is_connected, false))
             }
+            ListenKind::Frontend => None,
+        })
+    }
+
+    /// Detaches `conn`, whatever it is (its socket closed). A caller that leaves ends its call; an
+    /// agent that leaves is reported to the event listeners.
+    pub fn handle_detach(&mut self, now: Now, conn: ConnectionId) {
+        let Some((id, role)) = self.conns.get(&conn).cloned() else { return };
+        match role {
+            Role::Listener => {
+                self.conns.remove(&conn);
+                self.stats.observers -= 1;
+                let Some(slot) = self.slots.get_mut(&id) else { return };
+                slot.listeners.retain(|l| l.conn != conn);
+                if slot.session.is_none() && slot.listeners.is_empty() {
+                    self.slots.remove(&id);
+                    self.waiting -= 1;
+                }
+            }
+            Role::CallerPending => {
+                self.conns.remove(&conn);
+            }
+            Role::Caller => self.end(now, &id, "caller_hangup", 1000, "call ended"),
+            Role::Agent => self.handle_agent_closed(now, conn, "connection closed"),
         }
     }
 
-    /// Expires sockets that waited too long for their session to start.
+    /// A text message from listener `conn`.
+    pub fn handle_listener_text(&mut self, now: Now, conn: ConnectionId, text: &str) {
+        let Some((id, Role::Listener)) = self.conns.get(&conn).cloned() else { return };
+        let kind = self.slots.get(&id).and_then(|s| s.listeners.iter().find(|l| l.conn == conn)).map(|l| l.kind);
+        match kind {
+            Some(ListenKind::Events) => match events::parse_client(text) {
+                Ok(ClientMessage::Ping) => self.send(conn, events::pong(now.unix_ms)),
+                Ok(ClientMessage::Other) => {}
+                Err(e) => {
+                    let text =
+                        events::retell_event(RetellEvent::Error, json!({ "message": e.to_string() }), now.unix_ms);
+                    self.send(conn, text);
+                }
+            },
+            Some(ListenKind::Frontend) => match frontend::parse_client(text) {
+                Ok(frontend::ClientMessage::ConnectTwilio { call_sid, .. }) if call_sid == id.as_str() => {
+                    if let Some(l) =
+                        self.slots.get_mut(&id).and_then(|s| s.listeners.iter_mut().find(|l| l.conn == conn))
+                    {
+                        l.active = true;
+                    }
+                }
+                Ok(frontend::ClientMessage::ConnectTwilio { .. }) => {
+                    self.stats.protocol_errors += 1;
+                    self.close(conn, 1008, "callSid does not match this stream");
+                }
+                Ok(frontend::ClientMessage::Other) => {}
+                Err(_) => self.stats.protocol_errors += 1,
+            },
+            None => {}
+        }
+    }
+
+    /// A caller's stream socket for session `id` opened on this core; its frames follow.
+    pub fn handle_caller_open(&mut self, id: &SessionId, conn: ConnectionId) {
+        self.conns.insert(conn, (id.clone(), Role::CallerPending));
+    }
+
+    /// A text frame from a caller's stream (Twilio Media Streams).
+    pub fn handle_caller_frame(&mut self, now: Now, conn: ConnectionId, frame: &Bytes) {
+        let Some((id, role)) = self.conns.get(&conn).cloned() else { return };
+        let message = match twilio::parse(frame) {
+            Ok(m) => m,
+            Err(_) => {
+                self.stats.protocol_errors += 1;
+                return;
+            }
+        };
+        match (role, message) {
+            (Role::CallerPending, twilio::Message::Connected) => {}
+            (Role::CallerPending, twilio::Message::Start(start)) => self.caller_started(now, &id, conn, start),
+            (Role::Caller, twilio::Message::Media(media)) => self.route_caller_audio(&id, &media),
+            (Role::Caller, twilio::Message::Dtmf(dtmf)) => self.route_dtmf(now, &id, dtmf.digit),
+            (Role::Caller, twilio::Message::Stop(_)) => self.end(now, &id, "caller_hangup", 1000, "call ended"),
+            // Marks we never sent, a second start, media before start, clear from the wrong side:
+            // out of order for this protocol; ignored and counted.
+            _ => self.stats.protocol_errors += 1,
+        }
+        self.schedule(now, &id);
+    }
+
+    /// The agent leg `conn` connected: the relay greets it as Twilio would.
+    ///
+    /// Returns false when its session is gone (the shell then closes the connection).
+    pub fn handle_agent_open(&mut self, now: Now, conn: ConnectionId) -> bool {
+        let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return false };
+        let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return false };
+        if session.agent != Agent::Connecting(conn) {
+            return false;
+        }
+        let Some(caller) = &session.caller else { return false };
+        let start = twilio::start_msg(1, &caller.start.params());
+        session.agent = Agent::Open { conn, sequence: 2, chunk: 1, sent_samples: 0 };
+        self.send(conn, twilio::connected_msg());
+        self.send(conn, start);
+        self.broadcast(now, &id, RetellEvent::CallReady, json!({ "agent": "connected" }));
+        true
+    }
+
+    /// A text frame from an agent leg: its `media`, `mark` and `clear` drive the caller's pacer.
+    pub fn handle_agent_frame(&mut self, now: Now, conn: ConnectionId, frame: &Bytes) {
+        let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return };
+        let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
+        let result = match twilio::parse(frame) {
+            Ok(twilio::Message::Media(m)) => {
+                let samples = u32::try_from(m.samples).unwrap_or(u32::MAX);
+                session.pacer.push_audio(now.instant, m.payload, samples)
+            }
+            Ok(twilio::Message::Mark(m)) => session.pacer.push_mark(now.instant, m.name),
+            Ok(twilio::Message::Clear) => {
+                session.pacer.handle_clear(now.instant);
+                Ok(())
+            }
+            Ok(_) | Err(_) => {
+                self.stats.protocol_errors += 1;
+                return;
+            }
+        };
+        if result.is_err() {
+            self.stats.pacer_drops += 1;
+        }
+        self.drain_pacer(&id);
+        self.schedule(now, &id);
+    }
+
+    /// The agent leg `conn` failed to connect or closed: the call goes on without it.
+    pub fn handle_agent_closed(&mut self, now: Now, conn: ConnectionId, reason: &str) {
+        let Some((id, Role::Agent)) = self.conns.remove(&conn) else { return };
+        let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
+        if session.agent.conn() != Some(conn) {
+            return;
+        }
+        session.agent = Agent::None;
+        session.pacer.reset();
+        session.armed = None;
+        let data = json!({ "message": format!("agent disconnected: {reason}"), "source": "agent" });
+        self.broadcast(now, &id, RetellEvent::Error, data);
+    }
+
+    /// Runs due timers: listeners that waited too long, and session pacing.
     pub fn handle_timeout(&mut self, now: Now) {
         while let Some((since, _)) = self.pending.front() {
             if now.instant.saturating_duration_since(*since) < self.limits.pending_observer_timeout {
@@ -238,32 +435,48 @@ impl CoreState {
             }
             let slot = self.slots.remove(&id).expect("checked above");
             self.waiting -= 1;
-            for (conn, _) in slot.observers {
-                self.conns.remove(&conn);
-                self.observers -= 1;
-                self.outputs.push_back(Output::Close { conn, code: 1008, reason: "session was not started" });
+            for l in slot.listeners {
+                self.conns.remove(&l.conn);
+                self.stats.observers -= 1;
+                self.close(l.conn, 1008, "session was not started");
             }
+        }
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now.instant {
+                break;
+            }
+            let Reverse((at, id)) = self.timers.pop().expect("peeked");
+            let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { continue };
+            if session.armed != Some(at) {
+                continue;
+            }
+            session.armed = None;
+            session.pacer.handle_timeout(now.instant);
+            self.drain_pacer(&id);
+            self.schedule(now, &id);
         }
     }
 
-    /// Ends every session (`call_ended` with reason `shutdown`) and closes every event socket.
+    /// Ends every session (`call_ended` with reason `shutdown`) and closes every socket.
     pub fn handle_shutdown(&mut self, now: Now) {
         self.shutting_down = true;
         let ids: Vec<SessionId> = self.slots.keys().cloned().collect();
         for id in ids {
-            let event = self.slots.get(&id).and_then(|s| s.session.as_ref()).map(|s| s.ended_event("shutdown"));
-            match event {
-                Some(event) => self.end(now, &id, event, 1001, "relay shutting down"),
-                None => {
-                    let slot = self.slots.remove(&id).expect("id from keys");
-                    self.waiting -= 1;
-                    for (conn, _) in slot.observers {
-                        self.conns.remove(&conn);
-                        self.observers -= 1;
-                        self.outputs.push_back(Output::Close { conn, code: 1001, reason: "relay shutting down" });
-                    }
+            if self.slots.get(&id).is_some_and(|s| s.session.is_some()) {
+                self.end(now, &id, "shutdown", 1001, "relay shutting down");
+            } else if let Some(slot) = self.slots.remove(&id) {
+                self.waiting -= 1;
+                for l in slot.listeners {
+                    self.conns.remove(&l.conn);
+                    self.stats.observers -= 1;
+                    self.close(l.conn, 1001, "relay shutting down");
                 }
             }
+        }
+        let pending: Vec<ConnectionId> = self.conns.keys().copied().collect();
+        for conn in pending {
+            self.conns.remove(&conn);
+            self.close(conn, 1001, "relay shutting down");
         }
         self.pending.clear();
     }
@@ -271,15 +484,19 @@ impl CoreState {
     /// Discards session `id` after a bug surfaced while handling it, closing its sockets with 1011.
     pub fn handle_panic(&mut self, id: &SessionId) {
         let Some(slot) = self.slots.remove(id) else { return };
-        if slot.session.is_some() {
-            self.active -= 1;
+        if let Some(session) = &slot.session {
+            self.stats.active_sessions -= 1;
+            if session.caller.is_some() {
+                self.stats.callers -= 1;
+            }
         } else {
             self.waiting -= 1;
         }
-        for (conn, _) in slot.observers {
+        self.stats.observers -= slot.listeners.len();
+        let conns: Vec<ConnectionId> = self.conns.iter().filter(|(_, (s, _))| s == id).map(|(c, _)| *c).collect();
+        for conn in conns {
             self.conns.remove(&conn);
-            self.observers -= 1;
-            self.outputs.push_back(Output::Close { conn, code: 1011, reason: "internal error" });
+            self.close(conn, 1011, "internal error");
         }
     }
 
@@ -290,84 +507,231 @@ impl CoreState {
 
     /// When [`Self::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.front().map(|(since, _)| *since + self.limits.pending_observer_timeout)
+        let pending = self.pending.front().map(|(since, _)| *since + self.limits.pending_observer_timeout);
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        match (pending, timer) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Current counts.
     pub fn stats(&self) -> Stats {
-        Stats { active_sessions: self.active, observers: self.observers }
+        self.stats
     }
 
-    /// The session a connection watches, if any.
+    /// The session a connection belongs to, if any.
     pub fn session_of(&self, conn: ConnectionId) -> Option<&SessionId> {
-        self.conns.get(&conn)
+        self.conns.get(&conn).map(|(id, _)| id)
     }
 
-    fn start(&mut self, now: Now, id: &SessionId, start: command::StartCall) -> Result<Reply, CommandError> {
-        if self.shutting_down {
-            return Err(CommandError::ShuttingDown);
-        }
-        if self.slots.get(id).is_some_and(|s| s.session.is_some()) {
-            return Err(CommandError::AlreadyActive);
-        }
-        if self.active >= self.limits.sessions_per_core {
-            return Err(CommandError::CoreFull { limit: self.limits.sessions_per_core });
-        }
-        let session = Session::new(id.clone(), start);
+    fn create(&mut self, now: Now, id: &SessionId, session: Session) {
         let slot = self.slots.entry(id.clone()).or_default();
         if slot.waiting_since.take().is_some() {
             self.waiting -= 1;
         }
-        // Sockets that attached before the start presented a token; only those holding this
-        // session's token (or the operator key) may stay.
-        let mut kept = Vec::with_capacity(slot.observers.len());
-        for (conn, credential) in slot.observers.drain(..) {
-            if authorizes(&session, &credential) {
-                kept.push((conn, credential));
-            } else {
-                self.conns.remove(&conn);
-                self.observers -= 1;
-                self.outputs.push_back(Output::Close { conn, code: 1008, reason: "invalid access token" });
+        // Listeners that attached before the start are checked against the session's token now.
+        let mut refused = Vec::new();
+        slot.listeners.retain(|l| {
+            let ok = authorizes(&session, &l.credential);
+            if !ok {
+                refused.push(l.conn);
             }
-        }
-        slot.observers = kept;
+            ok
+        });
         let (event, data) = session.started_event();
         slot.session = Some(session);
-        self.active += 1;
+        self.stats.active_sessions += 1;
+        for conn in refused {
+            self.conns.remove(&conn);
+            self.stats.observers -= 1;
+            self.close(conn, 1008, "invalid access token");
+        }
         self.broadcast(now, id, event, data);
-        Ok(Reply::Started)
     }
 
-    fn end(&mut self, now: Now, id: &SessionId, (event, data): (RetellEvent, Value), code: u16, reason: &'static str) {
-        self.broadcast(now, id, event, data);
-        let slot = self.slots.remove(id).expect("caller found the slot");
-        self.active -= 1;
-        for (conn, _) in slot.observers {
+    fn caller_started(&mut self, now: Now, id: &SessionId, conn: ConnectionId, start: twilio::Start) {
+        let exists = self.slots.get(id).is_some_and(|s| s.session.is_some());
+        if !exists {
+            if self.shutting_down || self.stats.active_sessions >= self.limits.sessions_per_core {
+                self.conns.remove(&conn);
+                self.close(conn, 1013, "relay at capacity");
+                return;
+            }
+            self.create(now, id, Session::from_stream(id.clone(), &start));
+        }
+        let session = self.slots.get_mut(id).and_then(|s| s.session.as_mut()).expect("exists or created above");
+        if session.caller.is_some() {
             self.conns.remove(&conn);
-            self.observers -= 1;
-            self.outputs.push_back(Output::Close { conn, code, reason });
+            self.stats.protocol_errors += 1;
+            self.close(conn, 1008, "this call already has a caller stream");
+            return;
+        }
+        let requested = start.custom_parameter("agentUrl").map(str::to_owned);
+        session.caller = Some(Caller { conn, start });
+        self.stats.callers += 1;
+        self.conns.insert(conn, (id.clone(), Role::Caller));
+        self.broadcast(now, id, RetellEvent::Update, json!({ "isConnected": true }));
+        match self.agents.resolve(requested.as_deref()) {
+            Ok(Some(url)) => {
+                let agent_conn = ConnectionId(CORE_CONN_BIT | self.next_conn);
+                self.next_conn += 1;
+                let session = self.slots.get_mut(id).and_then(|s| s.session.as_mut()).expect("exists");
+                session.agent = Agent::Connecting(agent_conn);
+                self.conns.insert(agent_conn, (id.clone(), Role::Agent));
+                self.outputs.push_back(Output::ConnectAgent { conn: agent_conn, session: id.clone(), url });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.broadcast(now, id, RetellEvent::Error, json!({ "message": e.to_string(), "source": "agent" }))
+            }
+        }
+    }
+
+    /// Caller audio: to every connected frontend (once encoded, shared) and to the agent (silence
+    /// while muted or while a custom stream replaces the microphone).
+    fn route_caller_audio(&mut self, id: &SessionId, media: &twilio::Media) {
+        if media.track == Some(twilio::Track::Outbound) {
+            return;
+        }
+        let Some(slot) = self.slots.get_mut(id) else { return };
+        let Some(session) = slot.session.as_mut() else { return };
+        let mut frontend_text = None;
+        for l in slot.listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
+            let text = frontend_text
+                .get_or_insert_with(|| frontend::audio(&media.payload, frontend::FrontendTrack::Inbound))
+                .clone();
+            self.outputs.push_back(Output::Send { conn: l.conn, text });
+        }
+        let hears = session.agent_hears_microphone();
+        let stream_sid = session.stream_sid().unwrap_or_default().to_owned();
+        if let Agent::Open { conn, sequence, chunk, sent_samples } = &mut session.agent {
+            let payload = if hears { media.payload.clone() } else { twilio::silence_payload(media.samples) };
+            let timestamp_ms = media.timestamp_ms.unwrap_or(*sent_samples / 8);
+            let chunk_no = media.chunk.unwrap_or(*chunk);
+            let text =
+                twilio::media_msg(*sequence, &stream_sid, twilio::Track::Inbound, chunk_no, timestamp_ms, &payload);
+            *sequence += 1;
+            *chunk += 1;
+            *sent_samples += media.samples as u64;
+            self.outputs.push_back(Output::Send { conn: *conn, text });
+        }
+    }
+
+    fn route_dtmf(&mut self, now: Now, id: &SessionId, digit: char) {
+        let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
+        let stream_sid = session.stream_sid().unwrap_or_default().to_owned();
+        if let Some((conn, sequence)) = session.agent.next_sequence() {
+            self.send(conn, twilio::dtmf_msg(sequence, &stream_sid, digit));
+        }
+        self.broadcast(now, id, RetellEvent::Update, json!({ "dtmf": { "digit": digit.to_string() } }));
+    }
+
+    /// Carries out what the session's pacer released: audio and `clear` to the caller (and the
+    /// agent's audio to frontends), played marks back to the agent.
+    fn drain_pacer(&mut self, id: &SessionId) {
+        let Some(slot) = self.slots.get_mut(id) else { return };
+        let Some(session) = slot.session.as_mut() else { return };
+        while let Some(output) = session.pacer.poll_output() {
+            let caller_conn = session.caller.as_ref().map(|c| c.conn);
+            let stream_sid = session.stream_sid().unwrap_or_default();
+            match output {
+                pacer::Output::Transmit { payload, .. } => {
+                    if let Some(conn) = caller_conn {
+                        self.outputs.push_back(Output::Send { conn, text: twilio::media_out(stream_sid, &payload) });
+                    }
+                    let mut shared = None;
+                    for l in slot.listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
+                        let text = shared
+                            .get_or_insert_with(|| frontend::audio(&payload, frontend::FrontendTrack::Outbound))
+                            .clone();
+                        self.outputs.push_back(Output::Send { conn: l.conn, text });
+                    }
+                }
+                pacer::Output::Clear => {
+                    if let Some(conn) = caller_conn {
+                        self.outputs.push_back(Output::Send { conn, text: twilio::clear_out(stream_sid) });
+                    }
+                }
+                pacer::Output::MarkPlayed(name) => {
+                    let stream_sid = stream_sid.to_owned();
+                    if let Some((conn, sequence)) = session.agent.next_sequence() {
+                        let text = twilio::mark_echo_msg(sequence, &stream_sid, &name);
+                        self.outputs.push_back(Output::Send { conn, text });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Arms the session's timer at its pacer's next deadline, unless already armed earlier.
+    fn schedule(&mut self, now: Now, id: &SessionId) {
+        let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
+        let Some(at) = session.pacer.poll_timeout() else { return };
+        let at = at.max(now.instant);
+        if session.armed.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        session.armed = Some(at);
+        self.timers.push(Reverse((at, id.clone())));
+    }
+
+    /// Ends session `id`: `call_ended` to event listeners, `stop` to the agent, every socket closed.
+    fn end(&mut self, now: Now, id: &SessionId, reason: &str, code: u16, close_reason: &'static str) {
+        let Some(session) = self.slots.get(id).and_then(|s| s.session.as_ref()) else { return };
+        let (event, data) = session.ended_event(reason);
+        self.broadcast(now, id, event, data);
+        let mut slot = self.slots.remove(id).expect("found above");
+        let mut session = slot.session.take().expect("found above");
+        self.stats.active_sessions -= 1;
+        if let Some(caller) = &session.caller {
+            self.stats.callers -= 1;
+            let start = &caller.start;
+            let stop = (start.stream_sid.clone(), start.account_sid.clone(), start.call_sid.clone());
+            if let Some((conn, sequence)) = session.agent.next_sequence() {
+                self.send(conn, twilio::stop_msg(sequence, &stop.0, &stop.1, &stop.2));
+            }
+            self.conns.remove(&caller.conn);
+            self.close(caller.conn, code, close_reason);
+        }
+        if let Some(conn) = session.agent.conn() {
+            self.conns.remove(&conn);
+            self.close(conn, code, close_reason);
+        }
+        for l in slot.listeners {
+            self.conns.remove(&l.conn);
+            self.stats.observers -= 1;
+            self.close(l.conn, code, close_reason);
         }
     }
 
     fn broadcast(&mut self, now: Now, id: &SessionId, event: RetellEvent, data: Value) {
         let Some(slot) = self.slots.get(id) else { return };
-        if slot.observers.is_empty() {
-            return;
+        let mut text = None;
+        for l in slot.listeners.iter().filter(|l| l.kind == ListenKind::Events) {
+            let text = text.get_or_insert_with(|| events::retell_event(event, data.clone(), now.unix_ms)).clone();
+            self.outputs.push_back(Output::Send { conn: l.conn, text });
         }
-        let text = events::retell_event(event, data, now.unix_ms);
-        for (conn, _) in &slot.observers {
-            self.outputs.push_back(Output::Send { conn: *conn, text: text.clone() });
-        }
+    }
+
+    fn send(&mut self, conn: ConnectionId, text: Utf8Bytes) {
+        self.outputs.push_back(Output::Send { conn, text });
+    }
+
+    fn close(&mut self, conn: ConnectionId, code: u16, reason: &'static str) {
+        self.outputs.push_back(Output::Close { conn, code, reason });
     }
 }
 
 fn authorizes(session: &Session, credential: &Credential) -> bool {
     match credential {
         Credential::Operator => true,
-        Credential::Token(t) => session.authorizes(t.expose()),
-        Credential::Anonymous => false,
+        Credential::Token(t) => session.access_token().is_some_and(|s| s.matches(t.expose())),
+        Credential::Anonymous => session.access_token().is_none(),
     }
 }
 
+#[cfg(test)]
+mod telephony_tests;
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ use super::command::{Command, CommandError, Reply, StartCall};
 use super::*;
 use crate::id::StreamId;
 use crate::media::SampleRate;
+use crate::session::agent::AgentPolicy;
 
 struct Harness {
     core: CoreState,
@@ -19,7 +20,7 @@ impl Harness {
     fn new(limits: Limits) -> Self {
         #[allow(clippy::disallowed_methods)] // The virtual clock's origin; tests advance `ms` by hand.
         let t0 = Instant::now();
-        Self { core: CoreState::new(limits), t0, ms: 0 }
+        Self { core: CoreState::new(limits, AgentPolicy::default()), t0, ms: 0 }
     }
 
     fn now(&self) -> Now {
@@ -31,9 +32,14 @@ impl Harness {
         self.core.handle_command(now, &sid(id), c)
     }
 
-    fn attach(&mut self, id: &str, conn: u64, cred: Credential) -> Result<Utf8Bytes, AttachError> {
+    fn attach(&mut self, id: &str, conn: u64, cred: Credential) -> Result<Option<Utf8Bytes>, AttachError> {
         let now = self.now();
-        self.core.handle_attach(now, &sid(id), ConnectionId(conn), cred)
+        self.core.handle_attach(now, &sid(id), ConnectionId(conn), ListenKind::Events, cred)
+    }
+
+    fn detach(&mut self, conn: u64) {
+        let now = self.now();
+        self.core.handle_detach(now, ConnectionId(conn));
     }
 
     fn drain(&mut self) -> Vec<Output> {
@@ -107,7 +113,7 @@ fn pending_observers_checked_at_start() {
     let out = h.drain();
     assert_eq!(Harness::events_for(&out, 1), (vec!["call_started".to_owned()], None));
     assert_eq!(Harness::events_for(&out, 2), (vec![], Some(1008)));
-    assert_eq!(h.core.stats(), Stats { active_sessions: 1, observers: 1 });
+    assert_eq!((h.core.stats().active_sessions, h.core.stats().observers), (1, 1));
 }
 
 /// Waiting sockets expire after the timeout, not before; a started session stops the expiry.
@@ -129,7 +135,7 @@ fn pending_expiry() {
     h.core.handle_timeout(now);
     let out = h.drain();
     assert_eq!(out, vec![Output::Close { conn: ConnectionId(1), code: 1008, reason: "session was not started" }]);
-    assert_eq!(h.core.stats(), Stats { active_sessions: 1, observers: 1 });
+    assert_eq!((h.core.stats().active_sessions, h.core.stats().observers), (1, 1));
     assert_eq!(h.core.poll_timeout(), None);
 }
 
@@ -157,7 +163,7 @@ fn attach_limits() {
     h.attach("s", 1, token("t")).expect("1");
     h.attach("s", 2, token("t")).expect("2");
     assert_eq!(h.attach("s", 3, token("t")), Err(AttachError::TooManyObservers { limit: 2 }));
-    h.core.handle_detach(ConnectionId(1));
+    h.detach(1);
     h.attach("s", 3, token("t")).expect("room after detach");
     h.attach("p", 4, token("t")).expect("pending 1");
     assert_eq!(h.attach("q", 5, token("t")), Err(AttachError::TooManyPending));
@@ -174,8 +180,8 @@ fn status_and_ping() {
     let Ok(Reply::CallStatus(st)) = h.cmd("s", Command::CallStatus) else { panic!("status") };
     assert!(st.has_web_socket);
     let now = h.now();
-    h.core.handle_client_text(now, ConnectionId(9), r#"{"type":"ping"}"#);
-    h.core.handle_client_text(now, ConnectionId(9), "not json");
+    h.core.handle_listener_text(now, ConnectionId(9), r#"{"type":"ping"}"#);
+    h.core.handle_listener_text(now, ConnectionId(9), "not json");
     let out = h.drain();
     let (types, _) = Harness::events_for(&out, 9);
     assert_eq!(types, ["call_started".to_owned(), "pong".to_owned(), "error".to_owned()][1..]);
@@ -205,8 +211,8 @@ fn pending_limit_counts_live_waits() {
         h.attach(&format!("a{round}"), round * 2, token("x")).expect("room");
         h.attach(&format!("b{round}"), round * 2 + 1, token("x")).expect("room");
         assert_eq!(h.attach("c", 999, token("x")), Err(AttachError::TooManyPending));
-        h.core.handle_detach(ConnectionId(round * 2));
-        h.core.handle_detach(ConnectionId(round * 2 + 1));
+        h.detach(round * 2);
+        h.detach(round * 2 + 1);
     }
     h.attach("started", 50, token("t")).expect("room");
     h.cmd("started", start("t")).expect("start");

@@ -119,6 +119,16 @@ impl WsCodec {
     /// A codec for a socket that just switched protocols; `read_ahead` holds frames the client sent
     /// right behind its upgrade request.
     pub fn new_server(limits: &Limits, read_ahead: &[u8]) -> Self {
+        Self::new(Role::Server, limits, read_ahead)
+    }
+
+    /// A codec for a connection the relay dialled (frames it sends are masked); `read_ahead` holds
+    /// frames the server sent right behind its 101 answer.
+    pub fn new_client(limits: &Limits, read_ahead: &[u8]) -> Self {
+        Self::new(Role::Client, limits, read_ahead)
+    }
+
+    fn new(role: Role, limits: &Limits, read_ahead: &[u8]) -> Self {
         let config = WebSocketConfig::default()
             .read_buffer_size(limits.ws_read_buffer_bytes)
             .write_buffer_size(0)
@@ -127,11 +137,7 @@ impl WsCodec {
             .max_message_size(Some(limits.ws_max_message_bytes));
         let mut io = MemIo::default();
         io.input.extend_from_slice(read_ahead);
-        Self {
-            ctx: WebSocketContext::new(Role::Server, Some(config)),
-            io,
-            max_write_buffer: limits.ws_max_write_buffer_bytes,
-        }
+        Self { ctx: WebSocketContext::new(role, Some(config)), io, max_write_buffer: limits.ws_max_write_buffer_bytes }
     }
 
     /// Adds bytes received from the peer.

@@ -1,14 +1,19 @@
-//! One call's control state: its configuration, microphone and source selection.
+//! One call: its configuration, control state (microphone, source), its caller and agent legs,
+//! and the pacer for audio played to the caller.
 //!
-//! Invariant: pure state; every change returns the events it causes, and nothing here knows about
-//! sockets or which connections listen.
+//! Invariant: pure state; no sockets, no clock, and nothing here knows which listeners exist (the
+//! core routes what the session produces).
+
+pub mod agent;
 
 use serde_json::{json, Value};
 
 use crate::core::command::{CallStatus, StartCall, Track, TrackStatus};
-use crate::id::{SessionId, StreamId};
+use crate::id::{ConnectionId, SessionId, StreamId};
+use crate::media::pacer::{Pacer, PacerConfig};
 use crate::media::SampleRate;
 use crate::proto::events::RetellEvent;
+use crate::proto::twilio;
 use crate::secret::Secret;
 
 /// What the agent hears from the caller side.
@@ -20,28 +25,102 @@ pub enum Source {
     Custom(StreamId),
 }
 
-/// A live session's state.
+/// The caller's leg: a Twilio Media Stream.
+#[derive(Debug)]
+pub struct Caller {
+    /// The stream's socket.
+    pub conn: ConnectionId,
+    /// Its `start` message: stream, call and account ids, custom parameters.
+    pub start: twilio::Start,
+}
+
+/// The agent's leg: an upstream bot the relay dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Agent {
+    /// No agent for this call (none configured, or it failed).
+    None,
+    /// Being dialled on this connection.
+    Connecting(ConnectionId),
+    /// Connected: Twilio-protocol messages flow both ways.
+    Open {
+        /// The agent's socket.
+        conn: ConnectionId,
+        /// Next `sequenceNumber` toward the agent.
+        sequence: u64,
+        /// Next `chunk` number toward the agent.
+        chunk: u64,
+        /// Caller audio sent to the agent so far, samples (for `timestamp`).
+        sent_samples: u64,
+    },
+}
+
+impl Agent {
+    /// The agent's connection, connecting or open.
+    pub fn conn(&self) -> Option<ConnectionId> {
+        match self {
+            Self::None => None,
+            Self::Connecting(c) | Self::Open { conn: c, .. } => Some(*c),
+        }
+    }
+
+    /// Takes the next sequence number, if open.
+    pub fn next_sequence(&mut self) -> Option<(ConnectionId, u64)> {
+        match self {
+            Self::Open { conn, sequence, .. } => {
+                *sequence += 1;
+                Some((*conn, *sequence - 1))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A live session.
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
-    access_token: Secret,
+    /// Bearer token for the session's listeners; `None` for calls that arrived by stream without one.
+    access_token: Option<Secret>,
     sample_rate: SampleRate,
     emit_raw_audio_samples: bool,
     /// `false` while muted: the agent gets silence in place of the microphone.
     microphone_enabled: bool,
     source: Source,
+    /// The caller's stream, once connected.
+    pub caller: Option<Caller>,
+    /// The agent leg.
+    pub agent: Agent,
+    /// Paces the agent's audio toward the caller (μ-law, 8 kHz: one sample per byte).
+    pub pacer: Pacer<bytes::Bytes>,
+    /// When the core's timer for this session is armed, so it is not armed twice.
+    pub armed: Option<std::time::Instant>,
 }
 
 impl Session {
     /// A new session from `/start-call`'s parameters.
     pub fn new(id: SessionId, start: StartCall) -> Self {
+        Self::build(id, Some(start.access_token), start.sample_rate, start.emit_raw_audio_samples)
+    }
+
+    /// A session created by a caller's stream; its access token, if any, comes from the stream's
+    /// `accessToken` custom parameter.
+    pub fn from_stream(id: SessionId, start: &twilio::Start) -> Self {
+        let token = start.custom_parameter("accessToken").filter(|t| !t.is_empty()).map(Secret::new);
+        Self::build(id, token, SampleRate::DEFAULT, false)
+    }
+
+    fn build(id: SessionId, access_token: Option<Secret>, sample_rate: SampleRate, emit_raw: bool) -> Self {
         Self {
             id,
-            access_token: start.access_token,
-            sample_rate: start.sample_rate,
-            emit_raw_audio_samples: start.emit_raw_audio_samples,
+            access_token,
+            sample_rate,
+            emit_raw_audio_samples: emit_raw,
             microphone_enabled: true,
             source: Source::Microphone,
+            caller: None,
+            agent: Agent::None,
+            pacer: Pacer::new(PacerConfig::for_rate(8000)),
+            armed: None,
         }
     }
 
@@ -50,9 +129,9 @@ impl Session {
         &self.id
     }
 
-    /// Whether `token` is this session's access token.
-    pub fn authorizes(&self, token: &str) -> bool {
-        self.access_token.matches(token)
+    /// The access token listeners must present, if the session has one.
+    pub fn access_token(&self) -> Option<&Secret> {
+        self.access_token.as_ref()
     }
 
     /// Rate of raw samples on `/ws`.
@@ -68,6 +147,16 @@ impl Session {
     /// What the agent hears now.
     pub fn source(&self) -> &Source {
         &self.source
+    }
+
+    /// Whether the agent hears the caller's microphone now (unmuted, no custom stream).
+    pub fn agent_hears_microphone(&self) -> bool {
+        self.microphone_enabled && self.source == Source::Microphone
+    }
+
+    /// The stream id toward the caller, once connected.
+    pub fn stream_sid(&self) -> Option<&str> {
+        self.caller.as_ref().map(|c| c.start.stream_sid.as_str())
     }
 
     /// The `call_started` event's data.
@@ -107,13 +196,29 @@ impl Session {
 
     /// `/call-status`, given whether event sockets are attached.
     pub fn call_status(&self, has_web_socket: bool) -> CallStatus {
-        CallStatus { is_active: true, is_connected: false, is_agent_talking: false, has_web_socket }
+        CallStatus { is_active: true, is_connected: self.caller.is_some(), is_agent_talking: false, has_web_socket }
     }
 
-    /// `/track-status`: the tracks that exist. Media legs add tracks; a session without media
-    /// legs carries none.
+    /// `/track-status`: the tracks that exist now: the caller's microphone while its stream is
+    /// connected, and the agent's audio while the agent is connected.
     pub fn track_status(&self) -> TrackStatus {
-        let tracks: Vec<Track> = Vec::new();
+        let mut tracks = Vec::new();
+        if let Some(caller) = &self.caller {
+            tracks.push(Track {
+                sid: format!("{}-inbound", caller.start.stream_sid),
+                kind: "audio",
+                name: "microphone".to_owned(),
+                source: "microphone",
+            });
+        }
+        if let Agent::Open { .. } = self.agent {
+            tracks.push(Track {
+                sid: format!("{}-agent", self.id),
+                kind: "audio",
+                name: "agent".to_owned(),
+                source: "agent",
+            });
+        }
         TrackStatus { microphone_enabled: self.microphone_enabled, tracks }
     }
 }
@@ -137,9 +242,9 @@ mod tests {
     #[test]
     fn controls() {
         let mut s = session();
-        assert!(s.track_status().microphone_enabled);
+        assert!(s.track_status().microphone_enabled && s.agent_hears_microphone());
         assert_eq!(s.set_microphone(false).0, RetellEvent::Update);
-        assert!(!s.track_status().microphone_enabled);
+        assert!(!s.track_status().microphone_enabled && !s.agent_hears_microphone());
         let stream = StreamId::parse("c1").expect("valid");
         assert_eq!(s.send_custom_stream(stream.clone()).0, RetellEvent::CustomMediaStreamSent);
         assert_eq!(s.source(), &Source::Custom(stream));
@@ -150,11 +255,22 @@ mod tests {
         assert!(!s.track_status().microphone_enabled, "resume switches the source, it does not unmute");
     }
 
-    /// The token check is exact.
+    /// The access token is kept exactly, and a stream-created session takes its token parameter.
     #[test]
-    fn token() {
-        let s = session();
-        assert!(s.authorizes("t"));
-        assert!(!s.authorizes("T"));
+    fn tokens() {
+        assert!(session().access_token().is_some_and(|t| t.matches("t")));
+        let mut start = twilio::Start {
+            sequence: None,
+            stream_sid: "MZ1".into(),
+            account_sid: "AC1".into(),
+            call_sid: "CA1".into(),
+            tracks: vec!["inbound".into()],
+            custom_parameters: vec![],
+            media_format: twilio::MediaFormat::default(),
+        };
+        let id = SessionId::parse("CA1").expect("valid");
+        assert!(Session::from_stream(id.clone(), &start).access_token().is_none());
+        start.custom_parameters.push(("accessToken".into(), "abc".into()));
+        assert!(Session::from_stream(id, &start).access_token().is_some_and(|t| t.matches("abc")));
     }
 }

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use event_listener::Event;
 use futures::channel::oneshot;
+use futures_lite::FutureExt;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 
 use super::mesh::{CoreMessage, ReplyMessage};
 use super::ws::Outbox;
-use super::{clock, mesh, tcp, ControlService, CoreStats, Global};
+use super::{agent, clock, mesh, tcp, ControlService, CoreStats, Global};
 use crate::config::Limits;
 use crate::core::command::{Command, CommandError, Reply};
 use crate::core::{CoreState, Output};
@@ -31,6 +32,7 @@ pub(crate) struct CoreSetup {
     pub(crate) id: CoreId,
     pub(crate) cores: usize,
     pub(crate) limits: Limits,
+    pub(crate) agents: crate::session::agent::AgentPolicy,
     pub(crate) listener: OwnedFd,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
     pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
@@ -54,6 +56,12 @@ pub(crate) struct CoreShared {
     next_conn: Cell<u64>,
     /// Outgoing queues of the event sockets this core serves.
     outboxes: RefCell<HashMap<ConnectionId, Rc<Outbox>>>,
+    /// A weak handle on this struct, for spawning tasks from inside `drive`.
+    this: RefCell<std::rc::Weak<CoreShared>>,
+    /// Wakes the timer task when an input brings a deadline earlier than the one it sleeps until.
+    timer_event: Event,
+    /// The deadline the timer task sleeps until.
+    timer_armed: Cell<Option<std::time::Instant>>,
     /// Set once graceful shutdown began; `shutdown_event` wakes the tasks that wait on it.
     pub(crate) shutting_down: Cell<bool>,
     pub(crate) shutdown_event: Event,
@@ -162,6 +170,12 @@ impl CoreShared {
         while let Some(output) = state.poll_output() {
             self.apply(output);
         }
+        if let Some(next) = state.poll_timeout() {
+            if self.timer_armed.get().is_none_or(|armed| next < armed) {
+                self.timer_armed.set(Some(next));
+                self.timer_event.notify(1);
+            }
+        }
         let stats = state.stats();
         self.global.sessions[self.id.0].store(stats.active_sessions, Ordering::Relaxed);
         self.global.observers[self.id.0].store(stats.observers, Ordering::Relaxed);
@@ -249,6 +263,11 @@ impl CoreShared {
                     outbox.close(code, reason);
                 }
             }
+            Output::ConnectAgent { conn, session, url } => {
+                if let Some(this) = self.this.borrow().upgrade() {
+                    glommio::spawn_local(agent::agent_task(this, conn, session, url)).detach();
+                }
+            }
         }
     }
 }
@@ -278,7 +297,10 @@ pub(crate) async fn run_core<S: ControlService>(
     let shared = Rc::new(CoreShared {
         id: setup.id,
         cores: setup.cores,
-        state: RefCell::new(CoreState::new(setup.limits.clone())),
+        state: RefCell::new(CoreState::new(setup.limits.clone(), setup.agents)),
+        this: RefCell::new(std::rc::Weak::new()),
+        timer_event: Event::new(),
+        timer_armed: Cell::new(None),
         limits: setup.limits,
         global: setup.global,
         mesh_tx,
@@ -292,6 +314,7 @@ pub(crate) async fn run_core<S: ControlService>(
         connections: Cell::new(0),
         dropped_frames: Cell::new(0),
     });
+    *shared.this.borrow_mut() = Rc::downgrade(&shared);
     let service = Rc::new(service);
     for (_, receiver) in mesh_rx.streams() {
         glommio::spawn_local(mesh::receive_task(shared.clone(), service.clone(), receiver)).detach();
@@ -334,9 +357,21 @@ pub(crate) async fn run_core<S: ControlService>(
 
 /// Runs timers and watches the process-wide shutdown flag; returns when shutdown begins.
 async fn tick_task(shared: &Rc<CoreShared>) {
+    // The longest sleep: how soon the process-wide shutdown flag is noticed.
     const TICK: Duration = Duration::from_millis(50);
     loop {
-        glommio::timer::sleep(TICK).await;
+        let listener = shared.timer_event.listen();
+        let now = shared.now();
+        let next = shared.state.borrow().poll_timeout();
+        shared.timer_armed.set(next);
+        let wait = next.map_or(TICK, |t| t.saturating_duration_since(now.instant).min(TICK));
+        if !wait.is_zero() {
+            // An input that brings a deadline earlier than `next` wakes us through the listener.
+            let sleep = async {
+                glommio::timer::sleep(wait).await;
+            };
+            sleep.or(listener).await;
+        }
         if shared.global.shutdown.load(Ordering::Acquire) {
             shared.shutting_down.set(true);
             shared.shutdown_event.notify(usize::MAX);

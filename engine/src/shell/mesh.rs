@@ -11,7 +11,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use super::core_task::CoreShared;
 use http::StatusCode;
 
-use super::{handoff, tcp, ws, ControlService, Observe};
+use super::{handoff, tcp, ws, ControlService, Upgrade};
 use crate::core::command::{Command, CommandError, Reply};
 use crate::id::{CoreId, SessionId};
 
@@ -36,7 +36,11 @@ pub(crate) struct Handoff {
     pub(crate) fd: OwnedFd,
     /// Bytes the client sent after its upgrade request (early WebSocket frames).
     pub(crate) read_ahead: Vec<u8>,
-    pub(crate) observe: Observe,
+    pub(crate) upgrade: Upgrade,
+    /// The session, resolved by the sending core (from the request or the first frames).
+    pub(crate) session: SessionId,
+    /// Whether the 101 answer was already sent (callers): `read_ahead` then holds WebSocket frames.
+    pub(crate) upgraded: bool,
 }
 
 /// Receives messages from one peer core until the mesh closes.
@@ -67,7 +71,7 @@ pub(crate) async fn receive_task<S: ControlService>(
                 shared.connection_opened();
                 let (s, svc) = (shared.clone(), service.clone());
                 glommio::spawn_local(async move {
-                    ws::observe_task(s.clone(), svc, stream, h.read_ahead, h.observe).await;
+                    ws::socket_task(s.clone(), svc, stream, h.read_ahead, h.session, h.upgrade, h.upgraded).await;
                     s.connection_closed();
                 })
                 .detach();

@@ -3,6 +3,7 @@
 //! Invariant: the only module that imports glommio, socket2 or reads the clock; it feeds the
 //! sans-IO [`CoreState`](crate::core::CoreState) one input at a time and drains every output before awaiting again.
 
+mod agent;
 mod clock;
 mod core_task;
 mod handoff;
@@ -53,19 +54,44 @@ pub struct Request {
 pub enum Outcome {
     /// Send this response.
     Respond(http::Response<Bytes>),
-    /// Switch to WebSocket and attach to the session's events, on the session's owner core.
-    Observe(Observe),
+    /// Switch to WebSocket, on the session's owner core.
+    Upgrade(Upgrade),
 }
 
-/// An accepted `/ws` upgrade, to be completed on the session's owner core.
-#[derive(Debug)]
-pub struct Observe {
-    /// The session to watch.
-    pub session: SessionId,
+/// What a WebSocket is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// `/ws`: session events.
+    Events,
+    /// `/frontend-stream`: the call's audio and transcripts.
+    Frontend,
+    /// `/twilio/stream`: the caller's Media Stream. Its session is named by its `start` message,
+    /// so the relay answers 101 at once and moves the socket once that message arrives.
+    Caller,
+}
+
+/// An accepted WebSocket upgrade, completed on the session's owner core.
+pub struct Upgrade {
+    /// What the socket is for.
+    pub kind: SocketKind,
+    /// The session, when the request names it (required for listeners; for callers a fallback
+    /// when the `start` message names none).
+    pub session: Option<SessionId>,
     /// What the client presented.
     pub credential: Credential,
     /// `Sec-WebSocket-Accept` for the 101 answer.
     pub accept: String,
+    /// Dropped when the socket ends, wherever it then lives: releases per-user limits.
+    pub guard: Option<Box<dyn std::any::Any + Send>>,
+    /// Complete the handshake, then close at once with this code and reason (a limit that
+    /// WebSocket clients must see as a close code, as seed 004's per-user socket cap).
+    pub reject: Option<(u16, &'static str)>,
+}
+
+impl std::fmt::Debug for Upgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upgrade").field("kind", &self.kind).field("session", &self.session).finish_non_exhaustive()
+    }
 }
 
 /// Why the relay could not start; each message says what to change.
@@ -225,6 +251,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             id: CoreId(index),
             cores: config.cores,
             limits: config.limits.clone(),
+            agents: config.agents.clone(),
             listener: OwnedFd::from(listener),
             mesh: mesh.clone(),
             replies: replies.clone(),

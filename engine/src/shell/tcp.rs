@@ -15,9 +15,11 @@ use http::{Method, StatusCode};
 
 use super::core_task::{CoreHandle, CoreShared};
 use super::mesh::{CoreMessage, Handoff};
-use super::{clock, handoff, ws, ControlService, Outcome, Request};
-use crate::id::core_for;
+use super::{clock, handoff, ws, ControlService, Outcome, Request, SocketKind};
+use crate::id::{core_for, SessionId};
 use crate::proto::http::{parse_head, write_response, Connection, Parse, CONTINUE};
+use crate::proto::twilio;
+use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 4096;
@@ -156,11 +158,11 @@ async fn http_task<S: ControlService>(
                 // between requests so one client's pipeline cannot starve the core.
                 glommio::yield_if_needed().await;
             }
-            Outcome::Observe(observe) => {
+            Outcome::Upgrade(up) => {
                 if !flush(&mut stream, &mut out, limits.idle_timeout).await {
                     return;
                 }
-                upgrade(shared, service, stream, buf, observe).await;
+                upgrade(shared, service, stream, buf, up).await;
                 return;
             }
         }
@@ -168,38 +170,136 @@ async fn http_task<S: ControlService>(
 }
 
 /// Completes a WebSocket upgrade here, or moves the connection to the session's owner core.
+///
+/// Listeners name their session in the request. A caller's stream names it in its `start`
+/// message: the relay answers 101 here, reads until `start`, and moves the socket with every byte
+/// read so far, so no frame is lost.
 async fn upgrade<S: ControlService>(
     shared: &Rc<CoreShared>,
     service: &Rc<S>,
     mut stream: TcpStream,
     read_ahead: Vec<u8>,
-    observe: super::Observe,
+    up: super::Upgrade,
 ) {
-    let owner = core_for(&observe.session, shared.cores);
+    if let Some((code, reason)) = up.reject {
+        let mut out = Vec::new();
+        write_switching_protocols(&mut out, &up.accept);
+        let mut codec = WsCodec::new_server(&shared.limits, &[]);
+        codec.close(code, reason);
+        out.extend(codec.poll_transmit().unwrap_or_default());
+        let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
+        let _ = stream.close().await;
+        return;
+    }
+    let (session, read_ahead, upgraded) = if up.kind == SocketKind::Caller {
+        let mut head = Vec::new();
+        write_switching_protocols(&mut head, &up.accept);
+        if !flush(&mut stream, &mut head, shared.limits.idle_timeout).await {
+            return;
+        }
+        match caller_session(shared, &mut stream, read_ahead, up.session.clone()).await {
+            Ok((session, raw)) => (session, raw, true),
+            Err((code, reason)) => {
+                let mut codec = WsCodec::new_server(&shared.limits, &[]);
+                codec.close(code, reason);
+                if let Some(mut bytes) = codec.poll_transmit() {
+                    let _ = flush(&mut stream, &mut bytes, Duration::from_secs(1)).await;
+                }
+                let _ = stream.close().await;
+                return;
+            }
+        }
+    } else {
+        let Some(session) = up.session.clone() else {
+            let resp = service.error_response(StatusCode::BAD_REQUEST, "this WebSocket needs a session id");
+            respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+            return;
+        };
+        (session, read_ahead, false)
+    };
+    let owner = core_for(&session, shared.cores);
     if owner == shared.id {
-        ws::observe_task(shared.clone(), service.clone(), stream, read_ahead, observe).await;
+        ws::socket_task(shared.clone(), service.clone(), stream, read_ahead, session, up, upgraded).await;
         return;
     }
     let fd = match handoff::detach(&stream) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(core = shared.id.0, "cannot hand a connection over: {e}");
-            let resp = service
-                .error_response(StatusCode::SERVICE_UNAVAILABLE, "cannot move the connection to its session's core");
-            respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+            refuse(service, &mut stream, upgraded, "cannot move the connection to its session's core").await;
             return;
         }
     };
-    let message = CoreMessage::Handoff(Box::new(Handoff { fd, read_ahead, observe }));
+    let message = CoreMessage::Handoff(Box::new(Handoff { fd, read_ahead, session, upgrade: up, upgraded }));
     if let Err(message) = shared.send_to_core(owner, message) {
         drop(message); // Closes the duplicate descriptor; this core still answers the client.
-        let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, "the session's core is busy; try again");
-        respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+        refuse(service, &mut stream, upgraded, "the session's core is busy; try again").await;
         return;
     }
     // The owner core now holds the socket through its duplicate; dropping ours closes only this
     // descriptor.
     drop(stream);
+}
+
+/// Refuses a connection that could not be moved: 503 before the upgrade, close 1013 after it.
+async fn refuse<S: ControlService>(service: &Rc<S>, stream: &mut TcpStream, upgraded: bool, message: &'static str) {
+    if upgraded {
+        let mut codec = WsCodec::new_server(&crate::config::Limits::default(), &[]);
+        codec.close(1013, message);
+        if let Some(mut bytes) = codec.poll_transmit() {
+            let _ = flush(stream, &mut bytes, Duration::from_secs(1)).await;
+        }
+        let _ = stream.close().await;
+    } else {
+        let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, message);
+        respond_and_close(stream, &mut Vec::new(), &resp, false).await;
+    }
+}
+
+/// Reads a caller's stream until its `start` message and returns the session it names
+/// (`customParameters.callSid`, else `start.callSid`, else the request's `?callSid=`) with every
+/// byte read since the 101, for the owner core to replay.
+///
+/// # Errors
+/// The close code and reason when no usable `start` arrives within the limits.
+async fn caller_session(
+    shared: &CoreShared,
+    stream: &mut TcpStream,
+    read_ahead: Vec<u8>,
+    fallback: Option<SessionId>,
+) -> Result<(SessionId, Vec<u8>), (u16, &'static str)> {
+    let limits = &shared.limits;
+    let mut raw = read_ahead;
+    let mut codec = WsCodec::new_server(limits, &raw);
+    let deadline = clock::now().instant + limits.header_timeout;
+    loop {
+        loop {
+            match codec.poll_incoming() {
+                Ok(Some(Incoming::Text(text))) => {
+                    if let Ok(twilio::Message::Start(start)) = twilio::parse(&Bytes::from(text)) {
+                        let named = start.custom_parameter("callSid").filter(|s| !s.is_empty()).map(str::to_owned);
+                        let key = named.or_else(|| (!start.call_sid.is_empty()).then(|| start.call_sid.clone()));
+                        let id = match key {
+                            Some(k) => {
+                                SessionId::parse(&k).map_err(|_| (1008, "the stream's callSid is not a valid id"))?
+                            }
+                            None => fallback.clone().ok_or((1008, "the stream's start names no callSid"))?,
+                        };
+                        return Ok((id, raw));
+                    }
+                }
+                Ok(Some(Incoming::Binary(_))) => {}
+                Ok(Some(Incoming::Close)) | Err(_) => return Err((1002, "stream ended before start")),
+                Ok(None) => break,
+            }
+        }
+        if raw.len() > limits.ws_max_message_bytes {
+            return Err((1008, "no start message within the size limit"));
+        }
+        let before = raw.len();
+        read_more(shared, stream, &mut raw, deadline, false).await.map_err(|_| (1008, "no start message in time"))?;
+        codec.handle_bytes(&raw[before..]);
+    }
 }
 
 fn release_if_large(buf: &mut Vec<u8>) {

@@ -1,5 +1,6 @@
-//! Event sockets (`/ws`) on the session's owner core: the 101 answer, then a reader task that
-//! feeds client frames to the core and a writer that drains the socket's bounded outbox.
+//! WebSockets on the session's owner core (event and frontend listeners, caller streams, agent
+//! legs): a reader that feeds frames to the core and a writer that drains the socket's bounded
+//! outbox.
 //!
 //! Invariant: runs only on the owner core; every socket ends: a peer that stops reading, stops
 //! answering pings, or ignores our close frame is dropped within a bounded time, never slowing the
@@ -16,10 +17,12 @@ use glommio::net::TcpStream;
 use http::StatusCode;
 use tungstenite::Utf8Bytes;
 
+use bytes::Bytes;
+
 use super::core_task::CoreShared;
-use super::{clock, tcp, ControlService, Observe};
-use crate::core::AttachError;
-use crate::id::ConnectionId;
+use super::{clock, tcp, ControlService, SocketKind, Upgrade};
+use crate::core::{AttachError, ListenKind};
+use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
 
 /// How long a closing socket waits for the peer's close frame before the TCP connection is dropped.
@@ -38,7 +41,7 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             frames: RefCell::new(VecDeque::new()),
             close: Cell::new(None),
@@ -78,52 +81,94 @@ impl Outbox {
     }
 }
 
-/// Completes a `/ws` upgrade on the owner core: attach to the session, answer 101, then serve.
-pub(crate) async fn observe_task<S: ControlService>(
+/// Which core input a socket's text frames feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Feed {
+    /// An event or frontend listener.
+    Listener,
+    /// A caller's Twilio Media Stream.
+    Caller,
+    /// An agent leg the relay dialled.
+    Agent,
+}
+
+/// Completes a WebSocket on the session's owner core: attach (listeners) or open (callers), answer
+/// 101 unless the accepting core already did, then serve until the socket ends.
+pub(crate) async fn socket_task<S: ControlService>(
     shared: Rc<CoreShared>,
     service: Rc<S>,
     mut stream: TcpStream,
     read_ahead: Vec<u8>,
-    observe: Observe,
+    session: SessionId,
+    upgrade: Upgrade,
+    upgraded: bool,
 ) {
     let conn = shared.next_connection();
     let now = shared.now();
-    let session = observe.session.clone();
-    let attached = shared
-        .drive(Some(&session), |state| state.handle_attach(now, &observe.session, conn, observe.credential))
-        .unwrap_or(Err(AttachError::ShuttingDown));
-    let greeting = match attached {
-        Ok(g) => g,
-        Err(e) => {
-            let status = match e {
-                AttachError::Unauthorized => StatusCode::UNAUTHORIZED,
-                AttachError::TooManyObservers { .. } => StatusCode::TOO_MANY_REQUESTS,
-                AttachError::TooManyPending | AttachError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            let resp = service.error_response(status, &e.to_string());
-            tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
-            return;
+    let Upgrade { kind, credential, accept, guard, .. } = upgrade;
+    let (greeting, feed) = match kind {
+        SocketKind::Events | SocketKind::Frontend => {
+            let listen = if kind == SocketKind::Events { ListenKind::Events } else { ListenKind::Frontend };
+            let attached = shared
+                .drive(Some(&session), |state| state.handle_attach(now, &session, conn, listen, credential))
+                .unwrap_or(Err(AttachError::ShuttingDown));
+            match attached {
+                Ok(greeting) => (greeting, Feed::Listener),
+                Err(e) => {
+                    let status = match e {
+                        AttachError::Unauthorized => StatusCode::UNAUTHORIZED,
+                        AttachError::TooManyObservers { .. } => StatusCode::TOO_MANY_REQUESTS,
+                        AttachError::TooManyPending | AttachError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    let resp = service.error_response(status, &e.to_string());
+                    tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+                    return;
+                }
+            }
+        }
+        SocketKind::Caller => {
+            shared.drive(Some(&session), |state| state.handle_caller_open(&session, conn));
+            (None, Feed::Caller)
         }
     };
+    let mut head = Vec::with_capacity(160);
+    if !upgraded {
+        write_switching_protocols(&mut head, &accept);
+    }
+    let codec = WsCodec::new_server(&shared.limits, &read_ahead);
+    run(&shared, conn, stream, codec, head, greeting, feed).await;
+    drop(guard);
+}
+
+/// Serves an open WebSocket (server or client side) until it ends, then detaches it from the core.
+pub(crate) async fn run(
+    shared: &Rc<CoreShared>,
+    conn: ConnectionId,
+    stream: TcpStream,
+    codec: WsCodec,
+    mut head: Vec<u8>,
+    greeting: Option<Utf8Bytes>,
+    feed: Feed,
+) {
     let outbox = Rc::new(Outbox::new());
     shared.register_outbox(conn, outbox.clone());
-    let codec = Rc::new(RefCell::new(WsCodec::new_server(&shared.limits, &read_ahead)));
-
-    let mut head = Vec::with_capacity(160);
-    write_switching_protocols(&mut head, &observe.accept);
+    let codec = RefCell::new(codec);
     // The greeting goes first: it was produced before any event could be queued.
-    let _ = codec.borrow_mut().send_text(greeting);
+    if let Some(greeting) = greeting {
+        let _ = codec.borrow_mut().send_text(greeting);
+    }
     if let Some(frame) = codec.borrow_mut().poll_transmit() {
         head.extend_from_slice(&frame);
     }
     let (reader, writer) = futures_lite::io::split(stream);
-    let write = writer_task(&shared, &outbox, &codec, writer, head);
-    let read = reader_task(&shared, conn, &outbox, &codec, reader);
+    let write = writer_task(shared, &outbox, &codec, writer, head);
+    let read = reader_task(shared, conn, &outbox, &codec, reader, feed);
     futures_lite::future::zip(write, read).await;
     shared.remove_outbox(conn);
     shared.dropped_frames.set(shared.dropped_frames.get() + outbox.dropped.get());
     let blame = shared.session_of(conn);
-    shared.drive(blame.as_ref(), |state| state.handle_detach(conn));
+    let now = shared.now();
+    shared.drive(blame.as_ref(), |state| state.handle_detach(now, conn));
 }
 
 /// How a wait in the reader ended.
@@ -141,6 +186,7 @@ async fn reader_task(
     outbox: &Outbox,
     codec: &RefCell<WsCodec>,
     mut reader: futures_lite::io::ReadHalf<TcpStream>,
+    feed: Feed,
 ) {
     let mut chunk = vec![0u8; shared.limits.ws_read_buffer_bytes.max(512)];
     loop {
@@ -153,9 +199,13 @@ async fn reader_task(
                 Ok(Some(Incoming::Text(text))) => {
                     let now = shared.now();
                     let blame = shared.session_of(conn);
-                    shared.drive(blame.as_ref(), |state| state.handle_client_text(now, conn, &text));
+                    shared.drive(blame.as_ref(), |state| match feed {
+                        Feed::Listener => state.handle_listener_text(now, conn, &text),
+                        Feed::Caller => state.handle_caller_frame(now, conn, &Bytes::from(text)),
+                        Feed::Agent => state.handle_agent_frame(now, conn, &Bytes::from(text)),
+                    });
                 }
-                Ok(Some(Incoming::Binary(_))) => {} // The event socket carries no binary input.
+                Ok(Some(Incoming::Binary(_))) => {} // These protocols carry text only; binary is ignored.
                 Ok(Some(Incoming::Close)) | Err(_) => {
                     // The codec queued the answering close frame; the writer sends it and ends.
                     outbox.close(1000, "");

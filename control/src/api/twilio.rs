@@ -1,0 +1,196 @@
+//! Twilio's side of a call (seeds 003/004): the voice webhook (TwiML), status callbacks, the
+//! Media Stream upgrade, and `/frontend-stream` listeners.
+//!
+//! Invariant: when a Twilio auth token is configured, nothing here acts on a request whose
+//! X-Twilio-Signature does not verify.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use relay_engine::core::Credential;
+use relay_engine::proto::ws;
+use relay_engine::shell::{Request, SocketKind, Upgrade};
+use serde_json::json;
+
+use super::params;
+use crate::auth;
+use crate::config::ApiConfig;
+use crate::error::{json_response, ApiError};
+use crate::limits::UserLimits;
+use crate::twilio::{field, parse_form, signature, twiml};
+
+/// `POST /twilio/voice`: answers Twilio's incoming-call webhook with `<Connect><Stream>`, passing
+/// the call's id (and the webhook's `agentUrl` query parameter, if any) as stream parameters.
+///
+/// # Errors
+/// 403 for a bad signature, 400 without `CallSid`.
+pub fn voice(config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
+    let form = parse_form(&request.body);
+    verify(config, request, &form)?;
+    let call_sid = field(&form, "CallSid")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
+    params::session_id(call_sid, "CallSid")?;
+    let stream_url = format!("{}/twilio/stream", ws_base(config, &request.head.headers));
+    let agent_url = params::query(request.head.uri.query(), "agentUrl");
+    let mut parameters = vec![("callSid", call_sid)];
+    for (name, key) in [("from", "From"), ("to", "To")] {
+        if let Some(v) = field(&form, key) {
+            parameters.push((name, v));
+        }
+    }
+    if let Some(url) = agent_url.as_deref().filter(|u| !u.is_empty()) {
+        parameters.push(("agentUrl", url));
+    }
+    let mut response = Response::new(Bytes::from(twiml::connect_stream(&stream_url, &parameters)));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+    Ok(response)
+}
+
+/// `POST /twilio/status`: a status callback.
+///
+/// # Errors
+/// 403 for a bad signature, 400 without `CallSid` or `CallStatus`.
+pub fn status(config: &ApiConfig, request: &Request) -> Result<(String, String, Option<u64>), ApiError> {
+    let form = parse_form(&request.body);
+    verify(config, request, &form)?;
+    let call_sid = field(&form, "CallSid")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
+    let status = field(&form, "CallStatus")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("CallStatus is required"))?;
+    let duration = field(&form, "CallDuration").and_then(|d| d.parse().ok());
+    Ok((call_sid.to_owned(), status.to_owned(), duration))
+}
+
+/// The answer to a status callback Twilio accepts.
+pub fn status_ok() -> Response<Bytes> {
+    json_response(StatusCode::OK, &json!({ "success": true }))
+}
+
+/// `GET /twilio/stream`: the caller's Media Stream. The session comes from its `start` message;
+/// `?callSid=` is the fallback.
+///
+/// # Errors
+/// 403 for a bad signature, 400/426 for a bad handshake.
+pub fn stream(config: &ApiConfig, request: &Request) -> Result<Upgrade, ApiError> {
+    verify(config, request, &[])?;
+    let accept = accept(request)?;
+    let session = match params::query(request.head.uri.query(), "callSid").filter(|s| !s.is_empty()) {
+        Some(s) => Some(params::session_id(&s, "callSid")?),
+        None => None,
+    };
+    Ok(Upgrade {
+        kind: SocketKind::Caller,
+        session,
+        credential: Credential::Operator,
+        accept,
+        guard: None,
+        reject: None,
+    })
+}
+
+/// `GET /frontend-stream?callSid=&user_id=`: a listener for the call's audio and transcripts, at
+/// most `frontend_sockets_per_user` at once per user (close 1008 past it).
+///
+/// # Errors
+/// 400 for missing ids, 401 without a credential when an API key is configured, 400/426 for a
+/// bad handshake.
+pub fn frontend(config: &ApiConfig, limits: &Arc<UserLimits>, request: &Request) -> Result<Upgrade, ApiError> {
+    let query = request.head.uri.query();
+    let session = params::query_session(query, "callSid")?;
+    let user = params::query(query, "user_id")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| ApiError::bad_request("query parameter user_id is required"))?;
+    if user.len() > 128 {
+        return Err(ApiError::bad_request("user_id must be at most 128 characters"));
+    }
+    let credential = listener_credential(config, request)?;
+    let accept = accept(request)?;
+    let (guard, reject) = match limits.acquire_socket(&user) {
+        Some(g) => (Some(Box::new(g) as Box<dyn std::any::Any + Send>), None),
+        None => (None, Some((1008, "too many concurrent connections for this user"))),
+    };
+    Ok(Upgrade { kind: SocketKind::Frontend, session: Some(session), credential, accept, guard, reject })
+}
+
+/// A listener's credential: the API key or a session token (bearer or `?accessToken=`). Without
+/// either, only a relay with no API key lets it through (as anonymous).
+///
+/// # Errors
+/// 401 when an API key is configured and the request carries no credential.
+pub fn listener_credential(config: &ApiConfig, request: &Request) -> Result<Credential, ApiError> {
+    let query = request.head.uri.query();
+    let token = params::query(query, "accessToken").or_else(|| params::query(query, "token")).filter(|t| !t.is_empty());
+    let credential = auth::credential(config.api_key.as_ref(), &request.head.headers, token);
+    if config.api_key.is_some() && matches!(credential, Credential::Anonymous) {
+        return Err(ApiError::unauthorized("an access token or the API key is required"));
+    }
+    Ok(credential)
+}
+
+/// The `Sec-WebSocket-Accept` for a valid upgrade request.
+///
+/// # Errors
+/// 426 for a plain GET or an unsupported version, 400 for a bad key.
+pub fn accept(request: &Request) -> Result<String, ApiError> {
+    let head = &request.head;
+    if !ws::wants_upgrade(&head.headers) {
+        return Err(ApiError::upgrade_required("this endpoint is a WebSocket: connect with Upgrade: websocket"));
+    }
+    ws::accept_key(head).map_err(|e| match e {
+        ws::HandshakeError::Version => ApiError::upgrade_required(e.to_string()),
+        other => ApiError::new(other.status(), other.to_string()),
+    })
+}
+
+/// Checks X-Twilio-Signature when an auth token is configured.
+fn verify(config: &ApiConfig, request: &Request, form: &[(String, String)]) -> Result<(), ApiError> {
+    let Some(token) = &config.twilio_auth_token else { return Ok(()) };
+    let provided = request.head.headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let urls = candidate_urls(config, request);
+    if !provided.is_empty() && signature::verify(token, provided, &urls, form) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::FORBIDDEN, "invalid or missing X-Twilio-Signature"))
+    }
+}
+
+/// The URLs Twilio may have signed: the public URL (when configured) or the request's Host, under
+/// each scheme Twilio uses (https for webhooks, wss for streams; http/ws for plain deployments).
+fn candidate_urls(config: &ApiConfig, request: &Request) -> Vec<String> {
+    let path = request.head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut hosts = Vec::new();
+    if let Some(public) = &config.public_url {
+        if let Some((_, authority)) = public.split_once("://") {
+            hosts.push(authority.trim_end_matches('/').to_owned());
+        }
+    }
+    if let Some(host) = request.head.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        hosts.push(host.to_owned());
+    }
+    let mut urls = Vec::new();
+    for host in &hosts {
+        for scheme in ["https", "wss", "http", "ws"] {
+            urls.push(format!("{scheme}://{host}{path}"));
+        }
+    }
+    urls
+}
+
+/// `wss://host` (or `ws://` for a plain-HTTP deployment) under which Twilio reaches the relay.
+fn ws_base(config: &ApiConfig, headers: &HeaderMap) -> String {
+    if let Some(public) = &config.public_url {
+        if let Some(rest) = public.strip_prefix("https://") {
+            return format!("wss://{rest}");
+        }
+        if let Some(rest) = public.strip_prefix("http://") {
+            return format!("ws://{rest}");
+        }
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let tls = headers.get("x-forwarded-proto").is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+    format!("{}://{host}", if tls { "wss" } else { "ws" })
+}

@@ -1,0 +1,382 @@
+//! Scenario tests of calls with legs: a Twilio caller stream, an agent bot, frontend and event
+//! listeners, driven through `CoreState` with a virtual clock.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::*;
+use crate::session::agent::{AgentPolicy, AgentUrl};
+
+const CALLER: ConnectionId = ConnectionId(100);
+const FRONTEND: ConnectionId = ConnectionId(5);
+const EVENTS: ConnectionId = ConnectionId(6);
+
+struct Call {
+    core: CoreState,
+    t0: Instant,
+    ms: u64,
+    agent: Option<ConnectionId>,
+    /// Every output so far, in order.
+    log: Vec<Output>,
+}
+
+impl Call {
+    fn new(policy: AgentPolicy) -> Self {
+        #[allow(clippy::disallowed_methods)] // The virtual clock's origin; tests advance `ms` by hand.
+        let t0 = Instant::now();
+        Self { core: CoreState::new(Limits::default(), policy), t0, ms: 0, agent: None, log: Vec::new() }
+    }
+
+    fn with_bot() -> Self {
+        Self::new(AgentPolicy {
+            default_url: Some(AgentUrl::parse("ws://127.0.0.1:9/bot").expect("valid")),
+            allow: vec![],
+        })
+    }
+
+    fn now(&self) -> Now {
+        Now { instant: self.t0 + Duration::from_millis(self.ms), unix_ms: 1_700_000_000_000 + self.ms }
+    }
+
+    fn drain(&mut self) {
+        while let Some(o) = self.core.poll_output() {
+            if let Output::ConnectAgent { conn, .. } = &o {
+                self.agent = Some(*conn);
+            }
+            self.log.push(o);
+        }
+    }
+
+    fn caller(&mut self, text: &Utf8Bytes) {
+        let now = self.now();
+        let frame = Bytes::copy_from_slice(text.as_bytes());
+        self.core.handle_caller_frame(now, CALLER, &frame);
+        self.drain();
+    }
+
+    fn bot(&mut self, text: &Utf8Bytes) {
+        let now = self.now();
+        let frame = Bytes::copy_from_slice(text.as_bytes());
+        let agent = self.agent.expect("agent dialled");
+        self.core.handle_agent_frame(now, agent, &frame);
+        self.drain();
+    }
+
+    /// Starts a call CA1 with frontend and event listeners and an open agent.
+    fn connected() -> Self {
+        let mut c = Self::with_bot();
+        let id = SessionId::parse("CA1").expect("valid");
+        c.core.handle_caller_open(&id, CALLER);
+        c.caller(&twilio::connected_msg());
+        let start = start("CA1");
+        c.caller(&twilio::start_msg(1, &start.params()));
+        let now = c.now();
+        c.core.handle_attach(now, &id, FRONTEND, ListenKind::Frontend, Credential::Anonymous).expect("tokenless call");
+        c.core.handle_listener_text(now, FRONTEND, r#"{"event":"connect-twilio","callSid":"CA1","user_id":"u"}"#);
+        c.core.handle_attach(now, &id, EVENTS, ListenKind::Events, Credential::Anonymous).expect("tokenless call");
+        let agent = c.agent.expect("the caller's start dials the agent");
+        assert!(c.core.handle_agent_open(now, agent));
+        c.drain();
+        c
+    }
+
+    /// Advances virtual time to `ms`, running every timer due on the way.
+    fn advance_to(&mut self, ms: u64) {
+        loop {
+            let target = self.t0 + Duration::from_millis(ms);
+            match self.core.poll_timeout() {
+                Some(t) if t <= target => {
+                    self.ms = self.ms.max(t.duration_since(self.t0).as_millis() as u64);
+                    let now = Now { instant: t.max(self.now().instant), unix_ms: 1_700_000_000_000 + self.ms };
+                    self.core.handle_timeout(now);
+                    self.drain();
+                }
+                _ => break,
+            }
+        }
+        self.ms = ms;
+    }
+
+    /// Parsed JSON of every text sent to `conn`, in order.
+    fn sent_to(&self, conn: ConnectionId) -> Vec<Value> {
+        self.log
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send { conn: c, text } if *c == conn => Some(serde_json::from_str(text).expect("json")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closed(&self, conn: ConnectionId) -> Option<u16> {
+        self.log.iter().find_map(|o| match o {
+            Output::Close { conn: c, code, .. } if *c == conn => Some(*code),
+            _ => None,
+        })
+    }
+}
+
+fn start(call_sid: &str) -> twilio::Start {
+    twilio::Start {
+        sequence: Some(1),
+        stream_sid: "MZ1".into(),
+        account_sid: "AC1".into(),
+        call_sid: call_sid.into(),
+        tracks: vec!["inbound".into()],
+        custom_parameters: vec![("callSid".into(), call_sid.into())],
+        media_format: twilio::MediaFormat::default(),
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn media(seq: u64, bytes: &[u8]) -> Utf8Bytes {
+    twilio::media_msg(seq, "MZ1", twilio::Track::Inbound, seq, seq * 20, b64(bytes).as_bytes())
+}
+
+fn events(values: &[Value]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| v["eventType"].as_str().or_else(|| v["event"].as_str()).unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// A caller's start creates the session, dials the agent, and greets it as Twilio would.
+#[test]
+fn stream_start_creates_the_call_and_dials_the_agent() {
+    let c = Call::connected();
+    let agent = c.agent.expect("dialled");
+    let to_agent = c.sent_to(agent);
+    assert_eq!(events(&to_agent), ["connected", "start"]);
+    assert_eq!(to_agent[1]["start"]["callSid"], "CA1");
+    assert_eq!(to_agent[1]["start"]["customParameters"]["callSid"], "CA1");
+    assert_eq!(events(&c.sent_to(EVENTS)), ["call_ready"]);
+    assert_eq!(c.core.stats().active_sessions, 1);
+    assert_eq!(c.core.stats().callers, 1);
+}
+
+/// Caller audio reaches the agent byte for byte and every frontend as the inbound track.
+#[test]
+fn caller_audio_reaches_agent_and_frontends() {
+    let mut c = Call::connected();
+    for i in 0..5u8 {
+        c.caller(&media(u64::from(i) + 2, &[i; 160]));
+    }
+    let agent = c.agent.expect("dialled");
+    let media_to_agent: Vec<Value> = c.sent_to(agent).into_iter().filter(|v| v["event"] == "media").collect();
+    assert_eq!(media_to_agent.len(), 5);
+    for (i, m) in media_to_agent.iter().enumerate() {
+        assert_eq!(m["media"]["payload"], b64(&[i as u8; 160]));
+        assert_eq!(m["media"]["track"], "inbound");
+    }
+    let audio: Vec<Value> = c.sent_to(FRONTEND);
+    assert_eq!(audio.len(), 5);
+    assert!(audio.iter().all(|a| a["event"] == "audio" && a["track"] == "inbound"));
+    assert_eq!(audio[3]["payload"], b64(&[3; 160]));
+}
+
+/// While muted, or while a custom stream is selected, the agent gets μ-law silence of equal length.
+#[test]
+fn muted_caller_is_silence_to_the_agent() {
+    let mut c = Call::connected();
+    let id = SessionId::parse("CA1").expect("valid");
+    let now = c.now();
+    c.core.handle_command(now, &id, Command::SetMicrophone(false)).expect("mute");
+    c.caller(&media(2, &[7; 160]));
+    c.core.handle_command(now, &id, Command::SetMicrophone(true)).expect("unmute");
+    c.caller(&media(3, &[7; 160]));
+    let stream = crate::id::StreamId::parse("custom").expect("valid");
+    c.core.handle_command(now, &id, Command::SendCustomStream(stream)).expect("custom");
+    c.caller(&media(4, &[7; 160]));
+    c.drain();
+    let agent = c.agent.expect("dialled");
+    let payloads: Vec<String> = c
+        .sent_to(agent)
+        .into_iter()
+        .filter(|v| v["event"] == "media")
+        .map(|v| v["media"]["payload"].as_str().expect("payload").to_owned())
+        .collect();
+    assert_eq!(payloads, [b64(&[0xFF; 160]), b64(&[7; 160]), b64(&[0xFF; 160])]);
+    // Frontends always hear the real caller.
+    assert!(c.sent_to(FRONTEND).iter().all(|a| a["payload"] == b64(&[7; 160])));
+}
+
+/// Agent audio sent all at once reaches the caller in order, paced, and a mark comes back only once
+/// the audio before it has played.
+#[test]
+fn agent_audio_is_paced_and_marks_echo_after_playout() {
+    let mut c = Call::connected();
+    for i in 0..50u8 {
+        let m = twilio::media_out("MZ1", b64(&[i; 160]).as_bytes());
+        c.bot(&m);
+    }
+    c.bot(&twilio::mark_out("MZ1", "end-of-utterance"));
+    let released_now = c.sent_to(CALLER).len();
+    assert!(released_now <= 10, "at most the 200 ms lead is released at once, got {released_now}");
+    let agent = c.agent.expect("dialled");
+    let marks = |c: &Call| c.sent_to(agent).into_iter().filter(|v| v["event"] == "mark").count();
+    assert_eq!(marks(&c), 0);
+    c.advance_to(700);
+    let mid = c.sent_to(CALLER).len();
+    assert!((35..=45).contains(&mid), "after 0.7 s, 0.7 s played and at most 0.2 s more released: {mid}");
+    assert_eq!(marks(&c), 0, "no mark before its audio played");
+    c.advance_to(1_000);
+    let to_caller = c.sent_to(CALLER);
+    assert_eq!(to_caller.len(), 50);
+    for (i, m) in to_caller.iter().enumerate() {
+        assert_eq!(m["event"], "media");
+        assert_eq!(m["streamSid"], "MZ1");
+        assert_eq!(m["media"]["payload"], b64(&[i as u8; 160]), "in order");
+    }
+    assert_eq!(marks(&c), 1, "the mark comes back once 1 s of audio has played");
+    let mark = c.sent_to(agent).into_iter().find(|v| v["event"] == "mark").expect("mark");
+    assert_eq!(mark["mark"]["name"], "end-of-utterance");
+    let outbound = c.sent_to(FRONTEND).into_iter().filter(|a| a["track"] == "outbound").count();
+    assert_eq!(outbound, 50, "frontends hear what the caller hears");
+}
+
+/// The agent's clear drops queued audio, tells the caller to clear, and returns pending marks in order.
+#[test]
+fn clear_flushes_and_returns_marks() {
+    let mut c = Call::connected();
+    for i in 0..50u8 {
+        c.bot(&twilio::media_out("MZ1", b64(&[i; 160]).as_bytes()));
+        if i == 20 {
+            c.bot(&twilio::mark_out("MZ1", "a"));
+        }
+    }
+    c.bot(&twilio::mark_out("MZ1", "b"));
+    c.advance_to(100);
+    let before = c.sent_to(CALLER).len();
+    c.bot(&twilio::clear_out("MZ1"));
+    let to_caller = c.sent_to(CALLER);
+    assert_eq!(to_caller.last().expect("clear")["event"], "clear");
+    let agent = c.agent.expect("dialled");
+    let names: Vec<Value> =
+        c.sent_to(agent).into_iter().filter(|v| v["event"] == "mark").map(|v| v["mark"]["name"].clone()).collect();
+    assert_eq!(names, ["a", "b"]);
+    c.advance_to(5_000);
+    assert_eq!(c.sent_to(CALLER).len(), before + 1, "nothing queued survives the clear");
+}
+
+/// DTMF reaches the agent as Twilio's dtmf message and event listeners as an update.
+#[test]
+fn dtmf_reaches_agent_and_listeners() {
+    let mut c = Call::connected();
+    c.caller(&Utf8Bytes::from(
+        r#"{"event":"dtmf","streamSid":"MZ1","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"7"}}"#
+            .to_owned(),
+    ));
+    let agent = c.agent.expect("dialled");
+    let dtmf = c.sent_to(agent).into_iter().find(|v| v["event"] == "dtmf").expect("dtmf to agent");
+    assert_eq!(dtmf["dtmf"]["digit"], "7");
+    let update = c.sent_to(EVENTS).into_iter().find(|v| v["eventType"] == "update").expect("update");
+    assert_eq!(update["data"]["dtmf"]["digit"], "7");
+}
+
+/// The caller's stop ends the call: call_ended to listeners, stop to the agent, every socket closed.
+#[test]
+fn stop_ends_the_call() {
+    let mut c = Call::connected();
+    c.caller(&twilio::stop_msg(9, "MZ1", "AC1", "CA1"));
+    let agent = c.agent.expect("dialled");
+    assert_eq!(events(&c.sent_to(EVENTS)).last().map(String::as_str), Some("call_ended"));
+    assert_eq!(c.sent_to(agent).last().expect("stop")["event"], "stop");
+    for conn in [CALLER, agent, FRONTEND, EVENTS] {
+        assert_eq!(c.closed(conn), Some(1000), "{conn:?} closed");
+    }
+    assert_eq!(c.core.stats().active_sessions, 0);
+    assert_eq!(c.core.stats().callers, 0);
+    assert_eq!(c.core.stats().observers, 0);
+}
+
+/// An agent that fails costs only itself: an error event, and caller audio still reaches frontends.
+#[test]
+fn failed_agent_costs_only_itself() {
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let now = c.now();
+    c.core.handle_attach(now, &id, EVENTS, ListenKind::Events, Credential::Anonymous).expect("attach");
+    c.core.handle_attach(now, &id, FRONTEND, ListenKind::Frontend, Credential::Anonymous).expect("attach");
+    c.core.handle_listener_text(now, FRONTEND, r#"{"event":"connect-twilio","callSid":"CA1","user_id":"u"}"#);
+    let agent = c.agent.expect("dialled");
+    c.core.handle_agent_closed(now, agent, "connection refused");
+    c.drain();
+    assert!(!c.core.handle_agent_open(now, agent), "a failed leg cannot open later");
+    let error = c.sent_to(EVENTS).into_iter().find(|v| v["eventType"] == "error").expect("error event");
+    assert!(error["data"]["message"].as_str().expect("text").contains("connection refused"));
+    c.caller(&media(2, &[1; 160]));
+    assert_eq!(c.sent_to(FRONTEND).len(), 1, "caller audio still reaches observers");
+    assert_eq!(c.core.stats().active_sessions, 1);
+}
+
+/// Malformed and out-of-order messages are counted and ignored; the call goes on.
+#[test]
+fn bad_messages_are_counted() {
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&media(1, &[0; 160])); // media before start
+    c.caller(&Utf8Bytes::from("not json".to_owned()));
+    c.caller(&Utf8Bytes::from(r#"{"event":"nope"}"#.to_owned()));
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    c.caller(&twilio::start_msg(2, &start("CA1").params())); // a second start
+    assert_eq!(c.core.stats().protocol_errors, 4);
+    assert_eq!(c.core.stats().callers, 1);
+}
+
+/// A per-call agent URL off the allow-list is refused with an error event; allowed ones are dialled.
+#[test]
+fn per_call_agent_urls_need_the_allow_list() {
+    let policy = AgentPolicy { default_url: None, allow: vec!["127.0.0.1:7000".into()] };
+    for (url, dialled) in [("ws://127.0.0.1:7000/bot", true), ("ws://10.0.0.1/bot", false)] {
+        let mut c = Call::new(policy.clone());
+        let id = SessionId::parse("CA1").expect("valid");
+        let now = c.now();
+        c.core.handle_attach(now, &id, EVENTS, ListenKind::Events, Credential::Operator).expect("attach");
+        c.core.handle_caller_open(&id, CALLER);
+        let mut s = start("CA1");
+        s.custom_parameters.push(("agentUrl".into(), url.into()));
+        c.caller(&twilio::start_msg(1, &s.params()));
+        assert_eq!(c.agent.is_some(), dialled, "{url}");
+        let errors = c.sent_to(EVENTS).into_iter().filter(|v| v["eventType"] == "error").count();
+        assert_eq!(errors, usize::from(!dialled), "{url}");
+    }
+}
+
+/// A session started by /start-call gets its caller when the stream with its id starts.
+#[test]
+fn stream_joins_an_api_session() {
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    let now = c.now();
+    let start_call = command::StartCall {
+        access_token: Secret::new("t"),
+        sample_rate: crate::media::SampleRate::DEFAULT,
+        emit_raw_audio_samples: false,
+    };
+    c.core.handle_command(now, &id, Command::Start(start_call)).expect("start");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let Ok(Reply::CallStatus(status)) = c.core.handle_command(now, &id, Command::CallStatus) else { panic!("status") };
+    assert!(status.is_connected);
+    let Ok(Reply::TrackStatus(tracks)) = c.core.handle_command(now, &id, Command::TrackStatus) else {
+        panic!("tracks")
+    };
+    assert_eq!(tracks.tracks.len(), 1);
+    assert_eq!(tracks.tracks[0].source, "microphone");
+    // A second stream for the same call is refused.
+    let second = ConnectionId(101);
+    c.core.handle_caller_open(&id, second);
+    let frame = Bytes::copy_from_slice(twilio::start_msg(1, &start("CA1").params()).as_bytes());
+    c.core.handle_caller_frame(now, second, &frame);
+    c.drain();
+    assert_eq!(c.closed(second), Some(1008));
+}

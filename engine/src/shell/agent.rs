@@ -1,0 +1,129 @@
+//! Agent legs: the relay dials an upstream bot's WebSocket (as Twilio would dial a Media Streams
+//! server) and then serves it like any other socket on the session's core.
+//!
+//! Invariant: every step (name lookup, connect, handshake) has a deadline; a bot that is down or
+//! slow ends its own leg with `handle_agent_closed`, nothing else.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::core_task::CoreShared;
+use super::{clock, ws};
+use crate::id::{ConnectionId, SessionId};
+use crate::proto::ws::WsCodec;
+use crate::session::agent::AgentUrl;
+
+/// Largest 101 answer head accepted from an agent, bytes.
+const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+
+/// Dials `url` for agent leg `conn` of `session`, then serves it until it ends.
+pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, url: AgentUrl) {
+    let limits = &shared.limits;
+    let dialled = glommio::timer::timeout(limits.agent_connect_timeout, async { Ok(dial(conn, &url).await) }).await;
+    let (stream, read_ahead) = match dialled {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(reason)) => return fail(&shared, conn, &session, &reason),
+        Err(_) => return fail(&shared, conn, &session, "timed out connecting"),
+    };
+    shared.connection_opened();
+    let now = shared.now();
+    // Registering the outbox before the open lets the greeting the core sends reach the socket.
+    let opened = shared.drive(Some(&session), |state| state.handle_agent_open(now, conn)).unwrap_or(false);
+    if opened {
+        let codec = WsCodec::new_client(limits, &read_ahead);
+        ws::run(&shared, conn, stream, codec, Vec::new(), None, ws::Feed::Agent).await;
+    } else {
+        let mut stream = stream;
+        let _ = stream.close().await;
+    }
+    shared.connection_closed();
+}
+
+fn fail(shared: &CoreShared, conn: ConnectionId, session: &SessionId, reason: &str) {
+    tracing::info!(core = shared.id.0, session = %session, "agent leg failed: {reason}");
+    let now = shared.now();
+    shared.drive(Some(session), |state| state.handle_agent_closed(now, conn, reason));
+}
+
+/// Connects and performs the client handshake; returns the socket and any bytes after the 101.
+async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(TcpStream, Vec<u8>), String> {
+    if url.tls {
+        return Err("wss:// agents need TLS, which this relay does not dial yet; use ws://".to_owned());
+    }
+    let addr = resolve(url).await?;
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let key = handshake_key(conn);
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: relay/{}\r\n\r\n",
+        url.path,
+        url.host_header(),
+        env!("CARGO_PKG_VERSION"),
+    );
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("cannot send the handshake: {e}"))?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|e| format!("handshake read failed: {e}"))?;
+        if n == 0 {
+            return Err("the agent closed the connection during the handshake".to_owned());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                if response.code != Some(101) {
+                    return Err(format!(
+                        "the agent answered {} instead of switching protocols",
+                        response.code.unwrap_or(0)
+                    ));
+                }
+                let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let accepted = response
+                    .headers
+                    .iter()
+                    .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes());
+                if !accepted {
+                    return Err("the agent's Sec-WebSocket-Accept does not match".to_owned());
+                }
+                return Ok((stream, buf[head_len..].to_vec()));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err("the agent's handshake answer is too large".to_owned()),
+            Err(e) => return Err(format!("the agent's handshake answer is malformed: {e}")),
+        }
+    }
+}
+
+/// The agent's address: IP literals directly, names on glommio's blocking pool (never on the core).
+async fn resolve(url: &AgentUrl) -> Result<SocketAddr, String> {
+    if let Ok(ip) = url.host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, url.port));
+    }
+    let target = (url.host.clone(), url.port);
+    let found =
+        glommio::executor().spawn_blocking(move || target.to_socket_addrs().map(|mut addrs| addrs.next())).await;
+    match found {
+        Ok(Some(addr)) => Ok(addr),
+        Ok(None) => Err(format!("{} has no address", url.host)),
+        Err(e) => Err(format!("cannot resolve {}: {e}", url.host)),
+    }
+}
+
+/// A `Sec-WebSocket-Key`: 16 bytes that differ per connection and per run (RFC 6455 asks for a
+/// nonce; it guards against caching proxies, not attackers).
+fn handshake_key(conn: ConnectionId) -> String {
+    let now = clock::now();
+    let mut nonce = [0u8; 16];
+    nonce[..8].copy_from_slice(&now.unix_ms.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+    nonce[8..].copy_from_slice(&(conn.0 ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes());
+    base64::engine::general_purpose::STANDARD.encode(nonce)
+}
