@@ -62,6 +62,23 @@ pub struct Config {
     #[arg(long, env = "RELAY_TWILIO_AUTH_TOKEN", hide_env_values = true)]
     pub twilio_auth_token: Option<String>,
 
+    /// Twilio account SID, for outbound calls through Twilio's REST API.
+    #[arg(long, env = "RELAY_TWILIO_ACCOUNT_SID")]
+    pub twilio_account_sid: Option<String>,
+
+    /// Caller number (E.164) for outbound calls.
+    #[arg(long, env = "RELAY_TWILIO_FROM")]
+    pub twilio_from: Option<String>,
+
+    /// Base URL of Twilio's REST API (a local stand-in in tests).
+    #[arg(long, env = "RELAY_TWILIO_API_BASE", default_value = "https://api.twilio.com")]
+    pub twilio_api_base: String,
+
+    /// PEM file of extra certificate authorities trusted for outbound TLS (Twilio API base),
+    /// besides the web PKI roots.
+    #[arg(long, env = "RELAY_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+
     /// Concurrent `/frontend-stream` sockets per `user_id` (close 1008 past it).
     #[arg(long, env = "RELAY_FRONTEND_SOCKETS_PER_USER", default_value_t = 3)]
     pub frontend_sockets_per_user: usize,
@@ -166,6 +183,21 @@ pub struct ApiConfig {
     pub twilio_auth_token: Option<Secret>,
     /// Concurrent frontend sockets per user id.
     pub frontend_sockets_per_user: usize,
+    /// Twilio REST credentials, when all three are configured.
+    pub twilio: Option<TwilioAccount>,
+}
+
+/// What the relay needs to place and end calls through Twilio's REST API.
+#[derive(Debug, Clone)]
+pub struct TwilioAccount {
+    /// Account SID (`AC…`).
+    pub sid: String,
+    /// Auth token (also the webhook signing key).
+    pub auth_token: Secret,
+    /// Caller number.
+    pub from: String,
+    /// REST API base URL, without a trailing slash.
+    pub api_base: String,
 }
 
 impl Config {
@@ -191,6 +223,9 @@ impl Config {
         }
         if let Some(url) = &self.agent_url {
             AgentUrl::parse(url).map_err(|e| format!("--agent-url {url}: {e}"))?;
+        }
+        if !(self.twilio_api_base.starts_with("http://") || self.twilio_api_base.starts_with("https://")) {
+            return Err(format!("--twilio-api-base {}: must start with http:// or https://", self.twilio_api_base));
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -259,6 +294,17 @@ impl Config {
             public_url: self.public_url.as_deref().map(|u| u.trim_end_matches('/').to_owned()),
             twilio_auth_token: self.twilio_auth_token.clone().filter(|t| !t.is_empty()).map(Secret::new),
             frontend_sockets_per_user: self.frontend_sockets_per_user,
+            twilio: match (&self.twilio_account_sid, &self.twilio_auth_token, &self.twilio_from) {
+                (Some(sid), Some(token), Some(from)) if !sid.is_empty() && !token.is_empty() && !from.is_empty() => {
+                    Some(TwilioAccount {
+                        sid: sid.clone(),
+                        auth_token: Secret::new(token.clone()),
+                        from: from.clone(),
+                        api_base: self.twilio_api_base.trim_end_matches('/').to_owned(),
+                    })
+                }
+                _ => None,
+            },
         }
     }
 }

@@ -16,12 +16,14 @@ pub struct ApiError {
     pub message: String,
     /// Headers the status requires (`Allow` for 405, `Upgrade` for 426).
     pub headers: Vec<(HeaderName, &'static str)>,
+    /// Seconds for `Retry-After` (429, 503); 1 when unset.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     /// An error with `status` and `message`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), headers: Vec::new() }
+        Self { status, message: message.into(), headers: Vec::new(), retry_after: None }
     }
 
     /// 400: the request is malformed or a field is missing or invalid.
@@ -45,6 +47,7 @@ impl ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             message: format!("{method} is not allowed on {path}; use {}", allow.trim_end_matches(", OPTIONS")),
             headers: vec![(header::ALLOW, allow)],
+            retry_after: None,
         }
     }
 
@@ -54,6 +57,7 @@ impl ApiError {
             status: StatusCode::UPGRADE_REQUIRED,
             message: message.into(),
             headers: vec![(header::UPGRADE, "websocket"), (header::SEC_WEBSOCKET_VERSION, "13")],
+            retry_after: None,
         }
     }
 
@@ -86,7 +90,7 @@ impl ApiError {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after.unwrap_or(1)));
         }
         response
     }

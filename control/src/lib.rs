@@ -42,6 +42,11 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     let engine = config.engine();
     let cores = engine.cores;
     let grace = engine.limits.shutdown_grace;
+    if let Some(path) = &config.upstream_ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read --upstream-ca-file {}", path.display()))?;
+        relay_engine::shell::trust_extra_roots(&pem)
+            .map_err(|e| anyhow::anyhow!("--upstream-ca-file {}: {e}", path.display()))?;
+    }
     let data_dir = probe::start(config.data_dir.clone()).context("cannot start the data-dir probe")?;
     let relay = relay_engine::shell::start(engine, api::Service::new(config.api(), data_dir))?;
     tracing::info!("relay listening on http://{} with {cores} cores", relay.local_addr());

@@ -37,6 +37,10 @@ pub enum Route {
     TwilioStream,
     /// `GET /frontend-stream` (WebSocket upgrade).
     FrontendStream,
+    /// `POST /outbound-call`.
+    OutboundCall,
+    /// `POST /end-call`.
+    EndCall,
 }
 
 /// Why a request has no route.
@@ -77,6 +81,8 @@ static TABLE: &[Entry] = &[
     Entry { path: "/twilio/status", methods: &[(Method::POST, Route::TwilioStatus)], allow: POST },
     Entry { path: "/twilio/stream", methods: &[(Method::GET, Route::TwilioStream)], allow: GET },
     Entry { path: "/frontend-stream", methods: &[(Method::GET, Route::FrontendStream)], allow: GET },
+    Entry { path: "/outbound-call", methods: &[(Method::POST, Route::OutboundCall)], allow: POST },
+    Entry { path: "/end-call", methods: &[(Method::POST, Route::EndCall)], allow: POST },
 ];
 
 /// The route for `method` on `path`. `HEAD` is served wherever `GET` is.

@@ -59,6 +59,8 @@ pub struct Limits {
     pub connections_per_core: usize,
     /// Messages queued between two cores before new ones are shed.
     pub mesh_capacity: usize,
+    /// Call records one core keeps (the oldest are forgotten past it).
+    pub records_per_core: usize,
     /// How long a request waits for the owner core's reply before it answers 503.
     pub command_timeout: Duration,
     /// How long graceful shutdown waits for connections to finish before cores exit anyway.
@@ -87,6 +89,7 @@ impl Default for Limits {
             sessions_per_core: 20_000,
             connections_per_core: 50_000,
             mesh_capacity: 4096,
+            records_per_core: 10_000,
             command_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(3),
         }

@@ -3,6 +3,7 @@
 //! Invariant: decide, then act: handlers parse and validate into typed commands before anything
 //! reaches a core, and every failure is an [`ApiError`] rendered with the JSON envelope.
 
+pub mod calls;
 pub mod ops;
 pub mod params;
 pub mod session;
@@ -48,15 +49,19 @@ impl Service {
             Route::Unmute => respond(session::set_microphone(core, request, true).await),
             Route::SendCustomStream => respond(session::send_custom_stream(core, request).await),
             Route::ResumeMicrophone => respond(session::resume_microphone(core, request).await),
+            Route::CallStatus
+                if params::query(request.head.uri.query(), "sessionId").is_none()
+                    && params::query(request.head.uri.query(), "callSid").is_some() =>
+            {
+                respond(calls::call_status(core, request).await)
+            }
             Route::CallStatus => respond(session::call_status(core, request).await),
+            Route::OutboundCall => respond(calls::outbound_call(core, &self.config, &self.users, request).await),
+            Route::EndCall => respond(calls::end_call(core, &self.config, request).await),
             Route::TrackStatus => respond(session::track_status(core, request).await),
             Route::Events => session::events(&self.config, request).map(Outcome::Upgrade),
-            Route::TwilioVoice => respond(twilio::voice(&self.config, request)),
-            Route::TwilioStatus => {
-                let (call_sid, status, duration) = twilio::status(&self.config, request)?;
-                tracing::debug!(call = %call_sid, status, ?duration, "twilio status callback");
-                respond(Ok(twilio::status_ok()))
-            }
+            Route::TwilioVoice => respond(twilio::voice(core, &self.config, request).await),
+            Route::TwilioStatus => respond(twilio::status(core, &self.config, request).await),
             Route::TwilioStream => twilio::stream(&self.config, request).map(Outcome::Upgrade),
             Route::FrontendStream => twilio::frontend(&self.config, &self.users, request).map(Outcome::Upgrade),
         }

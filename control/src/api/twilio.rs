@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use relay_engine::core::command::RecordUpdate;
 use relay_engine::core::Credential;
 use relay_engine::proto::ws;
-use relay_engine::shell::{Request, SocketKind, Upgrade};
+use relay_engine::shell::{CoreHandle, Request, SocketKind, Upgrade};
 use serde_json::json;
 
-use super::params;
+use super::{calls, params};
 use crate::auth;
 use crate::config::ApiConfig;
 use crate::error::{json_response, ApiError};
@@ -21,17 +22,24 @@ use crate::limits::UserLimits;
 use crate::twilio::{field, parse_form, signature, twiml};
 
 /// `POST /twilio/voice`: answers Twilio's incoming-call webhook with `<Connect><Stream>`, passing
-/// the call's id (and the webhook's `agentUrl` query parameter, if any) as stream parameters.
+/// the call's id, numbers, the webhook's `agentUrl` query parameter and, for outbound calls, the
+/// agent's `prompt` and `first_message` as stream parameters. Records the call as in progress.
 ///
 /// # Errors
-/// 403 for a bad signature, 400 without `CallSid`.
-pub fn voice(config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
+/// 403 for a bad signature, 400 without a valid `CallSid`.
+pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let form = parse_form(&request.body);
     verify(config, request, &form)?;
     let call_sid = field(&form, "CallSid")
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
-    params::session_id(call_sid, "CallSid")?;
+    let id = params::session_id(call_sid, "CallSid")?;
+    let update = RecordUpdate {
+        from: field(&form, "From").map(str::to_owned),
+        to: field(&form, "To").map(str::to_owned),
+        ..RecordUpdate::default()
+    };
+    let record = calls::record(core, &id, update).await?;
     let stream_url = format!("{}/twilio/stream", ws_base(config, &request.head.headers));
     let agent_url = params::query(request.head.uri.query(), "agentUrl");
     let mut parameters = vec![("callSid", call_sid)];
@@ -43,31 +51,39 @@ pub fn voice(config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, A
     if let Some(url) = agent_url.as_deref().filter(|u| !u.is_empty()) {
         parameters.push(("agentUrl", url));
     }
+    for (name, value) in
+        [("prompt", &record.prompt), ("first_message", &record.first_message), ("user_id", &record.user_id)]
+    {
+        if let Some(v) = value {
+            parameters.push((name, v));
+        }
+    }
     let mut response = Response::new(Bytes::from(twiml::connect_stream(&stream_url, &parameters)));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
     Ok(response)
 }
 
-/// `POST /twilio/status`: a status callback.
+/// `POST /twilio/status`: a status callback; updates the call's record (status, duration).
 ///
 /// # Errors
 /// 403 for a bad signature, 400 without `CallSid` or `CallStatus`.
-pub fn status(config: &ApiConfig, request: &Request) -> Result<(String, String, Option<u64>), ApiError> {
+pub async fn status(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let form = parse_form(&request.body);
     verify(config, request, &form)?;
     let call_sid = field(&form, "CallSid")
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
+    let id = params::session_id(call_sid, "CallSid")?;
     let status = field(&form, "CallStatus")
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request("CallStatus is required"))?;
-    let duration = field(&form, "CallDuration").and_then(|d| d.parse().ok());
-    Ok((call_sid.to_owned(), status.to_owned(), duration))
-}
-
-/// The answer to a status callback Twilio accepts.
-pub fn status_ok() -> Response<Bytes> {
-    json_response(StatusCode::OK, &json!({ "success": true }))
+    let update = RecordUpdate {
+        status: Some(status.to_owned()),
+        duration_secs: field(&form, "CallDuration").and_then(|d| d.parse().ok()),
+        ..RecordUpdate::default()
+    };
+    calls::record(core, &id, update).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "success": true })))
 }
 
 /// `GET /twilio/stream`: the caller's Media Stream. The session comes from its `start` message;

@@ -23,6 +23,60 @@ pub enum Command {
     CallStatus,
     /// Report `/track-status`.
     TrackStatus,
+    /// Create or update the call's record (outbound initiation, webhooks, status callbacks).
+    Record(Box<RecordUpdate>),
+    /// Read the call's record.
+    ReadRecord,
+}
+
+/// A change to a call record; `None` fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordUpdate {
+    /// The user who initiated the call (seed 004's `user_id`).
+    pub user_id: Option<String>,
+    /// Twilio's call status (`queued`, `ringing`, `in-progress`, `completed`, `busy`, `failed`,
+    /// `no-answer`, `canceled`).
+    pub status: Option<String>,
+    /// Call duration Twilio reports, seconds.
+    pub duration_secs: Option<u64>,
+    /// Caller number.
+    pub from: Option<String>,
+    /// Called number.
+    pub to: Option<String>,
+    /// The agent's instructions for an outbound call, passed to it as a stream parameter.
+    pub prompt: Option<String>,
+    /// The agent's first sentence for an outbound call, passed likewise.
+    pub first_message: Option<String>,
+}
+
+/// What the relay knows about a call, from real events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallRecord {
+    /// The initiating user, for outbound calls.
+    pub user_id: Option<String>,
+    /// Latest status.
+    pub status: String,
+    /// When the caller's stream started, ms since the epoch.
+    pub start_ms: Option<u64>,
+    /// When the call ended, ms since the epoch.
+    pub end_ms: Option<u64>,
+    /// Duration Twilio reported, seconds (preferred over the stream's own times when present).
+    pub duration_secs: Option<u64>,
+    /// Caller number.
+    pub from: Option<String>,
+    /// Called number.
+    pub to: Option<String>,
+    /// Outbound call instructions for the agent.
+    pub prompt: Option<String>,
+    /// Outbound call first sentence for the agent.
+    pub first_message: Option<String>,
+}
+
+impl CallRecord {
+    /// Seconds the call has lasted: Twilio's figure, else end (or `now_ms`) minus start.
+    pub fn duration_at(&self, now_ms: u64) -> Option<u64> {
+        self.duration_secs.or_else(|| self.start_ms.map(|s| self.end_ms.unwrap_or(now_ms).saturating_sub(s) / 1000))
+    }
 }
 
 /// Parameters of a new session.
@@ -56,6 +110,8 @@ pub enum Reply {
     CallStatus(CallStatus),
     /// Answer to [`Command::TrackStatus`].
     TrackStatus(TrackStatus),
+    /// Answer to [`Command::Record`] and [`Command::ReadRecord`].
+    Record(CallRecord),
 }
 
 /// `/call-status` fields.

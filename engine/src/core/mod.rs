@@ -135,6 +135,10 @@ pub struct CoreState {
     waiting: usize,
     /// Set by `handle_shutdown`: no new sessions or sockets from then on.
     shutting_down: bool,
+    /// Call records by call id, kept after their session ends; the oldest go first past
+    /// `records_per_core`.
+    records: HashMap<SessionId, command::CallRecord>,
+    record_order: VecDeque<SessionId>,
 }
 
 /// What a connection is to its session.
@@ -179,6 +183,8 @@ impl CoreState {
             stats: Stats::default(),
             waiting: 0,
             shutting_down: false,
+            records: HashMap::new(),
+            record_order: VecDeque::new(),
         }
     }
 
@@ -187,6 +193,13 @@ impl CoreState {
     /// # Errors
     /// [`CommandError`] when the session is missing, already exists, or the core is full.
     pub fn handle_command(&mut self, now: Now, id: &SessionId, command: Command) -> Result<Reply, CommandError> {
+        match command {
+            Command::Record(update) => return Ok(Reply::Record(self.update_record(id, *update))),
+            Command::ReadRecord => {
+                return self.records.get(id).cloned().map(Reply::Record).ok_or(CommandError::NotFound)
+            }
+            _ => {}
+        }
         if let Command::Start(start) = command {
             if self.shutting_down {
                 return Err(CommandError::ShuttingDown);
@@ -204,7 +217,7 @@ impl CoreState {
         let has_listeners = slot.listeners.iter().any(|l| l.kind == ListenKind::Events);
         let session = slot.session.as_mut().ok_or(CommandError::NotFound)?;
         let (reply, event) = match command {
-            Command::Start(_) => unreachable!("handled above"),
+            Command::Start(_) | Command::Record(_) | Command::ReadRecord => unreachable!("handled above"),
             Command::Stop => {
                 self.end(now, id, "stopped", 1000, "call ended");
                 return Ok(Reply::Stopped);
@@ -344,12 +357,9 @@ impl CoreState {
     /// A text frame from a caller's stream (Twilio Media Streams).
     pub fn handle_caller_frame(&mut self, now: Now, conn: ConnectionId, frame: &Bytes) {
         let Some((id, role)) = self.conns.get(&conn).cloned() else { return };
-        let message = match twilio::parse(frame) {
-            Ok(m) => m,
-            Err(_) => {
-                self.stats.protocol_errors += 1;
-                return;
-            }
+        let Ok(message) = twilio::parse(frame) else {
+            self.stats.protocol_errors += 1;
+            return;
         };
         match (role, message) {
             (Role::CallerPending, twilio::Message::Connected) => {}
@@ -568,7 +578,18 @@ impl CoreState {
             return;
         }
         let requested = start.custom_parameter("agentUrl").map(str::to_owned);
+        let (from, to) =
+            (start.custom_parameter("from").map(str::to_owned), start.custom_parameter("to").map(str::to_owned));
         session.caller = Some(Caller { conn, start });
+        let record = self.update_record(
+            id,
+            command::RecordUpdate { status: Some("in-progress".into()), from, to, ..Default::default() },
+        );
+        if record.start_ms.is_none() {
+            if let Some(r) = self.records.get_mut(id) {
+                r.start_ms = Some(now.unix_ms);
+            }
+        }
         self.stats.callers += 1;
         self.conns.insert(conn, (id.clone(), Role::Caller));
         self.broadcast(now, id, RetellEvent::Update, json!({ "isConnected": true }));
@@ -684,6 +705,14 @@ impl CoreState {
         let mut slot = self.slots.remove(id).expect("found above");
         let mut session = slot.session.take().expect("found above");
         self.stats.active_sessions -= 1;
+        if session.caller.is_some() {
+            if let Some(r) = self.records.get_mut(id) {
+                r.end_ms.get_or_insert(now.unix_ms);
+                if r.status == "in-progress" {
+                    r.status = "completed".to_owned();
+                }
+            }
+        }
         if let Some(caller) = &session.caller {
             self.stats.callers -= 1;
             let start = &caller.start;
@@ -703,6 +732,34 @@ impl CoreState {
             self.stats.observers -= 1;
             self.close(l.conn, code, close_reason);
         }
+    }
+
+    /// Creates or updates the record of call `id` and returns it.
+    fn update_record(&mut self, id: &SessionId, update: command::RecordUpdate) -> command::CallRecord {
+        if !self.records.contains_key(id) {
+            while self.records.len() >= self.limits.records_per_core.max(1) {
+                let Some(oldest) = self.record_order.pop_front() else { break };
+                self.records.remove(&oldest);
+            }
+            self.record_order.push_back(id.clone());
+            self.records.insert(id.clone(), command::CallRecord { status: "queued".to_owned(), ..Default::default() });
+        }
+        let r = self.records.get_mut(id).expect("inserted above");
+        // A call that ended stays ended whatever late callbacks say, except Twilio's final word.
+        if let Some(status) = update.status {
+            let terminal = matches!(r.status.as_str(), "completed" | "busy" | "failed" | "no-answer" | "canceled");
+            if !terminal || status != "in-progress" {
+                r.status = status;
+            }
+        }
+        let command::RecordUpdate { user_id, duration_secs, from, to, prompt, first_message, .. } = update;
+        r.user_id = user_id.or_else(|| r.user_id.take());
+        r.duration_secs = duration_secs.or(r.duration_secs);
+        r.from = from.or_else(|| r.from.take());
+        r.to = to.or_else(|| r.to.take());
+        r.prompt = prompt.or_else(|| r.prompt.take());
+        r.first_message = first_message.or_else(|| r.first_message.take());
+        r.clone()
     }
 
     fn broadcast(&mut self, now: Now, id: &SessionId, event: RetellEvent, data: Value) {

@@ -380,3 +380,40 @@ fn stream_joins_an_api_session() {
     c.drain();
     assert_eq!(c.closed(second), Some(1008));
 }
+
+/// A call's record follows the real stream: in progress at start, completed with times at stop,
+/// and outbound details and status callbacks merge into it.
+#[test]
+fn records_follow_the_stream() {
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    let now = c.now();
+    let update =
+        command::RecordUpdate { user_id: Some("u1".into()), status: Some("queued".into()), ..Default::default() };
+    c.core.handle_command(now, &id, Command::Record(Box::new(update))).expect("record");
+    c.ms = 1_000;
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let Ok(Reply::Record(r)) = c.core.handle_command(c.now(), &id, Command::ReadRecord) else { panic!("record") };
+    assert_eq!(
+        (r.status.as_str(), r.start_ms, r.user_id.as_deref()),
+        ("in-progress", Some(1_700_000_001_000), Some("u1"))
+    );
+    c.ms = 4_000;
+    c.caller(&twilio::stop_msg(9, "MZ1", "AC1", "CA1"));
+    let Ok(Reply::Record(r)) = c.core.handle_command(c.now(), &id, Command::ReadRecord) else { panic!("record") };
+    assert_eq!((r.status.as_str(), r.end_ms, r.duration_at(0)), ("completed", Some(1_700_000_004_000), Some(3)));
+    let late = command::RecordUpdate { status: Some("in-progress".into()), ..Default::default() };
+    c.core.handle_command(c.now(), &id, Command::Record(Box::new(late))).expect("record");
+    let done = command::RecordUpdate { status: Some("completed".into()), duration_secs: Some(5), ..Default::default() };
+    let Ok(Reply::Record(r)) = c.core.handle_command(c.now(), &id, Command::Record(Box::new(done))) else {
+        panic!("record")
+    };
+    assert_eq!(
+        (r.status.as_str(), r.duration_at(0)),
+        ("completed", Some(5)),
+        "Twilio's duration wins; ended stays ended"
+    );
+    let unknown = SessionId::parse("CA2").expect("valid");
+    assert_eq!(c.core.handle_command(c.now(), &unknown, Command::ReadRecord), Err(CommandError::NotFound));
+}

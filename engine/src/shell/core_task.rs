@@ -57,7 +57,7 @@ pub(crate) struct CoreShared {
     /// Outgoing queues of the event sockets this core serves.
     outboxes: RefCell<HashMap<ConnectionId, Rc<Outbox>>>,
     /// A weak handle on this struct, for spawning tasks from inside `drive`.
-    this: RefCell<std::rc::Weak<CoreShared>>,
+    this: RefCell<std::rc::Weak<Self>>,
     /// Wakes the timer task when an input brings a deadline earlier than the one it sleeps until.
     timer_event: Event,
     /// The deadline the timer task sleeps until.
@@ -116,6 +116,18 @@ impl CoreHandle {
             // Timed out, or the owner dropped the request: the caller may retry.
             _ => Err(CommandError::Busy),
         }
+    }
+
+    /// Sends an HTTP(S) request from this core (e.g. to Twilio's REST API) and returns the response.
+    ///
+    /// # Errors
+    /// [`super::FetchError`] when the request cannot complete within `timeout`.
+    pub async fn fetch(
+        &self,
+        request: super::FetchRequest,
+        timeout: Duration,
+    ) -> Result<super::FetchResponse, super::FetchError> {
+        super::fetch::fetch(request, timeout).await
     }
 
     /// Every core's counts, from the shared gauges.

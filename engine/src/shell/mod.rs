@@ -6,6 +6,7 @@
 mod agent;
 mod clock;
 mod core_task;
+mod fetch;
 mod handoff;
 mod mesh;
 mod tcp;
@@ -26,7 +27,9 @@ use crate::core::Credential;
 use crate::id::{CoreId, SessionId};
 use crate::proto::http::RequestHead;
 
+pub use crate::proto::http_client::Response as FetchResponse;
 pub use core_task::CoreHandle;
+pub use fetch::{trust_extra_roots, FetchError, FetchRequest};
 
 /// The control plane, as the shell sees it: turns a request into a response, or into an event
 /// socket for a session. One clone runs on every core.

@@ -1,0 +1,253 @@
+//! Outbound calls through Twilio's REST API and their records (seed 004): `/outbound-call`,
+//! `/end-call`, `/call-status?callSid=&user_id=`.
+//!
+//! Invariant: call state comes from real events (Twilio's answers, stream start/stop, status
+//! callbacks) stored on the call's owner core; nothing is invented here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use relay_engine::core::command::{CallRecord, Command, CommandError, RecordUpdate, Reply};
+use relay_engine::id::SessionId;
+use relay_engine::shell::{CoreHandle, FetchRequest, Request};
+use serde_json::{json, Value};
+
+use super::params::{self, Body};
+use crate::config::{ApiConfig, TwilioAccount};
+use crate::error::{json_response, ApiError};
+use crate::limits::UserLimits;
+
+/// How long a Twilio REST request may take.
+const TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `prompt` or `first_message`, bytes.
+const MAX_TEXT_BYTES: usize = 4096;
+
+/// `POST /outbound-call {"user_id","number","prompt","first_message"}`: dials `number` through
+/// Twilio, with the relay's `/twilio/voice` as the call's webhook.
+///
+/// # Errors
+/// 400 for missing or invalid fields, 429 past 5 initiations a minute per user, 503 without Twilio
+/// credentials, 502 when Twilio refuses or cannot be reached.
+pub async fn outbound_call(
+    core: &CoreHandle,
+    config: &ApiConfig,
+    users: &Arc<UserLimits>,
+    request: &Request,
+) -> Result<Response<Bytes>, ApiError> {
+    let body = Body::parse(&request.body)?;
+    let (Ok(user_id), Ok(number)) = (body.string("user_id"), body.string("number")) else {
+        return Err(ApiError::bad_request("User ID and phone number are required"));
+    };
+    if user_id.len() > 128 {
+        return Err(ApiError::bad_request("user_id must be at most 128 characters"));
+    }
+    if !is_e164(number) {
+        return Err(ApiError::bad_request("number must be an E.164 phone number, such as +14155550123"));
+    }
+    let prompt = optional_text(&body, "prompt")?;
+    let first_message = optional_text(&body, "first_message")?;
+    let account = twilio_account(config)?;
+    if let Err(wait) = users.try_initiate(user_id, Instant::now()) {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "at most 5 calls a minute may be initiated per user");
+        e.retry_after = Some(wait.as_secs().max(1));
+        return Err(e);
+    }
+    let base = public_base(config, request);
+    let form = [
+        ("To", number.to_owned()),
+        ("From", account.from.clone()),
+        ("Url", format!("{base}/twilio/voice")),
+        ("Method", "POST".to_owned()),
+        ("StatusCallback", format!("{base}/twilio/status")),
+        ("StatusCallbackMethod", "POST".to_owned()),
+        ("StatusCallbackEvent", "initiated".to_owned()),
+        ("StatusCallbackEvent", "ringing".to_owned()),
+        ("StatusCallbackEvent", "answered".to_owned()),
+        ("StatusCallbackEvent", "completed".to_owned()),
+    ];
+    let url = format!("{}/2010-04-01/Accounts/{}/Calls.json", account.api_base, account.sid);
+    let answer = twilio_post(core, &account, url, &form).await?;
+    let call_sid = answer["sid"]
+        .as_str()
+        .and_then(|s| SessionId::parse(s).ok())
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_GATEWAY, "Twilio's answer has no valid call sid"))?;
+    let update = RecordUpdate {
+        user_id: Some(user_id.to_owned()),
+        status: Some(answer["status"].as_str().unwrap_or("queued").to_owned()),
+        from: Some(account.from.clone()),
+        to: Some(number.to_owned()),
+        prompt,
+        first_message,
+        ..RecordUpdate::default()
+    };
+    record(core, &call_sid, update).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "success": true, "message": "Call initiated", "callSid": call_sid.as_str() }),
+    ))
+}
+
+/// `POST /end-call {"callSid","user_id"}`: hangs the call up through Twilio.
+///
+/// # Errors
+/// 400 for missing fields, 404 for a call this user did not initiate, 503 without Twilio
+/// credentials, 502 when Twilio refuses.
+pub async fn end_call(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
+    let body = Body::parse(&request.body)?;
+    let (Ok(call_sid), Ok(user_id)) = (body.string("callSid"), body.string("user_id")) else {
+        return Err(ApiError::bad_request("callSid and user_id are required"));
+    };
+    let id = params::session_id(call_sid, "callSid")?;
+    owned_record(core, &id, user_id).await?;
+    let account = twilio_account(config)?;
+    let url = format!("{}/2010-04-01/Accounts/{}/Calls/{}.json", account.api_base, account.sid, id);
+    twilio_post(core, &account, url, &[("Status", "completed".to_owned())]).await?;
+    // The stream ends when Twilio hangs up; ending the session now stops media at once.
+    let _ = core.dispatch(id.clone(), Command::Stop).await;
+    record(core, &id, RecordUpdate { status: Some("completed".into()), ..RecordUpdate::default() }).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "success": true, "message": "Call ended successfully" })))
+}
+
+/// `GET /call-status?callSid=&user_id=` (seed 004's shape).
+///
+/// # Errors
+/// 400 for missing ids, 404 for an unknown call or another user's call.
+pub async fn call_status(core: &CoreHandle, request: &Request) -> Result<Response<Bytes>, ApiError> {
+    let query = request.head.uri.query();
+    let id = params::query_session(query, "callSid")?;
+    let user = params::query(query, "user_id")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| ApiError::bad_request("query parameter user_id is required"))?;
+    let r = owned_record(core, &id, &user).await?;
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let body = json!({
+        "success": true,
+        "callSid": id.as_str(),
+        "status": r.status,
+        "startTime": r.start_ms.map(rfc3339),
+        "endTime": r.end_ms.map(rfc3339),
+        "duration": r.duration_at(now_ms),
+    });
+    let mut response = json_response(StatusCode::OK, &body);
+    response.headers_mut().insert(super::session::CORE_HEADER, HeaderValue::from(core.owner(&id).0));
+    Ok(response)
+}
+
+/// Updates (or creates) the record of `id` on its owner core.
+///
+/// # Errors
+/// 503 when the owner core does not answer.
+pub async fn record(core: &CoreHandle, id: &SessionId, update: RecordUpdate) -> Result<CallRecord, ApiError> {
+    match core.dispatch(id.clone(), Command::Record(Box::new(update))).await {
+        Ok(Reply::Record(r)) => Ok(r),
+        Ok(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply for a call record")),
+        Err(e) => Err(ApiError::from_command(&e, id.as_str())),
+    }
+}
+
+/// The record of `id` when `user` may see it: their own outbound call, or an inbound call (no user).
+async fn owned_record(core: &CoreHandle, id: &SessionId, user: &str) -> Result<CallRecord, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, format!("call {id} not found"));
+    match core.dispatch(id.clone(), Command::ReadRecord).await {
+        Ok(Reply::Record(r)) if r.user_id.as_deref().is_none_or(|u| u == user) => Ok(r),
+        Ok(_) | Err(CommandError::NotFound) => Err(not_found()),
+        Err(e) => Err(ApiError::from_command(&e, id.as_str())),
+    }
+}
+
+/// POSTs `form` to Twilio with Basic auth and returns its JSON answer.
+async fn twilio_post(
+    core: &CoreHandle,
+    account: &TwilioAccount,
+    url: String,
+    form: &[(&str, String)],
+) -> Result<Value, ApiError> {
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", account.sid, account.auth_token.expose()));
+    let body = form.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&");
+    let request = FetchRequest {
+        method: "POST",
+        url,
+        headers: vec![
+            ("authorization".to_owned(), format!("Basic {auth}")),
+            ("content-type".to_owned(), "application/x-www-form-urlencoded".to_owned()),
+            ("accept".to_owned(), "application/json".to_owned()),
+        ],
+        body: Bytes::from(body),
+    };
+    let response = core
+        .fetch(request, TWILIO_TIMEOUT)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot reach Twilio: {e}")))?;
+    let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+    if !(200..300).contains(&response.status) {
+        let why = answer["message"].as_str().unwrap_or("no message");
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("Twilio refused the request ({}): {why}", response.status),
+        ));
+    }
+    Ok(answer)
+}
+
+fn twilio_account(config: &ApiConfig) -> Result<TwilioAccount, ApiError> {
+    config.twilio.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outbound calls are not configured: set --twilio-account-sid, --twilio-auth-token and --twilio-from",
+        )
+    })
+}
+
+/// The relay's base URL as Twilio must call it back.
+fn public_base(config: &ApiConfig, request: &Request) -> String {
+    if let Some(public) = &config.public_url {
+        return public.clone();
+    }
+    let host = request.head.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let tls =
+        request.head.headers.get("x-forwarded-proto").is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+    format!("{}://{host}", if tls { "https" } else { "http" })
+}
+
+fn optional_text(body: &Body, name: &str) -> Result<Option<String>, ApiError> {
+    match body.field(name) {
+        None => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_TEXT_BYTES => Ok(Some(s.clone())),
+        Some(Value::String(_)) => Err(ApiError::bad_request(format!("{name} must be at most {MAX_TEXT_BYTES} bytes"))),
+        Some(_) => Err(ApiError::bad_request(format!("{name} must be a string"))),
+    }
+}
+
+/// `+` then 7 to 15 digits, the first not zero.
+fn is_e164(number: &str) -> bool {
+    let Some(digits) = number.strip_prefix('+') else { return false };
+    (7..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
+}
+
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// E.164: a plus, 7–15 digits, no leading zero.
+    #[test]
+    fn e164() {
+        for ok in ["+14155550123", "+4930123456", "+1234567"] {
+            assert!(is_e164(ok), "{ok}");
+        }
+        for bad in ["14155550123", "+0123456789", "+1 415 555", "+12", "+1234567890123456", "+1415555012a", ""] {
+            assert!(!is_e164(bad), "{bad}");
+        }
+    }
+}
