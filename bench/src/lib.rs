@@ -4,8 +4,10 @@
 //! itself (`--spawn <binary>`) or any server speaking the same API (`--url`), and prints a table
 //! plus a JSON file, so the same run can measure Relay and a baseline side by side.
 //!
-//! Scenarios so far: `control` (session start/stop throughput and latency over keep-alive HTTP).
+//! Scenarios so far: `control` (session start/stop throughput and latency over keep-alive HTTP)
+//! and `telephony` (per-frame latency of Twilio-protocol calls through the relay to a bot and back).
 
 pub mod client;
 pub mod stats;
 pub mod target;
+pub mod telephony;

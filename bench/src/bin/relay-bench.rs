@@ -44,10 +44,49 @@ enum Scenario {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Twilio-protocol calls through the relay to an echoing bot: per-frame one-way latency, loss,
+    /// duplication and reordering, each way.
+    Telephony {
+        /// Start this relay binary on a free loopback port (instead of --url).
+        #[arg(long)]
+        spawn: Option<String>,
+        /// An already running relay started with `--agent-allow 127.0.0.1`.
+        #[arg(long)]
+        url: Option<String>,
+        /// No relay: callers talk to the bot directly (the loopback floor).
+        #[arg(long)]
+        direct: bool,
+        /// Cores for a spawned relay.
+        #[arg(long, default_value_t = 2)]
+        cores: usize,
+        /// Concurrent calls.
+        #[arg(long, default_value_t = 20)]
+        calls: u32,
+        /// Seconds of audio per call.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Start every call's frames at the same instant (worst case) instead of staggering them.
+        #[arg(long)]
+        aligned: bool,
+        /// Where to write the JSON result.
+        #[arg(long)]
+        json: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
+        Scenario::Telephony { spawn, url, direct, cores, calls, seconds, aligned, json } => {
+            let target = match (spawn, url, direct) {
+                (Some(bin), None, false) => {
+                    Some(Target::spawn(&bin, cores, &["--agent-allow".into(), "127.0.0.1".into()])?)
+                }
+                (None, Some(url), false) => Some(Target::url(&url)?),
+                (None, None, true) => None,
+                _ => bail!("give exactly one of --spawn, --url or --direct"),
+            };
+            telephony(target.as_ref(), calls, seconds, aligned, json.as_deref())
+        }
         Scenario::Control { spawn, url, cores, sessions, clients, json } => {
             let target = match (spawn, url) {
                 (Some(bin), None) => Target::spawn(&bin, cores, &[])?,
@@ -122,6 +161,53 @@ fn control(target: &Target, sessions: usize, clients: usize, json_path: Option<&
     }
     if active != 0 {
         bail!("the server reports {active} active sessions after every session was stopped");
+    }
+    Ok(())
+}
+
+/// Runs the telephony scenario; fails unless every frame arrived exactly once each way.
+fn telephony(
+    target: Option<&Target>,
+    calls: u32,
+    seconds: u64,
+    aligned: bool,
+    json_path: Option<&str>,
+) -> anyhow::Result<()> {
+    let r = relay_bench::telephony::run(target.map(|t| t.addr), calls, seconds, aligned)?;
+    let via = if target.is_some() { "through the relay" } else { "direct (no relay)" };
+    println!("telephony scenario {via}: {calls} calls × {seconds} s, {} frames each way", r.sent);
+    println!(
+        "{:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "path", "frames", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+    );
+    for (name, s) in [("uplink", &r.uplink), ("downlink", &r.downlink)] {
+        println!(
+            "{name:<10} {:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>10.0}",
+            s.count, s.p50_us, s.p90_us, s.p99_us, s.p999_us, s.max_us
+        );
+    }
+    println!(
+        "lost up {} down {}, duplicates {}, reordered {}, late sends {}",
+        r.sent - r.received_by_bot,
+        r.sent - r.received_by_callers,
+        r.duplicates,
+        r.reordered,
+        r.late_sends
+    );
+    if r.late_sends > 0 {
+        println!("WARNING: the generator fell behind its schedule {} times; this run is invalid", r.late_sends);
+    }
+    if let Some(path) = json_path {
+        let doc = json!({
+            "scenario": "telephony", "via_relay": target.is_some(), "calls": calls, "seconds": seconds, "aligned": aligned,
+            "frames_each_way": r.sent, "uplink": r.uplink.to_json(), "downlink": r.downlink.to_json(),
+            "lost_up": r.sent - r.received_by_bot, "lost_down": r.sent - r.received_by_callers,
+            "duplicates": r.duplicates, "reordered": r.reordered, "late_sends": r.late_sends,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("write {path}"))?;
+    }
+    if r.received_by_bot != r.sent || r.received_by_callers != r.sent || r.duplicates > 0 || r.reordered > 0 {
+        bail!("frames were lost, duplicated or reordered");
     }
     Ok(())
 }
