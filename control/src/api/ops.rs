@@ -42,7 +42,8 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth) -> Response<
         .iter()
         .map(|s| {
             json!({ "id": s.core.0, "sessions": s.sessions, "observers": s.observers,
-                    "connections": s.connections, "droppedFrames": s.dropped_frames })
+                    "connections": s.connections, "droppedFrames": s.dropped_frames,
+                    "protocolErrors": s.protocol_errors, "pacerDrops": s.pacer_drops })
         })
         .collect();
     let status = if db_up { "healthy" } else { "unhealthy" };

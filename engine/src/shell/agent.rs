@@ -13,6 +13,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::core_task::CoreShared;
+use super::tls::{ClientStream, TlsStream};
 use super::{clock, ws};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::WsCodec;
@@ -51,15 +52,18 @@ fn fail(shared: &CoreShared, conn: ConnectionId, session: &SessionId, reason: &s
 }
 
 /// Connects and performs the client handshake; returns the socket and any bytes after the 101.
-async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(TcpStream, Vec<u8>), String> {
-    if url.tls {
-        return Err("wss:// agents need TLS, which this relay does not dial yet; use ws://".to_owned());
-    }
+async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, Vec<u8>), String> {
     let addr = resolve(url).await?;
-    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(10))
+    let tcp = TcpStream::connect_timeout(addr, Duration::from_secs(10))
         .await
         .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut stream = if url.tls {
+        let tls = TlsStream::connect(tcp, &url.host).await.map_err(|e| format!("TLS with {}: {e}", url.host))?;
+        ClientStream::Tls(Box::new(tls))
+    } else {
+        ClientStream::Plain(tcp)
+    };
     let key = handshake_key(conn);
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: relay/{}\r\n\r\n",
@@ -68,6 +72,7 @@ async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(TcpStream, Vec<u8>)
         env!("CARGO_PKG_VERSION"),
     );
     stream.write_all(request.as_bytes()).await.map_err(|e| format!("cannot send the handshake: {e}"))?;
+    stream.flush().await.map_err(|e| format!("cannot send the handshake: {e}"))?;
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {

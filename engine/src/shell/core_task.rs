@@ -140,6 +140,8 @@ impl CoreHandle {
                 observers: g.observers[i].load(Ordering::Relaxed),
                 connections: g.connections[i].load(Ordering::Relaxed),
                 dropped_frames: g.dropped_frames[i].load(Ordering::Relaxed),
+                protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
+                pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -192,6 +194,8 @@ impl CoreShared {
         self.global.sessions[self.id.0].store(stats.active_sessions, Ordering::Relaxed);
         self.global.observers[self.id.0].store(stats.observers, Ordering::Relaxed);
         self.global.dropped_frames[self.id.0].store(self.dropped_frames.get(), Ordering::Relaxed);
+        self.global.protocol_errors[self.id.0].store(stats.protocol_errors, Ordering::Relaxed);
+        self.global.pacer_drops[self.id.0].store(stats.pacer_drops, Ordering::Relaxed);
         result
     }
 

@@ -4,15 +4,14 @@
 //! Invariant: one overall deadline bounds every request; certificates are verified against the
 //! web PKI roots plus any CA the operator configured, never skipped.
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use super::tls::{ClientStream, TlsStream};
 use crate::proto::http_client::{self, parse_response, Response, ResponseError};
 
 /// A request to send.
@@ -48,40 +47,6 @@ pub enum FetchError {
     Response(#[from] ResponseError),
 }
 
-static EXTRA_ROOTS: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = OnceLock::new();
-
-/// Trusts the PEM certificates in `pem` for outbound TLS, besides the web PKI roots. Call once at
-/// startup, before any request.
-///
-/// # Errors
-/// When the PEM holds no certificate or cannot be parsed.
-pub fn trust_extra_roots(pem: &[u8]) -> Result<usize, String> {
-    use rustls::pki_types::pem::PemObject;
-    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err("no certificate in the file".to_owned());
-    }
-    let n = certs.len();
-    EXTRA_ROOTS.set(certs).map_err(|_| "extra roots were already set".to_owned())?;
-    Ok(n)
-}
-
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    thread_local! {
-        static CONFIG: Arc<rustls::ClientConfig> = {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            for cert in EXTRA_ROOTS.get().into_iter().flatten() {
-                let _ = roots.add(cert.clone());
-            }
-            Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
-        };
-    }
-    CONFIG.with(Clone::clone)
-}
-
 /// Sends `request` and reads the whole response within `timeout`.
 ///
 /// # Errors
@@ -105,77 +70,29 @@ async fn exchange(request: FetchRequest) -> Result<Response, FetchError> {
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let addr = resolve(&host, port).await?;
-    let mut stream =
-        TcpStream::connect(addr).await.map_err(|e| FetchError::Transport(format!("connect {addr}: {e}")))?;
-    let _ = stream.set_nodelay(true);
-    let mut plain = Vec::with_capacity(512 + request.body.len());
-    http_client::write_request(
-        &mut plain,
-        request.method,
-        authority.as_str(),
-        &target,
-        &request.headers,
-        &request.body,
-    );
-    if tls {
-        exchange_tls(&mut stream, &host, &plain).await
+    let tcp = TcpStream::connect(addr).await.map_err(|e| FetchError::Transport(format!("connect {addr}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = if tls {
+        let tls =
+            TlsStream::connect(tcp, &host).await.map_err(|e| FetchError::Transport(format!("TLS with {host}: {e}")))?;
+        ClientStream::Tls(Box::new(tls))
     } else {
-        stream.write_all(&plain).await.map_err(io)?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut chunk).await.map_err(io)?;
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(response) = parse_response(&buf, n == 0)? {
-                return Ok(response);
-            }
-        }
-    }
-}
-
-/// The same exchange through rustls: plaintext in and out of the `ClientConnection`, records
-/// over the socket.
-async fn exchange_tls(stream: &mut TcpStream, host: &str, plain: &[u8]) -> Result<Response, FetchError> {
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| FetchError::Url)?;
-    let mut tls =
-        rustls::ClientConnection::new(tls_config(), name).map_err(|e| FetchError::Transport(e.to_string()))?;
-    tls.writer().write_all(plain).map_err(io)?;
-    let mut received = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let mut eof = false;
+        ClientStream::Plain(tcp)
+    };
+    let mut out = Vec::with_capacity(512 + request.body.len());
+    http_client::write_request(&mut out, request.method, authority.as_str(), &target, &request.headers, &request.body);
+    stream.write_all(&out).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
     loop {
-        while tls.wants_write() {
-            let mut records = Vec::new();
-            tls.write_tls(&mut records).map_err(io)?;
-            stream.write_all(&records).await.map_err(io)?;
-        }
-        if let Some(response) = parse_response(&received, eof)? {
+        let n = stream.read(&mut chunk).await.map_err(io)?;
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(response) = parse_response(&buf, n == 0)? {
             return Ok(response);
         }
-        if eof {
-            return Err(ResponseError::Truncated.into());
-        }
-        let n = stream.read(&mut chunk).await.map_err(io)?;
         if n == 0 {
-            eof = true;
-            continue;
-        }
-        tls.read_tls(&mut &chunk[..n]).map_err(io)?;
-        tls.process_new_packets().map_err(|e| FetchError::Transport(format!("TLS: {e}")))?;
-        loop {
-            match tls.reader().read(&mut chunk) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => received.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    eof = true;
-                    break;
-                }
-                Err(e) => return Err(io(e)),
-            }
+            return Err(ResponseError::Truncated.into());
         }
     }
 }

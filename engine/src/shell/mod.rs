@@ -10,6 +10,7 @@ mod fetch;
 mod handoff;
 mod mesh;
 mod tcp;
+mod tls;
 mod ws;
 
 use std::future::Future;
@@ -29,7 +30,8 @@ use crate::proto::http::RequestHead;
 
 pub use crate::proto::http_client::Response as FetchResponse;
 pub use core_task::CoreHandle;
-pub use fetch::{trust_extra_roots, FetchError, FetchRequest};
+pub use fetch::{FetchError, FetchRequest};
+pub use tls::trust_extra_roots;
 
 /// The control plane, as the shell sees it: turns a request into a response, or into an event
 /// socket for a session. One clone runs on every core.
@@ -150,6 +152,10 @@ pub(crate) struct Global {
     connections: Vec<AtomicUsize>,
     /// Frames dropped because a socket's queue was full, per core.
     dropped_frames: Vec<std::sync::atomic::AtomicU64>,
+    /// Protocol errors on media legs, per core.
+    protocol_errors: Vec<std::sync::atomic::AtomicU64>,
+    /// Pacer refusals, per core.
+    pacer_drops: Vec<std::sync::atomic::AtomicU64>,
     started: Instant,
 }
 
@@ -166,6 +172,10 @@ pub struct CoreStats {
     pub connections: usize,
     /// Frames dropped because a socket's queue was full.
     pub dropped_frames: u64,
+    /// Malformed or out-of-order messages received on media legs.
+    pub protocol_errors: u64,
+    /// Agent audio refused because a caller's pacer queue was full.
+    pub pacer_drops: u64,
 }
 
 /// Asks a running relay to shut down gracefully; cheap to clone and `Send`.
@@ -241,6 +251,8 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         observers: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         connections: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         dropped_frames: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+        protocol_errors: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+        pacer_drops: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         started: clock::now().instant,
     });
     let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.cores, config.limits.mesh_capacity);

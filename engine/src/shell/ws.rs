@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
 use glommio::net::TcpStream;
 use http::StatusCode;
 use tungstenite::Utf8Bytes;
@@ -51,19 +51,24 @@ impl Outbox {
         }
     }
 
-    /// Queues a frame; false (and nothing queued) when `limit` frames are waiting already or the
-    /// socket is closing.
+    /// Queues a frame. When `limit` frames are already waiting (the peer is not keeping up), the
+    /// oldest is dropped to make room, so a slow listener hears the newest audio and loses only its
+    /// own frames. Returns false when a frame was dropped (or the socket is closing).
     pub(crate) fn push(&self, text: Utf8Bytes, limit: usize) -> bool {
-        let mut frames = self.frames.borrow_mut();
-        if frames.len() >= limit || self.close.get().is_some() {
+        if self.close.get().is_some() {
             return false;
+        }
+        let mut frames = self.frames.borrow_mut();
+        let room = frames.len() < limit;
+        if !room && frames.pop_front().is_none() {
+            return false; // A zero limit: nothing can be queued.
         }
         frames.push_back(text);
         drop(frames);
         // Both the writer and the reader's close watch listen on this event: wake every listener,
         // or the one wake-up may go to the reader and leave the frame unsent.
         self.event.notify(usize::MAX);
-        true
+        room
     }
 
     /// Asks the writer to send a close frame after what is queued, then end the connection.
@@ -141,10 +146,10 @@ pub(crate) async fn socket_task<S: ControlService>(
 }
 
 /// Serves an open WebSocket (server or client side) until it ends, then detaches it from the core.
-pub(crate) async fn run(
+pub(crate) async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &Rc<CoreShared>,
     conn: ConnectionId,
-    stream: TcpStream,
+    stream: T,
     codec: WsCodec,
     mut head: Vec<u8>,
     greeting: Option<Utf8Bytes>,
@@ -180,12 +185,12 @@ enum Wake {
 
 /// Feeds client frames to the codec and the core until the peer closes, breaks the protocol,
 /// goes silent past the idle timeout, or ignores our close frame.
-async fn reader_task(
+async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &CoreShared,
     conn: ConnectionId,
     outbox: &Outbox,
     codec: &RefCell<WsCodec>,
-    mut reader: futures_lite::io::ReadHalf<TcpStream>,
+    mut reader: futures_lite::io::ReadHalf<T>,
     feed: Feed,
 ) {
     let mut chunk = vec![0u8; shared.limits.ws_read_buffer_bytes.max(512)];
@@ -257,11 +262,11 @@ async fn reader_task(
 
 /// Writes the 101 answer, then queued frames as they come (and a ping when the socket has been
 /// quiet for `ws_ping_interval`), then the close frame.
-async fn writer_task(
+async fn writer_task<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &CoreShared,
     outbox: &Outbox,
     codec: &RefCell<WsCodec>,
-    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    mut writer: futures_lite::io::WriteHalf<T>,
     mut pending: Vec<u8>,
 ) {
     let timeout = shared.limits.idle_timeout;
@@ -290,7 +295,15 @@ async fn writer_task(
             close.is_some() || !codec.can_send()
         };
         if !pending.is_empty() {
-            let written = glommio::timer::timeout(timeout, async { Ok(writer.write_all(&pending).await) }).await;
+            // The flush matters for TLS, whose records may wait in its buffer; for TCP it is free.
+            let written = glommio::timer::timeout(timeout, async {
+                Ok(async {
+                    writer.write_all(&pending).await?;
+                    writer.flush().await
+                }
+                .await)
+            })
+            .await;
             pending.clear();
             if !matches!(written, Ok(Ok(()))) {
                 // The peer is gone or not reading: end the connection.
@@ -314,5 +327,26 @@ async fn writer_task(
                 })
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full outbox drops its oldest frame for each new one and says so; a closing one takes none.
+    #[test]
+    fn full_outbox_drops_oldest() {
+        let outbox = Outbox::new();
+        for i in 0..3 {
+            assert!(outbox.push(Utf8Bytes::from(format!("{i}")), 3));
+        }
+        assert!(!outbox.push(Utf8Bytes::from("3".to_owned()), 3));
+        assert!(!outbox.push(Utf8Bytes::from("4".to_owned()), 3));
+        let kept: Vec<String> = outbox.frames.borrow().iter().map(|t| t.as_str().to_owned()).collect();
+        assert_eq!(kept, ["2", "3", "4"]);
+        outbox.close(1000, "");
+        assert!(!outbox.push(Utf8Bytes::from("5".to_owned()), 3));
+        assert_eq!(outbox.frames.borrow().len(), 3);
     }
 }
