@@ -23,6 +23,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
+pub mod telephony;
+
 /// Longest any single wait in the harness lasts: a read, a startup, an exit, a poll.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -777,6 +779,7 @@ pub enum WsMsg {
 /// A WebSocket client (tungstenite) over a blocking `TcpStream`, every read bounded by [`TIMEOUT`].
 pub struct Ws {
     socket: tungstenite::WebSocket<TcpStream>,
+    pings: u64,
 }
 
 impl Ws {
@@ -796,7 +799,7 @@ impl Ws {
             request.headers_mut().append(name, HeaderValue::from_str(v).expect("valid header value"));
         }
         match tungstenite::client(request, stream) {
-            Ok((socket, _)) => Ok(Self { socket }),
+            Ok((socket, _)) => Ok(Self { socket, pings: 0 }),
             Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => Err(resp.status().as_u16()),
             Err(e) => panic!("WebSocket handshake for {path} failed: {e}"),
         }
@@ -807,29 +810,46 @@ impl Ws {
     /// # Panics
     /// When nothing arrives within [`TIMEOUT`].
     pub fn recv(&mut self) -> WsMsg {
-        let deadline = Instant::now() + TIMEOUT;
+        self.recv_within(TIMEOUT).unwrap_or_else(|| panic!("no WebSocket message within {TIMEOUT:?}"))
+    }
+
+    /// Reads the next message other than a ping (pings are answered by tungstenite), waiting at
+    /// most `limit` (at most [`TIMEOUT`]); `None` when nothing else arrived by then.
+    pub fn recv_within(&mut self, limit: Duration) -> Option<WsMsg> {
+        let deadline = Instant::now() + limit.min(TIMEOUT);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no WebSocket message within {TIMEOUT:?}");
+            if left.is_zero() {
+                return None;
+            }
             let _ = self.socket.get_mut().set_read_timeout(Some(left));
             match self.socket.read() {
                 Ok(Message::Text(t)) => {
-                    return match serde_json::from_str(t.as_str()) {
+                    return Some(match serde_json::from_str(t.as_str()) {
                         Ok(v) => WsMsg::Json(v),
                         Err(_) => WsMsg::Text(t.as_str().to_owned()),
-                    }
+                    })
                 }
-                Ok(Message::Binary(b)) => return WsMsg::Binary(b.to_vec()),
-                Ok(Message::Pong(p)) => return WsMsg::Pong(p.to_vec()),
-                Ok(Message::Close(frame)) => return WsMsg::Close(frame.map(|f| u16::from(f.code))),
-                Ok(Message::Ping(_) | Message::Frame(_)) => {
+                Ok(Message::Binary(b)) => return Some(WsMsg::Binary(b.to_vec())),
+                Ok(Message::Pong(p)) => return Some(WsMsg::Pong(p.to_vec())),
+                Ok(Message::Close(frame)) => return Some(WsMsg::Close(frame.map(|f| u16::from(f.code)))),
+                Ok(Message::Ping(_)) => {
+                    self.pings += 1;
+                    let _ = self.socket.flush();
+                }
+                Ok(Message::Frame(_)) => {
                     let _ = self.socket.flush();
                 }
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                Err(e) => return WsMsg::Gone(e.to_string()),
+                Err(e) => return Some(WsMsg::Gone(e.to_string())),
             }
         }
+    }
+
+    /// How many ping frames the relay sent that reads so far have seen (and answered).
+    pub fn pings_seen(&self) -> u64 {
+        self.pings
     }
 
     /// Reads the next JSON text message, skipping pongs.
@@ -928,6 +948,17 @@ impl RawFrame {
     }
 }
 
+/// What [`RawWs::read_frame_within`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawRead {
+    /// A whole frame.
+    Frame(RawFrame),
+    /// The connection ended (EOF or reset).
+    Ended,
+    /// Nothing (or only part of a frame) arrived in time.
+    Quiet,
+}
+
 /// A WebSocket connection driven frame by frame, for sending what tungstenite never would
 /// (fragments at will, oversized or malformed frames).
 pub struct RawWs {
@@ -1021,6 +1052,34 @@ impl RawWs {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// Reads the next frame, waiting at most `limit` (at most [`TIMEOUT`]).
+    ///
+    /// # Panics
+    /// When the server sends a malformed frame.
+    pub fn read_frame_within(&mut self, limit: Duration) -> RawRead {
+        let deadline = Instant::now() + limit.min(TIMEOUT);
+        let read = loop {
+            if let Some((frame, used)) = decode_frame(&self.buf) {
+                self.buf.drain(..used);
+                break RawRead::Frame(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break RawRead::Quiet;
+            }
+            let _ = self.stream.set_read_timeout(Some(left));
+            let mut chunk = [0u8; 16 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break RawRead::Ended,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(_) => break RawRead::Ended,
+            }
+        };
+        let _ = self.stream.set_read_timeout(Some(TIMEOUT));
+        read
     }
 
     /// Reads frames until a close frame and returns its code; `None` if the connection ended first.

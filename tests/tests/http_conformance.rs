@@ -1,6 +1,9 @@
 //! HTTP/1.1 as clients use it: keep-alive, pipelining, `Connection: close`, HTTP/1.0,
 //! `Expect: 100-continue`, HEAD, routing errors (404/405) and the head/body limits.
 
+use std::io::Write as _;
+use std::thread;
+
 use relay_tests::{assert_error, assert_json_type, assert_success, format_request, Conn, Relay};
 use serde_json::json;
 
@@ -372,4 +375,100 @@ fn absolute_form_target_is_accepted() {
     assert_success(&relay.start_call("abs", "t"), "Call started successfully");
     let resp = relay.request("GET", &target, &[], None);
     assert_success(&resp, "Call status retrieved");
+}
+
+/// Writes `bytes` on a new connection and reads one response.
+fn raw_request(relay: &Relay, bytes: &[u8]) -> relay_tests::Response {
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(bytes).expect("write the request");
+    conn.read_response()
+}
+
+/// An `Expect` other than `100-continue` is answered 417, and the request is not carried out.
+#[test]
+fn unknown_expectation_is_417() {
+    let relay = Relay::start(&[]);
+    let body = json!({"sessionId": "expect", "accessToken": "t"}).to_string();
+    let resp = Conn::open(relay.addr()).request("POST", "/start-call", &[("Expect", "something-else")], Some(&body));
+    assert_error(&resp, 417);
+    assert_error(&relay.get("/call-status?sessionId=expect"), 404);
+}
+
+/// An HTTP/1.1 request needs exactly one `Host`: none or two is 400; HTTP/1.0 may leave it out.
+#[test]
+fn http11_needs_exactly_one_host() {
+    let relay = Relay::start(&[]);
+    assert_error(&raw_request(&relay, b"GET /health HTTP/1.1\r\n\r\n"), 400);
+    assert_error(&raw_request(&relay, b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), 400);
+    assert_eq!(raw_request(&relay, b"GET /health HTTP/1.0\r\n\r\n").status, 200);
+}
+
+/// An HTTP/1.0 keep-alive request is answered `connection: keep-alive`, and the connection stays.
+#[test]
+fn http10_keep_alive_is_announced() {
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    for i in 0..2 {
+        conn.write_raw(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").expect("write");
+        let resp = conn.read_response();
+        assert_eq!(resp.status, 200, "request {i}");
+        let connection = resp.header("connection").unwrap_or_default();
+        assert!(connection.eq_ignore_ascii_case("keep-alive"), "request {i}: connection {connection:?}");
+    }
+}
+
+/// `OPTIONS *` is answered 204 with an `Allow` header naming GET, POST and OPTIONS.
+#[test]
+fn options_star_lists_the_methods() {
+    let relay = Relay::start(&[]);
+    let resp = raw_request(&relay, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(resp.status, 204, "{resp:?}");
+    let allow: Vec<String> =
+        resp.header("allow").unwrap_or_default().split(',').map(|m| m.trim().to_ascii_uppercase()).collect();
+    for method in ["GET", "POST", "OPTIONS"] {
+        assert!(allow.iter().any(|m| m == method), "allow names {method}: {allow:?}");
+    }
+}
+
+/// A WebSocket upgrade sent as HTTP/1.0 is refused with a 4xx error, not switched.
+#[test]
+fn http10_websocket_upgrade_is_refused() {
+    let relay = Relay::start(&[]);
+    assert_success(&relay.start_call("ten", "t"), "Call started successfully");
+    let resp = raw_request(
+        &relay,
+        b"GET /ws?sessionId=ten HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer t\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert_ne!(resp.status, 101, "no switch over HTTP/1.0");
+    assert!((400..500).contains(&resp.status), "refused as a client error: {resp:?}");
+    assert_error(&resp, resp.status);
+}
+
+/// A 413 for a too-large body reaches a client that is still sending that body, whole.
+#[test]
+fn oversized_body_413_survives_the_unread_body() {
+    const BODY: usize = 200_000;
+    let relay = Relay::start(&[]);
+    let mut conn = Conn::open(relay.addr());
+    let head = format!(
+        "POST /start-call HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n"
+    );
+    conn.write_raw(head.as_bytes()).expect("write head");
+    let mut writer = conn.stream().try_clone().expect("clone the socket");
+    // Stream the body while the main thread reads; the relay may stop reading it at any point.
+    let sender = thread::spawn(move || {
+        let chunk = [b' '; 16 * 1024];
+        let mut sent = 0;
+        while sent < BODY {
+            let n = chunk.len().min(BODY - sent);
+            if writer.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            sent += n;
+        }
+    });
+    let resp = conn.try_read_response().unwrap_or_else(|e| panic!("the 413 did not arrive whole: {e}"));
+    assert_error(&resp, 413);
+    sender.join().expect("body sender");
 }

@@ -21,7 +21,7 @@ use crate::proto::events::{self, ClientMessage, RetellEvent};
 use crate::proto::{frontend, twilio};
 use crate::secret::Secret;
 use crate::session::agent::{AgentPolicy, AgentUrl};
-use crate::session::{Agent, Caller, Session};
+use crate::session::{Agent, Caller, Pending, Session, AGENT_BACKLOG};
 use crate::time::Now;
 use command::{Command, CommandError, Reply};
 
@@ -380,14 +380,45 @@ impl CoreState {
     pub fn handle_agent_open(&mut self, now: Now, conn: ConnectionId) -> bool {
         let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return false };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return false };
-        if session.agent != Agent::Connecting(conn) {
-            return false;
-        }
+        let backlog = match &mut session.agent {
+            Agent::Connecting { conn: c, backlog } if *c == conn => std::mem::take(backlog),
+            _ => return false,
+        };
         let Some(caller) = &session.caller else { return false };
         let start = twilio::start_msg(1, &caller.start.params());
+        let stream_sid = caller.start.stream_sid.clone();
         session.agent = Agent::Open { conn, sequence: 2, chunk: 1, sent_samples: 0 };
         self.send(conn, twilio::connected_msg());
         self.send(conn, start);
+        // What the caller said while the agent was being dialled follows, in order.
+        for item in backlog {
+            let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { break };
+            let text = match (item, &mut session.agent) {
+                (
+                    Pending::Media { payload, samples, chunk: c, timestamp_ms },
+                    Agent::Open { sequence, chunk, sent_samples, .. },
+                ) => {
+                    let t = twilio::media_msg(
+                        *sequence,
+                        &stream_sid,
+                        twilio::Track::Inbound,
+                        c.unwrap_or(*chunk),
+                        timestamp_ms.unwrap_or(*sent_samples / 8),
+                        &payload,
+                    );
+                    *sequence += 1;
+                    *chunk += 1;
+                    *sent_samples += samples as u64;
+                    t
+                }
+                (Pending::Dtmf(digit), agent) => {
+                    let Some((_, sequence)) = agent.next_sequence() else { break };
+                    twilio::dtmf_msg(sequence, &stream_sid, digit)
+                }
+                _ => break,
+            };
+            self.send(conn, text);
+        }
         self.broadcast(now, &id, RetellEvent::CallReady, json!({ "agent": "connected" }));
         true
     }
@@ -598,7 +629,7 @@ impl CoreState {
                 let agent_conn = ConnectionId(CORE_CONN_BIT | self.next_conn);
                 self.next_conn += 1;
                 let session = self.slots.get_mut(id).and_then(|s| s.session.as_mut()).expect("exists");
-                session.agent = Agent::Connecting(agent_conn);
+                session.agent = Agent::Connecting { conn: agent_conn, backlog: VecDeque::new() };
                 self.conns.insert(agent_conn, (id.clone(), Role::Agent));
                 self.outputs.push_back(Output::ConnectAgent { conn: agent_conn, session: id.clone(), url });
             }
@@ -626,8 +657,20 @@ impl CoreState {
         }
         let hears = session.agent_hears_microphone();
         let stream_sid = session.stream_sid().unwrap_or_default().to_owned();
+        let payload = if hears { media.payload.clone() } else { twilio::silence_payload(media.samples) };
+        if let Agent::Connecting { backlog, .. } = &mut session.agent {
+            if backlog.len() >= AGENT_BACKLOG {
+                backlog.pop_front();
+            }
+            backlog.push_back(Pending::Media {
+                payload,
+                samples: media.samples,
+                chunk: media.chunk,
+                timestamp_ms: media.timestamp_ms,
+            });
+            return;
+        }
         if let Agent::Open { conn, sequence, chunk, sent_samples } = &mut session.agent {
-            let payload = if hears { media.payload.clone() } else { twilio::silence_payload(media.samples) };
             let timestamp_ms = media.timestamp_ms.unwrap_or(*sent_samples / 8);
             let chunk_no = media.chunk.unwrap_or(*chunk);
             let text =
@@ -642,7 +685,11 @@ impl CoreState {
     fn route_dtmf(&mut self, now: Now, id: &SessionId, digit: char) {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let stream_sid = session.stream_sid().unwrap_or_default().to_owned();
-        if let Some((conn, sequence)) = session.agent.next_sequence() {
+        if let Agent::Connecting { backlog, .. } = &mut session.agent {
+            if backlog.len() < AGENT_BACKLOG {
+                backlog.push_back(Pending::Dtmf(digit));
+            }
+        } else if let Some((conn, sequence)) = session.agent.next_sequence() {
             self.send(conn, twilio::dtmf_msg(sequence, &stream_sid, digit));
         }
         self.broadcast(now, id, RetellEvent::Update, json!({ "dtmf": { "digit": digit.to_string() } }));

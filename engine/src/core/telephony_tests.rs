@@ -417,3 +417,33 @@ fn records_follow_the_stream() {
     let unknown = SessionId::parse("CA2").expect("valid");
     assert_eq!(c.core.handle_command(c.now(), &unknown, Command::ReadRecord), Err(CommandError::NotFound));
 }
+
+/// What the caller says while the agent is being dialled reaches it after the greeting, in order
+/// (silence for frames sent while muted), with key presses in between.
+#[test]
+fn caller_input_during_dialling_is_delivered_on_open() {
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    c.caller(&media(2, &[1; 160]));
+    c.caller(&Utf8Bytes::from(
+        r#"{"event":"dtmf","streamSid":"MZ1","sequenceNumber":"3","dtmf":{"track":"inbound_track","digit":"5"}}"#
+            .to_owned(),
+    ));
+    let now = c.now();
+    c.core.handle_command(now, &id, Command::SetMicrophone(false)).expect("mute");
+    c.caller(&media(4, &[2; 160]));
+    let agent = c.agent.expect("dialled");
+    assert!(c.sent_to(agent).is_empty(), "nothing is sent before the agent is open");
+    assert!(c.core.handle_agent_open(now, agent));
+    c.drain();
+    let to_agent = c.sent_to(agent);
+    assert_eq!(events(&to_agent), ["connected", "start", "media", "dtmf", "media"]);
+    assert_eq!(to_agent[2]["media"]["payload"], b64(&[1; 160]));
+    assert_eq!(to_agent[3]["dtmf"]["digit"], "5");
+    assert_eq!(to_agent[4]["media"]["payload"], b64(&[0xFF; 160]), "muted while dialling: silence");
+    let sequences: Vec<u64> =
+        to_agent.iter().skip(1).map(|v| v["sequenceNumber"].as_str().expect("seq").parse().expect("number")).collect();
+    assert_eq!(sequences, [1, 2, 3, 4], "sequence numbers continue without gaps");
+}

@@ -34,13 +34,41 @@ pub struct Caller {
     pub start: twilio::Start,
 }
 
+/// Caller input held for an agent that is still being dialled: the caller's first words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// A media frame as the agent will get it (already silence if the microphone was muted).
+    Media {
+        /// Base64 μ-law.
+        payload: bytes::Bytes,
+        /// Its length in samples.
+        samples: usize,
+        /// Twilio's chunk number, if the caller sent one.
+        chunk: Option<u64>,
+        /// Twilio's timestamp, if the caller sent one.
+        timestamp_ms: Option<u64>,
+    },
+    /// A key press.
+    Dtmf(char),
+}
+
+/// Most caller frames held while the agent is dialled: 5 s of 20 ms frames, the agent's whole
+/// connect deadline.
+pub const AGENT_BACKLOG: usize = 250;
+
 /// The agent's leg: an upstream bot the relay dials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Agent {
     /// No agent for this call (none configured, or it failed).
     None,
-    /// Being dialled on this connection.
-    Connecting(ConnectionId),
+    /// Being dialled on this connection; what the caller says meanwhile waits in `backlog`.
+    Connecting {
+        /// The agent's socket-to-be.
+        conn: ConnectionId,
+        /// Caller audio and keys that arrived while dialling, oldest first (bounded by
+        /// [`AGENT_BACKLOG`]; the oldest go first past it).
+        backlog: std::collections::VecDeque<Pending>,
+    },
     /// Connected: Twilio-protocol messages flow both ways.
     Open {
         /// The agent's socket.
@@ -59,7 +87,7 @@ impl Agent {
     pub fn conn(&self) -> Option<ConnectionId> {
         match self {
             Self::None => None,
-            Self::Connecting(c) | Self::Open { conn: c, .. } => Some(*c),
+            Self::Connecting { conn: c, .. } | Self::Open { conn: c, .. } => Some(*c),
         }
     }
 

@@ -33,12 +33,16 @@ pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, sessi
     };
     shared.connection_opened();
     let now = shared.now();
-    // Registering the outbox before the open lets the greeting the core sends reach the socket.
+    // The outbox is registered before the open, so the greeting the core sends on open (and the
+    // caller audio held while dialling) reaches the socket.
+    let outbox = Rc::new(ws::Outbox::new());
+    shared.register_outbox(conn, outbox.clone());
     let opened = shared.drive(Some(&session), |state| state.handle_agent_open(now, conn)).unwrap_or(false);
     if opened {
         let codec = WsCodec::new_client(limits, &read_ahead);
-        ws::run(&shared, conn, stream, codec, Vec::new(), None, ws::Feed::Agent).await;
+        ws::run(&shared, conn, outbox, stream, codec, Vec::new(), None, ws::Feed::Agent).await;
     } else {
+        shared.remove_outbox(conn);
         let mut stream = stream;
         let _ = stream.close().await;
     }

@@ -111,6 +111,9 @@ pub(crate) async fn socket_task<S: ControlService>(
     let conn = shared.next_connection();
     let now = shared.now();
     let Upgrade { kind, credential, accept, guard, .. } = upgrade;
+    // Registered before any input about `conn`, so nothing the core sends it can be lost.
+    let outbox = Rc::new(Outbox::new());
+    shared.register_outbox(conn, outbox.clone());
     let (greeting, feed) = match kind {
         SocketKind::Events | SocketKind::Frontend => {
             let listen = if kind == SocketKind::Events { ListenKind::Events } else { ListenKind::Frontend };
@@ -120,6 +123,7 @@ pub(crate) async fn socket_task<S: ControlService>(
             match attached {
                 Ok(greeting) => (greeting, Feed::Listener),
                 Err(e) => {
+                    shared.remove_outbox(conn);
                     let status = match e {
                         AttachError::Unauthorized => StatusCode::UNAUTHORIZED,
                         AttachError::TooManyObservers { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -141,22 +145,24 @@ pub(crate) async fn socket_task<S: ControlService>(
         write_switching_protocols(&mut head, &accept);
     }
     let codec = WsCodec::new_server(&shared.limits, &read_ahead);
-    run(&shared, conn, stream, codec, head, greeting, feed).await;
+    run(&shared, conn, outbox, stream, codec, head, greeting, feed).await;
     drop(guard);
 }
 
 /// Serves an open WebSocket (server or client side) until it ends, then detaches it from the core.
+///
+/// `outbox` must already be registered for `conn` (before the core could send to it).
+#[allow(clippy::too_many_arguments)] // One socket's parts; a struct would only be unpacked here.
 pub(crate) async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &Rc<CoreShared>,
     conn: ConnectionId,
+    outbox: Rc<Outbox>,
     stream: T,
     codec: WsCodec,
     mut head: Vec<u8>,
     greeting: Option<Utf8Bytes>,
     feed: Feed,
 ) {
-    let outbox = Rc::new(Outbox::new());
-    shared.register_outbox(conn, outbox.clone());
     let codec = RefCell::new(codec);
     // The greeting goes first: it was produced before any event could be queued.
     if let Some(greeting) = greeting {

@@ -1,0 +1,88 @@
+//! Agent legs of Twilio calls: a bot that is down or never answers its handshake does not stop the
+//! call, and a per-call `agentUrl` is dialled only when its host is allow-listed.
+
+use relay_tests::telephony::{frames, unused_port, Events, Frontend, StalledBot, TwilioBot, TwilioCaller};
+use relay_tests::Relay;
+
+/// With the agent down, `/ws` gets an `error` naming the agent and caller audio still reaches a frontend.
+#[test]
+fn agent_down_call_goes_on() {
+    let down = format!("ws://{}/bot", unused_port());
+    let relay = Relay::start(&["--agent-url", &down, "--api-key", "k"]);
+    let id = "CA-down";
+    let events = Events::open(&relay, id, Some("k"));
+    let front = Frontend::connect(&relay, id, "u", "&accessToken=k");
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    let error = events.wait_event("error");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.to_ascii_lowercase().contains("agent"), "the error names the agent: {error}");
+    let sent = frames(50, 0..25);
+    caller.send_audio(&sent);
+    assert_eq!(front.wait_audio("inbound", sent.len()), sent, "caller audio reaches the frontend");
+    assert!(!caller.ended(), "the caller's stream is still open");
+    assert!(events.events().iter().all(|(t, _)| t != "call_ended"), "the call did not end");
+}
+
+/// With an agent that never answers its handshake, caller audio flows and `/ws` gets an `error` at the timeout.
+#[test]
+fn agent_stalled_call_goes_on() {
+    let stalled = StalledBot::start();
+    let relay = Relay::start(&["--agent-url", &stalled.url("/bot"), "--api-key", "k"]);
+    let id = "CA-stalled";
+    let events = Events::open(&relay, id, Some("k"));
+    let front = Frontend::connect(&relay, id, "u", "&accessToken=k");
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    let sent = frames(51, 0..25);
+    caller.send_audio(&sent);
+    assert_eq!(front.wait_audio("inbound", sent.len()), sent, "caller audio flows while the agent stalls");
+    let error = events.wait_event("error");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.to_ascii_lowercase().contains("agent"), "the error names the agent: {error}");
+    assert!(stalled.accepted() >= 1, "the relay did dial the stalled bot");
+    let more = frames(52, 0..5);
+    caller.send_audio(&more);
+    let all = front.wait_audio("inbound", sent.len() + more.len());
+    assert_eq!(all[sent.len()..], more[..], "audio still flows after the agent leg failed");
+    assert!(events.events().iter().all(|(t, _)| t != "call_ended"), "the call did not end");
+}
+
+/// A per-call `agentUrl` whose host:port is allow-listed is dialled (its path, the caller's start).
+#[test]
+fn allow_listed_agent_url_is_dialled() {
+    let default_bot = TwilioBot::start();
+    let chosen = TwilioBot::start();
+    let relay = Relay::start(&["--agent-url", &default_bot.url("/default"), "--agent-allow", &chosen.authority()]);
+    let url = chosen.url("/per-call?x=1");
+    let caller = TwilioCaller::start(&relay, "CA-chosen", &[("agentUrl", &url)]);
+    let agent = chosen.ready(0);
+    assert_eq!(agent.path, "/per-call?x=1", "the relay dials the per-call URL's path");
+    let sent = frames(53, 0..10);
+    caller.send_audio(&sent);
+    assert_eq!(agent.wait_media(sent.len()), sent, "caller audio reaches the per-call agent");
+    let starts = agent.events_named("start");
+    assert_eq!(starts.len(), 1, "the bot was greeted with one start before the audio: {:?}", agent.event_names());
+    let start = &starts[0].1;
+    assert_eq!(start["start"]["callSid"], "CA-chosen", "start: {start}");
+    assert_eq!(start["start"]["customParameters"]["agentUrl"], url.as_str(), "start: {start}");
+    assert_eq!(default_bot.connections(), 0, "the default agent was not dialled");
+}
+
+/// A per-call `agentUrl` that is not allow-listed is not dialled: `/ws` gets an `error`, the call goes on.
+#[test]
+fn agent_url_not_allow_listed_is_refused() {
+    let allowed = TwilioBot::start();
+    let other = TwilioBot::start();
+    let relay = Relay::start(&["--agent-allow", &allowed.authority(), "--api-key", "k"]);
+    let id = "CA-refused";
+    let events = Events::open(&relay, id, Some("k"));
+    let front = Frontend::connect(&relay, id, "u", "&accessToken=k");
+    let caller = TwilioCaller::start(&relay, id, &[("agentUrl", &other.url("/evil"))]);
+    let error = events.wait_event("error");
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "the error says why: {error}");
+    let sent = frames(54, 0..10);
+    caller.send_audio(&sent);
+    assert_eq!(front.wait_audio("inbound", sent.len()), sent, "caller audio still reaches the frontend");
+    assert_eq!(other.connections(), 0, "the non-allow-listed bot was not dialled");
+    assert_eq!(allowed.connections(), 0, "nor any other bot");
+    assert!(events.events().iter().all(|(t, _)| t != "call_ready"), "no agent became ready");
+}

@@ -1,0 +1,233 @@
+//! Twilio's HTTP side: the voice webhook's TwiML, status callbacks, and `X-Twilio-Signature`
+//! checks on both webhooks and the Media Stream upgrade, with and without `--public-url`.
+//! Signatures are computed here with Twilio's published algorithm, independently of the relay.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use relay_tests::telephony::Peer;
+use relay_tests::{assert_error, assert_json_type, Relay, Response};
+use serde_json::json;
+use sha1::Sha1;
+
+const TOKEN: &str = "twilio-test-token";
+
+/// The signer reproduces Twilio's documented example (token 12345, its URL and parameters).
+#[test]
+fn signer_matches_twilios_documented_example() {
+    let params = [
+        ("CallSid", "CA1234567890ABCDE"),
+        ("Caller", "+12349013030"),
+        ("Digits", "1234"),
+        ("From", "+12349013030"),
+        ("To", "+18005551212"),
+    ];
+    assert_eq!(sign("12345", "https://mycompany.com/myapp.php?foo=1&bar=2", &params), "0/KCTR6DLpKmkAf8muzZqo1nDgQ=");
+}
+
+/// `/twilio/voice` answers `text/xml` TwiML streaming to this relay, with callSid, from and to parameters.
+#[test]
+fn voice_answers_connect_stream_twiml() {
+    let relay = Relay::start(&[]);
+    let params = call_params("CA0001");
+    let resp = post_form(&relay, "/twilio/voice", &params, None, &[]);
+    assert_eq!(resp.status, 200, "voice: {}", resp.text());
+    assert!(resp.header("content-type").is_some_and(|c| c.starts_with("text/xml")), "content-type: {:?}", resp.headers);
+    let expected = format!(
+        concat!(
+            r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="ws://{}/twilio/stream">"#,
+            r#"<Parameter name="callSid" value="CA0001"/><Parameter name="from" value="+15551230000"/>"#,
+            r#"<Parameter name="to" value="+15559870000"/></Stream></Connect></Response>"#
+        ),
+        relay.addr()
+    );
+    assert_eq!(resp.text(), expected);
+}
+
+/// `X-Forwarded-Proto: https` gives a `wss://` stream URL; the `agentUrl` query becomes an escaped parameter.
+#[test]
+fn voice_passes_agent_url_and_honours_forwarded_proto() {
+    let relay = Relay::start(&[]);
+    let path = format!("/twilio/voice?agentUrl={}", encode("ws://bot.example:9000/x?a=1&b=2"));
+    let resp = post_form(&relay, &path, &call_params("CA0002"), None, &[("X-Forwarded-Proto", "https")]);
+    assert_eq!(resp.status, 200, "voice: {}", resp.text());
+    let text = resp.text();
+    assert!(text.contains(&format!(r#"<Stream url="wss://{}/twilio/stream">"#, relay.addr())), "TwiML: {text}");
+    assert!(
+        text.contains(r#"<Parameter name="agentUrl" value="ws://bot.example:9000/x?a=1&amp;b=2"/>"#),
+        "TwiML: {text}"
+    );
+}
+
+/// A voice webhook without `CallSid` is a 400 error envelope.
+#[test]
+fn voice_without_call_sid_is_400() {
+    let relay = Relay::start(&[]);
+    let resp = post_form(&relay, "/twilio/voice", &[("From", "+15551230000"), ("To", "+15559870000")], None, &[]);
+    assert_error(&resp, 400);
+}
+
+/// A status callback is answered `{"success":true}`.
+#[test]
+fn status_callback_answers_success() {
+    let relay = Relay::start(&[]);
+    let params = [("CallSid", "CA0003"), ("CallStatus", "completed"), ("CallDuration", "42")];
+    let resp = post_form(&relay, "/twilio/status", &params, None, &[]);
+    assert_eq!(resp.status, 200, "status: {}", resp.text());
+    assert_json_type(&resp);
+    assert_eq!(resp.json(), json!({"success": true}));
+}
+
+/// With an auth token, correctly signed voice and status webhooks (query included) are answered 200.
+#[test]
+fn signed_webhooks_are_accepted() {
+    let relay = Relay::start(&["--twilio-auth-token", TOKEN]);
+    let base = format!("http://{}", relay.addr());
+    let params = call_params("CA0004");
+    let sig = sign(TOKEN, &format!("{base}/twilio/voice"), &params);
+    let resp = post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]);
+    assert_eq!(resp.status, 200, "signed voice: {}", resp.text());
+    assert!(resp.text().contains(r#"value="CA0004""#), "TwiML: {}", resp.text());
+
+    let path = "/twilio/voice?agentUrl=ws%3A%2F%2Fbot.example%2Fq";
+    let sig = sign(TOKEN, &format!("{base}{path}"), &params);
+    let resp = post_form(&relay, path, &params, Some(&sig), &[]);
+    assert_eq!(resp.status, 200, "signed voice with a query: {}", resp.text());
+
+    let status = [("CallSid", "CA0004"), ("CallStatus", "in-progress"), ("CallDuration", "3")];
+    let sig = sign(TOKEN, &format!("{base}/twilio/status"), &status);
+    let resp = post_form(&relay, "/twilio/status", &status, Some(&sig), &[]);
+    assert_eq!(resp.status, 200, "signed status: {}", resp.text());
+    assert_eq!(resp.json(), json!({"success": true}));
+}
+
+/// With an auth token, tampered, foreign, empty or missing signatures get 403 on both webhooks.
+#[test]
+fn bad_signatures_are_403() {
+    let relay = Relay::start(&["--twilio-auth-token", TOKEN]);
+    let base = format!("http://{}", relay.addr());
+    for path in ["/twilio/voice", "/twilio/status"] {
+        let params = [("CallSid", "CA0005"), ("CallStatus", "ringing"), ("From", "+15551230000")];
+        let good = sign(TOKEN, &format!("{base}{path}"), &params);
+        let tampered = [("CallSid", "CA0005"), ("CallStatus", "ringing"), ("From", "+15551239999")];
+        assert_error(&post_form(&relay, path, &tampered, Some(&good), &[]), 403);
+        let other_token = sign("another-token", &format!("{base}{path}"), &params);
+        assert_error(&post_form(&relay, path, &params, Some(&other_token), &[]), 403);
+        let other_url = sign(TOKEN, &format!("{base}/elsewhere"), &params);
+        assert_error(&post_form(&relay, path, &params, Some(&other_url), &[]), 403);
+        let extra = [("CallSid", "CA0005"), ("CallStatus", "ringing"), ("From", "+15551230000"), ("X", "1")];
+        assert_error(&post_form(&relay, path, &extra, Some(&good), &[]), 403);
+        assert_error(&post_form(&relay, path, &params, None, &[]), 403);
+        assert_error(&post_form(&relay, path, &params, Some(""), &[]), 403);
+        // The untampered request passes, so the refusals above were about the signature.
+        assert_eq!(post_form(&relay, path, &params, Some(&good), &[]).status, 200, "{path} signed correctly");
+    }
+}
+
+/// With an auth token, the stream upgrade signed over its `ws://` URL gets 101; unsigned or wrong gets 403.
+#[test]
+fn stream_upgrade_needs_a_signature() {
+    let relay = Relay::start(&["--twilio-auth-token", TOKEN]);
+    let url = format!("ws://{}/twilio/stream", relay.addr());
+    let sig = sign(TOKEN, &url, &[]);
+    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
+    assert!(peer.is_ok(), "signed upgrade refused with {:?}", peer.err());
+    assert_eq!(Peer::connect(relay.addr(), "/twilio/stream", &[]).err(), Some(403), "unsigned upgrade");
+    let wrong = sign("another-token", &url, &[]);
+    assert_eq!(
+        Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &wrong)]).err(),
+        Some(403),
+        "wrongly signed upgrade"
+    );
+    let http_sig = sign(TOKEN, &format!("ws://{}/twilio/other", relay.addr()), &[]);
+    assert_eq!(
+        Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &http_sig)]).err(),
+        Some(403),
+        "a signature over another path"
+    );
+}
+
+/// An https `--public-url` gives `wss://` TwiML, and signatures over the public URL (±:443) verify.
+#[test]
+fn https_public_url_is_used_for_twiml_and_signatures() {
+    let relay = Relay::start(&["--twilio-auth-token", TOKEN, "--public-url", "https://relay.example.com"]);
+    let params = call_params("CA0006");
+    let sig = sign(TOKEN, "https://relay.example.com/twilio/voice", &params);
+    let resp = post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]);
+    assert_eq!(resp.status, 200, "voice signed over the public URL: {}", resp.text());
+    assert!(resp.text().contains(r#"<Stream url="wss://relay.example.com/twilio/stream">"#), "TwiML: {}", resp.text());
+    let sig = sign(TOKEN, "https://relay.example.com:443/twilio/voice", &params);
+    assert_eq!(post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]).status, 200, "with :443");
+    let sig = sign(TOKEN, "https://relay.example.org/twilio/voice", &params);
+    assert_error(&post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]), 403);
+
+    let sig = sign(TOKEN, "wss://relay.example.com/twilio/stream", &[]);
+    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
+    assert!(peer.is_ok(), "upgrade signed over the public wss URL refused with {:?}", peer.err());
+}
+
+/// An http `--public-url` with a port gives `ws://host:port` TwiML, and signatures over it verify.
+#[test]
+fn http_public_url_is_used_for_twiml_and_signatures() {
+    let relay = Relay::start(&["--twilio-auth-token", TOKEN, "--public-url", "http://relay.example:8080/"]);
+    let params = call_params("CA0007");
+    let sig = sign(TOKEN, "http://relay.example:8080/twilio/voice", &params);
+    let resp = post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]);
+    assert_eq!(resp.status, 200, "voice signed over the public URL: {}", resp.text());
+    assert!(resp.text().contains(r#"<Stream url="ws://relay.example:8080/twilio/stream">"#), "TwiML: {}", resp.text());
+    let sig = sign(TOKEN, "ws://relay.example:8080/twilio/stream", &[]);
+    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
+    assert!(peer.is_ok(), "upgrade signed over the public ws URL refused with {:?}", peer.err());
+}
+
+/// The parameters of an incoming-call webhook.
+fn call_params(call_sid: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("AccountSid", "AC0123456789abcdef0123456789abcdef"),
+        ("CallSid", call_sid),
+        ("CallStatus", "ringing"),
+        ("Direction", "inbound"),
+        ("From", "+15551230000"),
+        ("To", "+15559870000"),
+    ]
+}
+
+/// `POST path` with a form body, `X-Twilio-Signature` when given, and `headers`.
+fn post_form(
+    relay: &Relay,
+    path: &str,
+    params: &[(&str, &str)],
+    signature: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Response {
+    let body = params.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&");
+    let mut all = vec![("Content-Type", "application/x-www-form-urlencoded")];
+    if let Some(sig) = signature {
+        all.push(("X-Twilio-Signature", sig));
+    }
+    all.extend_from_slice(headers);
+    relay.request("POST", path, &all, Some(&body))
+}
+
+/// Twilio's signature: base64(HMAC-SHA1(token, url + key₁value₁key₂value₂…)) over the parameters
+/// sorted by key.
+fn sign(token: &str, url: &str, params: &[(&str, &str)]) -> String {
+    let mut sorted = params.to_vec();
+    sorted.sort();
+    let mut mac = Hmac::<Sha1>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(url.as_bytes());
+    for (k, v) in sorted {
+        mac.update(k.as_bytes());
+        mac.update(v.as_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Percent-encodes everything but unreserved characters.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
