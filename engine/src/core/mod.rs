@@ -456,9 +456,15 @@ impl CoreState {
         if session.agent.conn() != Some(conn) {
             return;
         }
+        let was_open = matches!(session.agent, Agent::Open { .. });
         session.agent = Agent::None;
         session.pacer.reset();
         session.armed = None;
+        // The caller must not keep hearing a dead agent's buffered audio.
+        if let (true, Some(caller)) = (was_open, &session.caller) {
+            let (conn, text) = (caller.conn, twilio::clear_out(&caller.start.stream_sid));
+            self.send(conn, text);
+        }
         let data = json!({ "message": format!("agent disconnected: {reason}"), "source": "agent" });
         self.broadcast(now, &id, RetellEvent::Error, data);
     }

@@ -312,6 +312,7 @@ fn failed_agent_costs_only_itself() {
     assert!(!c.core.handle_agent_open(now, agent), "a failed leg cannot open later");
     let error = c.sent_to(EVENTS).into_iter().find(|v| v["eventType"] == "error").expect("error event");
     assert!(error["data"]["message"].as_str().expect("text").contains("connection refused"));
+    assert!(c.sent_to(CALLER).is_empty(), "an agent that never opened played nothing to clear");
     c.caller(&media(2, &[1; 160]));
     assert_eq!(c.sent_to(FRONTEND).len(), 1, "caller audio still reaches observers");
     assert_eq!(c.core.stats().active_sessions, 1);
@@ -446,4 +447,23 @@ fn caller_input_during_dialling_is_delivered_on_open() {
     let sequences: Vec<u64> =
         to_agent.iter().skip(1).map(|v| v["sequenceNumber"].as_str().expect("seq").parse().expect("number")).collect();
     assert_eq!(sequences, [1, 2, 3, 4], "sequence numbers continue without gaps");
+}
+
+/// An agent that dies mid-utterance: its queued audio is dropped and the caller is told to clear
+/// what it buffered, so the dead agent falls silent at once; the call goes on.
+#[test]
+fn dead_agent_is_cleared_from_the_caller() {
+    let mut c = Call::connected();
+    for i in 0..20u8 {
+        c.bot(&twilio::media_out("MZ1", b64(&[i; 160]).as_bytes()));
+    }
+    let agent = c.agent.expect("dialled");
+    let now = c.now();
+    c.core.handle_agent_closed(now, agent, "connection reset");
+    c.drain();
+    assert_eq!(c.sent_to(CALLER).last().expect("clear")["event"], "clear");
+    let released = c.sent_to(CALLER).len();
+    c.advance_to(5_000);
+    assert_eq!(c.sent_to(CALLER).len(), released, "nothing more of the dead agent's audio is played");
+    assert_eq!(c.core.stats().active_sessions, 1);
 }
