@@ -197,6 +197,13 @@ impl WsCodec {
         }
     }
 
+    /// Moves frames the codec queued on its own (pongs, close answers) to the output; true when
+    /// there are bytes to send.
+    pub fn has_output(&mut self) -> bool {
+        let _ = self.ctx.flush(&mut self.io);
+        !self.io.output.is_empty()
+    }
+
     /// Whether more messages may still be sent (no close frame sent or received).
     pub fn can_send(&self) -> bool {
         self.ctx.can_write()

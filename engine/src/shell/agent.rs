@@ -5,6 +5,7 @@
 //! slow ends its own leg with `handle_agent_closed`, nothing else.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, url: AgentUrl) {
     let limits = &shared.limits;
     let dialled = glommio::timer::timeout(limits.agent_connect_timeout, async { Ok(dial(conn, &url).await) }).await;
-    let (stream, read_ahead) = match dialled {
+    let (stream, fd, read_ahead) = match dialled {
         Ok(Ok(pair)) => pair,
         Ok(Err(reason)) => return fail(&shared, conn, &session, &reason),
         Err(_) => return fail(&shared, conn, &session, "timed out connecting"),
@@ -35,12 +36,12 @@ pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, sessi
     let now = shared.now();
     // The outbox is registered before the open, so the greeting the core sends on open (and the
     // caller audio held while dialling) reaches the socket.
-    let outbox = Rc::new(ws::Outbox::new());
+    let outbox = Rc::new(ws::Outbox::new(shared.coarse_now()));
     shared.register_outbox(conn, outbox.clone());
     let opened = shared.drive(Some(&session), |state| state.handle_agent_open(now, conn)).unwrap_or(false);
     if opened {
         let codec = WsCodec::new_client(limits, &read_ahead);
-        ws::run(&shared, conn, outbox, stream, codec, Vec::new(), None, ws::Feed::Agent).await;
+        ws::run(&shared, conn, outbox, fd, stream, codec, Vec::new(), None, ws::Feed::Agent).await;
     } else {
         shared.remove_outbox(conn);
         let mut stream = stream;
@@ -56,12 +57,13 @@ fn fail(shared: &CoreShared, conn: ConnectionId, session: &SessionId, reason: &s
 }
 
 /// Connects and performs the client handshake; returns the socket and any bytes after the 101.
-async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, Vec<u8>), String> {
+async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, RawFd, Vec<u8>), String> {
     let addr = resolve(url).await?;
     let tcp = TcpStream::connect_timeout(addr, Duration::from_secs(10))
         .await
         .map_err(|e| format!("cannot connect to {url}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let fd = tcp.as_raw_fd();
     let mut stream = if url.tls {
         let tls = TlsStream::connect(tcp, &url.host).await.map_err(|e| format!("TLS with {}: {e}", url.host))?;
         ClientStream::Tls(Box::new(tls))
@@ -103,7 +105,7 @@ async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, Vec<u
                 if !accepted {
                     return Err("the agent's Sec-WebSocket-Accept does not match".to_owned());
                 }
-                return Ok((stream, buf[head_len..].to_vec()));
+                return Ok((stream, fd, buf[head_len..].to_vec()));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
             Ok(httparse::Status::Partial) => return Err("the agent's handshake answer is too large".to_owned()),

@@ -62,6 +62,9 @@ pub(crate) struct CoreShared {
     timer_event: Event,
     /// The deadline the timer task sleeps until.
     timer_armed: Cell<Option<std::time::Instant>>,
+    /// The time at the timer task's last wake-up (at most 50 ms old): cheap time for liveness
+    /// bookkeeping, which needs no better.
+    coarse: Cell<std::time::Instant>,
     /// Set once graceful shutdown began; `shutdown_event` wakes the tasks that wait on it.
     pub(crate) shutting_down: Cell<bool>,
     pub(crate) shutdown_event: Event,
@@ -208,6 +211,19 @@ impl CoreShared {
         clock::now()
     }
 
+    /// The time at the timer task's last wake-up: no clock read.
+    pub(crate) fn coarse_now(&self) -> std::time::Instant {
+        self.coarse.get()
+    }
+
+    /// Enforces every socket's liveness deadlines (see `Outbox::sweep`).
+    fn sweep(&self, now: std::time::Instant) {
+        let limits = &self.limits;
+        for outbox in self.outboxes.borrow().values() {
+            outbox.sweep(now, limits.ws_idle_timeout, limits.ws_ping_interval, limits.idle_timeout);
+        }
+    }
+
     pub(crate) fn next_connection(&self) -> ConnectionId {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
@@ -317,6 +333,7 @@ pub(crate) async fn run_core<S: ControlService>(
         this: RefCell::new(std::rc::Weak::new()),
         timer_event: Event::new(),
         timer_armed: Cell::new(None),
+        coarse: Cell::new(clock::now().instant),
         limits: setup.limits,
         global: setup.global,
         mesh_tx,
@@ -375,6 +392,9 @@ pub(crate) async fn run_core<S: ControlService>(
 async fn tick_task(shared: &Rc<CoreShared>) {
     // The longest sleep: how soon the process-wide shutdown flag is noticed.
     const TICK: Duration = Duration::from_millis(50);
+    // How often socket deadlines are swept; they are seconds long, so this is precise enough.
+    const SWEEP: Duration = Duration::from_millis(250);
+    let mut last_sweep = shared.now().instant;
     loop {
         let listener = shared.timer_event.listen();
         let now = shared.now();
@@ -394,6 +414,11 @@ async fn tick_task(shared: &Rc<CoreShared>) {
             return;
         }
         let now = shared.now();
+        shared.coarse.set(now.instant);
+        if now.instant.saturating_duration_since(last_sweep) >= SWEEP {
+            last_sweep = now.instant;
+            shared.sweep(now.instant);
+        }
         let due = shared.state.borrow().poll_timeout().is_some_and(|t| t <= now.instant);
         if due {
             shared.drive(None, |state| state.handle_timeout(now));

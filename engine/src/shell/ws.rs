@@ -8,11 +8,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use http::StatusCode;
 use tungstenite::Utf8Bytes;
@@ -28,26 +29,47 @@ use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
 /// How long a closing socket waits for the peer's close frame before the TCP connection is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// The queue between the core and one event socket's writer.
+/// The queue between the core and one socket's writer, and the socket's liveness bookkeeping.
+///
+/// Deadlines (idle peer, unanswered close, stalled write) are enforced by the core's periodic
+/// [`Outbox::sweep`], which shuts the socket down; nothing arms a timer per frame.
 pub(crate) struct Outbox {
     frames: RefCell<VecDeque<Utf8Bytes>>,
     close: Cell<Option<(u16, &'static str)>>,
     /// When the close began: the peer has until then plus [`CLOSE_WAIT`] to answer it.
     closing_since: Cell<Option<Instant>>,
-    /// Wakes the writer (and the reader's close watch) when a frame or a close arrives.
+    /// Wakes the writer when a frame, a close or a ping request arrives.
     event: Event,
     /// Frames that could not be queued or encoded for this socket.
     dropped: Cell<u64>,
+    /// The socket, for the sweep to shut down; -1 until `run` starts.
+    fd: Cell<RawFd>,
+    /// Coarse time (the core's tick clock) of the last bytes from the peer.
+    last_rx: Cell<Instant>,
+    /// Coarse time of the last bytes written to the peer.
+    last_tx: Cell<Instant>,
+    /// When the write now in progress began, if one is.
+    writing_since: Cell<Option<Instant>>,
+    /// The sweep asks the writer for a ping.
+    ping_due: Cell<bool>,
+    /// The sweep shut the socket down; nothing more to do for it.
+    killed: Cell<bool>,
 }
 
 impl Outbox {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self {
             frames: RefCell::new(VecDeque::new()),
             close: Cell::new(None),
             closing_since: Cell::new(None),
             event: Event::new(),
             dropped: Cell::new(0),
+            fd: Cell::new(-1),
+            last_rx: Cell::new(now),
+            last_tx: Cell::new(now),
+            writing_since: Cell::new(None),
+            ping_due: Cell::new(false),
+            killed: Cell::new(false),
         }
     }
 
@@ -65,9 +87,7 @@ impl Outbox {
         }
         frames.push_back(text);
         drop(frames);
-        // Both the writer and the reader's close watch listen on this event: wake every listener,
-        // or the one wake-up may go to the reader and leave the frame unsent.
-        self.event.notify(usize::MAX);
+        self.event.notify(1);
         room
     }
 
@@ -77,12 +97,37 @@ impl Outbox {
             self.close.set(Some((code, reason)));
             self.closing_since.set(Some(clock::now().instant));
         }
-        self.event.notify(usize::MAX);
+        self.event.notify(1);
     }
 
-    /// When the peer's time to answer our close runs out, once a close began.
-    fn close_deadline(&self) -> Option<Instant> {
-        self.closing_since.get().map(|t| t + CLOSE_WAIT)
+    /// Enforces this socket's deadlines at (coarse) time `now`: a peer silent past `idle` is
+    /// closed with 1001; a close unanswered for [`CLOSE_WAIT`] or a write stalled past
+    /// `write_timeout` shuts the socket down (its reader and writer then end); a socket quiet for
+    /// `ping` gets a ping.
+    pub(crate) fn sweep(&self, now: Instant, idle: Duration, ping: Duration, write_timeout: Duration) {
+        if self.killed.get() {
+            return;
+        }
+        let closed_out = self.closing_since.get().is_some_and(|t| now.saturating_duration_since(t) > CLOSE_WAIT);
+        let stalled = self.writing_since.get().is_some_and(|t| now.saturating_duration_since(t) > write_timeout);
+        if closed_out || stalled {
+            self.killed.set(true);
+            let fd = self.fd.get();
+            if fd >= 0 {
+                // SAFETY: `fd` belongs to the live socket this outbox serves (set by `run`, which
+                // removes the outbox before the socket is dropped); shutdown only changes its state.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            return;
+        }
+        if self.close.get().is_none() && now.saturating_duration_since(self.last_rx.get()) > idle {
+            self.close(1001, "idle timeout");
+            return;
+        }
+        if now.saturating_duration_since(self.last_tx.get()) >= ping {
+            self.ping_due.set(true);
+            self.event.notify(1);
+        }
     }
 }
 
@@ -112,7 +157,8 @@ pub(crate) async fn socket_task<S: ControlService>(
     let now = shared.now();
     let Upgrade { kind, credential, accept, guard, .. } = upgrade;
     // Registered before any input about `conn`, so nothing the core sends it can be lost.
-    let outbox = Rc::new(Outbox::new());
+    let outbox = Rc::new(Outbox::new(shared.coarse_now()));
+    let fd = stream.as_raw_fd();
     shared.register_outbox(conn, outbox.clone());
     let (greeting, feed) = match kind {
         SocketKind::Events | SocketKind::Frontend => {
@@ -145,7 +191,7 @@ pub(crate) async fn socket_task<S: ControlService>(
         write_switching_protocols(&mut head, &accept);
     }
     let codec = WsCodec::new_server(&shared.limits, &read_ahead);
-    run(&shared, conn, outbox, stream, codec, head, greeting, feed).await;
+    run(&shared, conn, outbox, fd, stream, codec, head, greeting, feed).await;
     drop(guard);
 }
 
@@ -157,12 +203,14 @@ pub(crate) async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &Rc<CoreShared>,
     conn: ConnectionId,
     outbox: Rc<Outbox>,
+    fd: RawFd,
     stream: T,
     codec: WsCodec,
     mut head: Vec<u8>,
     greeting: Option<Utf8Bytes>,
     feed: Feed,
 ) {
+    outbox.fd.set(fd);
     let codec = RefCell::new(codec);
     // The greeting goes first: it was produced before any event could be queued.
     if let Some(greeting) = greeting {
@@ -182,15 +230,8 @@ pub(crate) async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     shared.drive(blame.as_ref(), |state| state.handle_detach(now, conn));
 }
 
-/// How a wait in the reader ended.
-enum Wake {
-    Read(std::io::Result<usize>),
-    /// The close handshake or the idle deadline ran out.
-    Expired,
-}
-
-/// Feeds client frames to the codec and the core until the peer closes, breaks the protocol,
-/// goes silent past the idle timeout, or ignores our close frame.
+/// Feeds peer frames to the codec and the core until the peer closes, breaks the protocol, or the
+/// sweep shuts the socket down (idle peer, unanswered close).
 async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &CoreShared,
     conn: ConnectionId,
@@ -225,37 +266,13 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
                 Ok(None) => break,
             }
         }
-        outbox.event.notify(usize::MAX); // Pongs the codec queued.
-                                         // The deadline is absolute: reading does not extend the time a closing peer has.
-        let deadline = outbox.close_deadline().unwrap_or_else(|| clock::now().instant + shared.limits.ws_idle_timeout);
-        let read = async { Wake::Read(reader.read(&mut chunk).await) };
-        let expiry = async {
-            loop {
-                // A close that begins while we wait shortens the deadline.
-                let listener = outbox.event.listen();
-                let until = outbox.close_deadline().map_or(deadline, |d| d.min(deadline));
-                let wait = until.saturating_duration_since(clock::now().instant);
-                let timer = async {
-                    glommio::timer::sleep(wait).await;
-                    true
-                };
-                if timer
-                    .or(async {
-                        listener.await;
-                        false
-                    })
-                    .await
-                {
-                    return Wake::Expired;
-                }
-            }
-        };
-        match read.or(expiry).await {
-            Wake::Read(Ok(n)) if n > 0 => codec.borrow_mut().handle_bytes(&chunk[..n]),
-            Wake::Expired if outbox.close.get().is_none() => {
-                // Silent past the idle timeout despite our pings: the peer is gone.
-                outbox.close(1001, "idle timeout");
-                return;
+        if codec.borrow_mut().has_output() {
+            outbox.event.notify(1); // Pongs the codec queued.
+        }
+        match reader.read(&mut chunk).await {
+            Ok(n) if n > 0 => {
+                outbox.last_rx.set(shared.coarse_now());
+                codec.borrow_mut().handle_bytes(&chunk[..n]);
             }
             _ => {
                 outbox.close(1000, "");
@@ -266,8 +283,8 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Writes the 101 answer, then queued frames as they come (and a ping when the socket has been
-/// quiet for `ws_ping_interval`), then the close frame.
+/// Writes the 101 answer, then queued frames as they come (and pings the sweep asks for), then the
+/// close frame.
 async fn writer_task<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &CoreShared,
     outbox: &Outbox,
@@ -275,20 +292,18 @@ async fn writer_task<T: AsyncRead + AsyncWrite + Unpin>(
     mut writer: futures_lite::io::WriteHalf<T>,
     mut pending: Vec<u8>,
 ) {
-    let timeout = shared.limits.idle_timeout;
-    let ping_interval = shared.limits.ws_ping_interval;
-    let mut ping_due = false;
     loop {
         let listener = outbox.event.listen();
         let closing = {
             let mut codec = codec.borrow_mut();
-            let frames: Vec<Utf8Bytes> = outbox.frames.borrow_mut().drain(..).collect();
-            for text in frames {
+            let mut frames = outbox.frames.borrow_mut();
+            for text in frames.drain(..) {
                 if codec.send_text(text).is_err() {
                     outbox.dropped.set(outbox.dropped.get() + 1);
                 }
             }
-            if std::mem::take(&mut ping_due) {
+            drop(frames);
+            if outbox.ping_due.take() {
                 codec.send_ping();
             }
             let close = outbox.close.get();
@@ -301,18 +316,18 @@ async fn writer_task<T: AsyncRead + AsyncWrite + Unpin>(
             close.is_some() || !codec.can_send()
         };
         if !pending.is_empty() {
+            outbox.writing_since.set(Some(shared.coarse_now()));
             // The flush matters for TLS, whose records may wait in its buffer; for TCP it is free.
-            let written = glommio::timer::timeout(timeout, async {
-                Ok(async {
-                    writer.write_all(&pending).await?;
-                    writer.flush().await
-                }
-                .await)
-            })
+            let written = async {
+                writer.write_all(&pending).await?;
+                writer.flush().await
+            }
             .await;
+            outbox.writing_since.set(None);
+            outbox.last_tx.set(shared.coarse_now());
             pending.clear();
-            if !matches!(written, Ok(Ok(()))) {
-                // The peer is gone or not reading: end the connection.
+            if written.is_err() {
+                // The peer is gone, or the sweep shut a stalled socket down: end the connection.
                 outbox.close(1000, "");
                 return;
             }
@@ -321,17 +336,9 @@ async fn writer_task<T: AsyncRead + AsyncWrite + Unpin>(
             let _ = writer.close().await;
             return;
         }
-        if outbox.frames.borrow().is_empty() && outbox.close.get().is_none() {
-            let idle = async {
-                glommio::timer::sleep(ping_interval).await;
-                true
-            };
-            ping_due = idle
-                .or(async {
-                    listener.await;
-                    false
-                })
-                .await;
+        let idle = outbox.frames.borrow().is_empty() && outbox.close.get().is_none() && !outbox.ping_due.get();
+        if idle {
+            listener.await;
         }
     }
 }
@@ -343,7 +350,8 @@ mod tests {
     /// A full outbox drops its oldest frame for each new one and says so; a closing one takes none.
     #[test]
     fn full_outbox_drops_oldest() {
-        let outbox = Outbox::new();
+        #[allow(clippy::disallowed_methods)] // A test's clock origin.
+        let outbox = Outbox::new(Instant::now());
         for i in 0..3 {
             assert!(outbox.push(Utf8Bytes::from(format!("{i}")), 3));
         }
