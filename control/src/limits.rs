@@ -50,6 +50,14 @@ impl UserLimits {
         Some(SocketGuard { limits: self.clone(), user: user.to_owned() })
     }
 
+    /// Gives back the initiation `try_initiate` recorded last for `user` (the call never started).
+    pub fn refund(&self, user: &str) {
+        let mut all = self.initiations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(times) = all.get_mut(user) {
+            times.pop_back();
+        }
+    }
+
     /// Records an initiation for `user` at `now`, or says how long until one is allowed again.
     ///
     /// # Errors

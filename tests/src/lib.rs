@@ -24,6 +24,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 pub mod telephony;
+pub mod twilio_rest;
 
 /// Longest any single wait in the harness lasts: a read, a startup, an exit, a poll.
 pub const TIMEOUT: Duration = Duration::from_secs(10);

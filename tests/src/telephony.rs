@@ -515,7 +515,10 @@ impl TwilioCaller {
     /// # Panics
     /// When the upgrade is refused.
     pub fn start(relay: &Relay, call_sid: &str, params: &[(&str, &str)]) -> Self {
-        let peer = match Peer::connect(relay.addr(), "/twilio/stream", &[]) {
+        // Without a Twilio auth token, a relay with an API key guards its Twilio endpoints with it.
+        let bearer = relay.api_key().map(|k| format!("Bearer {k}"));
+        let headers: Vec<(&str, &str)> = bearer.as_deref().map(|b| ("Authorization", b)).into_iter().collect();
+        let peer = match Peer::connect(relay.addr(), "/twilio/stream", &headers) {
             Ok(p) => p,
             Err(status) => panic!("/twilio/stream refused with {status}"),
         };

@@ -231,3 +231,30 @@ fn encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// With an API key but no Twilio auth token, Twilio's endpoints are not open to anyone: they need
+/// the API key like every control endpoint (a stream could otherwise create sessions and dial bots).
+#[test]
+fn api_key_guards_twilio_endpoints_without_a_twilio_token() {
+    let relay = Relay::start(&["--api-key", "k"]);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let voice = relay.request("POST", "/twilio/voice", &form, Some("CallSid=CA1"));
+    assert_error(&voice, 401);
+    let status = relay.request("POST", "/twilio/status", &form, Some("CallSid=CA1&CallStatus=completed"));
+    assert_error(&status, 401);
+    assert!(matches!(Peer::connect(relay.addr(), "/twilio/stream", &[]), Err(401)), "anonymous streams are refused");
+    let authorized = [("Content-Type", "application/x-www-form-urlencoded"), ("Authorization", "Bearer k")];
+    assert_eq!(relay.request("POST", "/twilio/voice", &authorized, Some("CallSid=CA1")).status, 200);
+    assert!(Peer::connect(relay.addr(), "/twilio/stream", &[("Authorization", "Bearer k")]).is_ok());
+}
+
+/// Status callbacks must carry one of Twilio's call statuses.
+#[test]
+fn status_callbacks_need_a_known_status() {
+    let relay = Relay::start(&[]);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let bad =
+        relay.request("POST", "/twilio/status", &form, Some(&format!("CallSid=CA1&CallStatus={}", "x".repeat(60_000))));
+    assert_error(&bad, 400);
+    assert_eq!(relay.request("POST", "/twilio/status", &form, Some("CallSid=CA1&CallStatus=busy")).status, 200);
+}

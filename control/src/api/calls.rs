@@ -69,7 +69,14 @@ pub async fn outbound_call(
         ("StatusCallbackEvent", "completed".to_owned()),
     ];
     let url = format!("{}/2010-04-01/Accounts/{}/Calls.json", account.api_base, account.sid);
-    let answer = twilio_post(core, &account, url, &form).await?;
+    let answer = match twilio_post(core, &account, url, &form).await {
+        Ok(a) => a,
+        Err(e) => {
+            // No call was placed: the attempt does not count against the user's allowance.
+            users.refund(user_id);
+            return Err(e);
+        }
+    };
     let call_sid = answer["sid"]
         .as_str()
         .and_then(|s| SessionId::parse(s).ok())

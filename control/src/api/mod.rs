@@ -63,7 +63,9 @@ impl Service {
             Route::TwilioVoice => respond(twilio::voice(core, &self.config, request).await),
             Route::TwilioStatus => respond(twilio::status(core, &self.config, request).await),
             Route::TwilioStream => twilio::stream(&self.config, request).map(Outcome::Upgrade),
-            Route::FrontendStream => twilio::frontend(&self.config, &self.users, request).map(Outcome::Upgrade),
+            Route::FrontendStream => {
+                twilio::frontend(core, &self.config, &self.users, request).await.map(Outcome::Upgrade)
+            }
         }
     }
 }
@@ -83,17 +85,11 @@ impl ControlService for Service {
                 Err(Miss::MethodNotAllowed(allow)) => Err(ApiError::method_not_allowed(&head.method, path, allow)),
                 Ok(route) => {
                     // /health answers load balancers without credentials; listeners check session
-                    // tokens, Twilio's endpoints its signatures; everything else needs the API key
-                    // when one is set.
-                    let open = matches!(
-                        route,
-                        Route::Health
-                            | Route::Events
-                            | Route::FrontendStream
-                            | Route::TwilioVoice
-                            | Route::TwilioStatus
-                            | Route::TwilioStream
-                    );
+                    // tokens; Twilio's endpoints check its signatures when a Twilio auth token is
+                    // configured (else they need the API key like everything else, when one is set).
+                    let twilio = matches!(route, Route::TwilioVoice | Route::TwilioStatus | Route::TwilioStream);
+                    let open = matches!(route, Route::Health | Route::Events | Route::FrontendStream)
+                        || (twilio && self.config.twilio_auth_token.is_some());
                     if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
                         Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"))
                     } else {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
-use relay_engine::core::command::RecordUpdate;
+use relay_engine::core::command::{Command, RecordUpdate, Reply};
 use relay_engine::core::Credential;
 use relay_engine::proto::ws;
 use relay_engine::shell::{CoreHandle, Request, SocketKind, Upgrade};
@@ -35,8 +35,8 @@ pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
         .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
     let id = params::session_id(call_sid, "CallSid")?;
     let update = RecordUpdate {
-        from: field(&form, "From").map(str::to_owned),
-        to: field(&form, "To").map(str::to_owned),
+        from: field(&form, "From").map(bounded_number),
+        to: field(&form, "To").map(bounded_number),
         ..RecordUpdate::default()
     };
     let record = calls::record(core, &id, update).await?;
@@ -77,6 +77,9 @@ pub async fn status(core: &CoreHandle, config: &ApiConfig, request: &Request) ->
     let status = field(&form, "CallStatus")
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request("CallStatus is required"))?;
+    if !CALL_STATUSES.contains(&status) {
+        return Err(ApiError::bad_request("CallStatus is not one of Twilio's call statuses"));
+    }
     let update = RecordUpdate {
         status: Some(status.to_owned()),
         duration_secs: field(&form, "CallDuration").and_then(|d| d.parse().ok()),
@@ -114,7 +117,12 @@ pub fn stream(config: &ApiConfig, request: &Request) -> Result<Upgrade, ApiError
 /// # Errors
 /// 400 for missing ids, 401 without a credential when an API key is configured, 400/426 for a
 /// bad handshake.
-pub fn frontend(config: &ApiConfig, limits: &Arc<UserLimits>, request: &Request) -> Result<Upgrade, ApiError> {
+pub async fn frontend(
+    core: &CoreHandle,
+    config: &ApiConfig,
+    limits: &Arc<UserLimits>,
+    request: &Request,
+) -> Result<Upgrade, ApiError> {
     let query = request.head.uri.query();
     let session = params::query_session(query, "callSid")?;
     let user = params::query(query, "user_id")
@@ -125,6 +133,12 @@ pub fn frontend(config: &ApiConfig, limits: &Arc<UserLimits>, request: &Request)
     }
     let credential = listener_credential(config, request)?;
     let accept = accept(request)?;
+    // An outbound call is its initiator's: other users may not listen to it.
+    if let Ok(Reply::Record(record)) = core.dispatch(session.clone(), Command::ReadRecord).await {
+        if record.user_id.as_deref().is_some_and(|owner| owner != user) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("call {session} not found")));
+        }
+    }
     let (guard, reject) = match limits.acquire_socket(&user) {
         Some(g) => (Some(Box::new(g) as Box<dyn std::any::Any + Send>), None),
         None => (None, Some((1008, "too many concurrent connections for this user"))),
@@ -160,6 +174,29 @@ pub fn accept(request: &Request) -> Result<String, ApiError> {
         ws::HandshakeError::Version => ApiError::upgrade_required(e.to_string()),
         other => ApiError::new(other.status(), other.to_string()),
     })
+}
+
+/// Twilio's call statuses (its `CallStatus` values).
+const CALL_STATUSES: &[&str] = &[
+    "queued",
+    "initiated",
+    "ringing",
+    "in-progress",
+    "answered",
+    "completed",
+    "busy",
+    "failed",
+    "no-answer",
+    "canceled",
+];
+
+/// A phone number or client name as stored: at most 64 bytes (E.164 needs 16).
+fn bounded_number(s: &str) -> String {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// Checks X-Twilio-Signature when an auth token is configured.

@@ -158,6 +158,8 @@ struct Slot {
     listeners: Vec<Listener>,
     /// When the first listener started waiting for the session to start.
     waiting_since: Option<Instant>,
+    /// Times the wait was extended because the call was still being placed.
+    extensions: u8,
 }
 
 struct Listener {
@@ -293,9 +295,10 @@ impl CoreState {
         })
     }
 
-    /// Detaches `conn`, whatever it is (its socket closed). A caller that leaves ends its call; an
-    /// agent that leaves is reported to the event listeners.
-    pub fn handle_detach(&mut self, now: Now, conn: ConnectionId) {
+    /// Detaches `conn`, whatever it is (its socket closed; `peer_closed` when the peer ended it with
+    /// a close frame). A caller that leaves ends its call; an agent that says goodbye ends the call
+    /// once its audio has played; an agent that is lost is reported and the call goes on.
+    pub fn handle_detach(&mut self, now: Now, conn: ConnectionId, peer_closed: bool) {
         let Some((id, role)) = self.conns.get(&conn).cloned() else { return };
         match role {
             Role::Listener => {
@@ -312,7 +315,39 @@ impl CoreState {
                 self.conns.remove(&conn);
             }
             Role::Caller => self.end(now, &id, "caller_hangup", 1000, "call ended"),
-            Role::Agent => self.handle_agent_closed(now, conn, "connection closed"),
+            Role::Agent if peer_closed => self.handle_agent_hangup(now, conn),
+            Role::Agent => self.handle_agent_closed(now, conn, "connection lost"),
+        }
+    }
+
+    /// The open agent leg `conn` closed its socket normally: like a bot behind Twilio whose socket
+    /// closes, it ends the call, after the audio it already sent has played to the caller.
+    fn handle_agent_hangup(&mut self, now: Now, conn: ConnectionId) {
+        let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return };
+        let open = self
+            .slots
+            .get(&id)
+            .and_then(|s| s.session.as_ref())
+            .is_some_and(|s| matches!(s.agent, Agent::Open { conn: c, .. } if c == conn));
+        if !open {
+            return self.handle_agent_closed(now, conn, "connection closed");
+        }
+        self.conns.remove(&conn);
+        if let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) {
+            session.agent = Agent::Finished;
+        }
+        self.schedule(now, &id);
+        self.finish_if_played(now, &id);
+    }
+
+    /// Ends a call whose agent said goodbye once nothing it sent is still queued or playing.
+    fn finish_if_played(&mut self, now: Now, id: &SessionId) {
+        let Some(session) = self.slots.get(id).and_then(|s| s.session.as_ref()) else { return };
+        if session.agent == Agent::Finished
+            && session.pacer.queued_samples() == 0
+            && session.pacer.in_flight_samples(now.instant) == 0
+        {
+            self.end(now, id, "agent_hangup", 1000, "call ended");
         }
     }
 
@@ -428,10 +463,11 @@ impl CoreState {
         let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
         let result = match twilio::parse(frame) {
-            Ok(twilio::Message::Media(m)) => {
-                let samples = u32::try_from(m.samples).unwrap_or(u32::MAX);
-                session.pacer.push_audio(now.instant, m.payload, samples)
+            Ok(twilio::Message::Media(m)) if m.samples == 0 => {
+                self.stats.protocol_errors += 1;
+                return;
             }
+            Ok(twilio::Message::Media(m)) => push_split(&mut session.pacer, now.instant, m.payload, m.samples),
             Ok(twilio::Message::Mark(m)) => session.pacer.push_mark(now.instant, m.name),
             Ok(twilio::Message::Clear) => {
                 session.pacer.handle_clear(now.instant);
@@ -480,6 +516,16 @@ impl CoreState {
             if slot.session.is_some() || slot.waiting_since != Some(since) {
                 continue;
             }
+            // An outbound call still ringing (Twilio rings for up to a minute) keeps its listeners
+            // waiting, a few timeouts at most.
+            let ringing = self.records.get(&id).is_some_and(|r| status_rank(&r.status) < FINAL);
+            if ringing && slot.extensions < MAX_WAIT_EXTENSIONS {
+                let slot = self.slots.get_mut(&id).expect("checked above");
+                slot.extensions += 1;
+                slot.waiting_since = Some(now.instant);
+                self.pending.push_back((now.instant, id));
+                continue;
+            }
             let slot = self.slots.remove(&id).expect("checked above");
             self.waiting -= 1;
             for l in slot.listeners {
@@ -501,6 +547,7 @@ impl CoreState {
             session.pacer.handle_timeout(now.instant);
             self.drain_pacer(&id);
             self.schedule(now, &id);
+            self.finish_if_played(now, &id);
         }
     }
 
@@ -741,7 +788,16 @@ impl CoreState {
     /// Arms the session's timer at its pacer's next deadline, unless already armed earlier.
     fn schedule(&mut self, now: Now, id: &SessionId) {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
-        let Some(at) = session.pacer.poll_timeout() else { return };
+        let at = match session.pacer.poll_timeout() {
+            Some(at) => at,
+            // An agent that said goodbye: wake when the audio in flight has played (8 kHz: 125 µs a
+            // sample, plus a millisecond so playout has surely passed the end).
+            None if session.agent == Agent::Finished => {
+                let samples = session.pacer.in_flight_samples(now.instant);
+                now.instant + std::time::Duration::from_micros(samples * 125 + 1_000)
+            }
+            None => return,
+        };
         let at = at.max(now.instant);
         if session.armed.is_some_and(|armed| armed <= at) {
             return;
@@ -798,10 +854,11 @@ impl CoreState {
             self.records.insert(id.clone(), command::CallRecord { status: "queued".to_owned(), ..Default::default() });
         }
         let r = self.records.get_mut(id).expect("inserted above");
-        // A call that ended stays ended whatever late callbacks say, except Twilio's final word.
+        // Statuses only move forward (callbacks can arrive late or out of order); a final status
+        // stays, except that Twilio's own final word may replace the relay's `completed`.
         if let Some(status) = update.status {
-            let terminal = matches!(r.status.as_str(), "completed" | "busy" | "failed" | "no-answer" | "canceled");
-            if !terminal || status != "in-progress" {
+            let (old, new) = (status_rank(&r.status), status_rank(&status));
+            if new > old || (old == FINAL && new == FINAL && r.status == "completed") {
                 r.status = status;
             }
         }
@@ -831,6 +888,45 @@ impl CoreState {
     fn close(&mut self, conn: ConnectionId, code: u16, reason: &'static str) {
         self.outputs.push_back(Output::Close { conn, code, reason });
     }
+}
+
+/// How many times a wait for a call still being placed is extended by `pending_observer_timeout`.
+const MAX_WAIT_EXTENSIONS: u8 = 4;
+
+/// Rank of a Twilio call status: later states never give way to earlier ones.
+const FINAL: u8 = 4;
+fn status_rank(status: &str) -> u8 {
+    match status {
+        "queued" => 0,
+        "initiated" => 1,
+        "ringing" => 2,
+        "in-progress" | "answered" => 3,
+        "completed" | "busy" | "failed" | "no-answer" | "canceled" => FINAL,
+        _ => 0,
+    }
+}
+
+/// Agent chunks longer than this many samples are split before pacing, so the lead, `clear` and
+/// marks work at a fine grain whatever size the bot sends (240 μ-law bytes = 320 base64 characters
+/// exactly, so the pieces need no re-encoding).
+const PIECE_SAMPLES: usize = 240;
+
+/// Pushes a base64 μ-law payload to the pacer, in zero-copy pieces of [`PIECE_SAMPLES`].
+fn push_split(
+    pacer: &mut pacer::Pacer<Bytes>,
+    now: Instant,
+    payload: Bytes,
+    samples: usize,
+) -> Result<(), pacer::PacerError> {
+    const PIECE_CHARS: usize = PIECE_SAMPLES / 3 * 4;
+    let mut offset = 0;
+    let mut left = samples;
+    while left > PIECE_SAMPLES && offset + PIECE_CHARS < payload.len() {
+        pacer.push_audio(now, payload.slice(offset..offset + PIECE_CHARS), PIECE_SAMPLES as u32)?;
+        offset += PIECE_CHARS;
+        left -= PIECE_SAMPLES;
+    }
+    pacer.push_audio(now, payload.slice(offset..), u32::try_from(left).unwrap_or(u32::MAX))
 }
 
 fn authorizes(session: &Session, credential: &Credential) -> bool {

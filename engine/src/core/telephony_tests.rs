@@ -467,3 +467,87 @@ fn dead_agent_is_cleared_from_the_caller() {
     assert_eq!(c.sent_to(CALLER).len(), released, "nothing more of the dead agent's audio is played");
     assert_eq!(c.core.stats().active_sessions, 1);
 }
+
+/// A bot that closes normally after its goodbye ends the call, but only once the goodbye played.
+#[test]
+fn agent_hangup_ends_the_call_after_its_audio() {
+    let mut c = Call::connected();
+    for i in 0..25u8 {
+        c.bot(&twilio::media_out("MZ1", b64(&[i; 160]).as_bytes()));
+    }
+    let agent = c.agent.expect("dialled");
+    let now = c.now();
+    c.core.handle_detach(now, agent, true);
+    c.drain();
+    assert_eq!(c.core.stats().active_sessions, 1, "the goodbye is still playing");
+    assert!(!c.sent_to(CALLER).iter().any(|v| v["event"] == "clear"), "a goodbye is not cleared");
+    c.advance_to(2_000);
+    assert_eq!(c.sent_to(CALLER).iter().filter(|v| v["event"] == "media").count(), 25, "all of it played");
+    assert_eq!(c.core.stats().active_sessions, 0, "then the call ended");
+    let ended = c.sent_to(EVENTS).into_iter().find(|v| v["eventType"] == "call_ended").expect("call_ended");
+    assert_eq!(ended["data"]["reason"], "agent_hangup");
+    assert_eq!(c.closed(CALLER), Some(1000));
+}
+
+/// A bot connection lost without a close frame is a failure: the call goes on without it.
+#[test]
+fn agent_loss_is_not_a_hangup() {
+    let mut c = Call::connected();
+    let agent = c.agent.expect("dialled");
+    let now = c.now();
+    c.core.handle_detach(now, agent, false);
+    c.drain();
+    c.advance_to(1_000);
+    assert_eq!(c.core.stats().active_sessions, 1);
+    assert!(c.sent_to(EVENTS).iter().any(|v| v["eventType"] == "error"));
+}
+
+/// Empty media from a bot is a protocol error, not a queue entry; one long chunk is paced in
+/// 30 ms pieces whose payloads join back into the original.
+#[test]
+fn empty_and_long_agent_chunks() {
+    let mut c = Call::connected();
+    c.bot(&twilio::media_out("MZ1", b""));
+    assert_eq!(c.core.stats().protocol_errors, 1);
+    let long: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+    c.bot(&twilio::media_out("MZ1", b64(&long).as_bytes()));
+    let first = c.sent_to(CALLER).len();
+    assert!((1..=7).contains(&first), "a 1 s chunk is not released whole: {first} pieces at once");
+    c.advance_to(2_000);
+    let pieces: Vec<Vec<u8>> = c
+        .sent_to(CALLER)
+        .iter()
+        .filter(|v| v["event"] == "media")
+        .map(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v["media"]["payload"].as_str().expect("payload"))
+                .expect("b64")
+        })
+        .collect();
+    assert_eq!(pieces.concat(), long, "the pieces carry the audio unchanged, in order");
+    assert!(pieces.iter().all(|p| p.len() <= 240));
+}
+
+/// Listeners of an outbound call that is still ringing wait past the usual timeout, a bounded
+/// number of times; a call's status only moves forward.
+#[test]
+fn ringing_calls_keep_listeners_waiting() {
+    let limits = Limits { pending_observer_timeout: Duration::from_secs(30), ..Limits::default() };
+    let mut c = Call::new(AgentPolicy::default());
+    c.core = CoreState::new(limits, AgentPolicy::default());
+    let id = SessionId::parse("CA9").expect("valid");
+    let now = c.now();
+    let update =
+        command::RecordUpdate { user_id: Some("u".into()), status: Some("ringing".into()), ..Default::default() };
+    c.core.handle_command(now, &id, Command::Record(Box::new(update))).expect("record");
+    c.core.handle_attach(now, &id, FRONTEND, ListenKind::Frontend, Credential::Anonymous).expect("waits");
+    c.advance_to(31_000);
+    assert_eq!(c.closed(FRONTEND), None, "still ringing: the wait goes on");
+    c.advance_to(200_000);
+    assert_eq!(c.closed(FRONTEND), Some(1008), "but not for ever");
+    let back = command::RecordUpdate { status: Some("queued".into()), ..Default::default() };
+    let Ok(Reply::Record(r)) = c.core.handle_command(c.now(), &id, Command::Record(Box::new(back))) else {
+        panic!("record")
+    };
+    assert_eq!(r.status, "ringing", "a late, earlier status does not move it back");
+}

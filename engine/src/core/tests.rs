@@ -39,7 +39,7 @@ impl Harness {
 
     fn detach(&mut self, conn: u64) {
         let now = self.now();
-        self.core.handle_detach(now, ConnectionId(conn));
+        self.core.handle_detach(now, ConnectionId(conn), true);
     }
 
     fn drain(&mut self) -> Vec<Output> {

@@ -24,13 +24,22 @@ pub struct PacerConfig {
     pub max_queued_samples: u64,
     /// Most marks held (pending, plus played but not yet polled); a push past it fails.
     pub max_marks: usize,
+    /// Most unreleased chunks held, whatever their size: tiny chunks cannot grow the queue past
+    /// this; a push past it fails with [`PacerError::Full`].
+    pub max_queued_chunks: usize,
 }
 
 impl PacerConfig {
     /// Defaults for `sample_rate_hz`: 200 ms lead, 60 s of queue, 1024 marks.
     pub fn for_rate(sample_rate_hz: u32) -> Self {
         let rate = u64::from(sample_rate_hz);
-        Self { sample_rate_hz, lead_samples: rate / 5, max_queued_samples: rate * 60, max_marks: 1024 }
+        Self {
+            sample_rate_hz,
+            lead_samples: rate / 5,
+            max_queued_samples: rate * 60,
+            max_marks: 1024,
+            max_queued_chunks: 4096,
+        }
     }
 }
 
@@ -116,7 +125,7 @@ impl<P> Pacer<P> {
     pub fn push_audio(&mut self, now: Instant, payload: P, samples: u32) -> Result<(), PacerError> {
         self.advance_clock(now);
         let queued = self.queued_samples.saturating_add(u64::from(samples));
-        if queued > self.config.max_queued_samples {
+        if queued > self.config.max_queued_samples || self.queue.len() >= self.config.max_queued_chunks {
             return Err(PacerError::Full);
         }
         self.queue.push_back(Chunk { payload, samples });
@@ -671,7 +680,13 @@ mod tests {
     #[test]
     fn degenerate_inputs() {
         let t0 = ms(origin(), 1000);
-        let config = PacerConfig { sample_rate_hz: 0, lead_samples: 0, max_queued_samples: 10_000, max_marks: 4 };
+        let config = PacerConfig {
+            sample_rate_hz: 0,
+            lead_samples: 0,
+            max_queued_samples: 10_000,
+            max_marks: 4,
+            max_queued_chunks: 16,
+        };
         let mut p = Pacer::new(config);
         for i in 0..3 {
             p.push_audio(t0, i, 2).expect("room");

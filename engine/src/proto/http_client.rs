@@ -132,7 +132,8 @@ fn dechunk(mut rest: &[u8], eof: bool) -> Result<Option<Bytes>, ResponseError> {
         let line = std::str::from_utf8(&rest[..line_end]).map_err(|_| ResponseError::Malformed("bad chunk size"))?;
         let size_text = line.split(';').next().unwrap_or_default().trim();
         let size = usize::from_str_radix(size_text, 16).map_err(|_| ResponseError::Malformed("bad chunk size"))?;
-        if body.len() + size > MAX_BODY_BYTES {
+        // Checked before any arithmetic on `size`, which the server chose.
+        if size > MAX_BODY_BYTES - body.len() {
             return Err(ResponseError::TooLarge);
         }
         rest = &rest[line_end + 2..];
@@ -214,9 +215,21 @@ mod tests {
         let big = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BODY_BYTES + 1);
         assert_eq!(parse_response(big.as_bytes(), false), Err(ResponseError::TooLarge));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", false).is_err());
+        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nffffffffffffffff\r\nx";
+        assert_eq!(parse_response(huge, false), Err(ResponseError::TooLarge));
     }
 
     proptest! {
+        /// Chunked bodies with any chunk sizes (huge ones included) never panic.
+        #[test]
+        fn chunk_sizes_never_panic(sizes in proptest::collection::vec(any::<u64>(), 0..4), eof in any::<bool>()) {
+            let mut raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for s in sizes {
+                raw.extend_from_slice(format!("{s:x}\r\nabc\r\n").as_bytes());
+            }
+            let _ = parse_response(&raw, eof);
+        }
+
         /// No byte string makes the parser panic, at EOF or not.
         #[test]
         fn never_panics(buf in proptest::collection::vec(any::<u8>(), 0..512), eof in any::<bool>()) {

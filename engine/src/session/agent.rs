@@ -64,9 +64,12 @@ impl AgentUrl {
     }
 }
 
+/// Shows scheme, host, port and path, never the query: agent URLs often carry API keys there.
 impl fmt::Display for AgentUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", if self.tls { "wss" } else { "ws" }, self.host_header(), self.path)
+        let path = self.path.split('?').next().unwrap_or("/");
+        let query = if self.path.contains('?') { "?…" } else { "" };
+        write!(f, "{}://{}{path}{query}", if self.tls { "wss" } else { "ws" }, self.host_header())
     }
 }
 
@@ -130,6 +133,9 @@ mod tests {
         assert_eq!(AgentUrl::parse("http://x/"), Err(AgentUrlError::Invalid));
         assert_eq!(AgentUrl::parse("ws://user:pw@x/"), Err(AgentUrlError::Invalid));
         assert_eq!(AgentUrl::parse("nonsense"), Err(AgentUrlError::Invalid));
+        let secret = AgentUrl::parse("wss://bot.example/m?api_key=SECRET").expect("valid");
+        assert_eq!(secret.to_string(), "wss://bot.example:443/m?…", "queries never reach logs or listeners");
+        assert!(!format!("{secret:?}").contains("SECRET"));
     }
 
     /// Per-call URLs need an allow-list entry (host, or host:port exactly); the default is used otherwise.

@@ -69,6 +69,8 @@ pub enum Agent {
         /// [`AGENT_BACKLOG`]; the oldest go first past it).
         backlog: std::collections::VecDeque<Pending>,
     },
+    /// The agent closed its socket normally; the call ends once its audio has played.
+    Finished,
     /// Connected: Twilio-protocol messages flow both ways.
     Open {
         /// The agent's socket.
@@ -86,7 +88,7 @@ impl Agent {
     /// The agent's connection, connecting or open.
     pub fn conn(&self) -> Option<ConnectionId> {
         match self {
-            Self::None => None,
+            Self::None | Self::Finished => None,
             Self::Connecting { conn: c, .. } | Self::Open { conn: c, .. } => Some(*c),
         }
     }

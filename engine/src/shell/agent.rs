@@ -37,6 +37,7 @@ pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, sessi
     // The outbox is registered before the open, so the greeting the core sends on open (and the
     // caller audio held while dialling) reaches the socket.
     let outbox = Rc::new(ws::Outbox::new(shared.coarse_now()));
+    outbox.set_media_leg();
     shared.register_outbox(conn, outbox.clone());
     let opened = shared.drive(Some(&session), |state| state.handle_agent_open(now, conn)).unwrap_or(false);
     if opened {

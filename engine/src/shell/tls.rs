@@ -56,6 +56,8 @@ pub(crate) struct TlsStream {
     out: Vec<u8>,
     /// Scratch space for encrypted bytes read from the socket.
     scratch: Box<[u8]>,
+    /// Encrypted bytes read but not yet taken by rustls (it takes at most a few KiB per call).
+    incoming: Vec<u8>,
 }
 
 impl TlsStream {
@@ -81,15 +83,24 @@ impl TlsStream {
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed during the TLS handshake"));
             }
-            tls.read_tls(&mut &scratch[..n])?;
-            tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            // Feed every byte: one read_tls call may take only part of them.
+            let mut rest = &scratch[..n];
+            while !rest.is_empty() {
+                if tls.read_tls(&mut rest)? == 0 {
+                    break;
+                }
+                tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            }
+            if !rest.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS handshake data overflowed rustls"));
+            }
         }
         while tls.wants_write() {
             let mut records = Vec::new();
             tls.write_tls(&mut records)?;
             tcp.write_all(&records).await?;
         }
-        Ok(Self { tcp, tls, out: Vec::new(), scratch })
+        Ok(Self { tcp, tls, out: Vec::new(), scratch, incoming: Vec::new() })
     }
 
     /// Writes as much of `out` as the socket takes now; `Ready` once it is empty.
@@ -122,14 +133,25 @@ impl AsyncRead for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(0)),
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            let n = ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut this.scratch))?;
-            if n == 0 {
-                return Poll::Ready(Ok(0));
+            if this.incoming.is_empty() {
+                let n = ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut this.scratch))?;
+                if n == 0 {
+                    return Poll::Ready(Ok(0));
+                }
+                this.incoming.extend_from_slice(&this.scratch[..n]);
             }
-            this.tls.read_tls(&mut &this.scratch[..n])?;
+            // rustls takes a bounded amount per call; the rest stays in `incoming` for the next
+            // turn of this loop, after the plaintext it produced has been read out.
+            let mut rest: &[u8] = &this.incoming;
+            let taken = this.tls.read_tls(&mut rest)?;
+            this.incoming.drain(..taken);
             this.tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             // Alerts and key updates the peer's records call for go out with the next write.
             this.encrypt_pending()?;
+            if taken == 0 && !this.incoming.is_empty() {
+                // rustls took nothing although its plaintext was read out: it would never progress.
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "TLS input not accepted")));
+            }
         }
     }
 }

@@ -54,6 +54,11 @@ pub(crate) struct Outbox {
     ping_due: Cell<bool>,
     /// The sweep shut the socket down; nothing more to do for it.
     killed: Cell<bool>,
+    /// The peer ended the connection with a close frame (not a drop).
+    peer_closed: Cell<bool>,
+    /// A media leg (caller or agent): on overflow only media frames are dropped, never the
+    /// protocol's control messages (`start`, marks, `clear`, `stop`).
+    media_leg: Cell<bool>,
 }
 
 impl Outbox {
@@ -70,7 +75,14 @@ impl Outbox {
             writing_since: Cell::new(None),
             ping_due: Cell::new(false),
             killed: Cell::new(false),
+            peer_closed: Cell::new(false),
+            media_leg: Cell::new(false),
         }
+    }
+
+    /// Marks this socket as a media leg (see `media_leg`).
+    pub(crate) fn set_media_leg(&self) {
+        self.media_leg.set(true);
     }
 
     /// Queues a frame. When `limit` frames are already waiting (the peer is not keeping up), the
@@ -82,8 +94,19 @@ impl Outbox {
         }
         let mut frames = self.frames.borrow_mut();
         let room = frames.len() < limit;
-        if !room && frames.pop_front().is_none() {
-            return false; // A zero limit: nothing can be queued.
+        if !room {
+            if self.media_leg.get() {
+                // Drop the oldest media frame; control messages are few and must arrive.
+                match frames.iter().position(is_media) {
+                    Some(i) => {
+                        frames.remove(i);
+                    }
+                    None if is_media(&text) => return false,
+                    None => {}
+                }
+            } else if frames.pop_front().is_none() {
+                return false; // A zero limit: nothing can be queued.
+            }
         }
         frames.push_back(text);
         drop(frames);
@@ -182,6 +205,7 @@ pub(crate) async fn socket_task<S: ControlService>(
             }
         }
         SocketKind::Caller => {
+            outbox.set_media_leg();
             shared.drive(Some(&session), |state| state.handle_caller_open(&session, conn));
             (None, Feed::Caller)
         }
@@ -227,7 +251,8 @@ pub(crate) async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     shared.dropped_frames.set(shared.dropped_frames.get() + outbox.dropped.get());
     let blame = shared.session_of(conn);
     let now = shared.now();
-    shared.drive(blame.as_ref(), |state| state.handle_detach(now, conn));
+    let peer_closed = outbox.peer_closed.get();
+    shared.drive(blame.as_ref(), |state| state.handle_detach(now, conn, peer_closed));
 }
 
 /// Feeds peer frames to the codec and the core until the peer closes, breaks the protocol, or the
@@ -258,8 +283,13 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
                     });
                 }
                 Ok(Some(Incoming::Binary(_))) => {} // These protocols carry text only; binary is ignored.
-                Ok(Some(Incoming::Close)) | Err(_) => {
+                Ok(Some(Incoming::Close)) => {
                     // The codec queued the answering close frame; the writer sends it and ends.
+                    outbox.peer_closed.set(true);
+                    outbox.close(1000, "");
+                    return;
+                }
+                Err(_) => {
                     outbox.close(1000, "");
                     return;
                 }
@@ -343,6 +373,11 @@ async fn writer_task<T: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Whether a queued frame is a Twilio `media` message (the writers put `event` first).
+fn is_media(text: &Utf8Bytes) -> bool {
+    text.as_bytes().starts_with(br#"{"event":"media""#)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,5 +397,27 @@ mod tests {
         outbox.close(1000, "");
         assert!(!outbox.push(Utf8Bytes::from("5".to_owned()), 3));
         assert_eq!(outbox.frames.borrow().len(), 3);
+    }
+
+    /// On a media leg, overflow drops the oldest media frame, never a control message.
+    #[test]
+    fn media_leg_keeps_control_messages() {
+        #[allow(clippy::disallowed_methods)] // A test's clock origin.
+        let outbox = Outbox::new(Instant::now());
+        outbox.set_media_leg();
+        let media = |i: u8| Utf8Bytes::from(format!(r#"{{"event":"media","n":{i}}}"#));
+        let control = |name: &str| Utf8Bytes::from(format!(r#"{{"event":"{name}"}}"#));
+        assert!(outbox.push(control("connected"), 3));
+        assert!(outbox.push(control("start"), 3));
+        assert!(outbox.push(media(1), 3));
+        assert!(!outbox.push(media(2), 3), "media 1 makes room for media 2");
+        assert!(!outbox.push(control("mark"), 3), "media 2 makes room for the mark");
+        assert!(!outbox.push(media(3), 3), "only control left: the new media frame is dropped");
+        assert!(!outbox.push(control("stop"), 3));
+        let kept: Vec<String> = outbox.frames.borrow().iter().map(|t| t.as_str().to_owned()).collect();
+        assert_eq!(
+            kept,
+            [r#"{"event":"connected"}"#, r#"{"event":"start"}"#, r#"{"event":"mark"}"#, r#"{"event":"stop"}"#]
+        );
     }
 }
