@@ -62,6 +62,12 @@ pub struct Config {
     #[arg(long, env = "RELAY_TWILIO_AUTH_TOKEN", hide_env_values = true)]
     pub twilio_auth_token: Option<String>,
 
+    /// Ask Twilio for Real-Time Transcription of both tracks on every call (`<Start><Transcription>`
+    /// in the TwiML; billed by Twilio). Its callbacks feed `transcription` events to frontends,
+    /// transcript `update`s to `/ws` and the call record.
+    #[arg(long, env = "RELAY_TWILIO_TRANSCRIPTION")]
+    pub twilio_transcription: bool,
+
     /// Twilio account SID, for outbound calls through Twilio's REST API.
     #[arg(long, env = "RELAY_TWILIO_ACCOUNT_SID")]
     pub twilio_account_sid: Option<String>,
@@ -183,6 +189,8 @@ pub struct ApiConfig {
     pub twilio_auth_token: Option<Secret>,
     /// Concurrent frontend sockets per user id.
     pub frontend_sockets_per_user: usize,
+    /// Whether TwiML starts Twilio's Real-Time Transcription.
+    pub twilio_transcription: bool,
     /// Twilio REST credentials, when all three are configured.
     pub twilio: Option<TwilioAccount>,
 }
@@ -294,6 +302,7 @@ impl Config {
             public_url: self.public_url.as_deref().map(|u| u.trim_end_matches('/').to_owned()),
             twilio_auth_token: self.twilio_auth_token.clone().filter(|t| !t.is_empty()).map(Secret::new),
             frontend_sockets_per_user: self.frontend_sockets_per_user,
+            twilio_transcription: self.twilio_transcription,
             twilio: match (&self.twilio_account_sid, &self.twilio_auth_token, &self.twilio_from) {
                 (Some(sid), Some(token), Some(from)) if !sid.is_empty() && !token.is_empty() && !from.is_empty() => {
                     Some(TwilioAccount {

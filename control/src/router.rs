@@ -33,6 +33,8 @@ pub enum Route {
     TwilioVoice,
     /// `POST /twilio/status` (Twilio status callback).
     TwilioStatus,
+    /// `POST /twilio/transcription` (Twilio Real-Time Transcription callback).
+    TwilioTranscription,
     /// `GET /twilio/stream` (Twilio Media Stream upgrade).
     TwilioStream,
     /// `GET /frontend-stream` (WebSocket upgrade).
@@ -79,6 +81,7 @@ static TABLE: &[Entry] = &[
     Entry { path: "/ws", methods: &[(Method::GET, Route::Events)], allow: GET },
     Entry { path: "/twilio/voice", methods: &[(Method::POST, Route::TwilioVoice)], allow: POST },
     Entry { path: "/twilio/status", methods: &[(Method::POST, Route::TwilioStatus)], allow: POST },
+    Entry { path: "/twilio/transcription", methods: &[(Method::POST, Route::TwilioTranscription)], allow: POST },
     Entry { path: "/twilio/stream", methods: &[(Method::GET, Route::TwilioStream)], allow: GET },
     Entry { path: "/frontend-stream", methods: &[(Method::GET, Route::FrontendStream)], allow: GET },
     Entry { path: "/outbound-call", methods: &[(Method::POST, Route::OutboundCall)], allow: POST },

@@ -89,3 +89,57 @@ fn fourth_socket_of_a_user_is_closed_1008() {
         }
     });
 }
+
+/// With `--twilio-transcription`, the TwiML starts Twilio's Real-Time Transcription, and its final
+/// `transcription-content` callbacks reach frontends as `transcription` events (partial results
+/// do not), labelled by track in the call's record.
+#[test]
+fn twilio_transcripts_reach_frontends() {
+    let relay = Relay::start(&["--twilio-transcription"]);
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let twiml =
+        relay.request("POST", "/twilio/voice", &form, Some("CallSid=CA-words&From=%2B15550001&To=%2B15550002")).text();
+    let callback = format!("http://{}/twilio/transcription", relay.addr());
+    assert!(
+        twiml.contains(&format!(
+            r#"<Start><Transcription statusCallbackUrl="{callback}" track="both_tracks"/></Start><Connect>"#
+        )),
+        "{twiml}"
+    );
+    let id = "CA-words";
+    let front = Frontend::connect(&relay, id, "frank", "");
+    let _caller = TwilioCaller::start(&relay, id, &[]);
+    let post = |track: &str, text: &str, final_: &str| {
+        let data = format!(r#"{{"transcript":"{text}","confidence":0.93}}"#);
+        let body = format!(
+            "AccountSid=AC1&CallSid={id}&TranscriptionSid=GT1&TranscriptionEvent=transcription-content&Track={track}&Final={final_}&SequenceId=1&TranscriptionData={}",
+            percent(&data)
+        );
+        let resp = relay.request("POST", "/twilio/transcription", &form, Some(&body));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    };
+    post("inbound_track", "my sink is", "false");
+    post("inbound_track", "my sink is leaking", "true");
+    post("outbound_track", "I can send someone today", "true");
+    let texts = front.wait_until("two transcripts", |seen| {
+        let t: Vec<String> = seen
+            .iter()
+            .filter_map(|a| a.json())
+            .filter(|v| v["event"] == "transcription")
+            .map(|v| v["text"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        (t.len() >= 2).then_some(t)
+    });
+    assert_eq!(texts, ["my sink is leaking", "I can send someone today"], "final results only, in order");
+    let started = relay.request(
+        "POST",
+        "/twilio/transcription",
+        &form,
+        Some(&format!("CallSid={id}&TranscriptionEvent=transcription-started")),
+    );
+    assert_eq!(started.status, 200, "other events are acknowledged");
+}
+
+fn percent(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}

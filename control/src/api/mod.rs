@@ -62,6 +62,7 @@ impl Service {
             Route::Events => session::events(&self.config, request).map(Outcome::Upgrade),
             Route::TwilioVoice => respond(twilio::voice(core, &self.config, request).await),
             Route::TwilioStatus => respond(twilio::status(core, &self.config, request).await),
+            Route::TwilioTranscription => respond(twilio::transcription(core, &self.config, request).await),
             Route::TwilioStream => twilio::stream(&self.config, request).map(Outcome::Upgrade),
             Route::FrontendStream => {
                 twilio::frontend(core, &self.config, &self.users, request).await.map(Outcome::Upgrade)
@@ -87,7 +88,10 @@ impl ControlService for Service {
                     // /health answers load balancers without credentials; listeners check session
                     // tokens; Twilio's endpoints check its signatures when a Twilio auth token is
                     // configured (else they need the API key like everything else, when one is set).
-                    let twilio = matches!(route, Route::TwilioVoice | Route::TwilioStatus | Route::TwilioStream);
+                    let twilio = matches!(
+                        route,
+                        Route::TwilioVoice | Route::TwilioStatus | Route::TwilioStream | Route::TwilioTranscription
+                    );
                     let open = matches!(route, Route::Health | Route::Events | Route::FrontendStream)
                         || (twilio && self.config.twilio_auth_token.is_some());
                     if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {

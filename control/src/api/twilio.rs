@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
-use relay_engine::core::command::{Command, RecordUpdate, Reply};
+use relay_engine::core::command::{Command, RecordUpdate, Reply, Speaker, Transcript};
 use relay_engine::core::Credential;
 use relay_engine::proto::ws;
 use relay_engine::shell::{CoreHandle, Request, SocketKind, Upgrade};
@@ -58,7 +58,10 @@ pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
             parameters.push((name, v));
         }
     }
-    let mut response = Response::new(Bytes::from(twiml::connect_stream(&stream_url, &parameters)));
+    let callback = config
+        .twilio_transcription
+        .then(|| format!("{}/twilio/transcription", http_base(config, &request.head.headers)));
+    let mut response = Response::new(Bytes::from(twiml::connect_stream(&stream_url, &parameters, callback.as_deref())));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
     Ok(response)
 }
@@ -86,6 +89,40 @@ pub async fn status(core: &CoreHandle, config: &ApiConfig, request: &Request) ->
         ..RecordUpdate::default()
     };
     calls::record(core, &id, update).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "success": true })))
+}
+
+/// `POST /twilio/transcription`: Twilio Real-Time Transcription callbacks. Final
+/// `transcription-content` events become a transcript of the call (caller = `inbound_track`);
+/// partial results and the other events are acknowledged and ignored.
+///
+/// # Errors
+/// 403 for a bad signature, 400 without `CallSid` or with unreadable `TranscriptionData`.
+pub async fn transcription(
+    core: &CoreHandle,
+    config: &ApiConfig,
+    request: &Request,
+) -> Result<Response<Bytes>, ApiError> {
+    let form = parse_form(&request.body);
+    verify(config, request, &form)?;
+    let call_sid = field(&form, "CallSid")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
+    let id = params::session_id(call_sid, "CallSid")?;
+    let content = field(&form, "TranscriptionEvent") == Some("transcription-content");
+    let partial = field(&form, "Final").is_some_and(|f| f.eq_ignore_ascii_case("false"));
+    if content && !partial {
+        let data: serde_json::Value = serde_json::from_str(field(&form, "TranscriptionData").unwrap_or("{}"))
+            .map_err(|_| ApiError::bad_request("TranscriptionData is not JSON"))?;
+        let text = data["transcript"].as_str().unwrap_or_default().trim();
+        if !text.is_empty() {
+            let speaker = if field(&form, "Track") == Some("outbound_track") { Speaker::Agent } else { Speaker::User };
+            let transcript = Transcript { speaker, text: text.chars().take(4096).collect() };
+            // A transcript for a call that already ended is acknowledged all the same: Twilio
+            // would only retry it.
+            let _ = core.dispatch(id, Command::Transcript(Box::new(transcript))).await;
+        }
+    }
     Ok(json_response(StatusCode::OK, &json!({ "success": true })))
 }
 
@@ -231,6 +268,16 @@ fn candidate_urls(config: &ApiConfig, request: &Request) -> Vec<String> {
         }
     }
     urls
+}
+
+/// `https://host` (or `http://`) under which Twilio reaches the relay's webhooks.
+fn http_base(config: &ApiConfig, headers: &HeaderMap) -> String {
+    if let Some(public) = &config.public_url {
+        return public.clone();
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let tls = headers.get("x-forwarded-proto").is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+    format!("{}://{host}", if tls { "https" } else { "http" })
 }
 
 /// `wss://host` (or `ws://` for a plain-HTTP deployment) under which Twilio reaches the relay.

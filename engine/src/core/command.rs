@@ -27,6 +27,36 @@ pub enum Command {
     Record(Box<RecordUpdate>),
     /// Read the call's record.
     ReadRecord,
+    /// A finished utterance of the call, transcribed (Twilio Real-Time Transcription, agents).
+    Transcript(Box<Transcript>),
+}
+
+/// Who said a transcribed utterance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    /// The caller (Twilio's inbound track).
+    User,
+    /// The agent (the outbound track).
+    Agent,
+}
+
+impl Speaker {
+    /// Retell's role name (`user`, `agent`).
+    pub fn role(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+/// A transcribed utterance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transcript {
+    /// Who said it.
+    pub speaker: Speaker,
+    /// What was said.
+    pub text: String,
 }
 
 /// A change to a call record; `None` fields stay as they are.
@@ -70,7 +100,13 @@ pub struct CallRecord {
     pub prompt: Option<String>,
     /// Outbound call first sentence for the agent.
     pub first_message: Option<String>,
+    /// The conversation so far, one `role: text` line per utterance, bounded to
+    /// [`MAX_TRANSCRIPT_BYTES`] (later utterances are dropped past it).
+    pub transcript: String,
 }
+
+/// Longest transcript kept in a call record, bytes.
+pub const MAX_TRANSCRIPT_BYTES: usize = 64 * 1024;
 
 impl CallRecord {
     /// Seconds the call has lasted: Twilio's figure, else end (or `now_ms`) minus start.
@@ -112,6 +148,8 @@ pub enum Reply {
     TrackStatus(TrackStatus),
     /// Answer to [`Command::Record`] and [`Command::ReadRecord`].
     Record(CallRecord),
+    /// The transcript reached the call's listeners and record.
+    Transcribed,
 }
 
 /// `/call-status` fields.

@@ -200,6 +200,7 @@ impl CoreState {
             Command::ReadRecord => {
                 return self.records.get(id).cloned().map(Reply::Record).ok_or(CommandError::NotFound)
             }
+            Command::Transcript(t) => return self.transcript(now, id, *t),
             _ => {}
         }
         if let Command::Start(start) = command {
@@ -219,7 +220,9 @@ impl CoreState {
         let has_listeners = slot.listeners.iter().any(|l| l.kind == ListenKind::Events);
         let session = slot.session.as_mut().ok_or(CommandError::NotFound)?;
         let (reply, event) = match command {
-            Command::Start(_) | Command::Record(_) | Command::ReadRecord => unreachable!("handled above"),
+            Command::Start(_) | Command::Record(_) | Command::ReadRecord | Command::Transcript(_) => {
+                unreachable!("handled above")
+            }
             Command::Stop => {
                 self.end(now, id, "stopped", 1000, "call ended");
                 return Ok(Reply::Stopped);
@@ -841,6 +844,31 @@ impl CoreState {
             self.stats.observers -= 1;
             self.close(l.conn, code, close_reason);
         }
+    }
+
+    /// A transcribed utterance: `transcription` to connected frontends, an `update` with Retell's
+    /// transcript shape to event listeners, and a line in the call's record.
+    fn transcript(&mut self, now: Now, id: &SessionId, t: command::Transcript) -> Result<Reply, CommandError> {
+        let known = self.slots.get(id).is_some_and(|s| s.session.is_some()) || self.records.contains_key(id);
+        if !known {
+            return Err(CommandError::NotFound);
+        }
+        if let Some(r) = self.records.get_mut(id) {
+            let line = format!("{}: {}\n", t.speaker.role(), t.text);
+            if r.transcript.len() + line.len() <= command::MAX_TRANSCRIPT_BYTES {
+                r.transcript.push_str(&line);
+            }
+        }
+        if let Some(slot) = self.slots.get(id) {
+            let mut shared = None;
+            for l in slot.listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
+                let text = shared.get_or_insert_with(|| frontend::transcription(&t.text)).clone();
+                self.outputs.push_back(Output::Send { conn: l.conn, text });
+            }
+        }
+        let data = json!({ "transcript": [{ "role": t.speaker.role(), "content": t.text }] });
+        self.broadcast(now, id, RetellEvent::Update, data);
+        Ok(Reply::Transcribed)
     }
 
     /// Creates or updates the record of call `id` and returns it.

@@ -551,3 +551,27 @@ fn ringing_calls_keep_listeners_waiting() {
     };
     assert_eq!(r.status, "ringing", "a late, earlier status does not move it back");
 }
+
+/// A transcribed utterance reaches frontends as `transcription`, event listeners as an `update` in
+/// Retell's transcript shape, and the call's record.
+#[test]
+fn transcripts_reach_listeners_and_the_record() {
+    let mut c = Call::connected();
+    let id = SessionId::parse("CA1").expect("valid");
+    let now = c.now();
+    let t = command::Transcript { speaker: command::Speaker::User, text: "I need a plumber".into() };
+    assert_eq!(c.core.handle_command(now, &id, Command::Transcript(Box::new(t))), Ok(Reply::Transcribed));
+    c.drain();
+    let to_frontend = c.sent_to(FRONTEND);
+    assert_eq!(
+        to_frontend.last().expect("transcription"),
+        &serde_json::json!({"event":"transcription","text":"I need a plumber"})
+    );
+    let update = c.sent_to(EVENTS).into_iter().rfind(|v| v["eventType"] == "update").expect("update");
+    assert_eq!(update["data"], serde_json::json!({"transcript":[{"role":"user","content":"I need a plumber"}]}));
+    let Ok(Reply::Record(r)) = c.core.handle_command(now, &id, Command::ReadRecord) else { panic!("record") };
+    assert_eq!(r.transcript, "user: I need a plumber\n");
+    let unknown = SessionId::parse("CA404").expect("valid");
+    let t = command::Transcript { speaker: command::Speaker::Agent, text: "x".into() };
+    assert_eq!(c.core.handle_command(now, &unknown, Command::Transcript(Box::new(t))), Err(CommandError::NotFound));
+}

@@ -12,10 +12,10 @@ pub fn decode(code: u8) -> i16 {
     DECODE[usize::from(code)]
 }
 
-/// μ-law code of a linear `sample`.
+/// μ-law code of a linear `sample`, by table.
 ///
-/// Branch-free arithmetic: the segment is the position of the highest set bit of the biased
-/// magnitude, found with `leading_zeros` (one instruction), so no 16 KiB table competes for cache.
+/// The code depends only on the sample's sign and its 14-bit magnitude (`magnitude >> 2`, after
+/// the clip), so an 8 KiB table built at compile time holds every code; the sign is one bit.
 /// Negative samples take G.191's one's-complement magnitude (`!x`, i.e. `-x - 1`), which is what
 /// makes this bit-exact with the ITU reference (Sun's popular `linear2ulaw` negates instead and
 /// differs on 127 negative inputs).
@@ -23,14 +23,10 @@ pub fn decode(code: u8) -> i16 {
 pub fn encode(sample: i16) -> u8 {
     // Bit 7 of the code before inversion: set for negative samples (`>> 8` keeps the sign bit).
     let sign = (sample >> 8) as u8 & 0x80;
-    // x for x >= 0, !x for x < 0: 0..=32767, so the clip keeps the biased sum in 15 bits.
+    // x for x >= 0, !x for x < 0: 0..=32767.
     let magnitude = (sample ^ (sample >> 15)) as u16;
-    let biased = u32::from(magnitude).min(CLIP) + BIAS;
-    // `biased >> 7` is 1..=255, so this is floor(log2) in 0..=7.
-    let segment = 31 - (biased >> 7).leading_zeros();
-    let mantissa = (biased >> (segment + 3)) & 0x0F;
-    // segment <= 7 and mantissa <= 15, so the value fits in the low 7 bits.
-    !(sign | ((segment << 4) | mantissa) as u8)
+    let index = usize::from(magnitude.min(CLIP as u16) >> 2);
+    !(sign | ENCODE[index])
 }
 
 /// Decodes `codes` into `out`, one sample per code, and returns how many were decoded.
@@ -57,6 +53,27 @@ pub fn encode_into(samples: &[i16], out: &mut [u8]) -> usize {
 
 /// Linear value of every code, indexed by code.
 static DECODE: [i16; 256] = decode_table();
+
+/// Segment and mantissa (the code's low 7 bits, before sign and inversion) for each 14-bit
+/// magnitude `0..=CLIP >> 2`.
+static ENCODE: [u8; (CLIP as usize >> 2) + 1] = encode_table();
+
+/// The G.711 segment search, run once at compile time for every magnitude the table holds.
+const fn encode_table() -> [u8; (CLIP as usize >> 2) + 1] {
+    let mut table = [0u8; (CLIP as usize >> 2) + 1];
+    let mut i = 0;
+    while i < table.len() {
+        // `(m + BIAS) >> 2 == (m >> 2) + BIAS / 4` for every m, since BIAS is a multiple of 4, and
+        // the bits below 2 never reach the code: index `i` stands for magnitudes 4i..4i+3.
+        let biased = ((i as u32) << 2) + BIAS;
+        // `biased >> 7` is 1..=255, so this is floor(log2) in 0..=7.
+        let segment = 31 - (biased >> 7).leading_zeros();
+        let mantissa = (biased >> (segment + 3)) & 0x0F;
+        table[i] = ((segment << 4) | mantissa) as u8;
+        i += 1;
+    }
+    table
+}
 
 /// `ulaw2linear` for every code, at compile time.
 const fn decode_table() -> [i16; 256] {
