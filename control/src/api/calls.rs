@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use relay_engine::core::command::{CallRecord, Command, CommandError, RecordUpdate, Reply};
 use relay_engine::id::SessionId;
 use relay_engine::shell::{CoreHandle, FetchRequest, Request};
@@ -55,7 +55,7 @@ pub async fn outbound_call(
         e.retry_after = Some(wait.as_secs().max(1));
         return Err(e);
     }
-    let base = public_base(config, request);
+    let base = super::twilio::http_base(config, &request.head.headers);
     let form = [
         ("To", number.to_owned()),
         ("From", account.from.clone()),
@@ -207,17 +207,6 @@ fn twilio_account(config: &ApiConfig) -> Result<TwilioAccount, ApiError> {
             "outbound calls are not configured: set --twilio-account-sid, --twilio-auth-token and --twilio-from",
         )
     })
-}
-
-/// The relay's base URL as Twilio must call it back.
-fn public_base(config: &ApiConfig, request: &Request) -> String {
-    if let Some(public) = &config.public_url {
-        return public.clone();
-    }
-    let host = request.head.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    let tls =
-        request.head.headers.get("x-forwarded-proto").is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
-    format!("{}://{host}", if tls { "https" } else { "http" })
 }
 
 fn optional_text(body: &Body, name: &str) -> Result<Option<String>, ApiError> {

@@ -93,7 +93,9 @@ pub fn query_session(q: Option<&str>, name: &str) -> Result<SessionId, ApiError>
     }
 }
 
-fn decode(s: &str) -> String {
+/// Decodes one `application/x-www-form-urlencoded` component: `+` is a space, then percent escapes
+/// (invalid UTF-8 becomes U+FFFD). Shared by query strings and form bodies.
+pub fn decode(s: &str) -> String {
     let plus = s.replace('+', " ");
     percent_encoding::percent_decode_str(&plus).decode_utf8_lossy().into_owned()
 }

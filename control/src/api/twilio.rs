@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use relay_engine::core::command::{Command, RecordUpdate, Reply, Speaker, Transcript};
 use relay_engine::core::Credential;
+use relay_engine::id::SessionId;
 use relay_engine::proto::ws;
 use relay_engine::shell::{CoreHandle, Request, SocketKind, Upgrade};
 use serde_json::json;
@@ -28,12 +29,8 @@ use crate::twilio::{field, parse_form, signature, twiml};
 /// # Errors
 /// 403 for a bad signature, 400 without a valid `CallSid`.
 pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
-    let form = parse_form(&request.body);
-    verify(config, request, &form)?;
-    let call_sid = field(&form, "CallSid")
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
-    let id = params::session_id(call_sid, "CallSid")?;
+    let (form, id) = signed_call(config, request)?;
+    let call_sid = id.as_str();
     let update = RecordUpdate {
         from: field(&form, "From").map(bounded_number),
         to: field(&form, "To").map(bounded_number),
@@ -71,12 +68,7 @@ pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
 /// # Errors
 /// 403 for a bad signature, 400 without `CallSid` or `CallStatus`.
 pub async fn status(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
-    let form = parse_form(&request.body);
-    verify(config, request, &form)?;
-    let call_sid = field(&form, "CallSid")
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
-    let id = params::session_id(call_sid, "CallSid")?;
+    let (form, id) = signed_call(config, request)?;
     let status = field(&form, "CallStatus")
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::bad_request("CallStatus is required"))?;
@@ -103,12 +95,7 @@ pub async fn transcription(
     config: &ApiConfig,
     request: &Request,
 ) -> Result<Response<Bytes>, ApiError> {
-    let form = parse_form(&request.body);
-    verify(config, request, &form)?;
-    let call_sid = field(&form, "CallSid")
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
-    let id = params::session_id(call_sid, "CallSid")?;
+    let (form, id) = signed_call(config, request)?;
     let content = field(&form, "TranscriptionEvent") == Some("transcription-content");
     let partial = field(&form, "Final").is_some_and(|f| f.eq_ignore_ascii_case("false"));
     if content && !partial {
@@ -213,6 +200,17 @@ pub fn accept(request: &Request) -> Result<String, ApiError> {
     })
 }
 
+/// A Twilio webhook's form, once its signature checks out, and the call it names (`CallSid`).
+fn signed_call(config: &ApiConfig, request: &Request) -> Result<(Vec<(String, String)>, SessionId), ApiError> {
+    let form = parse_form(&request.body);
+    verify(config, request, &form)?;
+    let call_sid = field(&form, "CallSid")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::bad_request("CallSid is required"))?;
+    let id = params::session_id(call_sid, "CallSid")?;
+    Ok((form, id))
+}
+
 /// Twilio's call statuses (its `CallStatus` values).
 const CALL_STATUSES: &[&str] = &[
     "queued",
@@ -271,7 +269,7 @@ fn candidate_urls(config: &ApiConfig, request: &Request) -> Vec<String> {
 }
 
 /// `https://host` (or `http://`) under which Twilio reaches the relay's webhooks.
-fn http_base(config: &ApiConfig, headers: &HeaderMap) -> String {
+pub(crate) fn http_base(config: &ApiConfig, headers: &HeaderMap) -> String {
     if let Some(public) = &config.public_url {
         return public.clone();
     }

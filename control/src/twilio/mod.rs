@@ -12,7 +12,7 @@ pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
+            (crate::api::params::decode(k), crate::api::params::decode(v))
         })
         .collect()
 }
@@ -20,11 +20,6 @@ pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
 /// The value of form field `name`, if present.
 pub fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
     form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-}
-
-fn decode(s: &str) -> String {
-    let plus = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&plus).decode_utf8_lossy().into_owned()
 }
 
 #[cfg(test)]
