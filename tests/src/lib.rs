@@ -777,6 +777,32 @@ pub enum WsMsg {
     Gone(String),
 }
 
+/// Opens a client WebSocket to `path` on `addr` with `headers` added to the upgrade request; every
+/// read and write bounded by [`TIMEOUT`]. `Err(status)` when the server answers another status.
+///
+/// # Panics
+/// When connecting fails, or the handshake fails for a reason other than an HTTP status.
+pub fn client_socket(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<tungstenite::WebSocket<TcpStream>, u16> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream.set_read_timeout(Some(TIMEOUT)).expect("set read timeout");
+    stream.set_write_timeout(Some(TIMEOUT)).expect("set write timeout");
+    stream.set_nodelay(true).expect("set nodelay");
+    let mut request = format!("ws://{addr}{path}").into_client_request().expect("a valid ws:// URL");
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).expect("valid header name");
+        request.headers_mut().append(name, HeaderValue::from_str(v).expect("valid header value"));
+    }
+    match tungstenite::client(request, stream) {
+        Ok((socket, _)) => Ok(socket),
+        Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => Err(resp.status().as_u16()),
+        Err(e) => panic!("WebSocket handshake for {path} failed: {e}"),
+    }
+}
+
 /// A WebSocket client (tungstenite) over a blocking `TcpStream`, every read bounded by [`TIMEOUT`].
 pub struct Ws {
     socket: tungstenite::WebSocket<TcpStream>,
@@ -790,20 +816,7 @@ impl Ws {
     /// # Panics
     /// When connecting fails or the handshake fails for a reason other than an HTTP status.
     pub fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Self, u16> {
-        let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream.set_read_timeout(Some(TIMEOUT)).expect("set read timeout");
-        stream.set_write_timeout(Some(TIMEOUT)).expect("set write timeout");
-        stream.set_nodelay(true).expect("set nodelay");
-        let mut request = format!("ws://{addr}{path}").into_client_request().expect("a valid ws:// URL");
-        for (k, v) in headers {
-            let name = HeaderName::from_bytes(k.as_bytes()).expect("valid header name");
-            request.headers_mut().append(name, HeaderValue::from_str(v).expect("valid header value"));
-        }
-        match tungstenite::client(request, stream) {
-            Ok((socket, _)) => Ok(Self { socket, pings: 0 }),
-            Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => Err(resp.status().as_u16()),
-            Err(e) => panic!("WebSocket handshake for {path} failed: {e}"),
-        }
+        client_socket(addr, path, headers).map(|socket| Self { socket, pings: 0 })
     }
 
     /// Reads the next message other than a ping (pings are answered by tungstenite).

@@ -16,10 +16,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use tungstenite::client::IntoClientRequest as _;
 use tungstenite::handshake::server::{ErrorResponse, Request as HsRequest, Response as HsResponse};
-use tungstenite::handshake::HandshakeError;
-use tungstenite::http::{HeaderName, HeaderValue};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, WebSocket};
@@ -161,20 +158,7 @@ impl Peer {
     /// # Panics
     /// When connecting fails or the handshake fails for another reason.
     pub fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Self, u16> {
-        let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream.set_read_timeout(Some(TIMEOUT)).expect("set read timeout");
-        stream.set_write_timeout(Some(TIMEOUT)).expect("set write timeout");
-        stream.set_nodelay(true).expect("set nodelay");
-        let mut request = format!("ws://{addr}{path}").into_client_request().expect("a valid ws:// URL");
-        for (k, v) in headers {
-            let name = HeaderName::from_bytes(k.as_bytes()).expect("valid header name");
-            request.headers_mut().append(name, HeaderValue::from_str(v).expect("valid header value"));
-        }
-        match tungstenite::client(request, stream) {
-            Ok((socket, _)) => Ok(Self::spawn(socket, path)),
-            Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => Err(resp.status().as_u16()),
-            Err(e) => panic!("WebSocket handshake for {path} failed: {e}"),
-        }
+        crate::client_socket(addr, path, headers).map(|socket| Self::spawn(socket, path))
     }
 
     /// Serves an open socket (client or server side) on a new thread.
