@@ -8,6 +8,8 @@
 //! and `telephony` (per-frame latency of Twilio-protocol calls through the relay to a bot and back).
 
 pub mod client;
+pub mod plot;
+pub mod sampler;
 pub mod stats;
 pub mod target;
 pub mod telephony;

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -18,21 +19,47 @@ pub struct Target {
 }
 
 impl Target {
-    /// Starts `binary` on a free loopback port with `cores` cores and waits until it listens.
+    /// Starts the relay `binary` on a free loopback port with `cores` cores (pinned to `cpu` when
+    /// given) and waits until it listens.
     ///
     /// # Errors
     /// When it does not start or never reports its address.
-    pub fn spawn(binary: &str, cores: usize, extra: &[String]) -> anyhow::Result<Self> {
+    pub fn spawn(binary: &str, cores: usize, extra: &[String], cpu: Option<usize>) -> anyhow::Result<Self> {
         let data_dir = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
-        let mut child = Command::new(binary)
-            .args(["--listen", "127.0.0.1:0", "--cores", &cores.to_string(), "--log", "warn,relay_control=info"])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(extra)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("start {binary}"))?;
+        let mut args: Vec<String> =
+            ["--listen", "127.0.0.1:0", "--cores", &cores.to_string(), "--log", "warn,relay_control=info"]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+        args.push("--data-dir".to_owned());
+        args.push(data_dir.display().to_string());
+        args.extend_from_slice(extra);
+        Self::spawn_process(binary, &args, cpu)
+    }
+
+    /// Starts any server `program` with `args` (it must print `listening on http://ADDR` to
+    /// stderr), pinned to `cpu` when given, and waits until it listens.
+    ///
+    /// # Errors
+    /// When it does not start or never reports its address.
+    pub fn spawn_process(program: &str, args: &[String], cpu: Option<usize>) -> anyhow::Result<Self> {
+        let mut command = Command::new(program);
+        command.args(args).stderr(Stdio::piped()).stdout(Stdio::null());
+        if let Some(cpu) = cpu {
+            // SAFETY: runs in the forked child before exec and only calls sched_setaffinity, which
+            // is async-signal-safe; the set lives on the child's stack.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().with_context(|| format!("start {program}"))?;
         let stderr = child.stderr.take().context("stderr is piped")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -43,9 +70,9 @@ impl Target {
                 }
             }
         });
-        let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(120)) else {
             let _ = child.kill();
-            bail!("{binary} did not report its listen address");
+            bail!("{program} did not report its listen address");
         };
         Ok(Self { addr: addr.parse().context("listen address")?, child: Some(child) })
     }

@@ -18,7 +18,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
-use crate::stats::Summary;
+use crate::stats::Recorder;
 
 /// Samples (bytes of μ-law) per 20 ms frame.
 const FRAME: usize = 160;
@@ -26,24 +26,48 @@ const FRAME: usize = 160;
 const PERIOD: Duration = Duration::from_millis(20);
 
 /// What one run measured.
-#[derive(Debug)]
 pub struct Report {
     /// Caller → bot one-way latency per frame.
-    pub uplink: Summary,
+    pub uplink: Recorder,
     /// Bot → caller one-way latency per frame (the echo, through the relay's pacer).
-    pub downlink: Summary,
+    pub downlink: Recorder,
+    /// Caller → frontend latency of `inbound` audio, over every frontend.
+    pub fanout: Recorder,
     /// Frames sent by callers.
     pub sent: u64,
     /// Frames the bot received (each counted once).
     pub received_by_bot: u64,
     /// Frames callers received back.
     pub received_by_callers: u64,
+    /// `inbound` frames frontends received (each frontend counts its own).
+    pub received_by_frontends: u64,
+    /// Frontends that listened.
+    pub frontends: u64,
     /// Frames that arrived twice.
     pub duplicates: u64,
     /// Frames that arrived after a later frame of the same call.
     pub reordered: u64,
+    /// Frames that arrived more than `late_after` after they were due.
+    pub late: u64,
     /// Frames whose sender fell behind its schedule by more than one period (generator saturated).
     pub late_sends: u64,
+    /// When the steady state began and ended (every call streaming).
+    pub steady: (Instant, Instant),
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Concurrent calls.
+    pub calls: u32,
+    /// Seconds of audio per call.
+    pub seconds: u64,
+    /// Start every call's frames at the same instant (worst case).
+    pub aligned: bool,
+    /// Frontend listeners per call.
+    pub frontends: u32,
+    /// A frame arriving later than this after it was due counts as late.
+    pub late_after: Duration,
 }
 
 /// A frame's identity, written into its first 12 bytes.
@@ -82,16 +106,18 @@ impl Schedule {
 
 #[derive(Default)]
 struct Tally {
-    latencies: Vec<Duration>,
-    seen: HashMap<u32, (u64, std::collections::HashSet<u64>)>,
+    latencies: Recorder,
+    /// Per stream (call, or call and frontend): highest sequence seen, and every sequence seen.
+    seen: HashMap<u64, (u64, std::collections::HashSet<u64>)>,
     received: u64,
     duplicates: u64,
     reordered: u64,
+    late: u64,
 }
 
 impl Tally {
-    fn record(&mut self, call: u32, seq: u64, latency: Duration) {
-        let (highest, seen) = self.seen.entry(call).or_default();
+    fn record(&mut self, stream: u64, seq: u64, latency: Duration, late_after: Duration) {
+        let (highest, seen) = self.seen.entry(stream).or_default();
         if !seen.insert(seq) {
             self.duplicates += 1;
             return;
@@ -101,23 +127,29 @@ impl Tally {
         }
         *highest = (*highest).max(seq);
         self.received += 1;
-        self.latencies.push(latency);
+        if latency > late_after {
+            self.late += 1;
+        }
+        self.latencies.record(latency);
     }
 }
 
-/// Runs `calls` callers for `seconds` against `target` (the relay; `direct` = the bot itself, the
-/// no-relay floor).
+/// Runs the scenario against `relay` (`None`: the callers talk to the bot directly, the no-relay
+/// floor).
 ///
 /// # Errors
 /// When a connection fails.
-pub fn run(relay: Option<SocketAddr>, calls: u32, seconds: u64, aligned: bool) -> anyhow::Result<Report> {
+pub fn run(relay: Option<SocketAddr>, opts: Options) -> anyhow::Result<Report> {
     let bot = TcpListener::bind("127.0.0.1:0").context("bind the bot")?;
     let bot_addr = bot.local_addr()?;
-    let frames = seconds * 1000 / 20;
-    let schedule = Schedule { origin: Instant::now() + Duration::from_millis(500), calls, aligned };
+    let frames = opts.seconds * 1000 / 20;
+    let lead_in = Duration::from_millis(500 + 5 * u64::from(opts.calls * (1 + opts.frontends)));
+    let schedule = Schedule { origin: Instant::now() + lead_in, calls: opts.calls, aligned: opts.aligned };
     let uplink = Arc::new(Mutex::new(Tally::default()));
     let downlink = Arc::new(Mutex::new(Tally::default()));
+    let fanout = Arc::new(Mutex::new(Tally::default()));
     let stop = Arc::new(AtomicBool::new(false));
+    let late_after = opts.late_after;
 
     // The bot: one thread per accepted stream, echoing every media frame at once.
     let (bot_up, bot_stop) = (uplink.clone(), stop.clone());
@@ -127,10 +159,11 @@ pub fn run(relay: Option<SocketAddr>, calls: u32, seconds: u64, aligned: bool) -
         while !bot_stop.load(Ordering::Relaxed) {
             match bot.accept() {
                 Ok((stream, _)) => {
+                    stream.set_nonblocking(false).ok();
                     let (up, stop) = (bot_up.clone(), bot_stop.clone());
-                    handlers.push(std::thread::spawn(move || bot_connection(stream, schedule, &up, &stop)));
+                    handlers.push(std::thread::spawn(move || bot_connection(stream, schedule, &up, &stop, late_after)));
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
                 Err(_) => break,
             }
         }
@@ -139,14 +172,25 @@ pub fn run(relay: Option<SocketAddr>, calls: u32, seconds: u64, aligned: bool) -
         }
     });
 
+    let mut listeners = Vec::new();
+    if let Some(target) = relay {
+        for call in 0..opts.calls {
+            for k in 0..opts.frontends {
+                let (fan, stop) = (fanout.clone(), stop.clone());
+                listeners.push(std::thread::spawn(move || {
+                    frontend(target, call, k, frames, schedule, &fan, &stop, late_after)
+                }));
+            }
+        }
+    }
     let late = Arc::new(Mutex::new(0u64));
     let mut callers = Vec::new();
-    for call in 0..calls {
+    for call in 0..opts.calls {
         let target = relay.unwrap_or(bot_addr);
         let (down, late, stop) = (downlink.clone(), late.clone(), stop.clone());
         let agent = format!("ws://{bot_addr}/bot");
         callers.push(std::thread::spawn(move || {
-            caller(target, relay.is_some(), &agent, call, frames, schedule, &down, &late, &stop)
+            caller(target, relay.is_some(), &agent, call, frames, schedule, &down, &late, &stop, late_after)
         }));
     }
     let mut failures = Vec::new();
@@ -158,23 +202,82 @@ pub fn run(relay: Option<SocketAddr>, calls: u32, seconds: u64, aligned: bool) -
         }
     }
     stop.store(true, Ordering::Relaxed);
+    for l in listeners {
+        if let Ok(Err(e)) = l.join() {
+            failures.push(format!("frontend: {e}"));
+        }
+    }
     let _ = bot_thread.join();
     if let Some(first) = failures.first() {
-        bail!("{} of {calls} callers failed; first: {first}", failures.len());
+        bail!("{} connections failed; first: {first}", failures.len());
     }
-    let mut up = std::mem::take(&mut *uplink.lock().expect("no panics hold the lock"));
-    let mut down = std::mem::take(&mut *downlink.lock().expect("no panics hold the lock"));
+    let up = std::mem::take(&mut *uplink.lock().expect("no panics hold the lock"));
+    let down = std::mem::take(&mut *downlink.lock().expect("no panics hold the lock"));
+    let fan = std::mem::take(&mut *fanout.lock().expect("no panics hold the lock"));
     let late_sends = *late.lock().expect("no panics hold the lock");
+    // Steady state: from the last call's first frame to the first call's last frame.
+    let steady = (schedule.due(opts.calls.saturating_sub(1), 0) + Duration::from_millis(500), schedule.due(0, frames));
     Ok(Report {
-        uplink: Summary::of(&mut up.latencies),
-        downlink: Summary::of(&mut down.latencies),
-        sent: u64::from(calls) * frames,
+        sent: u64::from(opts.calls) * frames,
         received_by_bot: up.received,
         received_by_callers: down.received,
-        duplicates: up.duplicates + down.duplicates,
-        reordered: up.reordered + down.reordered,
+        received_by_frontends: fan.received,
+        frontends: if relay.is_some() { u64::from(opts.calls * opts.frontends) } else { 0 },
+        duplicates: up.duplicates + down.duplicates + fan.duplicates,
+        reordered: up.reordered + down.reordered + fan.reordered,
+        late: up.late + down.late + fan.late,
+        uplink: up.latencies,
+        downlink: down.latencies,
+        fanout: fan.latencies,
         late_sends,
+        steady,
     })
+}
+
+/// A `/frontend-stream` listener of `call`: records when each of the caller's frames arrives.
+#[allow(clippy::too_many_arguments)] // A thread entry point; grouping would only rename these.
+fn frontend(
+    target: SocketAddr,
+    call: u32,
+    k: u32,
+    frames: u64,
+    schedule: Schedule,
+    fanout: &Mutex<Tally>,
+    stop: &AtomicBool,
+    late_after: Duration,
+) -> anyhow::Result<()> {
+    let call_sid = format!("CAbench{call:08}");
+    let stream = TcpStream::connect(target).with_context(|| format!("connect {target}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let url = format!("ws://{target}/frontend-stream?callSid={call_sid}&user_id=bench-{call}-{k}");
+    let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("frontend handshake: {e}"))?;
+    ws.send(Message::text(
+        json!({"event":"connect-twilio","callSid":call_sid,"user_id":format!("bench-{call}-{k}")}).to_string(),
+    ))?;
+    let deadline = schedule.due(call, frames) + Duration::from_secs(2);
+    let stream_id = (u64::from(call) << 32) | u64::from(k);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                let now = Instant::now();
+                let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                if v["event"] != "audio" || v["track"] != "inbound" {
+                    continue;
+                }
+                let Some(bytes) = v["payload"].as_str().and_then(|p| b64.decode(p).ok()) else { continue };
+                if let Some((c, seq)) = frame_id(&bytes) {
+                    let latency = now.saturating_duration_since(schedule.due(c, seq));
+                    fanout.lock().expect("no panics hold the lock").record(stream_id, seq, latency, late_after);
+                }
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
 }
 
 /// One caller: Twilio's opening messages, then `frames` media frames on schedule, then `stop`;
@@ -190,6 +293,7 @@ fn caller(
     down: &Mutex<Tally>,
     late: &Mutex<u64>,
     stop: &AtomicBool,
+    late_after: Duration,
 ) -> anyhow::Result<()> {
     let stream = TcpStream::connect(target).with_context(|| format!("connect {target}"))?;
     stream.set_nodelay(true)?;
@@ -210,7 +314,7 @@ fn caller(
     reader_stream.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut reader = WebSocket::from_raw_socket(reader_stream, tungstenite::protocol::Role::Client, None);
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        scope.spawn(|| read_echoes(&mut reader, schedule, down, stop, frames, call));
+        scope.spawn(|| read_echoes(&mut reader, schedule, down, stop, frames, call, late_after));
         let b64 = base64::engine::general_purpose::STANDARD;
         for seq in 0..frames {
             let due = schedule.due(call, seq);
@@ -243,6 +347,7 @@ fn read_echoes(
     stop: &AtomicBool,
     frames: u64,
     call: u32,
+    late_after: Duration,
 ) {
     let deadline = schedule.due(call, frames) + Duration::from_secs(2);
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
@@ -265,7 +370,7 @@ fn read_echoes(
                     // measured from the bot's echo time carried in bytes 12..20.
                     let sent_at = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
                     let latency = Duration::from_nanos(elapsed_nanos(schedule.origin, now).saturating_sub(sent_at));
-                    down.lock().expect("no panics hold the lock").record(c, seq, latency);
+                    down.lock().expect("no panics hold the lock").record(u64::from(c), seq, latency, late_after);
                 }
             }
             Ok(_) => {}
@@ -281,7 +386,7 @@ fn elapsed_nanos(origin: Instant, now: Instant) -> u64 {
 
 /// The bot side of one stream: records each frame's arrival against its schedule and echoes it
 /// with its own send time stamped into bytes 12..20.
-fn bot_connection(stream: TcpStream, schedule: Schedule, up: &Mutex<Tally>, stop: &AtomicBool) {
+fn bot_connection(stream: TcpStream, schedule: Schedule, up: &Mutex<Tally>, stop: &AtomicBool, late_after: Duration) {
     stream.set_nodelay(true).ok();
     stream.set_read_timeout(Some(Duration::from_millis(200))).ok();
     let Ok(mut ws) = tungstenite::accept(stream) else { return };
@@ -300,7 +405,7 @@ fn bot_connection(stream: TcpStream, schedule: Schedule, up: &Mutex<Tally>, stop
                         };
                         let Some((call, seq)) = frame_id(&bytes) else { continue };
                         let latency = now.saturating_duration_since(schedule.due(call, seq));
-                        up.lock().expect("no panics hold the lock").record(call, seq, latency);
+                        up.lock().expect("no panics hold the lock").record(u64::from(call), seq, latency, late_after);
                         if bytes.len() >= 20 {
                             bytes[12..20]
                                 .copy_from_slice(&elapsed_nanos(schedule.origin, Instant::now()).to_le_bytes());
