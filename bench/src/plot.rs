@@ -5,8 +5,11 @@
 
 use std::fmt::Write as _;
 
-/// Renders `series` (name, colour, (quantile, µs) points) under `title`.
-pub fn percentile_svg(title: &str, series: &[(String, &str, Vec<(f64, f64)>)]) -> String {
+/// One line of the plot: its name, its colour, and its (quantile, µs) points.
+pub type Series<'a> = (String, &'a str, Vec<(f64, f64)>);
+
+/// Renders `series` under `title`.
+pub fn percentile_svg(title: &str, series: &[Series<'_>]) -> String {
     const W: f64 = 760.0;
     const H: f64 = 420.0;
     const L: f64 = 70.0;

@@ -416,7 +416,7 @@ fn write_outputs(out: &OutArgs, runs: &[(String, &Measurement)], load: LoadArgs)
     }
     if let Some(path) = &out.svg {
         const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
-        let series: Vec<(String, &str, Vec<(f64, f64)>)> = runs
+        let series: Vec<relay_bench::plot::Series<'_>> = runs
             .iter()
             .enumerate()
             .map(|(i, (name, m))| (format!("{name}: uplink"), COLOURS[i % COLOURS.len()], m.report.uplink.curve()))
