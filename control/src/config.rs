@@ -158,6 +158,11 @@ pub struct Config {
     #[arg(long, env = "RELAY_COMMAND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub command_timeout: Duration,
 
+    /// How long an idle core polls for work before it sleeps (0 = sleep at once). Spinning trades
+    /// idle CPU for fewer sleep/wake cycles; see BENCHMARKS.md for measured effects.
+    #[arg(long, env = "RELAY_SPIN_BEFORE_PARK", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub spin_before_park: Duration,
+
     /// How long graceful shutdown waits for connections to close.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -266,6 +271,7 @@ impl Config {
             ws_ping_interval: self.ws_ping_interval,
             ws_idle_timeout: self.ws_idle_timeout,
             command_timeout: self.command_timeout,
+            spin_before_park: self.spin_before_park,
             ..Limits::default()
         };
         let agents = AgentPolicy {

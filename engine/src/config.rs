@@ -43,6 +43,10 @@ pub struct Limits {
     pub ws_ping_interval: Duration,
     /// A WebSocket whose peer sends nothing (not even pongs) this long is closed with 1001.
     pub ws_idle_timeout: Duration,
+    /// How long an idle core polls for work before it parks (glommio's `spin_before_park`);
+    /// parking costs a `membarrier` and a blocking `io_uring_enter`, so a short spin can save CPU
+    /// when events are frequent. Zero disables spinning.
+    pub spin_before_park: Duration,
     /// Time allowed to reach an agent: name lookup, TCP connect and WebSocket handshake.
     pub agent_connect_timeout: Duration,
     /// Frames queued toward one WebSocket before new ones are dropped (counted).
@@ -82,6 +86,7 @@ impl Default for Limits {
             ws_ping_interval: Duration::from_secs(20),
             ws_idle_timeout: Duration::from_secs(60),
             agent_connect_timeout: Duration::from_secs(5),
+            spin_before_park: Duration::ZERO,
             ws_outbox_frames: 256,
             observers_per_session: 32,
             pending_sessions_per_core: 10_000,

@@ -275,10 +275,13 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         let service = service.clone();
         let ready = ready_tx.clone();
         let exit = exit_tx.clone();
-        let spawned = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
+        let mut builder = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpu))
             .name(&format!("core-{index:02}"))
-            .io_memory(IO_MEMORY_BYTES)
-            .spawn(move || core_task::run_core(core, service, ready));
+            .io_memory(IO_MEMORY_BYTES);
+        if !config.limits.spin_before_park.is_zero() {
+            builder = builder.spin_before_park(config.limits.spin_before_park);
+        }
+        let spawned = builder.spawn(move || core_task::run_core(core, service, ready));
         let handle = spawned.map_err(|e| StartError::Executor { core: index, message: explain(&e.to_string()) })?;
         std::thread::Builder::new()
             .name(format!("core-{index:02}-join"))
