@@ -426,3 +426,44 @@ fn bot_connection(stream: TcpStream, schedule: Schedule, up: &Mutex<Tally>, stop
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame's identity survives the trip through its bytes.
+    #[test]
+    fn frame_identity() {
+        let f = frame_bytes(7, 123_456);
+        assert_eq!(frame_id(&f), Some((7, 123_456)));
+        assert_eq!(frame_id(&f[..11]), None);
+        assert!(f[20..].iter().all(|b| *b == 0xFF), "the rest is μ-law silence");
+    }
+
+    /// The tally counts each frame once, and sees duplicates, reordering and lateness.
+    #[test]
+    fn tally_accounting() {
+        let late = Duration::from_millis(60);
+        let mut t = Tally::default();
+        let ms = Duration::from_millis;
+        t.record(1, 0, ms(1), late);
+        t.record(1, 2, ms(1), late);
+        t.record(1, 1, ms(1), late); // arrives after 2: reordered
+        t.record(1, 2, ms(1), late); // again: duplicate, not counted
+        t.record(1, 3, ms(61), late); // late
+        t.record(2, 0, ms(1), late); // another stream: independent order
+        assert_eq!((t.received, t.duplicates, t.reordered, t.late), (5, 1, 1, 1));
+        assert_eq!(t.latencies.summary().count, 5, "every received frame has one latency");
+    }
+
+    /// Staggered calls spread their first frames over one period; aligned calls share instants.
+    #[test]
+    fn schedule() {
+        let origin = Instant::now();
+        let s = Schedule { origin, calls: 4, aligned: false };
+        assert_eq!(s.due(2, 0) - origin, Duration::from_millis(10));
+        assert_eq!(s.due(0, 3) - origin, Duration::from_millis(60));
+        let a = Schedule { aligned: true, ..s };
+        assert_eq!(a.due(3, 1), a.due(0, 1));
+    }
+}
