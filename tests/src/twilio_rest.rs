@@ -600,7 +600,7 @@ impl PlacedCall {
     /// When the relay refuses the upgrade.
     pub fn open_stream(&self, twiml: &Twiml) -> TwilioCaller {
         let (addr, authority, path) = split_url(&twiml.stream_url);
-        let signature = sign(AUTH_TOKEN, &twiml.stream_url, &[]);
+        let signature = sign_url(AUTH_TOKEN, &twiml.stream_url);
         let headers = [("X-Twilio-Signature", signature.as_str()), ("User-Agent", "Twilio.TmeWs/1.0")];
         let peer = Peer::connect(addr, &path, &headers).unwrap_or_else(|status| {
             panic!("stream upgrade to {} ({authority}) refused with {status}", twiml.stream_url)
@@ -697,9 +697,9 @@ fn split_url(url: &str) -> (SocketAddr, String, String) {
 
 /// Twilio's signature: base64(HMAC-SHA1(token, url + key₁value₁key₂value₂…)) over the parameters
 /// sorted by key.
-pub fn sign(token: &str, url: &str, params: &[(String, String)]) -> String {
-    let mut sorted: Vec<&(String, String)> = params.iter().collect();
-    sorted.sort();
+pub fn sign<K: AsRef<str>, V: AsRef<str>>(token: &str, url: &str, params: &[(K, V)]) -> String {
+    let mut sorted: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+    sorted.sort_unstable();
     let mut mac = Hmac::<Sha1>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(url.as_bytes());
     for (k, v) in sorted {
@@ -707,6 +707,11 @@ pub fn sign(token: &str, url: &str, params: &[(String, String)]) -> String {
         mac.update(v.as_bytes());
     }
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Twilio's signature of a request with no form parameters (a WebSocket upgrade).
+pub fn sign_url(token: &str, url: &str) -> String {
+    sign::<&str, &str>(token, url, &[])
 }
 
 /// `application/x-www-form-urlencoded` of `params`, everything but unreserved characters escaped.
@@ -730,7 +735,8 @@ pub fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes everything but unreserved characters (form and query values).
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => char::from(b).to_string(),

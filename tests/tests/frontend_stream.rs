@@ -113,7 +113,7 @@ fn twilio_transcripts_reach_frontends() {
         let data = format!(r#"{{"transcript":"{text}","confidence":0.93}}"#);
         let body = format!(
             "AccountSid=AC1&CallSid={id}&TranscriptionSid=GT1&TranscriptionEvent=transcription-content&Track={track}&Final={final_}&SequenceId=1&TranscriptionData={}",
-            percent(&data)
+            relay_tests::twilio_rest::percent_encode(&data)
         );
         let resp = relay.request("POST", "/twilio/transcription", &form, Some(&body));
         assert_eq!(resp.status, 200, "{}", resp.text());
@@ -138,8 +138,4 @@ fn twilio_transcripts_reach_frontends() {
         Some(&format!("CallSid={id}&TranscriptionEvent=transcription-started")),
     );
     assert_eq!(started.status, 200, "other events are acknowledged");
-}
-
-fn percent(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }

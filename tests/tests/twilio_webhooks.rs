@@ -2,12 +2,10 @@
 //! checks on both webhooks and the Media Stream upgrade, with and without `--public-url`.
 //! Signatures are computed here with Twilio's published algorithm, independently of the relay.
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use relay_tests::telephony::Peer;
+use relay_tests::twilio_rest::{sign, sign_url};
 use relay_tests::{assert_error, assert_json_type, Relay, Response};
 use serde_json::json;
-use sha1::Sha1;
 
 const TOKEN: &str = "twilio-test-token";
 
@@ -128,17 +126,17 @@ fn bad_signatures_are_403() {
 fn stream_upgrade_needs_a_signature() {
     let relay = Relay::start(&["--twilio-auth-token", TOKEN]);
     let url = format!("ws://{}/twilio/stream", relay.addr());
-    let sig = sign(TOKEN, &url, &[]);
+    let sig = sign_url(TOKEN, &url);
     let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
     assert!(peer.is_ok(), "signed upgrade refused with {:?}", peer.err());
     assert_eq!(Peer::connect(relay.addr(), "/twilio/stream", &[]).err(), Some(403), "unsigned upgrade");
-    let wrong = sign("another-token", &url, &[]);
+    let wrong = sign_url("another-token", &url);
     assert_eq!(
         Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &wrong)]).err(),
         Some(403),
         "wrongly signed upgrade"
     );
-    let http_sig = sign(TOKEN, &format!("ws://{}/twilio/other", relay.addr()), &[]);
+    let http_sig = sign_url(TOKEN, &format!("ws://{}/twilio/other", relay.addr()));
     assert_eq!(
         Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &http_sig)]).err(),
         Some(403),
@@ -160,7 +158,7 @@ fn https_public_url_is_used_for_twiml_and_signatures() {
     let sig = sign(TOKEN, "https://relay.example.org/twilio/voice", &params);
     assert_error(&post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]), 403);
 
-    let sig = sign(TOKEN, "wss://relay.example.com/twilio/stream", &[]);
+    let sig = sign_url(TOKEN, "wss://relay.example.com/twilio/stream");
     let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
     assert!(peer.is_ok(), "upgrade signed over the public wss URL refused with {:?}", peer.err());
 }
@@ -174,7 +172,7 @@ fn http_public_url_is_used_for_twiml_and_signatures() {
     let resp = post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]);
     assert_eq!(resp.status, 200, "voice signed over the public URL: {}", resp.text());
     assert!(resp.text().contains(r#"<Stream url="ws://relay.example:8080/twilio/stream">"#), "TwiML: {}", resp.text());
-    let sig = sign(TOKEN, "ws://relay.example:8080/twilio/stream", &[]);
+    let sig = sign_url(TOKEN, "ws://relay.example:8080/twilio/stream");
     let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
     assert!(peer.is_ok(), "upgrade signed over the public ws URL refused with {:?}", peer.err());
 }
@@ -206,20 +204,6 @@ fn post_form(
     }
     all.extend_from_slice(headers);
     relay.request("POST", path, &all, Some(&body))
-}
-
-/// Twilio's signature: base64(HMAC-SHA1(token, url + key₁value₁key₂value₂…)) over the parameters
-/// sorted by key.
-fn sign(token: &str, url: &str, params: &[(&str, &str)]) -> String {
-    let mut sorted = params.to_vec();
-    sorted.sort();
-    let mut mac = Hmac::<Sha1>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(url.as_bytes());
-    for (k, v) in sorted {
-        mac.update(k.as_bytes());
-        mac.update(v.as_bytes());
-    }
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
 /// Percent-encodes everything but unreserved characters.
