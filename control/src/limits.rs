@@ -50,19 +50,22 @@ impl UserLimits {
         Some(SocketGuard { limits: self.clone(), user: user.to_owned() })
     }
 
-    /// Gives back the initiation `try_initiate` recorded last for `user` (the call never started).
-    pub fn refund(&self, user: &str) {
+    /// Gives back the initiation recorded at `at` for `user` (Twilio refused the call).
+    pub fn refund(&self, user: &str, at: Instant) {
         let mut all = self.initiations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(times) = all.get_mut(user) {
-            times.pop_back();
+            if let Some(i) = times.iter().rposition(|t| *t == at) {
+                times.remove(i);
+            }
         }
     }
 
-    /// Records an initiation for `user` at `now`, or says how long until one is allowed again.
+    /// Records an initiation for `user` at `now` (returning `now`, the handle for a refund), or says
+    /// how long until one is allowed again.
     ///
     /// # Errors
     /// The time until the oldest initiation in the last minute expires.
-    pub fn try_initiate(&self, user: &str, now: Instant) -> Result<(), Duration> {
+    pub fn try_initiate(&self, user: &str, now: Instant) -> Result<Instant, Duration> {
         const WINDOW: Duration = Duration::from_secs(60);
         let mut all = self.initiations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if all.len() > PRUNE_ABOVE {
@@ -77,7 +80,7 @@ impl UserLimits {
             return Err(WINDOW.saturating_sub(now.saturating_duration_since(oldest)));
         }
         times.push_back(now);
-        Ok(())
+        Ok(now)
     }
 }
 

@@ -139,3 +139,18 @@ fn twilio_transcripts_reach_frontends() {
     );
     assert_eq!(started.status, 200, "other events are acknowledged");
 }
+
+/// A frontend that only listens (audio streams to it the whole time) is pinged because it is the
+/// quiet side, answers, and so outlives the idle timeout: long calls keep their listeners.
+#[test]
+fn listening_frontend_outlives_the_idle_timeout() {
+    let relay = Relay::start(&["--ws-ping-interval", "300ms", "--ws-idle-timeout", "1s"]);
+    let id = "CA-long";
+    let front = Frontend::connect(&relay, id, "gail", "");
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    // 2.5 s of real-time audio: well past the 1 s idle timeout.
+    caller.send_audio(&frames(70, 0..125));
+    front.wait_audio("inbound", 125);
+    assert!(front.sync(), "the frontend is still connected after 2.5 s of listening");
+    assert!(!front.ended(), "not closed for idleness");
+}

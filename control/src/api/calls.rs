@@ -50,11 +50,15 @@ pub async fn outbound_call(
     let prompt = optional_text(&body, "prompt")?;
     let first_message = optional_text(&body, "first_message")?;
     let account = twilio_account(config)?;
-    if let Err(wait) = users.try_initiate(user_id, Instant::now()) {
-        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "at most 5 calls a minute may be initiated per user");
-        e.retry_after = Some(wait.as_secs().max(1));
-        return Err(e);
-    }
+    let initiated = match users.try_initiate(user_id, Instant::now()) {
+        Ok(at) => at,
+        Err(wait) => {
+            let mut e =
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "at most 5 calls a minute may be initiated per user");
+            e.retry_after = Some(wait.as_secs().max(1));
+            return Err(e);
+        }
+    };
     let base = super::twilio::http_base(config, &request.head.headers);
     let form = [
         ("To", number.to_owned()),
@@ -71,11 +75,13 @@ pub async fn outbound_call(
     let url = format!("{}/2010-04-01/Accounts/{}/Calls.json", account.api_base, account.sid);
     let answer = match twilio_post(core, &account, url, &form).await {
         Ok(a) => a,
-        Err(e) => {
-            // No call was placed: the attempt does not count against the user's allowance.
-            users.refund(user_id);
+        Err(TwilioError::Refused(e)) => {
+            // Twilio said no: no call was placed, so the attempt does not count. (Transport errors
+            // and timeouts do count: the request may have reached Twilio and placed the call.)
+            users.refund(user_id, initiated);
             return Err(e);
         }
+        Err(TwilioError::Unreachable(e)) => return Err(e),
     };
     let call_sid = answer["sid"]
         .as_str()
@@ -111,7 +117,7 @@ pub async fn end_call(core: &CoreHandle, config: &ApiConfig, request: &Request) 
     owned_record(core, &id, user_id).await?;
     let account = twilio_account(config)?;
     let url = format!("{}/2010-04-01/Accounts/{}/Calls/{}.json", account.api_base, account.sid, id);
-    twilio_post(core, &account, url, &[("Status", "completed".to_owned())]).await?;
+    twilio_post(core, &account, url, &[("Status", "completed".to_owned())]).await.map_err(TwilioError::into_api)?;
     // The stream ends when Twilio hangs up; ending the session now stops media at once.
     let _ = core.dispatch(id.clone(), Command::Stop).await;
     record(core, &id, RecordUpdate { status: Some("completed".into()), ..RecordUpdate::default() }).await?;
@@ -165,13 +171,29 @@ async fn owned_record(core: &CoreHandle, id: &SessionId, user: &str) -> Result<C
     }
 }
 
+/// Why a request to Twilio's REST API failed.
+enum TwilioError {
+    /// Twilio answered, refusing (non-2xx): nothing was done.
+    Refused(ApiError),
+    /// Twilio could not be reached or did not answer in time: the request may have been applied.
+    Unreachable(ApiError),
+}
+
+impl TwilioError {
+    fn into_api(self) -> ApiError {
+        match self {
+            Self::Refused(e) | Self::Unreachable(e) => e,
+        }
+    }
+}
+
 /// POSTs `form` to Twilio with Basic auth and returns its JSON answer.
 async fn twilio_post(
     core: &CoreHandle,
     account: &TwilioAccount,
     url: String,
     form: &[(&str, String)],
-) -> Result<Value, ApiError> {
+) -> Result<Value, TwilioError> {
     let auth =
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", account.sid, account.auth_token.expose()));
     let body = form.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&");
@@ -185,17 +207,14 @@ async fn twilio_post(
         ],
         body: Bytes::from(body),
     };
-    let response = core
-        .fetch(request, TWILIO_TIMEOUT)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot reach Twilio: {e}")))?;
+    let response = core.fetch(request, TWILIO_TIMEOUT).await.map_err(|e| {
+        TwilioError::Unreachable(ApiError::new(StatusCode::BAD_GATEWAY, format!("cannot reach Twilio: {e}")))
+    })?;
     let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
     if !(200..300).contains(&response.status) {
         let why = answer["message"].as_str().unwrap_or("no message");
-        return Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            format!("Twilio refused the request ({}): {why}", response.status),
-        ));
+        let message = format!("Twilio refused the request ({}): {why}", response.status);
+        return Err(TwilioError::Refused(ApiError::new(StatusCode::BAD_GATEWAY, message)));
     }
     Ok(answer)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
-use relay_engine::core::command::{Command, RecordUpdate, Reply, Speaker, Transcript};
+use relay_engine::core::command::{Command, CommandError, RecordUpdate, Reply, Speaker, Transcript};
 use relay_engine::core::Credential;
 use relay_engine::id::SessionId;
 use relay_engine::proto::ws;
@@ -158,10 +158,14 @@ pub async fn frontend(
     let credential = listener_credential(config, request)?;
     let accept = accept(request)?;
     // An outbound call is its initiator's: other users may not listen to it.
-    if let Ok(Reply::Record(record)) = core.dispatch(session.clone(), Command::ReadRecord).await {
-        if record.user_id.as_deref().is_some_and(|owner| owner != user) {
+    // (This stops honest mistakes; the user id is the client's own claim, so it is not access
+    // control: the credential above is.)
+    match core.dispatch(session.clone(), Command::ReadRecord).await {
+        Ok(Reply::Record(record)) if record.user_id.as_deref().is_some_and(|owner| owner != user) => {
             return Err(ApiError::new(StatusCode::NOT_FOUND, format!("call {session} not found")));
         }
+        Ok(_) | Err(CommandError::NotFound) => {}
+        Err(e) => return Err(ApiError::from_command(&e, session.as_str())),
     }
     let (guard, reject) = match limits.acquire_socket(&user) {
         Some(g) => (Some(Box::new(g) as Box<dyn std::any::Any + Send>), None),

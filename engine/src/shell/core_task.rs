@@ -373,7 +373,15 @@ pub(crate) async fn run_core<S: ControlService>(
             if shared.connections.get() == 0 {
                 break;
             }
-            listener.await;
+            // Keep enforcing socket deadlines while draining: a peer that ignores our close is
+            // dropped after the close wait, not at the end of the grace period.
+            let tick = async {
+                glommio::timer::sleep(Duration::from_millis(250)).await;
+            };
+            tick.or(listener).await;
+            let now = shared.now().instant;
+            shared.coarse.set(now);
+            shared.sweep(now);
         }
         Ok(())
     })

@@ -293,8 +293,9 @@ async fn caller_session(
                 Ok(None) => break,
             }
         }
-        // A real `connected` + `start` is under 2 KiB; 32 KiB leaves room for media sent early.
-        if raw.len() > 32 * 1024 {
+        // A real `connected` + `start` is a few KiB even with long parameters (an outbound call's
+        // prompt and first message); 64 KiB leaves room for media sent early, and no more.
+        if raw.len() > 64 * 1024 {
             return Err((1008, "no start message within the size limit"));
         }
         let before = raw.len();

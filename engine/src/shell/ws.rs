@@ -21,7 +21,7 @@ use tungstenite::Utf8Bytes;
 use bytes::Bytes;
 
 use super::core_task::CoreShared;
-use super::{clock, tcp, ControlService, SocketKind, Upgrade};
+use super::{tcp, ControlService, SocketKind, Upgrade};
 use crate::core::{AttachError, ListenKind};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
@@ -52,6 +52,8 @@ pub(crate) struct Outbox {
     writing_since: Cell<Option<Instant>>,
     /// The sweep asks the writer for a ping.
     ping_due: Cell<bool>,
+    /// Coarse time of the last ping the sweep asked for.
+    last_ping: Cell<Instant>,
     /// The sweep shut the socket down; nothing more to do for it.
     killed: Cell<bool>,
     /// The peer ended the connection with a close frame (not a drop).
@@ -74,6 +76,7 @@ impl Outbox {
             last_tx: Cell::new(now),
             writing_since: Cell::new(None),
             ping_due: Cell::new(false),
+            last_ping: Cell::new(now),
             killed: Cell::new(false),
             peer_closed: Cell::new(false),
             media_leg: Cell::new(false),
@@ -93,32 +96,40 @@ impl Outbox {
             return false;
         }
         let mut frames = self.frames.borrow_mut();
-        let room = frames.len() < limit;
-        if !room {
+        let mut dropped = false;
+        if frames.len() >= limit {
             if self.media_leg.get() {
-                // Drop the oldest media frame; control messages are few and must arrive.
+                // Drop the oldest media frame; control messages must arrive, up to a hard cap of
+                // twice the limit, past which the peer is plainly not reading: close the leg.
                 match frames.iter().position(is_media) {
                     Some(i) => {
                         frames.remove(i);
+                        dropped = true;
                     }
                     None if is_media(&text) => return false,
+                    None if frames.len() >= 2 * limit.max(1) => {
+                        drop(frames);
+                        self.close(1008, "peer is not reading");
+                        return false;
+                    }
                     None => {}
                 }
-            } else if frames.pop_front().is_none() {
+            } else if frames.pop_front().is_some() {
+                dropped = true;
+            } else {
                 return false; // A zero limit: nothing can be queued.
             }
         }
         frames.push_back(text);
         drop(frames);
         self.event.notify(1);
-        room
+        !dropped
     }
 
     /// Asks the writer to send a close frame after what is queued, then end the connection.
     pub(crate) fn close(&self, code: u16, reason: &'static str) {
         if self.close.get().is_none() {
             self.close.set(Some((code, reason)));
-            self.closing_since.set(Some(clock::now().instant));
         }
         self.event.notify(1);
     }
@@ -147,7 +158,12 @@ impl Outbox {
             self.close(1001, "idle timeout");
             return;
         }
-        if now.saturating_duration_since(self.last_tx.get()) >= ping {
+        // Ping when the *peer* has been quiet (its pong is what proves it alive), at most once per
+        // interval; a socket we stream to constantly is pinged all the same.
+        if now.saturating_duration_since(self.last_rx.get()) >= ping
+            && now.saturating_duration_since(self.last_ping.get()) >= ping
+        {
+            self.last_ping.set(now);
             self.ping_due.set(true);
             self.event.notify(1);
         }
@@ -284,8 +300,9 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Ok(Some(Incoming::Binary(_))) => {} // These protocols carry text only; binary is ignored.
                 Ok(Some(Incoming::Close)) => {
-                    // The codec queued the answering close frame; the writer sends it and ends.
-                    outbox.peer_closed.set(true);
+                    // A close the peer started (not its answer to ours); the codec queued the
+                    // answering close frame, which the writer sends before it ends.
+                    outbox.peer_closed.set(outbox.close.get().is_none());
                     outbox.close(1000, "");
                     return;
                 }
@@ -363,6 +380,8 @@ async fn writer_task<T: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         if closing {
+            // The peer's time to answer starts now that our close frame reached the socket.
+            outbox.closing_since.set(Some(shared.coarse_now()));
             let _ = writer.close().await;
             return;
         }
@@ -413,11 +432,38 @@ mod tests {
         assert!(!outbox.push(media(2), 3), "media 1 makes room for media 2");
         assert!(!outbox.push(control("mark"), 3), "media 2 makes room for the mark");
         assert!(!outbox.push(media(3), 3), "only control left: the new media frame is dropped");
-        assert!(!outbox.push(control("stop"), 3));
+        assert!(outbox.push(control("stop"), 3), "control past the limit is kept, nothing dropped");
         let kept: Vec<String> = outbox.frames.borrow().iter().map(|t| t.as_str().to_owned()).collect();
         assert_eq!(
             kept,
             [r#"{"event":"connected"}"#, r#"{"event":"start"}"#, r#"{"event":"mark"}"#, r#"{"event":"stop"}"#]
         );
+        assert!(outbox.push(control("clear"), 3));
+        assert!(outbox.push(control("clear"), 3));
+        assert!(!outbox.push(control("clear"), 3), "twice the limit of control frames: the leg closes");
+        assert_eq!(outbox.close.get(), Some((1008, "peer is not reading")));
+    }
+
+    /// The sweep pings a peer that has been quiet, even while we stream to it, once per interval;
+    /// it closes a peer silent past the idle timeout, and kills a socket whose close went unanswered.
+    #[test]
+    fn sweep_pings_quiet_peers() {
+        #[allow(clippy::disallowed_methods)] // A test's clock origin.
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let outbox = Outbox::new(t0);
+        outbox.last_tx.set(t0 + s(25)); // We wrote a moment ago: it does not matter.
+        outbox.sweep(t0 + s(21), s(60), s(20), s(60));
+        assert!(outbox.ping_due.take(), "the peer was quiet for 21 s");
+        outbox.sweep(t0 + s(22), s(60), s(20), s(60));
+        assert!(!outbox.ping_due.get(), "not twice in one interval");
+        outbox.last_rx.set(t0 + s(30)); // Its pong.
+        outbox.sweep(t0 + s(45), s(60), s(20), s(60));
+        assert!(!outbox.ping_due.get(), "the pong counts as activity");
+        outbox.sweep(t0 + s(91), s(60), s(20), s(60));
+        assert_eq!(outbox.close.get(), Some((1001, "idle timeout")));
+        outbox.closing_since.set(Some(t0 + s(91)));
+        outbox.sweep(t0 + s(94), s(60), s(20), s(60));
+        assert!(outbox.killed.get(), "the close went unanswered for over 2 s");
     }
 }
