@@ -16,7 +16,7 @@ use relay_engine::session::agent::{AgentPolicy, AgentUrl};
 /// Serves the session-control API (HTTP and WebSocket) on one port from one pinned executor per
 /// core. Every flag has an environment twin, shown in brackets.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "relay", version, about, long_about = None)]
+#[command(name = "relay", version)]
 pub struct Config {
     /// Address and port for HTTP and WebSocket. Port 0 picks a free port.
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
