@@ -13,7 +13,8 @@ use relay_engine::session::agent::{AgentPolicy, AgentUrl};
 
 /// Relay: a thread-per-core media relay for voice-AI calls.
 ///
-/// Serves the session-control API (HTTP and WebSocket) on one port from one pinned executor per
+/// Serves phone calls (Twilio Media Streams, upstream bots, listeners) and the session-control API
+/// (HTTP and WebSocket) on one port from one pinned executor per
 /// core. Every flag has an environment twin, shown in brackets.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "relay", version)]
