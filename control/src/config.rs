@@ -284,6 +284,8 @@ impl Config {
             cores: self.cores.unwrap_or_else(relay_engine::shell::available_cores),
             limits,
             agents,
+            // With a Twilio token, streams must carry the per-call signature the TwiML hands out.
+            stream_key: self.twilio_auth_token.clone().filter(|t| !t.is_empty()).map(Secret::new),
         }
     }
 

@@ -16,6 +16,9 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// Which agents calls may dial.
     pub agents: crate::session::agent::AgentPolicy,
+    /// When set, a caller's stream must carry `relaySig` = `twilio::stream_signature(key, callSid)`
+    /// in its `start` (the relay's TwiML adds it), or it is closed with 1008.
+    pub stream_key: Option<crate::secret::Secret>,
 }
 
 /// Bounds on client-controlled sizes, counts and times. Crossing one is a typed error or a counted drop.

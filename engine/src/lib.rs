@@ -64,6 +64,7 @@
 //!     cores: 2,
 //!     limits: Limits::default(),
 //!     agents: Default::default(),
+//!     stream_key: None,
 //! };
 //! let relay = shell::start(config, Hello).expect("relay starts");
 //! relay.wait().expect("clean exit");

@@ -48,6 +48,15 @@ fn outbound_call_end_to_end() {
 
     let twiml = call.fetch_twiml();
     assert_eq!(twiml.stream_url, format!("ws://{}/twilio/stream", relay.addr()));
+    // The per-call stream signature: base64(HMAC-SHA1(auth token, call sid)), computed here on
+    // its own.
+    let relay_sig = {
+        use base64::Engine as _;
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(AUTH_TOKEN.as_bytes()).expect("any key length");
+        mac.update(sid.as_bytes());
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    };
     let parameters = owned(&[
         ("callSid", &sid),
         ("from", FROM_NUMBER),
@@ -55,6 +64,7 @@ fn outbound_call_end_to_end() {
         ("prompt", PROMPT),
         ("first_message", FIRST),
         ("user_id", user),
+        ("relaySig", &relay_sig),
     ]);
     assert_eq!(twiml.parameters, parameters, "TwiML <Parameter>s");
     assert_eq!(call_status(&relay, &sid, user)["startTime"], Value::Null, "the webhook alone starts no clock");

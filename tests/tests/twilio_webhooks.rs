@@ -2,7 +2,7 @@
 //! checks on both webhooks and the Media Stream upgrade, with and without `--public-url`.
 //! Signatures are computed here with Twilio's published algorithm, independently of the relay.
 
-use relay_tests::telephony::Peer;
+use relay_tests::telephony::{Peer, TwilioCaller};
 use relay_tests::twilio_rest::{sign, sign_url};
 use relay_tests::{assert_error, assert_json_type, Relay, Response};
 use serde_json::json;
@@ -241,4 +241,37 @@ fn status_callbacks_need_a_known_status() {
         relay.request("POST", "/twilio/status", &form, Some(&format!("CallSid=CA1&CallStatus={}", "x".repeat(60_000))));
     assert_error(&bad, 400);
     assert_eq!(relay.request("POST", "/twilio/status", &form, Some("CallSid=CA1&CallStatus=busy")).status, 200);
+}
+
+/// With a Twilio token, a stream is accepted only if its `start` carries the `relaySig` the
+/// relay's TwiML handed out for that very call: a replayed upgrade signature cannot forge calls.
+#[test]
+fn streams_must_carry_the_twiml_call_signature() {
+    let relay = Relay::start(&["--twilio-auth-token", TOKEN]);
+    let base = format!("http://{}", relay.addr());
+    let params = call_params("CA0009");
+    let sig = sign(TOKEN, &format!("{base}/twilio/voice"), &params);
+    let twiml = post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]).text();
+    let relay_sig = twiml
+        .split(r#"<Parameter name="relaySig" value=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the TwiML carries relaySig")
+        .to_owned();
+    let url = format!("ws://{}/twilio/stream", relay.addr());
+    let upgrade = sign_url(TOKEN, &url);
+    let open =
+        || Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &upgrade)]).expect("signed upgrade");
+
+    let forged = TwilioCaller::greet(open(), "CA0666", &[("callSid", "CA0666")]);
+    assert_eq!(forged.peer().wait_closed(), Some(Some(1008)), "no relaySig");
+    let borrowed = TwilioCaller::greet(open(), "CA0666", &[("callSid", "CA0666"), ("relaySig", &relay_sig)]);
+    assert_eq!(borrowed.peer().wait_closed(), Some(Some(1008)), "another call's relaySig");
+
+    let _real = TwilioCaller::greet(open(), "CA0009", &[("callSid", "CA0009"), ("relaySig", &relay_sig)]);
+    relay_tests::poll_until("the real stream to connect", || {
+        let r = relay.get("/call-status?sessionId=CA0009");
+        (r.status == 200 && r.json()["data"]["isConnected"] == true).then_some(())
+    });
+    assert_eq!(relay.get("/call-status?sessionId=CA0666").status, 404, "the forged call never existed");
 }

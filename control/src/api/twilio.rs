@@ -55,6 +55,12 @@ pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
             parameters.push((name, v));
         }
     }
+    // Binds the stream Twilio opens to this call: its upgrade signature covers only the URL.
+    let relay_sig =
+        config.twilio_auth_token.as_ref().map(|t| relay_engine::proto::twilio::stream_signature(t, id.as_str()));
+    if let Some(sig) = relay_sig.as_deref() {
+        parameters.push(("relaySig", sig));
+    }
     let callback = config
         .twilio_transcription
         .then(|| format!("{}/twilio/transcription", http_base(config, &request.head.headers)));

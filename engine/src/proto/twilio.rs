@@ -265,6 +265,19 @@ pub fn parse(frame: &Bytes) -> Result<Message, ParseError> {
 /// Decoded length of a base64 `payload` (standard alphabet, padded or not), without decoding it.
 ///
 /// Returns `None` unless `payload` is what base64's `STANDARD` or `STANDARD_NO_PAD` engines
+/// The per-call stream signature the relay's TwiML passes as the `relaySig` parameter:
+/// base64(HMAC-SHA1(key, call_sid)). A stream whose `start` carries it was started by that TwiML
+/// for that very call; the stream upgrade's own X-Twilio-Signature covers only the URL, which is
+/// the same for every call.
+pub fn stream_signature(key: &crate::secret::Secret, call_sid: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{Hmac, Mac};
+    // HMAC takes keys of any length, so construction cannot fail.
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(key.expose().as_bytes()).expect("HMAC accepts any key length");
+    mac.update(call_sid.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
 /// accept: alphabet characters only, `=` only as complete padding, no stray trailing bits.
 pub fn base64_samples(payload: &[u8]) -> Option<usize> {
     let body = match payload {

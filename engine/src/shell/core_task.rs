@@ -33,6 +33,7 @@ pub(crate) struct CoreSetup {
     pub(crate) cores: usize,
     pub(crate) limits: Limits,
     pub(crate) agents: crate::session::agent::AgentPolicy,
+    pub(crate) stream_key: Option<crate::secret::Secret>,
     pub(crate) listener: OwnedFd,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
     pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
@@ -45,6 +46,8 @@ pub(crate) struct CoreShared {
     pub(crate) cores: usize,
     pub(crate) limits: Limits,
     pub(crate) global: Arc<Global>,
+    /// Key for callers' `relaySig` (see `EngineConfig::stream_key`).
+    pub(crate) stream_key: Option<crate::secret::Secret>,
     state: RefCell<CoreState>,
     mesh_tx: Senders<CoreMessage>,
     /// Replies travel on their own mesh, sized to the bound on outstanding requests, so a reply
@@ -336,6 +339,7 @@ pub(crate) async fn run_core<S: ControlService>(
         coarse: Cell::new(clock::now().instant),
         limits: setup.limits,
         global: setup.global,
+        stream_key: setup.stream_key,
         mesh_tx,
         reply_tx,
         pending: RefCell::new(HashMap::new()),

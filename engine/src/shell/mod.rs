@@ -267,6 +267,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             cores: config.cores,
             limits: config.limits.clone(),
             agents: config.agents.clone(),
+            stream_key: config.stream_key.clone(),
             listener: OwnedFd::from(listener),
             mesh: mesh.clone(),
             replies: replies.clone(),

@@ -20,6 +20,7 @@ use crate::id::{core_for, SessionId};
 use crate::proto::http::{parse_head, write_response, Connection, Parse, CONTINUE};
 use crate::proto::twilio;
 use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
+use crate::secret::Secret;
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 4096;
@@ -285,6 +286,12 @@ async fn caller_session(
                             }
                             None => fallback.clone().ok_or((1008, "the stream's start names no callSid"))?,
                         };
+                        if let Some(stream_key) = &shared.stream_key {
+                            let expected = Secret::new(twilio::stream_signature(stream_key, id.as_str()));
+                            if !start.custom_parameter("relaySig").is_some_and(|s| expected.matches(s)) {
+                                return Err((1008, "this stream was not started by the relay's TwiML for this call"));
+                            }
+                        }
                         return Ok((id, raw));
                     }
                 }
