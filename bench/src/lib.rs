@@ -6,6 +6,8 @@
 //!
 //! Scenarios so far: `control` (session start/stop throughput and latency over keep-alive HTTP)
 //! and `telephony` (per-frame latency of Twilio-protocol calls through the relay to a bot and back).
+//! The telephony load comes from one event-loop thread driving every socket (`--threads`: the
+//! original thread-per-socket generator, kept to compare against).
 
 pub mod client;
 pub mod plot;

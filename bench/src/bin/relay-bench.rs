@@ -13,7 +13,7 @@ use relay_bench::client::Conn;
 use relay_bench::sampler::{Sampler, Usage};
 use relay_bench::stats::Summary;
 use relay_bench::target::Target;
-use relay_bench::telephony::{Options, Report};
+use relay_bench::telephony::{Generator, Options, Report};
 use serde_json::json;
 use serde_json::Value;
 
@@ -142,6 +142,20 @@ struct LoadArgs {
     /// CPU for the load generator.
     #[arg(long)]
     bench_cpu: Option<usize>,
+    /// Drive the sockets with a thread each (the original generator, saturated from ~200 calls
+    /// per CPU) instead of the event loop (one thread, ~550 calls per CPU); to compare generators.
+    #[arg(long)]
+    threads: bool,
+}
+
+impl LoadArgs {
+    fn generator(&self) -> Generator {
+        if self.threads {
+            Generator::Threads
+        } else {
+            Generator::Events
+        }
+    }
 }
 
 /// Where to write results.
@@ -210,13 +224,18 @@ fn main() -> anyhow::Result<()> {
                 let m = measure(server.as_ref(), target.pid, LoadArgs { calls, ..load })?;
                 let up = m.report.uplink.summary();
                 println!(
-                    "calls {calls:>5}: uplink p50 {:>7.0} µs p99 {:>8.0} µs p99.9 {:>8.0} µs; server {:>5.1} % of a core; lost {}; late sends {}",
+                    "calls {calls:>5}: uplink p50 {:>7.0} µs p99 {:>8.0} µs p99.9 {:>8.0} µs; server {:>5.1} % of a core{}; lost {}; late sends {}; generator {:>3.0} %{}, send lag p99 {:.0} µs{}",
                     up.p50_us,
                     up.p99_us,
                     up.p999_us,
                     m.server.map_or(0.0, |u| u.cores * 100.0),
+                    cpu_busy_note(m.server.and_then(|u| u.cpu_busy)),
                     m.lost(),
-                    m.report.late_sends
+                    m.report.late_sends,
+                    m.bench_cores * 100.0,
+                    cpu_busy_note(m.bench_cpu_busy),
+                    m.report.send_lag.summary().p99_us,
+                    if m.valid() { "" } else { " INVALID" }
                 );
                 steps.push((calls, m));
                 calls += step.max(1);
@@ -265,10 +284,15 @@ struct Measurement {
     idle_rss: u64,
     /// The generator's own CPU use, in cores.
     bench_cores: f64,
+    /// Busy fraction of the generator's pinned CPU (with --bench-cpu): its process time plus the
+    /// softirq time of its loopback sends, which no process is charged for.
+    bench_cpu_busy: Option<f64>,
     /// CPUs the generator may use.
     bench_cpus: usize,
     /// Calls in the run.
     calls: u32,
+    /// Which generator drove it.
+    generator: Generator,
 }
 
 impl Measurement {
@@ -287,7 +311,9 @@ impl Measurement {
 
     /// The generator kept its schedule and had CPU to spare: otherwise latency is the bench's.
     fn valid(&self) -> bool {
-        self.report.late_sends == 0 && self.bench_cores < 0.9 * self.bench_cpus as f64
+        self.report.late_sends == 0
+            && self.bench_cores < 0.9 * self.bench_cpus as f64
+            && self.bench_cpu_busy.is_none_or(|busy| busy < 0.9)
     }
 
     /// Fails the run when frames were lost, duplicated or reordered.
@@ -303,22 +329,38 @@ impl Measurement {
 fn measure(target: Option<&Target>, pid: Option<u32>, load: LoadArgs) -> anyhow::Result<Measurement> {
     let pid = pid.or_else(|| target.and_then(Target::pid));
     let idle_rss = pid.and_then(relay_bench::sampler::sample).map_or(0, |s| s.rss_bytes);
-    let server_sampler = pid.map(|p| Sampler::start(p, Duration::from_millis(250)));
-    let bench_sampler = Sampler::start(std::process::id(), Duration::from_millis(250));
+    // A spawned server's pinned CPU is watched only when the bench spawned it (a --pid may run anywhere).
+    let server_cpu = load.server_cpu.filter(|_| target.is_some_and(|t| t.pid().is_some()));
+    let server_sampler = pid.map(|p| Sampler::start(p, server_cpu, Duration::from_millis(250)));
+    let bench_sampler = Sampler::start(std::process::id(), load.bench_cpu, Duration::from_millis(250));
     let opts = Options {
         calls: load.calls,
         seconds: load.seconds,
         aligned: load.aligned,
         frontends: load.frontends,
         late_after: Duration::from_millis(load.late_ms),
+        generator: load.generator(),
+        cpu: load.bench_cpu,
     };
     let report = relay_bench::telephony::run(target.map(|t| t.addr), opts)?;
     let (from, to) = report.steady;
     let server = server_sampler.map(|s| relay_bench::sampler::usage(&s.finish(), from, to));
-    let bench_cores = relay_bench::sampler::usage(&bench_sampler.finish(), from, to).cores;
-    // After pinning, the generator may use only the CPUs of its affinity mask.
-    let bench_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Ok(Measurement { report, server, idle_rss, bench_cores, bench_cpus, calls: load.calls })
+    let bench_usage = relay_bench::sampler::usage(&bench_sampler.finish(), from, to);
+    let (bench_cores, bench_cpu_busy) = (bench_usage.cores, bench_usage.cpu_busy);
+    // After pinning, the generator may use only the CPUs of its affinity mask; the event loop is
+    // one thread, so one CPU is all it can ever use.
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bench_cpus = opts.generator.cpus().map_or(allowed, |n| n.min(allowed));
+    Ok(Measurement {
+        report,
+        server,
+        idle_rss,
+        bench_cores,
+        bench_cpu_busy,
+        bench_cpus,
+        calls: load.calls,
+        generator: opts.generator,
+    })
 }
 
 fn print_measurement(name: &str, m: &Measurement, load: LoadArgs) {
@@ -359,18 +401,35 @@ fn print_measurement(name: &str, m: &Measurement, load: LoadArgs) {
         let calls = f64::from(load.calls.max(1));
         let per_call_mem = u.rss_mean_bytes.saturating_sub(m.idle_rss) as f64 / calls / 1024.0;
         println!(
-            "server: {:.1} % of one core = {:.3} % per call; RSS {:.1} MiB (idle {:.1} MiB) = {:.1} KiB per call",
+            "server: {:.1} % of one core = {:.3} % per call; RSS {:.1} MiB (idle {:.1} MiB) = {:.1} KiB per call{}",
             u.cores * 100.0,
             u.cores * 100.0 / calls,
             u.rss_mean_bytes as f64 / 1048576.0,
             m.idle_rss as f64 / 1048576.0,
-            per_call_mem
+            per_call_mem,
+            cpu_busy_note(u.cpu_busy)
         );
     }
-    println!("generator: {:.0} % of {} CPU(s)", m.bench_cores * 100.0, m.bench_cpus);
+    let lag = r.send_lag.summary();
+    println!(
+        "generator ({}): {:.0} % of {} CPU(s){}; send lag p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs max {:.0} µs",
+        m.generator.as_str(),
+        m.bench_cores * 100.0,
+        m.bench_cpus,
+        cpu_busy_note(m.bench_cpu_busy),
+        lag.p50_us,
+        lag.p99_us,
+        lag.p999_us,
+        lag.max_us
+    );
     if !m.valid() {
         println!("WARNING: the load generator was saturated (late sends or CPU); this run is INVALID");
     }
+}
+
+/// ` (its CPU busy N %)` when the pinned CPU was watched.
+fn cpu_busy_note(busy: Option<f64>) -> String {
+    busy.map_or_else(String::new, |b| format!(" (its CPU {:.0} % busy)", b * 100.0))
 }
 
 fn print_ratios(floor: &Measurement, relay: &Measurement, base: &Measurement, load: LoadArgs) {
@@ -400,7 +459,8 @@ fn write_outputs(out: &OutArgs, runs: &[(String, &Measurement)], load: LoadArgs)
             .map(|(name, m)| {
                 let r = &m.report;
                 json!({
-                    "name": name, "calls": load.calls, "seconds": load.seconds, "aligned": load.aligned,
+                    "name": name, "calls": m.calls, "seconds": load.seconds, "aligned": load.aligned,
+                    "generator": m.generator.as_str(), "send_lag": r.send_lag.summary().to_json(),
                     "frontends_per_call": load.frontends, "frames_each_way": r.sent,
                     "uplink": r.uplink.summary().to_json(), "downlink": r.downlink.summary().to_json(),
                     "fanout": r.fanout.summary().to_json(),
@@ -409,6 +469,7 @@ fn write_outputs(out: &OutArgs, runs: &[(String, &Measurement)], load: LoadArgs)
                     "duplicates": r.duplicates, "reordered": r.reordered, "late": r.late, "late_sends": r.late_sends,
                     "server_cores": m.server.map(|u| u.cores), "server_rss_mean_bytes": m.server.map(|u| u.rss_mean_bytes),
                     "server_idle_rss_bytes": m.idle_rss, "bench_cores": m.bench_cores, "valid": m.valid(),
+                    "server_cpu_busy": m.server.and_then(|u| u.cpu_busy), "bench_cpu_busy": m.bench_cpu_busy,
                 })
             })
             .collect();
