@@ -768,27 +768,7 @@ fn handshake_key(seed: u64) -> String {
 /// # Errors
 /// When the answer is not a matching 101, is malformed, or is too large.
 fn read_answer(head: &[u8], key: &str) -> anyhow::Result<Option<usize>> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut response = httparse::Response::new(&mut headers);
-    match response.parse(head) {
-        Ok(httparse::Status::Complete(head_len)) => {
-            if response.code != Some(101) {
-                bail!("answered {} instead of switching protocols", response.code.unwrap_or(0));
-            }
-            let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
-            let accepted = response
-                .headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes());
-            if !accepted {
-                bail!("Sec-WebSocket-Accept does not match");
-            }
-            Ok(Some(head_len))
-        }
-        Ok(httparse::Status::Partial) if head.len() < MAX_HEAD_BYTES => Ok(None),
-        Ok(httparse::Status::Partial) => bail!("handshake answer too large"),
-        Err(e) => bail!("malformed handshake answer: {e}"),
-    }
+    relay_engine::proto::ws::check_answer(head, key).map_err(anyhow::Error::from)
 }
 
 #[cfg(test)]

@@ -76,6 +76,56 @@ pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str) {
     out.extend_from_slice(b"\r\n\r\n");
 }
 
+/// Largest 101 answer head a client accepts, bytes.
+pub const MAX_ANSWER_HEAD_BYTES: usize = 8 * 1024;
+
+/// Why a server's answer to a client upgrade was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    /// The server answered another status (it refused the upgrade).
+    #[error("the server answered {0} instead of switching protocols")]
+    Status(u16),
+    /// `Sec-WebSocket-Accept` is missing or does not match the key sent.
+    #[error("the server's Sec-WebSocket-Accept does not match")]
+    Accept,
+    /// The answer head is over [`MAX_ANSWER_HEAD_BYTES`].
+    #[error("the server's handshake answer is too large")]
+    TooLarge,
+    /// Not an HTTP/1.1 response.
+    #[error("the server's handshake answer is malformed")]
+    Malformed,
+}
+
+/// Checks the server's answer to a client upgrade sent with `key`, from the bytes read so far:
+/// the answer head's length once it is a complete, matching 101; `Ok(None)` while incomplete.
+///
+/// # Errors
+/// [`AnswerError`] when the answer refuses the upgrade or cannot be one.
+pub fn check_answer(buf: &[u8], key: &str) -> Result<Option<usize>, AnswerError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => {
+            if response.code != Some(101) {
+                return Err(AnswerError::Status(response.code.unwrap_or(0)));
+            }
+            let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let accepted = response
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes());
+            if accepted {
+                Ok(Some(head_len))
+            } else {
+                Err(AnswerError::Accept)
+            }
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_ANSWER_HEAD_BYTES => Ok(None),
+        Ok(httparse::Status::Partial) => Err(AnswerError::TooLarge),
+        Err(_) => Err(AnswerError::Malformed),
+    }
+}
+
 /// A message read from a peer, with control frames already answered by the codec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -382,6 +432,19 @@ mod tests {
         assert_eq!(c.poll_transmit().expect("close reply"), vec![0x88, 0x02, 0x03, 0xe8]);
         assert!(!c.can_send());
         assert_eq!(c.send_text("x".into()), Err(WsError::Closed));
+    }
+
+    /// A client reads the server's answer: a matching 101 opens, a partial head waits, a refusal or
+    /// a wrong accept value fails.
+    #[test]
+    fn client_checks_the_answer() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nrest";
+        assert_eq!(check_answer(ok, key), Ok(Some(ok.len() - 4)));
+        assert_eq!(check_answer(&ok[..40], key), Ok(None));
+        assert_eq!(check_answer(b"HTTP/1.1 403 Forbidden\r\n\r\n", key), Err(AnswerError::Status(403)));
+        assert_eq!(check_answer(ok, "c2hvcnQ="), Err(AnswerError::Accept));
+        assert_eq!(check_answer(b"\x00\x01 nonsense\r\n\r\n", key), Err(AnswerError::Malformed));
     }
 
     /// Server frames are unmasked text frames with the payload as given.

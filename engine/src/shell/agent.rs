@@ -17,11 +17,8 @@ use super::core_task::CoreShared;
 use super::tls::{ClientStream, TlsStream};
 use super::{clock, ws};
 use crate::id::{ConnectionId, SessionId};
-use crate::proto::ws::WsCodec;
+use crate::proto::ws::{check_answer, WsCodec};
 use crate::session::agent::AgentUrl;
-
-/// Largest 101 answer head accepted from an agent, bytes.
-const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
 /// Dials `url` for agent leg `conn` of `session`, then serves it until it ends.
 pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, url: AgentUrl) {
@@ -88,29 +85,10 @@ async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, RawFd
             return Err("the agent closed the connection during the handshake".to_owned());
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                if response.code != Some(101) {
-                    return Err(format!(
-                        "the agent answered {} instead of switching protocols",
-                        response.code.unwrap_or(0)
-                    ));
-                }
-                let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let accepted = response
-                    .headers
-                    .iter()
-                    .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == expected.as_bytes());
-                if !accepted {
-                    return Err("the agent's Sec-WebSocket-Accept does not match".to_owned());
-                }
-                return Ok((stream, fd, buf[head_len..].to_vec()));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err("the agent's handshake answer is too large".to_owned()),
-            Err(e) => return Err(format!("the agent's handshake answer is malformed: {e}")),
+        match check_answer(&buf, &key) {
+            Ok(Some(head_len)) => return Ok((stream, fd, buf[head_len..].to_vec())),
+            Ok(None) => {}
+            Err(e) => return Err(format!("agent handshake: {e}")),
         }
     }
 }
