@@ -28,16 +28,32 @@ fn install_panic_hook() {
     }));
 }
 
+/// One line to stderr that never panics, even when stderr is closed.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn main() {
     let config = Config::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
-        eprintln!("relay: invalid --log filter {:?}: {e}", config.log);
+        say(&format!("relay: invalid --log filter {:?}: {e}", config.log));
         std::process::exit(2);
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // A closed stderr (say `relay 2>&1 | head`) must not cost anything: the fmt layer's own
+    // error report would `eprintln!`, which panics, and a panic on the signals thread would leave
+    // the relay deaf to SIGTERM. Log lines that cannot be written are dropped instead. Colours only
+    // on a terminal, so files and journals get plain text.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
+        .init();
     install_panic_hook();
     if let Err(e) = relay_control::run(config) {
-        eprintln!("relay: {e:#}");
+        say(&format!("relay: {e:#}"));
         std::process::exit(1);
     }
 }

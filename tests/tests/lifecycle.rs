@@ -265,3 +265,61 @@ fn stuck_clients_do_not_block_shutdown() {
     let status = relay.terminate();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
+
+/// A relay whose stderr reader has gone away (`relay 2>&1 | head -1`) keeps serving and still
+/// exits 0 on SIGTERM: log lines it cannot write are dropped, not turned into panics. Logs written
+/// to a pipe are plain text, without terminal colour codes.
+#[test]
+fn closed_stderr_does_not_stop_shutdown() {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+
+    let data = temp_dir("closed-stderr");
+    let mut cmd = relay_command();
+    cmd.args(["--listen", "127.0.0.1:0", "--cores", "2", "--log", "debug", "--data-dir"]).arg(&data);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the relay");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("read the relay's stderr");
+        assert!(n > 0, "relay closed stderr before logging its address");
+        if let Some(at) = line.find("listening on http://") {
+            let rest = &line[at + "listening on http://".len()..];
+            let addr: std::net::SocketAddr =
+                rest.split_whitespace().next().expect("address").parse().expect("listening address");
+            break addr;
+        }
+    };
+    assert!(!line.contains('\u{1b}'), "no colour codes in piped logs: {line:?}");
+    drop(stderr);
+
+    // Every request below logs at debug level into the closed pipe.
+    for i in 0..3 {
+        let mut conn = Conn::open(addr);
+        let id = format!("closed-stderr-{i}");
+        let resp = conn.post("/start-call", &json!({"sessionId": id, "accessToken": "t"}));
+        assert_eq!(resp.status, 200, "relay still serves with stderr closed");
+        assert_eq!(conn.get("/health").status, 200);
+    }
+
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+    // SAFETY: `kill` with a valid signal number on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "signal the relay");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&data);
+            panic!("relay with a closed stderr did not exit within {TIMEOUT:?} of SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = std::fs::remove_dir_all(&data);
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
