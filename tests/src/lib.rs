@@ -97,6 +97,7 @@ impl Relay {
             let _ = child.kill();
             let status = child.wait().ok();
             let logs = logs.lock().expect("log lock").join("\n");
+            let _ = std::fs::remove_dir_all(&data_dir);
             panic!("relay did not log `{LISTENING}<addr>` (exit status {status:?}); output:\n{logs}");
         };
         let mut relay = Self { child, addr, logs, api_key, cores, data_dir, exit: None };
