@@ -52,7 +52,12 @@
 //!     async fn handle(&self, _core: &CoreHandle, _request: Request) -> Outcome {
 //!         Outcome::Respond(http::Response::new(bytes::Bytes::from_static(b"hello")))
 //!     }
-//!     fn error_response(&self, status: http::StatusCode, message: &str) -> http::Response<bytes::Bytes> {
+//!     fn error_response(
+//!         &self,
+//!         status: http::StatusCode,
+//!         message: &str,
+//!         _request: &http::HeaderMap,
+//!     ) -> http::Response<bytes::Bytes> {
 //!         let mut r = http::Response::new(bytes::Bytes::from(message.to_owned()));
 //!         *r.status_mut() = status;
 //!         r

@@ -1,9 +1,10 @@
-//! HTTP request heads: never panics; a complete head's length is within the input and the limit.
+//! HTTP request heads: never panics; a complete head's length is within the input and the limit;
+//! the headers recovered for an error answer are at most the one `Origin`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use relay_engine::config::Limits;
-use relay_engine::proto::http::{parse_head, Parse};
+use relay_engine::proto::http::{error_context, parse_head, Parse};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();
@@ -12,4 +13,5 @@ fuzz_target!(|data: &[u8]| {
         assert!(head_len <= limits.max_head_bytes);
         assert!(head.content_length <= limits.max_body_bytes);
     }
+    assert!(error_context(data).len() <= 1);
 });

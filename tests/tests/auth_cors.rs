@@ -1,7 +1,7 @@
 //! The API key on control endpoints (not on `/health` or preflights), and CORS answers for
 //! browsers, with the default `*` and with a configured origin list.
 
-use relay_tests::{assert_error, assert_success, Relay};
+use relay_tests::{assert_error, assert_success, Conn, Relay};
 use serde_json::json;
 
 const KEY: &str = "k-3f9a1c";
@@ -136,6 +136,34 @@ fn configured_cors_echoes_listed_origins() {
         let resp = relay.request("GET", "/health", &[("Origin", origin)], None);
         assert_eq!(resp.status, 200);
         assert_eq!(resp.header("access-control-allow-origin"), None, "{origin} is not allowed");
+    }
+}
+
+/// Errors the relay finds in the head itself (body over the limit 413, `Transfer-Encoding` 501,
+/// an unknown `Expect` 417) carry CORS headers for an allowed origin, so a browser sees the
+/// status rather than a CORS failure; a disallowed origin still gets none.
+#[test]
+fn head_errors_carry_cors_headers() {
+    let relay = Relay::start(&["--cors-origins", "https://a.example", "--max-body-bytes", "1024"]);
+    let heads = [
+        ("Content-Length: 5000\r\n", 413),
+        ("Transfer-Encoding: chunked\r\n", 501),
+        ("Expect: 200-ok\r\nContent-Length: 2\r\n", 417),
+    ];
+    for (extra, status) in heads {
+        for (origin, allowed) in [("https://a.example", true), ("https://c.example", false)] {
+            let mut conn = Conn::open(relay.addr());
+            let head = format!(
+                "POST /start-call HTTP/1.1\r\nHost: relay\r\nOrigin: {origin}\r\nContent-Type: application/json\r\n{extra}\r\n"
+            );
+            conn.write_raw(head.as_bytes()).expect("send the head");
+            let resp = conn.read_response();
+            assert_eq!(resp.status, status, "{extra:?}: {}", resp.text());
+            let want = allowed.then_some(origin);
+            assert_eq!(resp.header("access-control-allow-origin"), want, "{extra:?} from {origin}");
+            let vary = resp.header("vary").unwrap_or_default();
+            assert!(vary.split(',').any(|v| v.trim().eq_ignore_ascii_case("origin")), "vary {vary:?}");
+        }
     }
 }
 

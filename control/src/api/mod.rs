@@ -12,7 +12,7 @@ pub mod twilio;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode};
 use relay_engine::shell::{ControlService, CoreHandle, Outcome, Request};
 
 use crate::auth;
@@ -109,7 +109,9 @@ impl ControlService for Service {
         outcome
     }
 
-    fn error_response(&self, status: StatusCode, message: &str) -> Response<Bytes> {
-        ApiError::new(status, message).into_response()
+    fn error_response(&self, status: StatusCode, message: &str, request: &HeaderMap) -> Response<Bytes> {
+        let mut response = ApiError::new(status, message).into_response();
+        cors::decorate(&self.config.cors, request, &mut response);
+        response
     }
 }

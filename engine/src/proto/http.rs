@@ -155,6 +155,26 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
     })
 }
 
+/// The request headers an answer to a refused head still depends on (today only `Origin`, for
+/// CORS), recovered from `buf` when it holds a complete, well-formed head; empty otherwise.
+///
+/// Used after [`parse_head`] refused a head for a limit or an unsupported feature (413, 417, 501)
+/// so that a browser is shown that status rather than a CORS failure. Heads too large or with too
+/// many fields to parse give an empty map.
+pub fn error_context(buf: &[u8]) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    let mut req = httparse::Request::new(&mut slots);
+    if let Ok(httparse::Status::Complete(_)) = req.parse(buf) {
+        if let Some(h) = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("origin")) {
+            if let Ok(value) = HeaderValue::from_bytes(h.value) {
+                out.insert(header::ORIGIN, value);
+            }
+        }
+    }
+    out
+}
+
 /// A header's value split on commas, each token trimmed: `Connection: keep-alive, Upgrade`.
 pub fn header_tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> + 'a {
     headers
@@ -310,6 +330,20 @@ mod tests {
             Parse::Complete { head, head_len } => (head, head_len),
             Parse::Incomplete => panic!("expected a complete head"),
         }
+    }
+
+    /// A refused head still yields its `Origin`; a partial or malformed one yields nothing.
+    #[test]
+    fn error_context_recovers_the_origin() {
+        let limits = Limits { max_body_bytes: 10, ..Limits::default() };
+        let head = b"POST /x HTTP/1.1\r\nHost: h\r\norigin: https://a.example\r\nContent-Length: 99\r\n\r\n";
+        assert!(matches!(parse_head(head, &limits), Err(HeadError::BodyTooLarge { .. })));
+        let ctx = error_context(head);
+        assert_eq!(ctx.get(header::ORIGIN).map(HeaderValue::as_bytes), Some(&b"https://a.example"[..]));
+        assert_eq!(ctx.len(), 1, "only the headers an error answer needs");
+        assert!(error_context(b"POST /x HTTP/1.1\r\nOrigin: https://a.example\r\n").is_empty(), "partial head");
+        assert!(error_context(b"POST /x HTTP/1.1\r\nOri gin: x\r\n\r\n").is_empty(), "malformed head");
+        assert!(error_context(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").is_empty(), "no origin");
     }
 
     /// A POST head gives method, path, query, body length and keep-alive.

@@ -60,8 +60,11 @@ pub(crate) async fn receive_task<S: ControlService>(
                 let h = *h;
                 let mut stream = handoff::adopt(h.fd);
                 if shared.connections.get() >= shared.limits.connections_per_core {
-                    let resp = service
-                        .error_response(StatusCode::SERVICE_UNAVAILABLE, "this relay core is at its connection limit");
+                    let resp = service.error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "this relay core is at its connection limit",
+                        &http::HeaderMap::new(),
+                    );
                     glommio::spawn_local(async move {
                         tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
                     })

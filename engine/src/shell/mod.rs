@@ -40,7 +40,9 @@ pub trait ControlService: Clone + Send + 'static {
     fn handle(&self, core: &CoreHandle, request: Request) -> impl Future<Output = Outcome>;
 
     /// The response for an error the shell found itself (limits, malformed heads, busy cores).
-    fn error_response(&self, status: StatusCode, message: &str) -> http::Response<Bytes>;
+    /// `request` holds the request's headers as far as they are known (empty when the head could
+    /// not be read), so that the answer can carry what they call for, such as CORS headers.
+    fn error_response(&self, status: StatusCode, message: &str, request: &http::HeaderMap) -> http::Response<Bytes>;
 }
 
 /// A whole request: head and body.

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
-use http::{Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 
 use super::core_task::{CoreHandle, CoreShared};
 use super::mesh::{CoreMessage, Handoff};
 use super::{clock, handoff, ws, ControlService, Outcome, Request, SocketKind};
 use crate::id::{core_for, SessionId};
-use crate::proto::http::{parse_head, write_response, Connection, Parse, CONTINUE};
+use crate::proto::http::{error_context, parse_head, write_response, Connection, Parse, CONTINUE};
 use crate::proto::twilio;
 use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
 use crate::secret::Secret;
@@ -101,8 +101,11 @@ async fn http_task<S: ControlService>(
                         continue;
                     }
                     Err(ReadEnd::TimedOut) if request_started.is_some() => {
-                        let resp =
-                            service.error_response(StatusCode::REQUEST_TIMEOUT, "the request was not received in time");
+                        let resp = service.error_response(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "the request was not received in time",
+                            &HeaderMap::new(),
+                        );
                         respond_and_close(&mut stream, &mut out, &resp, false).await;
                         return;
                     }
@@ -113,7 +116,7 @@ async fn http_task<S: ControlService>(
                 }
             }
             Err(e) => {
-                let resp = service.error_response(e.status(), &e.to_string());
+                let resp = service.error_response(e.status(), &e.to_string(), &error_context(&buf));
                 respond_and_close(&mut stream, &mut out, &resp, false).await;
                 return;
             }
@@ -129,8 +132,11 @@ async fn http_task<S: ControlService>(
             }
             if let Err(end) = read_more(shared, &mut stream, &mut buf, started + limits.header_timeout, false).await {
                 if matches!(end, ReadEnd::TimedOut) {
-                    let resp = service
-                        .error_response(StatusCode::REQUEST_TIMEOUT, "the request body was not received in time");
+                    let resp = service.error_response(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body was not received in time",
+                        &head.headers,
+                    );
                     respond_and_close(&mut stream, &mut out, &resp, false).await;
                 }
                 return;
@@ -212,7 +218,8 @@ async fn upgrade<S: ControlService>(
         }
     } else {
         let Some(session) = up.session.clone() else {
-            let resp = service.error_response(StatusCode::BAD_REQUEST, "this WebSocket needs a session id");
+            let resp =
+                service.error_response(StatusCode::BAD_REQUEST, "this WebSocket needs a session id", &HeaderMap::new());
             respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
             return;
         };
@@ -252,7 +259,7 @@ async fn refuse<S: ControlService>(service: &Rc<S>, stream: &mut TcpStream, upgr
         }
         let _ = stream.close().await;
     } else {
-        let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, message);
+        let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, message, &HeaderMap::new());
         respond_and_close(stream, &mut Vec::new(), &resp, false).await;
     }
 }

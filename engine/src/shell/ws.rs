@@ -214,7 +214,7 @@ pub(crate) async fn socket_task<S: ControlService>(
                         AttachError::TooManyObservers { .. } => StatusCode::TOO_MANY_REQUESTS,
                         AttachError::TooManyPending | AttachError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                     };
-                    let resp = service.error_response(status, &e.to_string());
+                    let resp = service.error_response(status, &e.to_string(), &http::HeaderMap::new());
                     tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
                     return;
                 }
