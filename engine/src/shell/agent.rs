@@ -4,18 +4,16 @@
 //! Invariant: every step (name lookup, connect, handshake) has a deadline; a bot that is down or
 //! slow ends its own leg with `handle_agent_closed`, nothing else.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
 use super::core_task::CoreShared;
 use super::tls::{ClientStream, TlsStream};
-use super::{clock, ws};
+use super::{clock, dial, ws};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::{check_answer, WsCodec};
 use crate::session::agent::AgentUrl;
@@ -56,10 +54,9 @@ fn fail(shared: &CoreShared, conn: ConnectionId, session: &SessionId, reason: &s
 
 /// Connects and performs the client handshake; returns the socket and any bytes after the 101.
 async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, RawFd, Vec<u8>), String> {
-    let addr = resolve(url).await?;
-    let tcp = TcpStream::connect_timeout(addr, Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    let addrs = dial::resolve(&url.host, url.port).await?;
+    let tcp =
+        dial::connect(&addrs, Duration::from_secs(10)).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let fd = tcp.as_raw_fd();
     let mut stream = if url.tls {
@@ -90,21 +87,6 @@ async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, RawFd
             Ok(None) => {}
             Err(e) => return Err(format!("agent handshake: {e}")),
         }
-    }
-}
-
-/// The agent's address: IP literals directly, names on glommio's blocking pool (never on the core).
-async fn resolve(url: &AgentUrl) -> Result<SocketAddr, String> {
-    if let Ok(ip) = url.host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, url.port));
-    }
-    let target = (url.host.clone(), url.port);
-    let found =
-        glommio::executor().spawn_blocking(move || target.to_socket_addrs().map(|mut addrs| addrs.next())).await;
-    match found {
-        Ok(Some(addr)) => Ok(addr),
-        Ok(None) => Err(format!("{} has no address", url.host)),
-        Err(e) => Err(format!("cannot resolve {}: {e}", url.host)),
     }
 }
 

@@ -4,13 +4,12 @@
 //! Invariant: one overall deadline bounds every request; certificates are verified against the
 //! web PKI roots plus any CA the operator configured, never skipped.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 
+use super::dial;
 use super::tls::{ClientStream, TlsStream};
 use crate::proto::http_client::{self, parse_response, Response, ResponseError};
 
@@ -47,6 +46,9 @@ pub enum FetchError {
     Response(#[from] ResponseError),
 }
 
+/// Time for the last address to accept; the whole exchange is bounded by the caller's timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends `request` and reads the whole response within `timeout`.
 ///
 /// # Errors
@@ -69,8 +71,9 @@ async fn exchange(request: FetchRequest) -> Result<Response, FetchError> {
     let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let addr = resolve(&host, port).await?;
-    let tcp = TcpStream::connect(addr).await.map_err(|e| FetchError::Transport(format!("connect {addr}: {e}")))?;
+    let addrs = dial::resolve(&host, port).await.map_err(|_| FetchError::Resolve(host.clone()))?;
+    let tcp =
+        dial::connect(&addrs, CONNECT_TIMEOUT).await.map_err(|e| FetchError::Transport(format!("connect {e}")))?;
     let _ = tcp.set_nodelay(true);
     let mut stream = if tls {
         let tls =
@@ -94,20 +97,6 @@ async fn exchange(request: FetchRequest) -> Result<Response, FetchError> {
         if n == 0 {
             return Err(ResponseError::Truncated.into());
         }
-    }
-}
-
-/// IP literals directly; names on glommio's blocking pool, never on the core.
-async fn resolve(host: &str, port: u16) -> Result<SocketAddr, FetchError> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let target = (host.to_owned(), port);
-    let found =
-        glommio::executor().spawn_blocking(move || target.to_socket_addrs().map(|mut addrs| addrs.next())).await;
-    match found {
-        Ok(Some(addr)) => Ok(addr),
-        _ => Err(FetchError::Resolve(host.to_owned())),
     }
 }
 

@@ -6,6 +6,7 @@
 mod agent;
 mod clock;
 mod core_task;
+mod dial;
 mod fetch;
 mod handoff;
 mod mesh;
