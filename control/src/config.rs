@@ -167,6 +167,58 @@ pub struct Config {
     /// How long graceful shutdown waits for connections to close.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Print every setting (documentation, environment twin, the value in effect and where it came
+    /// from; secrets redacted) as an environment file, then exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// Every setting with an environment twin as an environment file: each one's documentation as
+/// comments with where the value came from, then `RELAY_NAME=value` with the value in effect. Secrets
+/// (flags with hidden environment values) are shown as set or unset, never by value; unset
+/// optional settings are commented out.
+pub fn describe(command: &clap::Command, matches: &clap::ArgMatches) -> String {
+    use std::fmt::Write as _;
+    let mut out =
+        String::from("# Relay settings in effect. Each flag's environment twin is shown; a flag wins over it.\n");
+    for arg in command.get_arguments() {
+        let Some(env) = arg.get_env().and_then(|e| e.to_str()) else { continue };
+        let id = arg.get_id().as_str();
+        let flag = arg.get_long().unwrap_or(id);
+        let _ = writeln!(out);
+        let help = arg.get_long_help().or_else(|| arg.get_help()).map(ToString::to_string).unwrap_or_default();
+        for line in help.lines() {
+            let _ = writeln!(out, "# {line}");
+        }
+        let source = match matches.value_source(id) {
+            Some(clap::parser::ValueSource::CommandLine) => "set by --".to_owned() + flag,
+            Some(clap::parser::ValueSource::EnvVariable) => format!("set by {env}"),
+            Some(clap::parser::ValueSource::DefaultValue) => "default".to_owned(),
+            _ => "unset".to_owned(),
+        };
+        let value = matches
+            .get_raw(id)
+            .map(|values| values.map(|v| v.to_string_lossy().into_owned()).collect::<Vec<_>>().join(","));
+        // Environment files (systemd, docker) allow no comment after a value: the source goes above.
+        let _ = writeln!(out, "# --{flag}: {source}");
+        let _ = match value {
+            Some(_) if arg.is_hide_env_values_set() => writeln!(out, "# {env}=<redacted>"),
+            Some(v) => writeln!(out, "{env}={}", env_quote(&v)),
+            None => writeln!(out, "# {env}="),
+        };
+    }
+    out
+}
+
+/// `value` as an environment-file value: bare when it is plain, else single-quoted.
+fn env_quote(value: &str) -> String {
+    let plain = !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.,:/@%+=[]".contains(&b));
+    if plain {
+        value.to_owned()
+    } else {
+        format!("'{}'", value.replace('\'', "'\\''"))
+    }
 }
 
 /// Where CORS lets browsers call from.

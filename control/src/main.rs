@@ -3,7 +3,7 @@
 //! Invariant: startup failures print one line saying what to change and exit non-zero; no panic
 //! backtraces for operator errors.
 
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use relay_control::config::Config;
 
 /// Logs a panic as one error line (thread, message, location). A panic in a session is caught and
@@ -35,7 +35,14 @@ fn say(line: &str) {
 }
 
 fn main() {
-    let config = Config::parse();
+    let matches = Config::command().get_matches();
+    let config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if config.print_config {
+        use std::io::Write as _;
+        // A closed stdout (`relay --print-config | head`) ends the listing quietly.
+        let _ = std::io::stdout().write_all(relay_control::config::describe(&Config::command(), &matches).as_bytes());
+        return;
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
         say(&format!("relay: invalid --log filter {:?}: {e}", config.log));
         std::process::exit(2);

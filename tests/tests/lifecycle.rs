@@ -323,3 +323,55 @@ fn closed_stderr_does_not_stop_shutdown() {
     let _ = std::fs::remove_dir_all(&data);
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
+
+/// `--print-config` lists every setting as an environment file (source above each value, secrets
+/// redacted) and exits 0; fed back as the environment, it configures the same relay.
+#[test]
+fn print_config_round_trips_as_an_environment_file() {
+    let data = temp_dir("print-config");
+    let data_arg = data.to_str().expect("utf-8 temp path").to_owned();
+    let mut cmd = relay_command();
+    cmd.args(["--print-config", "--listen", "127.0.0.1:0", "--cores", "3", "--api-key", "secret-xyz"]);
+    cmd.args(["--cors-origins", "https://a.example,https://b.example", "--data-dir", &data_arg]);
+    cmd.env("RELAY_LOG", "info,relay_engine=debug");
+    let out = output_bounded(cmd, TIMEOUT);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("secret-xyz"), "the API key is never printed:\n{text}");
+    assert!(text.contains("\n# RELAY_API_KEY=<redacted>\n"), "{text}");
+    assert!(text.contains("# --cores: set by --cores\nRELAY_CORES=3\n"), "{text}");
+    assert!(text.contains("# --log: set by RELAY_LOG\nRELAY_LOG=info,relay_engine=debug\n"), "{text}");
+    assert!(text.contains("# --shutdown-grace: default\nRELAY_SHUTDOWN_GRACE=3s\n"), "{text}");
+    let help = output_bounded(
+        {
+            let mut c = relay_command();
+            c.arg("--help");
+            c
+        },
+        TIMEOUT,
+    );
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for var in help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("RELAY_")) {
+        assert!(text.contains(&format!("{var}=")), "{var} from --help is listed:\n{text}");
+    }
+
+    let mut env: Vec<(String, String)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("NAME=value");
+            let v = v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')).unwrap_or(v);
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    env.push(("RELAY_API_KEY".to_owned(), "secret-xyz".to_owned()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let relay = Relay::start_with_env(&[], &env_refs);
+    let cores = relay.detailed()["services"]["server"]["cores"].as_array().expect("cores").len();
+    assert_eq!(cores, 3, "RELAY_CORES from the listing applies");
+    let resp = relay.request("GET", "/health", &[("Origin", "https://b.example")], None);
+    assert_eq!(resp.header("access-control-allow-origin"), Some("https://b.example"), "CORS list applies");
+    assert_eq!(relay.request("POST", "/stop-call", &[], Some("{}")).status, 401, "the key applies");
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&data);
+}
