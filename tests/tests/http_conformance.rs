@@ -116,6 +116,41 @@ fn expect_continue_gets_100_first() {
     assert_success(&conn.read_response(), "Call started successfully");
 }
 
+/// `Expect: 100-continue` on a request whose answer the head already decides (no such route,
+/// wrong method, no API key) gets that answer instead of `100`, then the connection closes; the
+/// same request with the key gets `100` and is carried out.
+#[test]
+fn expect_continue_answered_early_when_the_head_decides() {
+    let relay = Relay::start(&["--api-key", "k-early"]);
+    let cases = [
+        ("POST /no-such-path", "", 404),
+        ("PUT /start-call", "Authorization: Bearer k-early\r\n", 405),
+        ("POST /start-call", "", 401),
+        ("POST /start-call", "Authorization: Bearer wrong\r\n", 401),
+    ];
+    for (line, extra, status) in cases {
+        let mut conn = Conn::open(relay.addr());
+        let head = format!(
+            "{line} HTTP/1.1\r\nHost: x\r\n{extra}Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 40\r\n\r\n"
+        );
+        conn.write_raw(head.as_bytes()).expect("write head");
+        let resp = conn.read_response();
+        assert_eq!(resp.status, status, "{line} {extra:?}: the final answer, not 100: {resp:?}");
+        assert_eq!(resp.header("connection"), Some("close"), "{line}");
+        assert!(conn.closed_by_server(), "{line}: closed after the early answer");
+    }
+    let body = json!({"sessionId": "early", "accessToken": "t"}).to_string();
+    let head = format!(
+        "POST /start-call HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k-early\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut conn = Conn::open(relay.addr());
+    conn.write_raw(head.as_bytes()).expect("write head");
+    assert_eq!(conn.read_response().status, 100, "with the key the body is asked for");
+    conn.write_raw(body.as_bytes()).expect("write body");
+    assert_success(&conn.read_response(), "Call started successfully");
+}
+
 /// A malformed request line is answered 400 and the connection is closed.
 #[test]
 fn malformed_request_line_is_400() {

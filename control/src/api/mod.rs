@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode};
+use relay_engine::proto::http::RequestHead;
 use relay_engine::shell::{ControlService, CoreHandle, Outcome, Request};
 
 use crate::auth;
@@ -71,6 +72,32 @@ impl Service {
     }
 }
 
+impl Service {
+    /// The route for a (non-`OPTIONS`) request, or the answer it gets from its head alone: 404,
+    /// 405 with `Allow`, or 401 without the API key.
+    fn gate(&self, head: &RequestHead) -> Result<Route, ApiError> {
+        let path = head.uri.path();
+        let route = match router::route(&head.method, path) {
+            Ok(route) => route,
+            Err(Miss::NotFound) => return Err(ApiError::no_route(&head.method, path)),
+            Err(Miss::MethodNotAllowed(allow)) => return Err(ApiError::method_not_allowed(&head.method, path, allow)),
+        };
+        // /health answers load balancers without credentials; listeners check session tokens;
+        // Twilio's endpoints check its signatures when a Twilio auth token is configured (else
+        // they need the API key like everything else, when one is set).
+        let twilio = matches!(
+            route,
+            Route::TwilioVoice | Route::TwilioStatus | Route::TwilioStream | Route::TwilioTranscription
+        );
+        let open = matches!(route, Route::Health | Route::Events | Route::FrontendStream)
+            || (twilio && self.config.twilio_auth_token.is_some());
+        if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
+            return Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"));
+        }
+        Ok(route)
+    }
+}
+
 impl ControlService for Service {
     async fn handle(&self, core: &CoreHandle, request: Request) -> Outcome {
         let head = &request.head;
@@ -81,25 +108,9 @@ impl ControlService for Service {
                 None => Outcome::Respond(ApiError::no_route(&head.method, path).into_response()),
             }
         } else {
-            let result = match router::route(&head.method, path) {
-                Err(Miss::NotFound) => Err(ApiError::no_route(&head.method, path)),
-                Err(Miss::MethodNotAllowed(allow)) => Err(ApiError::method_not_allowed(&head.method, path, allow)),
-                Ok(route) => {
-                    // /health answers load balancers without credentials; listeners check session
-                    // tokens; Twilio's endpoints check its signatures when a Twilio auth token is
-                    // configured (else they need the API key like everything else, when one is set).
-                    let twilio = matches!(
-                        route,
-                        Route::TwilioVoice | Route::TwilioStatus | Route::TwilioStream | Route::TwilioTranscription
-                    );
-                    let open = matches!(route, Route::Health | Route::Events | Route::FrontendStream)
-                        || (twilio && self.config.twilio_auth_token.is_some());
-                    if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
-                        Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"))
-                    } else {
-                        self.dispatch(core, route, &request).await
-                    }
-                }
+            let result = match self.gate(head) {
+                Ok(route) => self.dispatch(core, route, &request).await,
+                Err(e) => Err(e),
             };
             result.unwrap_or_else(|e| Outcome::Respond(e.into_response()))
         };
@@ -107,6 +118,15 @@ impl ControlService for Service {
             cors::decorate(&self.config.cors, &head.headers, response);
         }
         outcome
+    }
+
+    fn early_response(&self, head: &RequestHead) -> Option<Response<Bytes>> {
+        if head.method == Method::OPTIONS {
+            return None;
+        }
+        let mut response = self.gate(head).err()?.into_response();
+        cors::decorate(&self.config.cors, &head.headers, &mut response);
+        Some(response)
     }
 
     fn error_response(&self, status: StatusCode, message: &str, request: &HeaderMap) -> Response<Bytes> {

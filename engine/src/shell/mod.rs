@@ -40,6 +40,14 @@ pub trait ControlService: Clone + Send + 'static {
     /// Handles a request on the core that read it. Session commands go through `core`.
     fn handle(&self, core: &CoreHandle, request: Request) -> impl Future<Output = Outcome>;
 
+    /// A final answer known from the head alone (no such route, no credentials), sent instead of
+    /// `100 Continue` to a client waiting to send its body; the connection then closes. `None`
+    /// (the default) lets the body come.
+    fn early_response(&self, head: &RequestHead) -> Option<http::Response<Bytes>> {
+        let _ = head;
+        None
+    }
+
     /// The response for an error the shell found itself (limits, malformed heads, busy cores).
     /// `request` holds the request's headers as far as they are known (empty when the head could
     /// not be read), so that the answer can carry what they call for, such as CORS headers.

@@ -124,6 +124,12 @@ async fn http_task<S: ControlService>(
         let started = request_started.unwrap_or_else(|| clock::now().instant);
         let total = head_len + head.content_length;
         if buf.len() < total && head.expect_continue && head.version == http::Version::HTTP_11 {
+            // RFC 9110 §10.1.1: a final answer may replace 100; the body may or may not follow,
+            // so the connection closes after it.
+            if let Some(resp) = service.early_response(&head) {
+                respond_and_close(&mut stream, &mut out, &resp, head.method == Method::HEAD).await;
+                return;
+            }
             out.extend_from_slice(CONTINUE);
         }
         while buf.len() < total {
