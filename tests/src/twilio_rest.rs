@@ -120,6 +120,23 @@ pub struct TwilioRest {
     stop: Arc<AtomicBool>,
 }
 
+/// The relay flags for this stand-in's account sid, auth token and from number, with Twilio's
+/// REST API at `api_base`.
+pub fn twilio_args(api_base: &str) -> Vec<String> {
+    [
+        "--twilio-account-sid",
+        ACCOUNT_SID,
+        "--twilio-auth-token",
+        AUTH_TOKEN,
+        "--twilio-from",
+        FROM_NUMBER,
+        "--twilio-api-base",
+        api_base,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 impl TwilioRest {
     /// Serves plain HTTP on 127.0.0.1:0.
     pub fn start() -> Self {
@@ -195,18 +212,7 @@ impl TwilioRest {
 
     /// The relay flags that point it here: account sid, auth token, from number and API base.
     pub fn relay_args(&self) -> Vec<String> {
-        [
-            "--twilio-account-sid",
-            ACCOUNT_SID,
-            "--twilio-auth-token",
-            AUTH_TOKEN,
-            "--twilio-from",
-            FROM_NUMBER,
-            "--twilio-api-base",
-            &self.base_url(),
-        ]
-        .map(str::to_owned)
-        .to_vec()
+        twilio_args(&self.base_url())
     }
 
     /// From now on, answers `Calls.json` with `status` and `body` instead of creating a call.

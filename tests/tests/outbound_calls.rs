@@ -4,7 +4,9 @@
 //! `/call-status` and `/end-call`, and every way initiation can fail.
 
 use relay_tests::telephony::{frames, unused_port, Events, Frontend, TwilioBot};
-use relay_tests::twilio_rest::{invalid_number_error, owned, TwilioRest, ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER};
+use relay_tests::twilio_rest::{
+    invalid_number_error, owned, twilio_args, TwilioRest, ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER,
+};
 use relay_tests::{assert_error, assert_json_type, is_rfc3339, poll_until, Relay, Response};
 use serde_json::{json, Value};
 
@@ -261,16 +263,8 @@ fn large_twilio_answer_is_read_whole() {
 #[test]
 fn unreachable_twilio_is_502() {
     let closed = format!("http://{}", unused_port());
-    let relay = Relay::start(&[
-        "--twilio-account-sid",
-        ACCOUNT_SID,
-        "--twilio-auth-token",
-        AUTH_TOKEN,
-        "--twilio-from",
-        FROM_NUMBER,
-        "--twilio-api-base",
-        &closed,
-    ]);
+    let args = twilio_args(&closed);
+    let relay = Relay::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_error(&initiate_raw(&relay, "u", NUMBER), 502);
     relay.health();
 }

@@ -132,25 +132,11 @@ fn frontend(
     let url = format!("ws://{target}{}", frontend_path(call, k));
     let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("frontend handshake: {e}"))?;
     ws.send(Message::text(connect_twilio_msg(call, k)))?;
-    let deadline = schedule.due(call, frames) + DRAIN;
-    let mut buf = [0u8; DECODE_BYTES];
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-        match ws.read() {
-            Ok(Message::Text(text)) => {
-                let now = Instant::now();
-                if let Received::Frame(bytes) = parse(&text, &mut buf) {
-                    if let Some((c, seq)) = frame_id(bytes) {
-                        let latency = now.saturating_duration_since(schedule.due(c, seq));
-                        let mut fanout = fanout.lock().expect("no panics hold the lock");
-                        fanout.record(frontend_stream(call, k), seq, latency, late_after);
-                    }
-                }
-            }
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => break,
-        }
-    }
+    read_frames(&mut ws, schedule.due(call, frames) + DRAIN, stop, |_, c, seq, now| {
+        let latency = now.saturating_duration_since(schedule.due(c, seq));
+        let mut fanout = fanout.lock().expect("no panics hold the lock");
+        fanout.record(frontend_stream(call, k), seq, latency, late_after);
+    });
     Ok(())
 }
 
@@ -222,7 +208,22 @@ fn read_echoes(
     call: u32,
     late_after: Duration,
 ) {
-    let deadline = schedule.due(call, frames) + DRAIN;
+    read_frames(ws, schedule.due(call, frames) + DRAIN, stop, |bytes, c, seq, now| {
+        // The downlink is measured from the bot's echo time carried in bytes 12..20.
+        let sent_at = echo_stamp(bytes);
+        let latency = Duration::from_nanos(elapsed_nanos(schedule.origin, now).saturating_sub(sent_at));
+        down.lock().expect("no panics hold the lock").record(u64::from(c), seq, latency, late_after);
+    });
+}
+
+/// Reads media frames until `deadline`, `stop` or the socket ends, calling `on_frame` with each
+/// frame's audio bytes, the call and sequence in them, and the arrival time.
+fn read_frames(
+    ws: &mut WebSocket<TcpStream>,
+    deadline: Instant,
+    stop: &AtomicBool,
+    mut on_frame: impl FnMut(&[u8], u32, u64, Instant),
+) {
     let mut buf = [0u8; DECODE_BYTES];
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         match ws.read() {
@@ -230,10 +231,7 @@ fn read_echoes(
                 let now = Instant::now();
                 if let Received::Frame(bytes) = parse(&text, &mut buf) {
                     if let Some((c, seq)) = frame_id(bytes) {
-                        // The downlink is measured from the bot's echo time carried in bytes 12..20.
-                        let sent_at = echo_stamp(bytes);
-                        let latency = Duration::from_nanos(elapsed_nanos(schedule.origin, now).saturating_sub(sent_at));
-                        down.lock().expect("no panics hold the lock").record(u64::from(c), seq, latency, late_after);
+                        on_frame(bytes, c, seq, now);
                     }
                 }
             }
