@@ -6,10 +6,13 @@
 //!
 //! Scenarios so far: `control` (session start/stop throughput and latency over keep-alive HTTP)
 //! and `telephony` (per-frame latency of Twilio-protocol calls through the relay to a bot and back).
+//! `codec` measures the CPU cost and quality of the media building blocks (μ-law, Opus settings,
+//! resamplers) per 20 ms frame, single-threaded.
 //! The telephony load comes from one event-loop thread driving every socket (`--threads`: the
 //! original thread-per-socket generator, kept to compare against).
 
 pub mod client;
+pub mod codec;
 pub mod plot;
 pub mod sampler;
 pub mod stats;

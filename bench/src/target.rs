@@ -26,11 +26,19 @@ impl Target {
     /// When it does not start or never reports its address.
     pub fn spawn(binary: &str, cores: usize, extra: &[String], cpu: Option<usize>) -> anyhow::Result<Self> {
         let data_dir = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
-        let mut args: Vec<String> =
-            ["--listen", "127.0.0.1:0", "--cores", &cores.to_string(), "--log", "warn,relay_control=info"]
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect();
+        let mut args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--rtc-port-base",
+            "0",
+            "--cores",
+            &cores.to_string(),
+            "--log",
+            "warn,relay_control=info",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
         args.push("--data-dir".to_owned());
         args.push(data_dir.display().to_string());
         args.extend_from_slice(extra);

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use relay_engine::config::{EngineConfig, Limits};
+use relay_engine::config::{EngineConfig, Limits, RtcSettings};
+use relay_engine::media::opus::OpusSettings;
 use relay_engine::secret::Secret;
 use relay_engine::session::agent::{AgentPolicy, AgentUrl};
 
@@ -164,6 +165,31 @@ pub struct Config {
     #[arg(long, env = "RELAY_SPIN_BEFORE_PARK", default_value = "0s", value_parser = humantime::parse_duration)]
     pub spin_before_park: Duration,
 
+    /// First UDP port for WebRTC: core i uses port base + i (0: any free port per core).
+    #[arg(long, env = "RELAY_RTC_PORT_BASE", default_value_t = 40_000)]
+    pub rtc_port_base: u16,
+
+    /// Address WebRTC ICE candidates name, for deployments behind 1:1 NAT (default: the listen
+    /// address, which must then not be 0.0.0.0 or ::).
+    #[arg(long, env = "RELAY_PUBLIC_IP")]
+    pub public_ip: Option<std::net::IpAddr>,
+
+    /// Turn WebRTC (WHIP/WHEP) off: no UDP sockets, offers are answered 503.
+    #[arg(long, env = "RELAY_DISABLE_WEBRTC")]
+    pub disable_webrtc: bool,
+
+    /// Opus encoder complexity toward WebRTC peers, 0 (cheapest) to 10 (see BENCHMARKS.md).
+    #[arg(long, env = "RELAY_OPUS_COMPLEXITY", default_value_t = OpusSettings::default().complexity)]
+    pub opus_complexity: u8,
+
+    /// Opus in-band forward error correction toward WebRTC peers.
+    #[arg(long, env = "RELAY_OPUS_FEC", default_value_t = OpusSettings::default().fec, action = clap::ArgAction::Set)]
+    pub opus_fec: bool,
+
+    /// Opus discontinuous transmission (tiny packets during silence) toward WebRTC peers.
+    #[arg(long, env = "RELAY_OPUS_DTX", default_value_t = OpusSettings::default().dtx, action = clap::ArgAction::Set)]
+    pub opus_dtx: bool,
+
     /// How long graceful shutdown waits for connections to close.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -298,6 +324,9 @@ impl Config {
                 return Err(format!("--public-url {url}: must start with http:// or https://"));
             }
         }
+        if self.opus_complexity > 10 {
+            return Err("--opus-complexity must be between 0 and 10".to_owned());
+        }
         if self.max_headers == 0 || self.max_headers > relay_engine::proto::http::HEADER_SLOTS {
             return Err(format!("--max-headers must be between 1 and {}", relay_engine::proto::http::HEADER_SLOTS));
         }
@@ -338,6 +367,17 @@ impl Config {
             agents,
             // With a Twilio token, streams must carry the per-call signature the TwiML hands out.
             stream_key: self.twilio_auth_token.clone().filter(|t| !t.is_empty()).map(Secret::new),
+            rtc: (!self.disable_webrtc).then(|| RtcSettings {
+                port_base: self.rtc_port_base,
+                public_ip: self.public_ip,
+                opus: OpusSettings {
+                    complexity: self.opus_complexity,
+                    fec: self.opus_fec,
+                    dtx: self.opus_dtx,
+                    ..OpusSettings::default()
+                },
+                ..RtcSettings::default()
+            }),
         }
     }
 

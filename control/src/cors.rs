@@ -11,7 +11,7 @@ use crate::config::CorsOrigins;
 /// How long browsers may cache a preflight answer, seconds.
 const MAX_AGE_SECS: &str = "600";
 /// Request headers browsers may send cross-origin.
-const ALLOW_HEADERS: &str = "authorization, content-type";
+const ALLOW_HEADERS: &str = "authorization, content-type, if-match";
 
 /// The `Access-Control-Allow-Origin` value for a request from `origin`, if it is allowed.
 pub fn allow_origin(policy: &CorsOrigins, origin: &HeaderValue) -> Option<HeaderValue> {
@@ -32,7 +32,10 @@ pub fn decorate(policy: &CorsOrigins, request: &HeaderMap, response: &mut Respon
     if let Some(value) = allow_origin(policy, origin) {
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
-        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-relay-core"));
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("x-relay-core, location, etag, link"),
+        );
     }
 }
 

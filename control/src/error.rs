@@ -70,6 +70,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             CommandError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            CommandError::Unauthorized => StatusCode::UNAUTHORIZED,
+            CommandError::Conflict(_) => StatusCode::CONFLICT,
+            CommandError::BadOffer(_) => StatusCode::BAD_REQUEST,
+            CommandError::LegNotFound => StatusCode::NOT_FOUND,
+            CommandError::Limit(_) | CommandError::RtcDisabled => StatusCode::SERVICE_UNAVAILABLE,
         };
         let message = match error {
             CommandError::NotFound => format!("session {session} not found"),

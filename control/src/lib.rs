@@ -50,6 +50,10 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     let data_dir = probe::start(config.data_dir.clone()).context("cannot start the data-dir probe")?;
     let relay = relay_engine::shell::start(engine, api::Service::new(config.api(), data_dir))?;
     tracing::info!("relay listening on http://{} with {cores} cores", relay.local_addr());
+    if !relay.rtc_addrs().is_empty() {
+        let addrs: Vec<String> = relay.rtc_addrs().iter().map(ToString::to_string).collect();
+        tracing::info!("WebRTC (WHIP/WHEP) on udp {}", addrs.join(", "));
+    }
 
     let shutdown = relay.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])

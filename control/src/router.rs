@@ -43,6 +43,12 @@ pub enum Route {
     OutboundCall,
     /// `POST /end-call`.
     EndCall,
+    /// `POST /whip/{sessionId}` (WHIP offer).
+    Whip,
+    /// `POST /whep/{sessionId}` (WHEP offer).
+    Whep,
+    /// `DELETE /whip/{sessionId}/{leg}` or `/whep/{sessionId}/{leg}`: end a WebRTC leg.
+    RtcLeg,
 }
 
 /// Why a request has no route.
@@ -62,10 +68,11 @@ struct Entry {
 }
 
 /// Every method the relay serves somewhere (the answer to `OPTIONS *`).
-pub const ALL_METHODS: &str = "GET, HEAD, POST, OPTIONS";
+pub const ALL_METHODS: &str = "GET, HEAD, POST, DELETE, OPTIONS";
 
 const GET: &str = "GET, HEAD, OPTIONS";
 const POST: &str = "POST, OPTIONS";
+const DELETE: &str = "DELETE, OPTIONS";
 
 static TABLE: &[Entry] = &[
     Entry { path: "/health", methods: &[(Method::GET, Route::Health)], allow: GET },
@@ -103,10 +110,39 @@ pub fn allow(path: &str) -> Option<&'static str> {
     entry(path).map(|e| e.allow)
 }
 
+/// Resources under a prefix: `prefix` then this many non-empty segments.
+static PATTERNS: &[(&str, usize, Entry)] = &[
+    ("/whip/", 1, Entry { path: "/whip/{sessionId}", methods: &[(Method::POST, Route::Whip)], allow: POST }),
+    ("/whep/", 1, Entry { path: "/whep/{sessionId}", methods: &[(Method::POST, Route::Whep)], allow: POST }),
+    (
+        "/whip/",
+        2,
+        Entry { path: "/whip/{sessionId}/{leg}", methods: &[(Method::DELETE, Route::RtcLeg)], allow: DELETE },
+    ),
+    (
+        "/whep/",
+        2,
+        Entry { path: "/whep/{sessionId}/{leg}", methods: &[(Method::DELETE, Route::RtcLeg)], allow: DELETE },
+    ),
+];
+
 fn entry(path: &str) -> Option<&'static Entry> {
     // A trailing slash names the same resource, as most HTTP routers treat it.
     let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
-    TABLE.iter().find(|e| e.path == path)
+    TABLE.iter().find(|e| e.path == path).or_else(|| {
+        PATTERNS.iter().find_map(|(prefix, segments, entry)| {
+            let rest = path.strip_prefix(prefix)?;
+            let ok = rest.split('/').count() == *segments && rest.split('/').all(|s| !s.is_empty());
+            ok.then_some(entry)
+        })
+    })
+}
+
+/// The segments after a pattern route's prefix (`/whip/{sessionId}/{leg}` → `[sessionId, leg]`),
+/// still percent-encoded.
+pub fn segments(path: &str) -> Vec<&str> {
+    let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
+    path.trim_start_matches('/').split('/').skip(1).collect()
 }
 
 #[cfg(test)]
@@ -128,6 +164,15 @@ mod tests {
         assert_eq!(route(&Method::GET, "/nope"), Err(Miss::NotFound));
         assert_eq!(route(&Method::GET, "/"), Err(Miss::NotFound));
         assert_eq!(route(&Method::GET, "/healthz"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::POST, "/whip/s1"), Ok(Route::Whip));
+        assert_eq!(route(&Method::POST, "/whep/s1/"), Ok(Route::Whep));
+        assert_eq!(route(&Method::DELETE, "/whip/s1/7"), Ok(Route::RtcLeg));
+        assert_eq!(route(&Method::PATCH, "/whip/s1/7"), Err(Miss::MethodNotAllowed("DELETE, OPTIONS")));
+        assert_eq!(route(&Method::GET, "/whip/s1"), Err(Miss::MethodNotAllowed("POST, OPTIONS")));
+        assert_eq!(route(&Method::POST, "/whip/"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::POST, "/whip//x"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::POST, "/whip/a/b/c"), Err(Miss::NotFound));
+        assert_eq!(segments("/whip/s1/7"), vec!["s1", "7"]);
         assert_eq!(allow("/mute"), Some("POST, OPTIONS"));
         assert_eq!(allow("/x"), None);
     }

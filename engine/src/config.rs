@@ -19,6 +19,32 @@ pub struct EngineConfig {
     /// When set, a caller's stream must carry `relaySig` = `twilio::stream_signature(key, callSid)`
     /// in its `start` (the relay's TwiML adds it), or it is closed with 1008.
     pub stream_key: Option<crate::secret::Secret>,
+    /// WebRTC legs (WHIP/WHEP); `None` turns them off (offers are answered 503).
+    pub rtc: Option<RtcSettings>,
+}
+
+/// How the cores serve WebRTC.
+#[derive(Debug, Clone)]
+pub struct RtcSettings {
+    /// Core `i` binds UDP port `port_base + i` (0: any free port per core, for tests).
+    pub port_base: u16,
+    /// The address ICE candidates name (deployments behind 1:1 NAT); default the listen address.
+    pub public_ip: Option<std::net::IpAddr>,
+    /// Opus encoder settings for audio toward peers.
+    pub opus: crate::media::opus::OpusSettings,
+    /// Playout buffers for audio from peers.
+    pub playout: crate::media::playout::PlayoutConfig,
+}
+
+impl Default for RtcSettings {
+    fn default() -> Self {
+        Self {
+            port_base: 40_000,
+            public_ip: None,
+            opus: crate::media::opus::OpusSettings::default(),
+            playout: crate::media::playout::PlayoutConfig::default(),
+        }
+    }
 }
 
 /// Bounds on client-controlled sizes, counts and times. Crossing one is a typed error or a counted drop.
@@ -60,6 +86,10 @@ pub struct Limits {
     pub pending_sessions_per_core: usize,
     /// How long an event socket may wait for its session to start before it is closed with 1008.
     pub pending_observer_timeout: Duration,
+    /// WebRTC legs (WHIP publishers and WHEP listeners) one session may have.
+    pub rtc_legs_per_session: usize,
+    /// WebRTC peers one core holds.
+    pub rtc_peers_per_core: usize,
     /// Sessions one core holds; `/start-call` past it answers 503.
     pub sessions_per_core: usize,
     /// Open connections one core serves; connections past it are closed at once.
@@ -94,6 +124,8 @@ impl Default for Limits {
             observers_per_session: 32,
             pending_sessions_per_core: 10_000,
             pending_observer_timeout: Duration::from_secs(30),
+            rtc_legs_per_session: 16,
+            rtc_peers_per_core: 5_000,
             sessions_per_core: 20_000,
             connections_per_core: 50_000,
             mesh_capacity: 4096,

@@ -86,6 +86,7 @@ pub mod error;
 pub mod id;
 pub mod media;
 pub mod proto;
+pub mod rtc;
 pub mod secret;
 pub mod session;
 pub mod time;

@@ -25,6 +25,7 @@ use tungstenite::Message;
 
 pub mod telephony;
 pub mod twilio_rest;
+pub mod webrtc;
 
 /// Longest any single wait in the harness lasts: a read, a startup, an exit, a poll.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,6 +73,10 @@ impl Relay {
         }
         if !given("--cores", "RELAY_CORES") {
             cmd.args(["--cores", "2"]);
+        }
+        // Tests run in parallel: each relay takes free WebRTC ports, not 40000 and up.
+        if !given("--rtc-port-base", "RELAY_RTC_PORT_BASE") {
+            cmd.args(["--rtc-port-base", "0"]);
         }
         if !given("--data-dir", "RELAY_DATA_DIR") {
             cmd.arg("--data-dir").arg(&data_dir);

@@ -75,6 +75,19 @@ enum Scenario {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// CPU per 20 ms frame (median, p99) and quality of μ-law, Opus at several settings, the
+    /// 8 kHz-direct and resampled μ-law ⇄ Opus paths, and rubato resampler types; single thread.
+    Codec {
+        /// Frames per timing run.
+        #[arg(long, default_value_t = 3000)]
+        frames: usize,
+        /// Pin to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
+        /// Where to write the JSON result.
+        #[arg(long)]
+        json: Option<String>,
+    },
     /// Telephony at growing call counts against one server: finds where p99 starts to climb.
     Ramp {
         #[command(flatten)]
@@ -214,6 +227,12 @@ fn main() -> anyhow::Result<()> {
             )?;
             floor.check()?;
             relay_m.check()
+        }
+        Scenario::Codec { frames, cpu, json } => {
+            if let Some(cpu) = cpu {
+                relay_bench::sampler::pin_current_thread(cpu).with_context(|| format!("pin to CPU {cpu}"))?;
+            }
+            relay_bench::codec::run(&relay_bench::codec::CodecOptions { frames, json })
         }
         Scenario::Ramp { target, from, step, to, load, out } => {
             pin_bench(load)?;

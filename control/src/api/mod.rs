@@ -6,6 +6,7 @@
 pub mod calls;
 pub mod ops;
 pub mod params;
+pub mod rtc;
 pub mod session;
 pub mod twilio;
 
@@ -65,6 +66,9 @@ impl Service {
             Route::TwilioStatus => respond(twilio::status(core, &self.config, request).await),
             Route::TwilioTranscription => respond(twilio::transcription(core, &self.config, request).await),
             Route::TwilioStream => twilio::stream(&self.config, request).map(Outcome::Upgrade),
+            Route::Whip => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whip).await),
+            Route::Whep => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whep).await),
+            Route::RtcLeg => respond(rtc::delete(core, &self.config, request).await),
             Route::FrontendStream => {
                 twilio::frontend(core, &self.config, &self.users, request).await.map(Outcome::Upgrade)
             }
@@ -89,8 +93,11 @@ impl Service {
             route,
             Route::TwilioVoice | Route::TwilioStatus | Route::TwilioStream | Route::TwilioTranscription
         );
-        let open = matches!(route, Route::Health | Route::Events | Route::FrontendStream)
-            || (twilio && self.config.twilio_auth_token.is_some());
+        // WebRTC legs present the session's access token (checked by the owner core).
+        let open = matches!(
+            route,
+            Route::Health | Route::Events | Route::FrontendStream | Route::Whip | Route::Whep | Route::RtcLeg
+        ) || (twilio && self.config.twilio_auth_token.is_some());
         if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
             return Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"));
         }

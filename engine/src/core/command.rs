@@ -29,6 +29,51 @@ pub enum Command {
     ReadRecord,
     /// A finished utterance of the call, transcribed (Twilio Real-Time Transcription, agents).
     Transcript(Box<Transcript>),
+    /// A WebRTC peer's SDP offer (WHIP publishes, WHEP listens): a new leg and its answer.
+    RtcOffer(Box<RtcOffer>),
+    /// End the WebRTC leg `leg` (`DELETE` on its WHIP/WHEP resource).
+    RtcEnd {
+        /// The leg, as its resource URL names it.
+        leg: u64,
+        /// What the request presented.
+        credential: crate::core::Credential,
+    },
+}
+
+/// What a WebRTC leg is to its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RtcRole {
+    /// The human side (WHIP `role=caller`).
+    Caller,
+    /// The agent side (WHIP `role=agent`, e.g. a human supervisor).
+    Agent,
+    /// A custom audio source the agent can be switched to (WHIP `role=custom&streamId=`).
+    Custom(StreamId),
+    /// A WHEP listener: hears the caller and the agent mixed.
+    Listener,
+}
+
+impl RtcRole {
+    /// The name used in URLs and events.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Agent => "agent",
+            Self::Custom(_) => "custom",
+            Self::Listener => "listener",
+        }
+    }
+}
+
+/// A WHIP or WHEP offer.
+#[derive(Debug, Clone)]
+pub struct RtcOffer {
+    /// What the leg will be.
+    pub role: RtcRole,
+    /// The SDP offer.
+    pub sdp: String,
+    /// What the request presented (`Authorization: Bearer`).
+    pub credential: crate::core::Credential,
 }
 
 /// Who said a transcribed utterance.
@@ -150,6 +195,15 @@ pub enum Reply {
     Record(CallRecord),
     /// The transcript reached the call's listeners and record.
     Transcribed,
+    /// A WebRTC leg exists: its id (for its resource URL) and the SDP answer.
+    RtcAnswer {
+        /// The leg's id.
+        leg: u64,
+        /// The SDP answer.
+        sdp: String,
+    },
+    /// The WebRTC leg is gone.
+    RtcEnded,
 }
 
 /// `/call-status` fields.
@@ -209,6 +263,24 @@ pub enum CommandError {
     /// The relay is shutting down and starts no new sessions.
     #[error("the relay is shutting down")]
     ShuttingDown,
+    /// The credential does not open this session's media legs.
+    #[error("a valid access token for this session is required: send Authorization: Bearer <accessToken>")]
+    Unauthorized,
+    /// The session already has what the command would add (a caller, an agent, a stream id).
+    #[error("{0}")]
+    Conflict(String),
+    /// The SDP offer cannot be accepted.
+    #[error("{0}")]
+    BadOffer(String),
+    /// The session has no WebRTC leg with this id.
+    #[error("no such WebRTC leg in this session")]
+    LegNotFound,
+    /// A bound on what one session or core may hold was reached.
+    #[error("{0}")]
+    Limit(String),
+    /// WebRTC is not available on this relay.
+    #[error("WebRTC is not enabled on this relay")]
+    RtcDisabled,
     /// The command hit a bug; the session was dropped so the core could go on.
     #[error("internal error; the session was closed")]
     Internal,

@@ -5,6 +5,7 @@
 //! through [`CoreState::poll_output`]; nothing here touches a socket, a clock or another core.
 
 pub mod command;
+mod rtc;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -98,6 +99,13 @@ pub enum Output {
         /// Where to dial.
         url: AgentUrl,
     },
+    /// Send this datagram from the core's WebRTC socket.
+    Datagram {
+        /// Where to.
+        to: std::net::SocketAddr,
+        /// The bytes.
+        data: Vec<u8>,
+    },
 }
 
 /// Counts a core exposes to health checks and metrics.
@@ -139,6 +147,8 @@ pub struct CoreState {
     /// `records_per_core`.
     records: HashMap<SessionId, command::CallRecord>,
     record_order: VecDeque<SessionId>,
+    /// WebRTC, when enabled ([`CoreState::with_rtc`]).
+    rtc: Option<rtc::RtcState>,
 }
 
 /// What a connection is to its session.
@@ -187,6 +197,7 @@ impl CoreState {
             shutting_down: false,
             records: HashMap::new(),
             record_order: VecDeque::new(),
+            rtc: None,
         }
     }
 
@@ -201,6 +212,8 @@ impl CoreState {
                 return self.records.get(id).cloned().map(Reply::Record).ok_or(CommandError::NotFound)
             }
             Command::Transcript(t) => return self.transcript(now, id, *t),
+            Command::RtcOffer(offer) => return self.rtc_offer(now, id, *offer),
+            Command::RtcEnd { leg, credential } => return self.rtc_end(now, id, leg, &credential),
             _ => {}
         }
         if let Command::Start(start) = command {
@@ -220,7 +233,12 @@ impl CoreState {
         let has_listeners = slot.listeners.iter().any(|l| l.kind == ListenKind::Events);
         let session = slot.session.as_mut().ok_or(CommandError::NotFound)?;
         let (reply, event) = match command {
-            Command::Start(_) | Command::Record(_) | Command::ReadRecord | Command::Transcript(_) => {
+            Command::Start(_)
+            | Command::Record(_)
+            | Command::ReadRecord
+            | Command::Transcript(_)
+            | Command::RtcOffer(_)
+            | Command::RtcEnd { .. } => {
                 unreachable!("handled above")
             }
             Command::Stop => {
@@ -402,7 +420,7 @@ impl CoreState {
         match (role, message) {
             (Role::CallerPending, twilio::Message::Connected) => {}
             (Role::CallerPending, twilio::Message::Start(start)) => self.caller_started(now, &id, conn, start),
-            (Role::Caller, twilio::Message::Media(media)) => self.route_caller_audio(&id, &media),
+            (Role::Caller, twilio::Message::Media(media)) => self.route_caller_audio(now, &id, &media),
             (Role::Caller, twilio::Message::Dtmf(dtmf)) => self.route_dtmf(now, &id, dtmf.digit),
             (Role::Caller, twilio::Message::Stop(_)) => self.end(now, &id, "caller_hangup", 1000, "call ended"),
             // Marks we never sent, a second start, media before start, clear from the wrong side:
@@ -484,7 +502,7 @@ impl CoreState {
         if result.is_err() {
             self.stats.pacer_drops += 1;
         }
-        self.drain_pacer(&id);
+        self.drain_pacer(now, &id);
         self.schedule(now, &id);
     }
 
@@ -508,8 +526,11 @@ impl CoreState {
         self.broadcast(now, &id, RetellEvent::Error, data);
     }
 
-    /// Runs due timers: listeners that waited too long, and session pacing.
+    /// Runs due timers: listeners that waited too long, session pacing and media, WebRTC peers.
     pub fn handle_timeout(&mut self, now: Now) {
+        if self.rtc_poll_timeout().is_some_and(|at| at <= now.instant) {
+            self.rtc_timeout(now);
+        }
         while let Some((since, _)) = self.pending.front() {
             if now.instant.saturating_duration_since(*since) < self.limits.pending_observer_timeout {
                 break;
@@ -548,7 +569,8 @@ impl CoreState {
             }
             session.armed = None;
             session.pacer.handle_timeout(now.instant);
-            self.drain_pacer(&id);
+            self.drain_pacer(now, &id);
+            self.rtc_tick(now, &id);
             self.schedule(now, &id);
             self.finish_if_played(now, &id);
         }
@@ -580,6 +602,7 @@ impl CoreState {
 
     /// Discards session `id` after a bug surfaced while handling it, closing its sockets with 1011.
     pub fn handle_panic(&mut self, id: &SessionId) {
+        self.close_peers_of(id);
         let Some(slot) = self.slots.remove(id) else { return };
         if let Some(session) = &slot.session {
             self.stats.active_sessions -= 1;
@@ -599,17 +622,14 @@ impl CoreState {
 
     /// The next effect to carry out.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        self.outputs.pop_front().or_else(|| self.poll_datagram())
     }
 
     /// When [`Self::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pending = self.pending.front().map(|(since, _)| *since + self.limits.pending_observer_timeout);
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        match (pending, timer) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [pending, timer, self.rtc_poll_timeout()].into_iter().flatten().min()
     }
 
     /// Current counts.
@@ -658,7 +678,7 @@ impl CoreState {
             self.create(now, id, Session::from_stream(id.clone(), &start));
         }
         let session = self.slots.get_mut(id).and_then(|s| s.session.as_mut()).expect("exists or created above");
-        if session.caller.is_some() {
+        if session.caller.is_some() || session.leg(&command::RtcRole::Caller).is_some() {
             self.conns.remove(&conn);
             self.stats.protocol_errors += 1;
             self.close(conn, 1008, "this call already has a caller stream");
@@ -680,7 +700,10 @@ impl CoreState {
         self.stats.callers += 1;
         self.conns.insert(conn, (id.clone(), Role::Caller));
         self.broadcast(now, id, RetellEvent::Update, json!({ "isConnected": true }));
+        let has_agent = self.slots.get(id).and_then(|s| s.session.as_ref()).is_some_and(|s| s.agent != Agent::None);
         match self.agents.resolve(requested.as_deref()) {
+            // A WebRTC agent is already on the call: no bot is dialled.
+            Ok(Some(_)) if has_agent => {}
             Ok(Some(url)) => {
                 let agent_conn = ConnectionId(CORE_CONN_BIT | self.next_conn);
                 self.next_conn += 1;
@@ -698,7 +721,7 @@ impl CoreState {
 
     /// Caller audio: to every connected frontend (once encoded, shared) and to the agent (silence
     /// while muted or while a custom stream replaces the microphone).
-    fn route_caller_audio(&mut self, id: &SessionId, media: &twilio::Media) {
+    fn route_caller_audio(&mut self, now: Now, id: &SessionId, media: &twilio::Media) {
         if media.track == Some(twilio::Track::Outbound) {
             return;
         }
@@ -710,6 +733,22 @@ impl CoreState {
                 .get_or_insert_with(|| frontend::audio(&media.payload, frontend::FrontendTrack::Inbound))
                 .clone();
             self.outputs.push_back(Output::Send { conn: l.conn, text });
+        }
+        // PCM sinks (an agent peer, the WHEP mix) get the caller's audio in 20 ms frames.
+        let pcm_sinks = matches!(session.agent, Agent::Peer(_)) || session.mixer.is_some();
+        if pcm_sinks {
+            if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(&media.payload) {
+                let frames = session.caller_framer.push(&pcm.samples);
+                let id = id.clone();
+                for frame in frames {
+                    self.caller_pcm(now, &id, frame);
+                }
+            }
+        }
+        let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
+        // A custom stream being published replaces the caller toward the agent.
+        if Self::custom_source_live(session) {
+            return;
         }
         let hears = session.agent_hears_microphone();
         let stream_sid = session.stream_sid().unwrap_or_default().to_owned();
@@ -753,11 +792,17 @@ impl CoreState {
 
     /// Carries out what the session's pacer released: audio and `clear` to the caller (and the
     /// agent's audio to frontends), played marks back to the agent.
-    fn drain_pacer(&mut self, id: &SessionId) {
+    fn drain_pacer(&mut self, now: Now, id: &SessionId) {
         let Some(slot) = self.slots.get_mut(id) else { return };
         let Some(session) = slot.session.as_mut() else { return };
+        let mut played = Vec::new();
         while let Some(output) = session.pacer.poll_output() {
             let caller_conn = session.caller.as_ref().map(|c| c.conn);
+            if let pacer::Output::Transmit { payload, .. } = &output {
+                if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(payload) {
+                    played.extend(session.agent_framer.push(&pcm.samples));
+                }
+            }
             let stream_sid = session.stream_sid().unwrap_or_default();
             match output {
                 pacer::Output::Transmit { payload, .. } => {
@@ -786,12 +831,21 @@ impl CoreState {
                 }
             }
         }
+        // What played also goes, as PCM, to a WebRTC caller, the mix, the VAD and raw samples.
+        for frame in played {
+            self.agent_pcm(now, id, frame);
+        }
     }
 
     /// Arms the session's timer at its pacer's next deadline, unless already armed earlier.
     fn schedule(&mut self, now: Now, id: &SessionId) {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
-        let at = match session.pacer.poll_timeout() {
+        let media = Self::rtc_session_timeout(session);
+        let pacer = match (session.pacer.poll_timeout(), media) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let at = match pacer {
             Some(at) => at,
             // An agent that said goodbye: wake when the audio in flight has played (8 kHz: 125 µs a
             // sample, plus a millisecond so playout has surely passed the end).
@@ -839,6 +893,8 @@ impl CoreState {
             self.conns.remove(&conn);
             self.close(conn, code, close_reason);
         }
+        let legs = std::mem::take(&mut session.legs);
+        self.close_legs(&legs);
         for l in slot.listeners {
             self.conns.remove(&l.conn);
             self.stats.observers -= 1;

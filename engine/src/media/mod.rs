@@ -3,7 +3,12 @@
 //! Invariant: pure data and arithmetic: no clocks, no I/O.
 
 pub mod g711;
+pub mod opus;
 pub mod pacer;
+pub mod pcm;
+pub mod playout;
+pub mod resample;
+pub mod vad;
 
 /// A PCM sample rate the API accepts for raw samples on `/ws` (`sampleRate` of `/start-call`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

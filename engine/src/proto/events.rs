@@ -34,6 +34,8 @@ pub enum RetellEvent {
     Metadata,
     /// Something failed on this call.
     Error,
+    /// 20 ms of the agent's audio as float samples (with `emitRawAudioSamples`).
+    Audio,
 }
 
 impl RetellEvent {
@@ -51,6 +53,7 @@ impl RetellEvent {
             Self::Update => "update",
             Self::Metadata => "metadata",
             Self::Error => "error",
+            Self::Audio => "audio",
         }
     }
 }

@@ -5,10 +5,11 @@
 //! core routes what the session produces).
 
 pub mod agent;
+pub mod media;
 
 use serde_json::{json, Value};
 
-use crate::core::command::{CallStatus, StartCall, Track, TrackStatus};
+use crate::core::command::{CallStatus, RtcRole, StartCall, Track, TrackStatus};
 use crate::id::{ConnectionId, SessionId, StreamId};
 use crate::media::pacer::{Pacer, PacerConfig};
 use crate::media::SampleRate;
@@ -71,6 +72,9 @@ pub enum Agent {
     },
     /// The agent closed its socket normally; the call ends once its audio has played.
     Finished,
+    /// A WebRTC peer (WHIP `role=agent`): its audio plays to the caller, and it hears the caller
+    /// if its offer receives audio.
+    Peer(crate::rtc::PeerId),
     /// Connected: Twilio-protocol messages flow both ways.
     Open {
         /// The agent's socket.
@@ -88,7 +92,7 @@ impl Agent {
     /// The agent's connection, connecting or open.
     pub fn conn(&self) -> Option<ConnectionId> {
         match self {
-            Self::None | Self::Finished => None,
+            Self::None | Self::Finished | Self::Peer(_) => None,
             Self::Connecting { conn: c, .. } | Self::Open { conn: c, .. } => Some(*c),
         }
     }
@@ -124,6 +128,18 @@ pub struct Session {
     pub pacer: Pacer<bytes::Bytes>,
     /// When the core's timer for this session is armed, so it is not armed twice.
     pub armed: Option<std::time::Instant>,
+    /// WebRTC legs (caller, agent, custom streams, WHEP listeners).
+    pub legs: Vec<media::RtcLeg>,
+    /// The WHEP mix, while the session has WHEP listeners.
+    pub mixer: Option<media::Mixer>,
+    /// Voice activity on the agent's audio (`agent_start_talking`, `isAgentTalking`).
+    pub vad: crate::media::vad::Vad,
+    /// 20 ms framing of the caller's telephony audio, for PCM sinks.
+    pub caller_framer: media::Framer,
+    /// 20 ms framing of the agent's telephony audio, for PCM sinks and the VAD.
+    pub agent_framer: media::Framer,
+    /// Agent audio → the session's `sampleRate`, for raw samples on `/ws`.
+    pub raw: Option<crate::media::resample::Resampler>,
 }
 
 impl Session {
@@ -151,6 +167,12 @@ impl Session {
             agent: Agent::None,
             pacer: Pacer::new(PacerConfig::for_rate(8000)),
             armed: None,
+            legs: Vec::new(),
+            mixer: None,
+            vad: crate::media::vad::Vad::new(),
+            caller_framer: media::Framer::new(SampleRate::Hz8000),
+            agent_framer: media::Framer::new(SampleRate::Hz8000),
+            raw: None,
         }
     }
 
@@ -226,7 +248,27 @@ impl Session {
 
     /// `/call-status`, given whether event sockets are attached.
     pub fn call_status(&self, has_web_socket: bool) -> CallStatus {
-        CallStatus { is_active: true, is_connected: self.caller.is_some(), is_agent_talking: false, has_web_socket }
+        CallStatus {
+            is_active: true,
+            is_connected: self.is_connected(),
+            is_agent_talking: self.vad.is_active(),
+            has_web_socket,
+        }
+    }
+
+    /// Whether a caller leg is connected: a Twilio stream, or a WebRTC caller whose ICE and DTLS are up.
+    pub fn is_connected(&self) -> bool {
+        self.caller.is_some() || self.legs.iter().any(|l| l.role == RtcRole::Caller && l.connected)
+    }
+
+    /// The WebRTC leg of `role` (caller or agent), if any.
+    pub fn leg(&self, role: &RtcRole) -> Option<&media::RtcLeg> {
+        self.legs.iter().find(|l| &l.role == role)
+    }
+
+    /// The WebRTC leg of `peer`, if it is this session's.
+    pub fn leg_mut(&mut self, peer: crate::rtc::PeerId) -> Option<&mut media::RtcLeg> {
+        self.legs.iter_mut().find(|l| l.peer == peer)
     }
 
     /// `/track-status`: the tracks that exist now: the caller's microphone while its stream is
@@ -240,6 +282,15 @@ impl Session {
                 name: "microphone".to_owned(),
                 source: "microphone",
             });
+        }
+        for leg in self.legs.iter().filter(|l| l.connected && l.inbound.is_some()) {
+            let (name, source) = match &leg.role {
+                RtcRole::Caller => ("microphone".to_owned(), "microphone"),
+                RtcRole::Agent => ("agent".to_owned(), "agent"),
+                RtcRole::Custom(stream) => (stream.as_str().to_owned(), "custom"),
+                RtcRole::Listener => continue,
+            };
+            tracks.push(Track { sid: format!("{}-rtc-{}", self.id, leg.peer), kind: "audio", name, source });
         }
         if let Agent::Open { .. } = self.agent {
             tracks.push(Track {

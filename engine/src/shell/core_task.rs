@@ -35,6 +35,8 @@ pub(crate) struct CoreSetup {
     pub(crate) agents: crate::session::agent::AgentPolicy,
     pub(crate) stream_key: Option<crate::secret::Secret>,
     pub(crate) listener: OwnedFd,
+    /// The core's WebRTC socket and settings, when WebRTC is on.
+    pub(crate) rtc: Option<super::rtc::CoreRtc>,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
     pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
     pub(crate) global: Arc<Global>,
@@ -75,6 +77,11 @@ pub(crate) struct CoreShared {
     pub(crate) connections: Cell<usize>,
     /// Frames dropped because an event socket's queue was full.
     pub(crate) dropped_frames: Cell<u64>,
+    /// The core's WebRTC socket (non-blocking): `drive` sends datagrams on it directly, as a UDP
+    /// send never waits; one the kernel refuses is dropped, as the network may drop any datagram.
+    udp: Option<std::net::UdpSocket>,
+    /// Datagrams the kernel refused to send.
+    pub(crate) udp_send_errors: Cell<u64>,
 }
 
 /// What the control plane uses on a core: its id, session commands and the relay's counts.
@@ -298,6 +305,12 @@ impl CoreShared {
                     outbox.close(code, reason);
                 }
             }
+            Output::Datagram { to, data } => {
+                let sent = self.udp.as_ref().is_some_and(|socket| socket.send_to(&data, to).is_ok());
+                if !sent {
+                    self.udp_send_errors.set(self.udp_send_errors.get() + 1);
+                }
+            }
             Output::ConnectAgent { conn, session, url } => {
                 if let Some(this) = self.this.borrow().upgrade() {
                     glommio::spawn_local(agent::agent_task(this, conn, session, url)).detach();
@@ -329,10 +342,17 @@ pub(crate) async fn run_core<S: ControlService>(
     }
     // SAFETY: the main thread bound this listening socket and gave up ownership with the OwnedFd.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
+    let mut state = CoreState::new(setup.limits.clone(), setup.agents);
+    let mut udp = None;
+    if let Some(rtc) = setup.rtc {
+        let endpoint = crate::rtc::Endpoint::new(rtc.cert, rtc.candidate, setup.limits.rtc_peers_per_core);
+        state = state.with_rtc(endpoint, rtc.settings.opus, rtc.settings.playout);
+        udp = Some(rtc.socket);
+    }
     let shared = Rc::new(CoreShared {
         id: setup.id,
         cores: setup.cores,
-        state: RefCell::new(CoreState::new(setup.limits.clone(), setup.agents)),
+        state: RefCell::new(state),
         this: RefCell::new(std::rc::Weak::new()),
         timer_event: Event::new(),
         timer_armed: Cell::new(None),
@@ -350,6 +370,8 @@ pub(crate) async fn run_core<S: ControlService>(
         shutdown_event: Event::new(),
         connections: Cell::new(0),
         dropped_frames: Cell::new(0),
+        udp,
+        udp_send_errors: Cell::new(0),
     });
     *shared.this.borrow_mut() = Rc::downgrade(&shared);
     let service = Rc::new(service);
@@ -360,6 +382,14 @@ pub(crate) async fn run_core<S: ControlService>(
         glommio::spawn_local(mesh::reply_task(shared.clone(), receiver)).detach();
     }
     let accept = glommio::spawn_local(tcp::accept_task(shared.clone(), service.clone(), listener));
+    let udp = shared.udp.as_ref().map(|_| {
+        let shared = shared.clone();
+        glommio::spawn_local(async move {
+            if let Some(socket) = shared.udp.as_ref() {
+                super::rtc::udp_task(shared.clone(), socket).await;
+            }
+        })
+    });
     let _ = ready.send((shared.id.0, Ok(())));
     tracing::debug!(core = shared.id.0, "core serving");
 
@@ -368,6 +398,9 @@ pub(crate) async fn run_core<S: ControlService>(
     // Graceful shutdown: stop accepting, end sessions (call_ended, close frames), let connections
     // finish within the grace period.
     accept.cancel().await;
+    if let Some(udp) = udp {
+        udp.cancel().await;
+    }
     let now = shared.now();
     shared.drive(None, |state| state.handle_shutdown(now));
     let grace = shared.limits.shutdown_grace;

@@ -10,6 +10,7 @@ mod dial;
 mod fetch;
 mod handoff;
 mod mesh;
+mod rtc;
 mod tcp;
 mod tls;
 mod ws;
@@ -150,6 +151,9 @@ pub enum StartError {
     /// `--cores` is zero.
     #[error("--cores must be at least 1")]
     NoCores,
+    /// A core's WebRTC socket could not be made.
+    #[error("cannot serve WebRTC: {0}")]
+    Rtc(String),
 }
 
 /// Process-wide state every core can read: the shutdown flag and per-core gauges.
@@ -203,6 +207,7 @@ impl ShutdownHandle {
 /// A running relay.
 pub struct Relay {
     local_addr: SocketAddr,
+    rtc_addrs: Vec<SocketAddr>,
     global: Arc<Global>,
     exits: mpsc::Receiver<(usize, Result<(), String>)>,
     cores: usize,
@@ -212,6 +217,11 @@ impl Relay {
     /// The address the cores listen on (the real port when port 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Each core's WebRTC address as ICE candidates name it (empty when WebRTC is off).
+    pub fn rtc_addrs(&self) -> &[SocketAddr] {
+        &self.rtc_addrs
     }
 
     /// A handle that triggers graceful shutdown from any thread (e.g. a signal handler thread).
@@ -255,6 +265,15 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
     let listeners = bind_listeners(config.listen, config.cores)?;
     let local_addr =
         listeners[0].local_addr().map_err(|source| StartError::Listen { addr: config.listen, source, hint: "" })?;
+    // One WebRTC socket per core, and one DTLS certificate for the process.
+    let (rtc_addrs, mut rtc_cores) = match &config.rtc {
+        Some(settings) => {
+            let bound = rtc::bind(settings, config.listen.ip(), config.cores)?;
+            let addrs = bound.iter().map(|c| c.candidate).collect();
+            (addrs, bound.into_iter().map(Some).collect())
+        }
+        None => (Vec::new(), (0..config.cores).map(|_| None).collect::<Vec<_>>()),
+    };
     let cpus = allowed_cpus();
     let global = Arc::new(Global {
         shutdown: AtomicBool::new(false),
@@ -280,6 +299,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             agents: config.agents.clone(),
             stream_key: config.stream_key.clone(),
             listener: OwnedFd::from(listener),
+            rtc: rtc_cores[index].take(),
             mesh: mesh.clone(),
             replies: replies.clone(),
             global: global.clone(),
@@ -321,7 +341,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             }
         }
     }
-    Ok(Relay { local_addr, global, exits: exit_rx, cores: config.cores })
+    Ok(Relay { local_addr, rtc_addrs, global, exits: exit_rx, cores: config.cores })
 }
 
 /// Turns glommio's startup errors into what the operator has to change.

@@ -1,0 +1,540 @@
+//! Opus for WebRTC legs: a mono VoIP encoder and decoder over libopus (`audiopus`), one 20 ms
+//! frame per call, with packet-loss concealment and in-band FEC recovery.
+//!
+//! On the wire an Opus stream always runs at the 48 kHz RTP clock (RFC 7587), whatever rate the
+//! codec works at inside: an [`OpusEncoder`] fed 8 kHz PCM still produces a valid 48 kHz-clock
+//! stream (its packets simply say narrowband), and an [`OpusDecoder`] can output 8 kHz directly
+//! from any Opus packet, so a μ-law ⇄ Opus leg needs no separate resampler.
+//!
+//! Invariant: no I/O, no clock; every buffer is sized at construction (a packet is at most
+//! [`MAX_PACKET_BYTES`]); packets longer than 20 ms and malformed packets are errors, never panics.
+
+use audiopus::coder::{Decoder, Encoder};
+use audiopus::{Application, Channels, Signal};
+use bytes::Bytes;
+
+/// The largest Opus packet (RFC 6716 §3.2.1: 1275 bytes per 20 ms frame); the encoder's output
+/// buffer has exactly this size.
+pub const MAX_PACKET_BYTES: usize = 1275;
+
+/// Samples of one 20 ms frame at the 48 kHz RTP clock: the RTP timestamp step per packet.
+pub const RTP_SAMPLES_PER_FRAME: u32 = 960;
+
+/// How the encoder trades CPU, bandwidth and loss resilience.
+///
+/// The default is the result of `relay-bench codec` (see BENCHMARKS.md): complexity 1 costs a
+/// fraction of the CPU of libopus's default 9 yet measured within 0.5 dB of it on
+/// telephony-band speech; FEC on with a 10 % loss hint, because it keeps a 20 ms
+/// loss recoverable for a few hundred bytes per second and almost no CPU; DTX off, because
+/// many WebRTC receivers (and our own playout) then treat silence as loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpusSettings {
+    /// Encoder complexity, 0 (cheapest) to 10 (libopus's best); larger values are refused.
+    pub complexity: u8,
+    /// In-band forward error correction: each packet also carries a coarse copy of the previous
+    /// frame, which [`OpusDecoder::decode_fec`] recovers when that packet was lost.
+    pub fec: bool,
+    /// Discontinuous transmission: during silence the encoder emits 1–2 byte packets (see
+    /// [`is_dtx_packet`]) that need not be sent, one real packet every 400 ms or so.
+    pub dtx: bool,
+    /// Expected packet loss, 0 to 100 %; with FEC on, higher values spend more bits on it.
+    pub packet_loss_pct: u8,
+}
+
+impl Default for OpusSettings {
+    fn default() -> Self {
+        Self { complexity: 1, fec: true, dtx: false, packet_loss_pct: 10 }
+    }
+}
+
+/// Why an Opus operation failed; the frame or packet is dropped and the caller counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The rate is not one of the four Relay's PCM paths use.
+    #[error("unsupported sample rate {0} Hz: Opus legs run at 8000, 16000, 24000 or 48000 Hz")]
+    UnsupportedRate(u32),
+    /// [`OpusSettings::complexity`] above 10.
+    #[error("Opus complexity {0} is out of range 0..=10")]
+    InvalidComplexity(u8),
+    /// [`OpusSettings::packet_loss_pct`] above 100.
+    #[error("expected packet loss {0} % is out of range 0..=100")]
+    InvalidPacketLoss(u8),
+    /// PCM given to encode, or room given to decode, is not exactly one 20 ms frame.
+    #[error("expected one 20 ms frame of {expected} samples, got {actual}")]
+    FrameSize {
+        /// Samples in 20 ms at the coder's rate.
+        expected: usize,
+        /// Samples given.
+        actual: usize,
+    },
+    /// A zero-length packet (libopus reads it as loss; we make the caller say so).
+    #[error("empty Opus packet")]
+    EmptyPacket,
+    /// A packet longer than any valid Opus packet.
+    #[error("Opus packet of {0} bytes exceeds the 1275-byte maximum")]
+    PacketTooLong(usize),
+    /// The packet decodes to more than one 20 ms frame (Relay's legs use 20 ms ptime).
+    #[error("Opus packet holds {0} samples at 48 kHz; at most 960 (20 ms) are accepted")]
+    PacketDuration(usize),
+    /// The packet's table of contents or frame lengths are inconsistent.
+    #[error("malformed Opus packet")]
+    InvalidPacket,
+    /// libopus refused the call for another reason.
+    #[error("libopus: {0}")]
+    Library(audiopus::Error),
+}
+
+impl From<audiopus::Error> for CodecError {
+    fn from(e: audiopus::Error) -> Self {
+        match e {
+            audiopus::Error::EmptyPacket => Self::EmptyPacket,
+            audiopus::Error::Opus(audiopus::ErrorCode::InvalidPacket) => Self::InvalidPacket,
+            other => Self::Library(other),
+        }
+    }
+}
+
+/// Whether an encoded `packet` is a DTX "nothing new" packet (1–2 bytes) that need not be sent.
+pub fn is_dtx_packet(packet: &[u8]) -> bool {
+    packet.len() <= 2
+}
+
+/// Mono Opus encoder (VoIP application, voice signal) for 20 ms frames of 16-bit PCM.
+pub struct OpusEncoder {
+    inner: Encoder,
+    /// Samples per 20 ms at the input rate; `encode` takes exactly this many.
+    frame_samples: usize,
+    /// Where libopus writes a packet before it is copied out; never reallocated.
+    scratch: Box<[u8; MAX_PACKET_BYTES]>,
+}
+
+impl std::fmt::Debug for OpusEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpusEncoder").field("frame_samples", &self.frame_samples).finish_non_exhaustive()
+    }
+}
+
+impl OpusEncoder {
+    /// An encoder for PCM at `input_rate_hz` (8000, 16000, 24000 or 48000).
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::UnsupportedRate`], [`CodecError::InvalidComplexity`],
+    /// [`CodecError::InvalidPacketLoss`], or [`CodecError::Library`] if libopus refuses.
+    pub fn new(input_rate_hz: u32, settings: &OpusSettings) -> Result<Self, CodecError> {
+        let rate = opus_rate(input_rate_hz)?;
+        if settings.complexity > 10 {
+            return Err(CodecError::InvalidComplexity(settings.complexity));
+        }
+        if settings.packet_loss_pct > 100 {
+            return Err(CodecError::InvalidPacketLoss(settings.packet_loss_pct));
+        }
+        let mut inner = Encoder::new(rate, Channels::Mono, Application::Voip)?;
+        inner.set_signal(Signal::Voice)?;
+        inner.set_complexity(settings.complexity)?;
+        inner.set_inband_fec(settings.fec)?;
+        inner.set_packet_loss_perc(settings.packet_loss_pct)?;
+        inner.set_encoder_ctl_request(audiopus::ffi::OPUS_SET_DTX_REQUEST, i32::from(settings.dtx))?;
+        Ok(Self { inner, frame_samples: frame_samples(input_rate_hz), scratch: Box::new([0; MAX_PACKET_BYTES]) })
+    }
+
+    /// Samples per 20 ms frame at the input rate.
+    pub fn frame_samples(&self) -> usize {
+        self.frame_samples
+    }
+
+    /// Samples at the input rate by which decoded audio lags the input (the encoder's lookahead).
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::Library`] if libopus refuses the query.
+    pub fn lookahead_samples(&self) -> Result<u32, CodecError> {
+        Ok(self.inner.lookahead()?)
+    }
+
+    /// Encodes one 20 ms frame into a new packet of 1 to [`MAX_PACKET_BYTES`] bytes.
+    ///
+    /// With DTX on, silent frames come back as 1–2 byte packets ([`is_dtx_packet`]) that the
+    /// caller may skip sending (advancing the RTP timestamp but not the sequence number).
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::FrameSize`] unless `pcm` is exactly [`Self::frame_samples`] long, or
+    /// [`CodecError::Library`].
+    pub fn encode(&mut self, pcm: &[i16]) -> Result<Bytes, CodecError> {
+        let Self { inner, frame_samples, scratch } = self;
+        let n = encode_frame(inner, *frame_samples, pcm, &mut scratch[..])?;
+        Ok(Bytes::copy_from_slice(&scratch[..n]))
+    }
+
+    /// Encodes one 20 ms frame into `out` and returns the packet's length; `out` should hold
+    /// [`MAX_PACKET_BYTES`] (a smaller buffer caps the bitrate and may fail).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::encode`]; also [`CodecError::Library`] if `out` is too small.
+    pub fn encode_into(&mut self, pcm: &[i16], out: &mut [u8]) -> Result<usize, CodecError> {
+        encode_frame(&self.inner, self.frame_samples, pcm, out)
+    }
+}
+
+/// Mono Opus decoder producing 20 ms frames of 16-bit PCM at any of the four rates.
+pub struct OpusDecoder {
+    inner: Decoder,
+    /// Samples per 20 ms at the output rate; the size every `out` must have.
+    frame_samples: usize,
+}
+
+impl std::fmt::Debug for OpusDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpusDecoder").field("frame_samples", &self.frame_samples).finish_non_exhaustive()
+    }
+}
+
+impl OpusDecoder {
+    /// A decoder writing PCM at `output_rate_hz` (8000, 16000, 24000 or 48000), whatever rate the
+    /// sender encoded at.
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::UnsupportedRate`], or [`CodecError::Library`] if libopus refuses.
+    pub fn new(output_rate_hz: u32) -> Result<Self, CodecError> {
+        let rate = opus_rate(output_rate_hz)?;
+        Ok(Self { inner: Decoder::new(rate, Channels::Mono)?, frame_samples: frame_samples(output_rate_hz) })
+    }
+
+    /// Samples per 20 ms frame at the output rate.
+    pub fn frame_samples(&self) -> usize {
+        self.frame_samples
+    }
+
+    /// Decodes `packet` into `out` (exactly one 20 ms frame long) and returns the samples written:
+    /// the whole frame for a 20 ms packet, fewer for a 2.5–10 ms one.
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::FrameSize`], [`CodecError::EmptyPacket`], [`CodecError::PacketTooLong`],
+    /// [`CodecError::PacketDuration`] for packets over 20 ms, [`CodecError::InvalidPacket`].
+    pub fn decode(&mut self, packet: &[u8], out: &mut [i16]) -> Result<usize, CodecError> {
+        self.check_out(out)?;
+        check_packet(packet)?;
+        Ok(self.inner.decode(Some(packet), out, false)?)
+    }
+
+    /// Conceals one lost 20 ms frame (libopus PLC: extrapolated from the last frames, fading to
+    /// silence over repeated losses) into `out` and returns the samples written.
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::FrameSize`], or [`CodecError::Library`].
+    pub fn conceal(&mut self, out: &mut [i16]) -> Result<usize, CodecError> {
+        self.check_out(out)?;
+        Ok(self.inner.decode(None::<&[u8]>, out, false)?)
+    }
+
+    /// Recovers the lost 20 ms frame *before* `next_packet` from `next_packet`'s in-band FEC into
+    /// `out`; if that packet carries no FEC data libopus conceals instead. Decode `next_packet`
+    /// itself with [`Self::decode`] afterwards, as usual.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::decode`].
+    pub fn decode_fec(&mut self, next_packet: &[u8], out: &mut [i16]) -> Result<usize, CodecError> {
+        self.check_out(out)?;
+        check_packet(next_packet)?;
+        Ok(self.inner.decode(Some(next_packet), out, true)?)
+    }
+
+    fn check_out(&self, out: &[i16]) -> Result<(), CodecError> {
+        if out.len() != self.frame_samples {
+            return Err(CodecError::FrameSize { expected: self.frame_samples, actual: out.len() });
+        }
+        Ok(())
+    }
+}
+
+fn encode_frame(inner: &Encoder, frame_samples: usize, pcm: &[i16], out: &mut [u8]) -> Result<usize, CodecError> {
+    if pcm.len() != frame_samples {
+        return Err(CodecError::FrameSize { expected: frame_samples, actual: pcm.len() });
+    }
+    if out.is_empty() {
+        return Err(CodecError::Library(audiopus::Error::Opus(audiopus::ErrorCode::BufferTooSmall)));
+    }
+    // libopus takes the output size as an i32; more than MAX_PACKET_BYTES is never used.
+    let cap = out.len().min(MAX_PACKET_BYTES);
+    Ok(inner.encode(pcm, &mut out[..cap])?)
+}
+
+/// Rejects packets that are empty, oversized, malformed or longer than 20 ms before libopus sees
+/// them, so a 60 ms packet is an error rather than a buffer-too-small surprise.
+fn check_packet(packet: &[u8]) -> Result<(), CodecError> {
+    if packet.is_empty() {
+        return Err(CodecError::EmptyPacket);
+    }
+    // Multi-frame packets of 20 ms total fit in 1275 bytes per frame; 1275 × 8 is a loose
+    // bound that only rejects what no encoder produces.
+    if packet.len() > MAX_PACKET_BYTES * 8 {
+        return Err(CodecError::PacketTooLong(packet.len()));
+    }
+    // audiopus casts libopus's i32 result to usize, so its negative error codes arrive as huge
+    // values; the largest valid answer is 120 ms = 5760 samples.
+    let samples = audiopus::packet::nb_samples(packet, audiopus::SampleRate::Hz48000)?;
+    if samples == 0 || samples > 5760 {
+        return Err(CodecError::InvalidPacket);
+    }
+    if samples > RTP_SAMPLES_PER_FRAME as usize {
+        return Err(CodecError::PacketDuration(samples));
+    }
+    Ok(())
+}
+
+fn opus_rate(hz: u32) -> Result<audiopus::SampleRate, CodecError> {
+    match hz {
+        8000 => Ok(audiopus::SampleRate::Hz8000),
+        16000 => Ok(audiopus::SampleRate::Hz16000),
+        24000 => Ok(audiopus::SampleRate::Hz24000),
+        48000 => Ok(audiopus::SampleRate::Hz48000),
+        other => Err(CodecError::UnsupportedRate(other)),
+    }
+}
+
+/// 20 ms of samples at `hz` (a rate `opus_rate` accepted).
+fn frame_samples(hz: u32) -> usize {
+    hz as usize / 50
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A 20 ms frame `index` of a `freq_hz` sine at `rate` Hz, amplitude `amp`.
+    fn tone(rate: u32, freq_hz: f64, amp: f64, index: usize) -> Vec<i16> {
+        let n = rate as usize / 50;
+        (0..n)
+            .map(|i| {
+                let t = (index * n + i) as f64 / f64::from(rate);
+                (amp * (2.0 * std::f64::consts::PI * freq_hz * t).sin()) as i16
+            })
+            .collect()
+    }
+
+    fn energy(pcm: &[i16]) -> f64 {
+        pcm.iter().map(|&s| f64::from(s) * f64::from(s)).sum::<f64>() / pcm.len().max(1) as f64
+    }
+
+    /// Every rate pair encodes and decodes a tone back to roughly its energy, after the codec's
+    /// start-up frames.
+    #[test]
+    fn round_trip_all_rates() {
+        for enc_rate in [8000, 16000, 24000, 48000] {
+            for dec_rate in [8000, 16000, 24000, 48000] {
+                let mut enc = OpusEncoder::new(enc_rate, &OpusSettings::default()).expect("encoder");
+                let mut dec = OpusDecoder::new(dec_rate).expect("decoder");
+                let mut out = vec![0i16; dec.frame_samples()];
+                let (mut e_in, mut e_out) = (0.0, 0.0);
+                for i in 0..25 {
+                    let pcm = tone(enc_rate, 440.0, 8000.0, i);
+                    let packet = enc.encode(&pcm).expect("encode");
+                    assert!(!packet.is_empty() && packet.len() <= MAX_PACKET_BYTES);
+                    assert_eq!(dec.decode(&packet, &mut out).expect("decode"), dec_rate as usize / 50);
+                    if i >= 5 {
+                        e_in += energy(&pcm);
+                        e_out += energy(&out);
+                    }
+                }
+                let ratio = e_out / e_in;
+                assert!((0.5..2.0).contains(&ratio), "{enc_rate}→{dec_rate}: energy ratio {ratio}");
+            }
+        }
+    }
+
+    /// Rates, complexities and loss percentages outside the documented ranges are refused.
+    #[test]
+    fn bad_settings() {
+        let s = OpusSettings::default();
+        assert_eq!(OpusEncoder::new(44100, &s).err(), Some(CodecError::UnsupportedRate(44100)));
+        assert_eq!(OpusEncoder::new(12000, &s).err(), Some(CodecError::UnsupportedRate(12000)));
+        assert_eq!(OpusDecoder::new(0).err(), Some(CodecError::UnsupportedRate(0)));
+        let c11 = OpusSettings { complexity: 11, ..s };
+        assert_eq!(OpusEncoder::new(8000, &c11).err(), Some(CodecError::InvalidComplexity(11)));
+        let loss = OpusSettings { packet_loss_pct: 101, ..s };
+        assert_eq!(OpusEncoder::new(8000, &loss).err(), Some(CodecError::InvalidPacketLoss(101)));
+        for complexity in 0..=10 {
+            for (fec, dtx) in [(false, false), (true, true)] {
+                let ok = OpusSettings { complexity, fec, dtx, packet_loss_pct: 100 };
+                assert!(OpusEncoder::new(48000, &ok).is_ok(), "complexity {complexity}");
+            }
+        }
+    }
+
+    /// Wrong frame sizes are errors on both sides.
+    #[test]
+    fn frame_sizes() {
+        let mut enc = OpusEncoder::new(16000, &OpusSettings::default()).expect("encoder");
+        assert_eq!(enc.frame_samples(), 320);
+        assert_eq!(enc.encode(&[0; 160]).err(), Some(CodecError::FrameSize { expected: 320, actual: 160 }));
+        assert_eq!(enc.encode(&[]).err(), Some(CodecError::FrameSize { expected: 320, actual: 0 }));
+        let packet = enc.encode(&[0; 320]).expect("encode");
+        let mut dec = OpusDecoder::new(8000).expect("decoder");
+        let mut short = [0i16; 159];
+        assert_eq!(dec.decode(&packet, &mut short).err(), Some(CodecError::FrameSize { expected: 160, actual: 159 }));
+        assert!(dec.conceal(&mut [0; 161]).is_err());
+        assert!(dec.decode_fec(&packet, &mut [0; 0]).is_err());
+        let mut buf = [0u8; 0];
+        assert!(enc.encode_into(&[0; 320], &mut buf).is_err());
+        let mut buf = [0u8; MAX_PACKET_BYTES];
+        let n = enc.encode_into(&[0; 320], &mut buf).expect("encode_into");
+        assert!((1..=MAX_PACKET_BYTES).contains(&n));
+    }
+
+    /// Packets longer than 20 ms are refused, as are empty and malformed ones.
+    #[test]
+    fn bad_packets() {
+        let mut dec = OpusDecoder::new(48000).expect("decoder");
+        let mut out = vec![0i16; 960];
+        assert_eq!(dec.decode(&[], &mut out), Err(CodecError::EmptyPacket));
+        // TOC config 3 = SILK NB 60 ms, code 0: one 60 ms frame.
+        assert_eq!(dec.decode(&[3 << 3, 0, 0], &mut out), Err(CodecError::PacketDuration(2880)));
+        // TOC config 1 (SILK NB 20 ms), code 3 with 6 frames = 120 ms.
+        assert_eq!(dec.decode(&[(1 << 3) | 3, 6, 0, 0], &mut out), Err(CodecError::PacketDuration(5760)));
+        // Code 3 with a frame count of 0 is invalid (RFC 6716 R5).
+        assert_eq!(dec.decode(&[(1 << 3) | 3, 0], &mut out), Err(CodecError::InvalidPacket));
+        // Code 2 (two 10 ms frames of config 0) whose first frame length runs past the end.
+        assert_eq!(dec.decode(&[2, 200, 1], &mut out), Err(CodecError::InvalidPacket));
+        // Code 2 (two 20 ms frames) is 40 ms, too long.
+        assert_eq!(dec.decode(&[(1 << 3) | 2, 1, 0, 0], &mut out), Err(CodecError::PacketDuration(1920)));
+        assert_eq!(dec.decode(&vec![0u8; 20_000], &mut out), Err(CodecError::PacketTooLong(20_000)));
+        assert_eq!(dec.decode_fec(&[3 << 3, 0], &mut out), Err(CodecError::PacketDuration(2880)));
+        // 10 ms packets (TOC config 0) are fine and fill half the frame.
+        let ten_ms = dec.decode(&[0], &mut out).expect("a TOC-only 10 ms packet is valid");
+        assert_eq!(ten_ms, 480);
+    }
+
+    /// Concealment yields a full frame that continues a tone, then fades over repeated losses.
+    #[test]
+    fn concealment() {
+        let mut enc = OpusEncoder::new(8000, &OpusSettings::default()).expect("encoder");
+        let mut dec = OpusDecoder::new(8000).expect("decoder");
+        let mut out = [0i16; 160];
+        for i in 0..20 {
+            let p = enc.encode(&tone(8000, 300.0, 10000.0, i)).expect("encode");
+            dec.decode(&p, &mut out).expect("decode");
+        }
+        let last = energy(&out);
+        assert_eq!(dec.conceal(&mut out), Ok(160));
+        assert!(energy(&out) > last * 0.05, "first concealed frame carries on the tone");
+        for _ in 0..30 {
+            dec.conceal(&mut out).expect("conceal");
+        }
+        assert!(energy(&out) < last * 0.01, "long loss fades out: {} vs {last}", energy(&out));
+    }
+
+    /// With FEC on, a lost frame recovered from the next packet is much closer to the original
+    /// than plain concealment.
+    #[test]
+    fn fec_recovers_lost_frame() {
+        let settings = OpusSettings { complexity: 5, fec: true, dtx: false, packet_loss_pct: 20 };
+        let mut enc = OpusEncoder::new(16000, &settings).expect("encoder");
+        // A tone whose pitch changes every frame, so concealment (extrapolation) cannot guess it.
+        let frames: Vec<Vec<i16>> = (0..40).map(|i| tone(16000, 200.0 + 37.0 * (i % 7) as f64, 9000.0, i)).collect();
+        let packets: Vec<Bytes> = frames.iter().map(|f| enc.encode(f).expect("encode")).collect();
+        let lost = 30;
+        let run = |use_fec: bool| {
+            let mut dec = OpusDecoder::new(16000).expect("decoder");
+            let mut out = vec![0i16; 320];
+            let mut decoded = Vec::new();
+            for (i, p) in packets.iter().enumerate() {
+                if i == lost {
+                    if use_fec {
+                        dec.decode_fec(&packets[i + 1], &mut out).expect("fec");
+                    } else {
+                        dec.conceal(&mut out).expect("conceal");
+                    }
+                } else {
+                    dec.decode(p, &mut out).expect("decode");
+                }
+                decoded.push(out.clone());
+            }
+            decoded
+        };
+        let (with_fec, without) = (run(true), run(false));
+        // Compare the frame with a clean decode of the same stream.
+        let clean = {
+            let mut dec = OpusDecoder::new(16000).expect("decoder");
+            let mut out = vec![0i16; 320];
+            let mut v = Vec::new();
+            for p in &packets {
+                dec.decode(p, &mut out).expect("decode");
+                v.push(out.clone());
+            }
+            v
+        };
+        let err =
+            |a: &[i16], b: &[i16]| a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>();
+        let e_fec = err(&with_fec[lost], &clean[lost]);
+        let e_plc = err(&without[lost], &clean[lost]);
+        assert!(e_fec < e_plc * 0.5, "FEC error {e_fec} should be well below PLC error {e_plc}");
+    }
+
+    /// With DTX on, sustained silence becomes tiny packets; speech does not.
+    #[test]
+    fn dtx_silence() {
+        let settings = OpusSettings { dtx: true, ..OpusSettings::default() };
+        let mut enc = OpusEncoder::new(8000, &settings).expect("encoder");
+        let mut tiny = 0;
+        for _ in 0..50 {
+            if is_dtx_packet(&enc.encode(&[0; 160]).expect("encode")) {
+                tiny += 1;
+            }
+        }
+        assert!(tiny > 30, "only {tiny} of 50 silent frames were DTX");
+        let speech = enc.encode(&tone(8000, 200.0, 9000.0, 3)).expect("encode");
+        assert!(!is_dtx_packet(&speech));
+        let mut dec = OpusDecoder::new(8000).expect("decoder");
+        let mut out = [0i16; 160];
+        assert!(dec.decode(&[0x08], &mut out).is_ok(), "a 1-byte DTX packet decodes");
+    }
+
+    /// Every error message says what was wrong.
+    #[test]
+    fn messages() {
+        assert_eq!(
+            CodecError::UnsupportedRate(44100).to_string(),
+            "unsupported sample rate 44100 Hz: Opus legs run at 8000, 16000, 24000 or 48000 Hz"
+        );
+        assert_eq!(
+            CodecError::PacketDuration(2880).to_string(),
+            "Opus packet holds 2880 samples at 48 kHz; at most 960 (20 ms) are accepted"
+        );
+        assert_eq!(
+            CodecError::FrameSize { expected: 160, actual: 3 }.to_string(),
+            "expected one 20 ms frame of 160 samples, got 3"
+        );
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder; they decode to at most one frame or fail.
+        #[test]
+        fn arbitrary_packets(packet in proptest::collection::vec(any::<u8>(), 0..1500), fec in any::<bool>()) {
+            let mut dec = OpusDecoder::new(8000).expect("decoder");
+            let mut out = [0i16; 160];
+            let r = if fec { dec.decode_fec(&packet, &mut out) } else { dec.decode(&packet, &mut out) };
+            if let Ok(n) = r {
+                prop_assert!(n <= 160);
+            }
+            prop_assert_eq!(dec.conceal(&mut out), Ok(160));
+        }
+
+        /// Arbitrary PCM always encodes to a packet the decoder accepts.
+        #[test]
+        fn arbitrary_pcm(pcm in proptest::collection::vec(any::<i16>(), 160)) {
+            let mut enc = OpusEncoder::new(8000, &OpusSettings::default()).expect("encoder");
+            let p = enc.encode(&pcm).expect("encode");
+            prop_assert!(!p.is_empty() && p.len() <= MAX_PACKET_BYTES);
+            let mut dec = OpusDecoder::new(48000).expect("decoder");
+            let mut out = vec![0i16; 960];
+            prop_assert_eq!(dec.decode(&p, &mut out), Ok(960));
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The endpoint against a str0m client peer, datagrams carried in memory.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpAnswer;
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+
+use super::*;
+
+fn client(dir: Direction, now: Instant) -> (Rtc, String, str0m::change::SdpPendingOffer, SocketAddr) {
+    let addr: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+    let mut rtc = Rtc::builder().build(now);
+    rtc.add_local_candidate(Candidate::host(addr, Protocol::Udp).expect("candidate"));
+    let mut api = rtc.sdp_api();
+    api.add_media(MediaKind::Audio, dir, None, None, None);
+    let (offer, pending) = api.apply().expect("offer");
+    (rtc, offer.to_sdp_string(), pending, addr)
+}
+
+/// Offer → answer → ICE and DTLS over in-memory datagrams → audio both ways.
+#[test]
+fn connects_and_carries_audio() {
+    let mut now = Instant::now();
+    let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
+    let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
+    let (peer, answer, flow) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+    assert_eq!(flow, Flow { receives: true, sends: true });
+    assert!(answer.contains("a=ice-lite"), "{answer}");
+    assert!(answer.contains(&format!("{} {}", relay.ip(), relay.port())), "the answer names the candidate: {answer}");
+    c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
+    let mut connected = false;
+    let mut client_connected = false;
+    let mut heard = 0;
+    for _ in 0..2000 {
+        // Client → relay.
+        loop {
+            match c.poll_output().expect("client output") {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => {
+                    let data: Vec<u8> = t.contents.into();
+                    ep.handle_datagram(now, caddr, &data);
+                }
+                Output::Event(Event::Connected) => client_connected = true,
+                Output::Event(Event::MediaData(_)) => heard += 1,
+                Output::Event(_) => {}
+            }
+        }
+        // Relay → client.
+        while let Some(d) = ep.poll_transmit() {
+            assert_eq!(d.to, caddr);
+            let r = Receive::new(Protocol::Udp, relay, caddr, &d.data).expect("datagram");
+            c.handle_input(Input::Receive(now, r)).expect("client input");
+        }
+        while let Some(e) = ep.poll_event() {
+            if e == PeerEvent::Connected(peer) {
+                connected = true;
+            }
+        }
+        if connected && client_connected {
+            assert!(ep.write_audio(now, peer, &[0xf8, 0xff, 0xfe], 960));
+            if heard > 5 {
+                break;
+            }
+        }
+        now += Duration::from_millis(5);
+        c.handle_input(Input::Timeout(now)).expect("client timeout");
+        ep.handle_timeout(now);
+    }
+    assert!(connected && client_connected, "both sides connected");
+    assert!(heard > 5, "the client heard the relay's audio ({heard} frames)");
+    assert_eq!(ep.stats().unmatched, 0);
+    ep.close(peer);
+    assert_eq!(ep.stats().peers, 0);
+}
+
+/// Offers that cannot work are refused with the reason; the core's peer limit holds.
+#[test]
+fn refusals() {
+    let now = Instant::now();
+    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), "127.0.0.1:4000".parse().expect("addr"), 1);
+    assert!(matches!(ep.accept(now, "not sdp", Want::Receive), Err(OfferError::Malformed(_))));
+    let (_, send_only, _, _) = client(Direction::SendOnly, now);
+    assert!(matches!(ep.accept(now, &send_only, Want::Send), Err(OfferError::Direction(_))));
+    let (_, recv_only, _, _) = client(Direction::RecvOnly, now);
+    assert!(matches!(ep.accept(now, &recv_only, Want::Receive), Err(OfferError::Direction(_))));
+    assert!(ep.accept(now, &send_only, Want::Receive).is_ok());
+    assert_eq!(ep.accept(now, &recv_only, Want::Send).err(), Some(OfferError::TooManyPeers { limit: 1 }));
+    // Datagrams nobody asked for are counted and dropped.
+    ep.handle_datagram(now, "127.0.0.1:9".parse().expect("addr"), &[0x80, 0, 0, 0]);
+    assert_eq!(ep.stats().unmatched, 1);
+}
