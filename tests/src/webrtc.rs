@@ -43,6 +43,8 @@ pub struct Peer {
     pub drop_every: u64,
     /// Everything heard, 48 kHz mono.
     pub heard: Vec<i16>,
+    /// When each decoded frame arrived, with where it starts in `heard`.
+    pub marks: Vec<(Instant, usize)>,
     /// RTP packets sent, dropped and received.
     pub sent: u64,
     /// RTP packets deliberately dropped.
@@ -83,6 +85,7 @@ impl Peer {
             decoder: Decoder::new(SampleRate::Hz48000, Channels::Mono).expect("decoder"),
             drop_every: 0,
             heard: Vec::new(),
+            marks: Vec::new(),
             sent: 0,
             dropped: 0,
             received: 0,
@@ -147,6 +150,13 @@ impl Peer {
             }
         }
         self.drain();
+    }
+
+    /// What arrived between `from` and `to`.
+    pub fn heard_between(&self, from: Instant, to: Instant) -> &[i16] {
+        let start = self.marks.iter().find(|(t, _)| *t >= from).map_or(self.heard.len(), |(_, i)| *i);
+        let end = self.marks.iter().find(|(t, _)| *t >= to).map_or(self.heard.len(), |(_, i)| *i);
+        &self.heard[start..end.max(start)]
     }
 
     /// Runs until connected or `limit` passes; returns whether it connected.
@@ -215,6 +225,7 @@ impl Peer {
                     let mut pcm = vec![0i16; FRAME * 6];
                     if let Ok(n) = self.decoder.decode(Some(&d.data[..]), &mut pcm[..], false) {
                         self.received += 1;
+                        self.marks.push((Instant::now(), self.heard.len()));
                         self.heard.extend_from_slice(&pcm[..n]);
                     }
                 }

@@ -133,3 +133,229 @@ fn whip_contract() {
     // The caller leaving ends the call, as a Twilio caller hanging up does.
     assert_error(&relay.get(&format!("/call-status?sessionId={id}")), 404);
 }
+
+/// Runs `peers` (each with what it sends) for `duration` on their own threads while `control`
+/// runs on this one.
+fn run_all(peers: &mut [(&mut Peer, Send)], duration: Duration, control: impl FnOnce()) {
+    std::thread::scope(|s| {
+        for (peer, send) in peers.iter_mut() {
+            let send = *send;
+            s.spawn(move || peer.run(duration, send));
+        }
+        control();
+    });
+}
+
+fn post(relay: &Relay, path: &str, body: serde_json::Value) {
+    let r = relay.post(path, &body);
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+}
+
+/// Mute silences the caller toward a WebRTC agent and unmute restores it.
+#[test]
+fn mute_silences_the_agent() {
+    let relay = Relay::start(&[]);
+    let id = "rtc-mute";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    let mut agent = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut agent, &format!("/whip/{id}?role=agent"), "tok");
+    caller.send_audio(&tone_frames(1000.0, 4.0));
+    let mut marks = Vec::new();
+    run_all(&mut [(&mut agent, Send::Nothing)], Duration::from_millis(3600), || {
+        let step = Duration::from_millis(1200);
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(step);
+        post(&relay, "/mute", serde_json::json!({ "sessionId": id }));
+        let t1 = std::time::Instant::now();
+        std::thread::sleep(step);
+        post(&relay, "/unmute", serde_json::json!({ "sessionId": id }));
+        let t2 = std::time::Instant::now();
+        marks = vec![t0, t1, t2];
+    });
+    let settle = Duration::from_millis(300);
+    let before = rms(agent.heard_between(marks[0] + settle, marks[1]));
+    let muted = rms(agent.heard_between(marks[1] + settle, marks[2]));
+    let after = rms(agent.heard_between(marks[2] + settle, marks[2] + Duration::from_millis(1000)));
+    assert!(before > 1000.0, "before mute the agent hears the caller (rms {before})");
+    assert!(muted < 50.0, "muted, the agent hears silence (rms {muted})");
+    assert!(after > 1000.0, "after unmute the agent hears the caller again (rms {after})");
+}
+
+/// `/send-custom-stream` switches what the agent hears to a published custom stream, another
+/// switch changes the tone, and `/resume-microphone` brings the caller back.
+#[test]
+fn custom_streams_replace_the_microphone() {
+    let relay = Relay::start(&[]);
+    let id = "rtc-custom";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    let mut agent = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut agent, &format!("/whip/{id}?role=agent"), "tok");
+    let mut c1 = Peer::new(Direction::SendOnly);
+    publish(&relay, &mut c1, &format!("/whip/{id}?role=custom&streamId=c1"), "tok");
+    let mut c2 = Peer::new(Direction::SendOnly);
+    publish(&relay, &mut c2, &format!("/whip/{id}?role=custom&streamId=c2"), "tok");
+    let tracks = relay.get(&format!("/track-status?sessionId={id}")).json();
+    let sources: Vec<&str> = tracks["data"]["publishedTracks"]
+        .as_array()
+        .expect("tracks")
+        .iter()
+        .filter_map(|t| t["source"].as_str())
+        .collect();
+    assert!(sources.iter().filter(|s| **s == "custom").count() == 2, "both custom streams are tracks: {tracks}");
+    caller.send_audio(&tone_frames(1000.0, 5.0));
+    let mut marks = Vec::new();
+    run_all(
+        &mut [(&mut agent, Send::Nothing), (&mut c1, Send::Tone(600.0)), (&mut c2, Send::Tone(1500.0))],
+        Duration::from_millis(4600),
+        || {
+            let step = Duration::from_millis(1100);
+            let t0 = std::time::Instant::now();
+            std::thread::sleep(step);
+            post(
+                &relay,
+                "/send-custom-stream",
+                serde_json::json!({ "sessionId": id, "streamId": "c1", "kind": "audio" }),
+            );
+            let t1 = std::time::Instant::now();
+            std::thread::sleep(step);
+            post(&relay, "/send-custom-stream", serde_json::json!({ "sessionId": id, "streamId": "c2" }));
+            let t2 = std::time::Instant::now();
+            std::thread::sleep(step);
+            post(&relay, "/resume-microphone", serde_json::json!({ "sessionId": id }));
+            let t3 = std::time::Instant::now();
+            marks = vec![t0, t1, t2, t3];
+        },
+    );
+    let settle = Duration::from_millis(300);
+    let window = |i: usize| {
+        let end = marks.get(i + 1).copied().unwrap_or(marks[i] + Duration::from_millis(1000));
+        dominant_hz(agent.heard_between(marks[i] + settle, end), 48_000).unwrap_or(0.0)
+    };
+    let expect = [1000.0, 600.0, 1500.0, 1000.0];
+    for (i, want) in expect.iter().enumerate() {
+        let got = window(i);
+        assert!((got - want).abs() <= 20.0, "window {i}: the agent hears {got} Hz, expected {want}");
+    }
+}
+
+/// A WHEP listener hears the caller and the agent mixed.
+#[test]
+fn whep_listener_hears_the_mix() {
+    let relay = Relay::start(&[]);
+    let id = "rtc-whep";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    let mut agent = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut agent, &format!("/whip/{id}?role=agent"), "tok");
+    let mut listener = Peer::new(Direction::RecvOnly);
+    let location = publish(&relay, &mut listener, &format!("/whep/{id}"), "tok");
+    assert!(location.starts_with(&format!("/whep/{id}/")), "{location}");
+    caller.send_audio(&tone_frames(1000.0, 3.0));
+    run_all(&mut [(&mut agent, Send::Tone(440.0)), (&mut listener, Send::Nothing)], Duration::from_millis(2500), || {});
+    assert!(listener.received >= 50, "the listener received {} frames", listener.received);
+    let heard = &listener.heard[listener.heard.len().saturating_sub(48_000)..];
+    let (at_440, at_1000, at_700) = (band(heard, 440.0), band(heard, 1000.0), band(heard, 700.0));
+    assert!(
+        at_440 > 10.0 * at_700 && at_1000 > 10.0 * at_700,
+        "both tones are in the mix: {at_440} {at_1000} vs {at_700}"
+    );
+}
+
+/// Energy of `pcm` (48 kHz) at `hz` (Goertzel).
+fn band(pcm: &[i16], hz: f64) -> f64 {
+    let w = std::f64::consts::TAU * hz / 48_000.0;
+    let c = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &v in pcm {
+        let s = f64::from(v) + c * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    s1 * s1 + s2 * s2 - c * s1 * s2
+}
+
+/// Packets lost on the way in are concealed: the counters move and the caller's audio goes on.
+#[test]
+fn loss_is_concealed() {
+    let relay = Relay::start(&[]);
+    let id = "rtc-loss";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    let mut agent = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut agent, &format!("/whip/{id}?role=agent"), "tok");
+    agent.drop_every = 7;
+    agent.run(Duration::from_secs(3), Send::Tone(440.0));
+    assert!(agent.dropped >= 15, "the peer dropped {} packets", agent.dropped);
+    let heard = caller_heard(&caller);
+    // 3 s of 20 ms frames; every lost one is replaced, so the caller gets nearly all of them.
+    assert!(heard.len() >= 8000 * 27 / 10, "the caller heard {} samples over 3 s", heard.len());
+    let hz = dominant_hz(&heard, 8000).expect("audio");
+    assert!((hz - 440.0).abs() <= 20.0, "the tone survives the loss: {hz}");
+    let detailed = relay.detailed();
+    let cores = detailed["services"]["server"]["cores"].as_array().expect("cores").clone();
+    let sum = |k: &str| cores.iter().map(|c| c["webrtc"][k].as_u64().unwrap_or(0)).sum::<u64>();
+    assert!(sum("lost") >= 10, "lost packets are counted: {cores:?}");
+    assert!(sum("concealed") + sum("fecRecovered") >= 10, "and concealed or recovered: {cores:?}");
+}
+
+/// The agent's audio drives `call_ready`, `agent_media_stream_ready`, `agent_start_talking` and
+/// `agent_stop_talking`, `isAgentTalking`, and raw samples at the session's rate.
+#[test]
+fn agent_voice_activity_and_raw_samples() {
+    let relay = Relay::start(&[]);
+    let id = "rtc-vad";
+    let r = relay.post(
+        "/start-call",
+        &serde_json::json!({ "sessionId": id, "accessToken": "tok", "sampleRate": 16000, "emitRawAudioSamples": true }),
+    );
+    assert_eq!(r.status, 200);
+    let mut events = relay.observe(id, "tok");
+    let mut agent = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut agent, &format!("/whip/{id}?role=agent"), "tok");
+    let mut talking = None;
+    run_all(&mut [(&mut agent, Send::Tone(440.0))], Duration::from_millis(1500), || {
+        std::thread::sleep(Duration::from_millis(1000));
+        talking = Some(relay.get(&format!("/call-status?sessionId={id}")).json()["data"]["isAgentTalking"].clone());
+    });
+    assert_eq!(talking, Some(serde_json::Value::Bool(true)), "the agent is talking while its tone plays");
+    agent.run(Duration::from_millis(800), Send::Nothing);
+    let mut names = Vec::new();
+    let mut raw = None;
+    while let Some(msg) = events.recv_within(Duration::from_millis(500)) {
+        let relay_tests::WsMsg::Json(m) = msg else { continue };
+        let name = m["eventType"].as_str().unwrap_or_default().to_owned();
+        if name == "audio" && raw.is_none() {
+            raw = m["data"].as_array().cloned();
+        }
+        names.push(name);
+    }
+    for want in ["agent_media_stream_ready", "call_ready", "agent_start_talking", "agent_stop_talking", "audio"] {
+        assert!(names.iter().any(|n| n == want), "{want} among {names:?}");
+    }
+    let raw = raw.expect("raw samples");
+    assert_eq!(raw.len(), 320, "20 ms at 16 kHz");
+    assert!(raw.iter().all(|v| v.as_f64().is_some_and(|x| (-1.0..=1.0).contains(&x))));
+}
+
+/// Two WebRTC peers talk through one session at full band: a WHIP caller and a WHIP agent.
+#[test]
+fn webrtc_caller_and_agent() {
+    let relay = Relay::start(&[]);
+    let id = "rtc-peers";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let mut caller = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut caller, &format!("/whip/{id}?role=caller"), "tok");
+    let mut agent = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut agent, &format!("/whip/{id}?role=agent"), "tok");
+    run_all(
+        &mut [(&mut caller, Send::Tone(5000.0 / 2.0)), (&mut agent, Send::Tone(700.0))],
+        Duration::from_secs(2),
+        || {},
+    );
+    let hz = dominant_hz(&agent.heard, 48_000).expect("audio");
+    assert!((hz - 2500.0).abs() <= 20.0, "the agent hears the caller's 2.5 kHz tone: {hz}");
+    let hz = dominant_hz(&caller.heard, 48_000).expect("audio");
+    assert!((hz - 700.0).abs() <= 20.0, "the caller hears the agent: {hz}");
+}

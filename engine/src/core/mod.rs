@@ -121,6 +121,25 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Agent audio or marks refused because the pacer queue was full.
     pub pacer_drops: u64,
+    /// WebRTC counters.
+    pub rtc: RtcStats,
+}
+
+/// What a core's WebRTC legs saw of the audio they received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RtcStats {
+    /// WebRTC peers now.
+    pub peers: u64,
+    /// Frames whose packet had not arrived when they were due.
+    pub lost: u64,
+    /// Frames made up by Opus's loss concealment.
+    pub concealed: u64,
+    /// Frames recovered from the next packet's forward error correction.
+    pub fec_recovered: u64,
+    /// Packets that arrived after their frame was played (dropped).
+    pub late: u64,
+    /// Packets that could not be decoded (concealed instead).
+    pub decode_errors: u64,
 }
 
 /// A core's sessions and their connections.
@@ -571,6 +590,7 @@ impl CoreState {
             session.pacer.handle_timeout(now.instant);
             self.drain_pacer(now, &id);
             self.rtc_tick(now, &id);
+            self.check_agent_quiet(now, &id);
             self.schedule(now, &id);
             self.finish_if_played(now, &id);
         }
@@ -634,7 +654,9 @@ impl CoreState {
 
     /// Current counts.
     pub fn stats(&self) -> Stats {
-        self.stats
+        let mut stats = self.stats;
+        stats.rtc.peers = self.rtc.as_ref().map_or(0, |r| r.endpoint.stats().peers as u64);
+        stats
     }
 
     /// The session a connection belongs to, if any.

@@ -22,6 +22,10 @@ use crate::session::media::{self, Mixer, Pcm, RtcLeg, Side};
 use crate::session::{Agent, Pending, Source, AGENT_BACKLOG};
 use crate::time::Now;
 
+/// An agent that sends no audio this long has stopped talking (the VAD's own hangover, ~300 ms,
+/// applies while frames arrive).
+const AGENT_QUIET: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Opus samples of one 20 ms frame on the wire (48 kHz clock).
 const WIRE_SAMPLES: u32 = 960;
 
@@ -235,11 +239,20 @@ impl CoreState {
     pub(super) fn rtc_tick(&mut self, now: Now, id: &SessionId) {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let mut due = Vec::new();
+        let counters = &mut self.stats.rtc;
         for leg in &mut session.legs {
             let Some(inbound) = leg.inbound.as_mut() else { continue };
+            let errors = inbound.decode_errors;
             while let Some(frame) = inbound.next_frame(now.instant) {
                 due.push((leg.peer, leg.role.clone(), frame));
             }
+            let (was, is) = (inbound.reported, inbound.playout.stats());
+            counters.lost += is.lost - was.lost;
+            counters.concealed += is.concealed - was.concealed;
+            counters.fec_recovered += is.fec_recovered - was.fec_recovered;
+            counters.late += is.late - was.late;
+            counters.decode_errors += inbound.decode_errors - errors;
+            inbound.reported = is;
         }
         for (peer, role, frame) in due {
             match role {
@@ -261,13 +274,21 @@ impl CoreState {
         }
     }
 
-    /// The next deadline of a session's WebRTC media (playout releases, the mix).
+    /// The next deadline of a session's media (playout releases, the mix, the agent going quiet).
     pub(super) fn rtc_session_timeout(session: &crate::session::Session) -> Option<std::time::Instant> {
         let legs = session.legs.iter().filter_map(RtcLeg::poll_timeout).min();
         let mix = session.mixer.as_ref().and_then(Mixer::poll_timeout);
-        match (legs, mix) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let quiet = session.agent_heard_at.filter(|_| session.vad.is_active()).map(|t| t + AGENT_QUIET);
+        [legs, mix, quiet].into_iter().flatten().min()
+    }
+
+    /// An agent talking that has sent nothing for [`AGENT_QUIET`] stopped talking.
+    pub(super) fn check_agent_quiet(&mut self, now: Now, id: &SessionId) {
+        let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
+        let quiet = session.agent_heard_at.is_some_and(|t| now.instant >= t + AGENT_QUIET);
+        if quiet && session.vad.is_active() {
+            session.vad.reset();
+            self.broadcast(now, id, RetellEvent::AgentStopTalking, json!({}));
         }
     }
 
@@ -350,6 +371,7 @@ impl CoreState {
             mixer.push(now.instant, Side::Agent, frame.clone());
         }
         let vad = session.vad.push(&frame.samples);
+        session.agent_heard_at = Some(now.instant);
         let raw = if session.emit_raw_audio_samples() {
             let rate = session.sample_rate();
             let samples = if rate == frame.rate {

@@ -421,6 +421,10 @@ impl Endpoint {
                         p.connected = true;
                         self.events.push_back(PeerEvent::Connected(id));
                     }
+                    Event::Closed => {
+                        closed = Some("the peer closed the connection");
+                        break;
+                    }
                     Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                         closed = Some("ICE connectivity lost");
                         break;

@@ -70,6 +70,8 @@ pub struct Inbound {
     down: Option<Resampler>,
     /// Packets that failed to decode.
     pub decode_errors: u64,
+    /// The playout counters as last reported to the core (the core adds only what changed).
+    pub reported: crate::media::playout::PlayoutStats,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -85,6 +87,7 @@ impl Inbound {
             decoder: OpusDecoder::new(48_000).ok()?,
             down: None,
             decode_errors: 0,
+            reported: crate::media::playout::PlayoutStats::default(),
         })
     }
 

@@ -140,6 +140,9 @@ pub struct Session {
     pub agent_framer: media::Framer,
     /// Agent audio → the session's `sampleRate`, for raw samples on `/ws`.
     pub raw: Option<crate::media::resample::Resampler>,
+    /// When the agent's last frame played: an agent that goes quiet by sending nothing (a bot
+    /// between replies, a muted browser) stops talking too.
+    pub agent_heard_at: Option<std::time::Instant>,
 }
 
 impl Session {
@@ -173,6 +176,7 @@ impl Session {
             caller_framer: media::Framer::new(SampleRate::Hz8000),
             agent_framer: media::Framer::new(SampleRate::Hz8000),
             raw: None,
+            agent_heard_at: None,
         }
     }
 

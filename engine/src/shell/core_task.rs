@@ -155,6 +155,7 @@ impl CoreHandle {
                 dropped_frames: g.dropped_frames[i].load(Ordering::Relaxed),
                 protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
                 pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
+                rtc: g.rtc[i].load(),
             })
             .collect()
     }
@@ -209,6 +210,7 @@ impl CoreShared {
         self.global.dropped_frames[self.id.0].store(self.dropped_frames.get(), Ordering::Relaxed);
         self.global.protocol_errors[self.id.0].store(stats.protocol_errors, Ordering::Relaxed);
         self.global.pacer_drops[self.id.0].store(stats.pacer_drops, Ordering::Relaxed);
+        self.global.rtc[self.id.0].store(&stats.rtc);
         result
     }
 

@@ -171,7 +171,34 @@ pub(crate) struct Global {
     protocol_errors: Vec<std::sync::atomic::AtomicU64>,
     /// Pacer refusals, per core.
     pacer_drops: Vec<std::sync::atomic::AtomicU64>,
+    /// WebRTC counters, per core.
+    rtc: Vec<RtcGauges>,
     started: Instant,
+}
+
+/// One core's WebRTC counters, shared.
+#[derive(Default)]
+pub(crate) struct RtcGauges([std::sync::atomic::AtomicU64; 6]);
+
+impl RtcGauges {
+    pub(crate) fn store(&self, s: &crate::core::RtcStats) {
+        let values = [s.peers, s.lost, s.concealed, s.fec_recovered, s.late, s.decode_errors];
+        for (gauge, value) in self.0.iter().zip(values) {
+            gauge.store(value, Ordering::Relaxed);
+        }
+    }
+
+    fn load(&self) -> crate::core::RtcStats {
+        let v = self.0.each_ref().map(|g| g.load(Ordering::Relaxed));
+        crate::core::RtcStats {
+            peers: v[0],
+            lost: v[1],
+            concealed: v[2],
+            fec_recovered: v[3],
+            late: v[4],
+            decode_errors: v[5],
+        }
+    }
 }
 
 /// A core's counts, read from the shared gauges.
@@ -191,6 +218,8 @@ pub struct CoreStats {
     pub protocol_errors: u64,
     /// Agent audio refused because a caller's pacer queue was full.
     pub pacer_drops: u64,
+    /// WebRTC peers and what their playout saw.
+    pub rtc: crate::core::RtcStats,
 }
 
 /// Asks a running relay to shut down gracefully; cheap to clone and `Send`.
@@ -283,6 +312,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         dropped_frames: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         protocol_errors: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
         pacer_drops: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+        rtc: (0..config.cores).map(|_| RtcGauges::default()).collect(),
         started: clock::now().instant,
     });
     let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.cores, config.limits.mesh_capacity);
