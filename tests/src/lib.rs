@@ -23,6 +23,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
+pub mod browser;
 pub mod telephony;
 pub mod twilio_rest;
 pub mod webrtc;

@@ -1025,3 +1025,27 @@ fn retell_events(received: &[Arrival]) -> Vec<(String, Value)> {
         .map(|v| (v["eventType"].as_str().unwrap_or_default().to_owned(), v["data"].clone()))
         .collect()
 }
+
+/// G.711 μ-law of one sample (the classic algorithm, written independently of the relay's tables).
+pub fn ulaw(sample: i16) -> u8 {
+    const BIAS: i32 = 0x84;
+    let mut s = i32::from(sample);
+    let sign = if s < 0 { 0x80 } else { 0 };
+    if s < 0 {
+        s = -s;
+    }
+    s = (s + BIAS).min(32635 + BIAS);
+    let exponent = (7 - (s.leading_zeros() as i32 - 17)).clamp(0, 7);
+    let mantissa = (s >> (exponent + 3)) & 0x0f;
+    !(sign | (exponent << 4) as u8 as i32 | mantissa) as u8
+}
+
+/// The sample a G.711 μ-law code stands for.
+pub fn unulaw(code: u8) -> i16 {
+    let c = !code;
+    let sign = c & 0x80;
+    let exponent = i32::from((c >> 4) & 0x07);
+    let mantissa = i32::from(c & 0x0f);
+    let magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84;
+    (if sign != 0 { -magnitude } else { magnitude }) as i16
+}

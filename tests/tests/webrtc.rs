@@ -4,33 +4,10 @@
 
 use std::time::Duration;
 
-use relay_tests::telephony::{unb64, TwilioCaller};
+use relay_tests::telephony::{ulaw, unb64, unulaw, TwilioCaller};
 use relay_tests::webrtc::{dominant_hz, rms, Peer, Send};
 use relay_tests::{assert_error, Relay, Response};
 use str0m::media::Direction;
-
-/// G.711 μ-law of one sample (the classic algorithm, written independently of the relay's tables).
-fn ulaw(sample: i16) -> u8 {
-    const BIAS: i32 = 0x84;
-    let mut s = i32::from(sample);
-    let sign = if s < 0 { 0x80 } else { 0 };
-    if s < 0 {
-        s = -s;
-    }
-    s = (s + BIAS).min(32635 + BIAS);
-    let exponent = (7 - (s.leading_zeros() as i32 - 17)).clamp(0, 7);
-    let mantissa = (s >> (exponent + 3)) & 0x0f;
-    !(sign | (exponent << 4) as u8 as i32 | mantissa) as u8
-}
-
-fn unulaw(code: u8) -> i16 {
-    let c = !code;
-    let sign = c & 0x80;
-    let exponent = i32::from((c >> 4) & 0x07);
-    let mantissa = i32::from(c & 0x0f);
-    let magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84;
-    (if sign != 0 { -magnitude } else { magnitude }) as i16
-}
 
 /// `seconds` of a μ-law tone in 20 ms frames.
 fn tone_frames(hz: f32, seconds: f32) -> Vec<Vec<u8>> {
@@ -358,4 +335,23 @@ fn webrtc_caller_and_agent() {
     assert!((hz - 2500.0).abs() <= 20.0, "the agent hears the caller's 2.5 kHz tone: {hz}");
     let hz = dominant_hz(&caller.heard, 48_000).expect("audio");
     assert!((hz - 700.0).abs() <= 20.0, "the caller hears the agent: {hz}");
+}
+
+/// An offer without Opus is refused with a clear 400; with an API key configured, a request with
+/// no token is refused before the session is asked, and the API key opens any session's legs.
+#[test]
+fn codec_and_credentials() {
+    let relay = Relay::start(&["--api-key", "secret-key"]);
+    let id = "rtc-creds";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let peer = Peer::new(Direction::SendOnly);
+    let pcmu = peer.offer().replace("opus/48000/2", "PCMU/8000");
+    assert_ne!(pcmu, peer.offer());
+    let r = offer(&relay, &format!("/whip/{id}"), "tok", &pcmu);
+    assert_error(&r, 400);
+    assert!(r.text().contains("Opus"), "the error names the supported codec: {}", r.text());
+    let r = relay.request("POST", &format!("/whip/{id}"), &[("Content-Type", "application/sdp")], Some(peer.offer()));
+    assert_error(&r, 401);
+    let mut operator = Peer::new(Direction::SendOnly);
+    publish(&relay, &mut operator, &format!("/whip/{id}?role=custom&streamId=op"), "secret-key");
 }

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use relay_engine::core::command::{Command, Reply, RtcOffer, RtcRole};
-use relay_engine::id::SessionId;
+use relay_engine::core::Credential;
 use relay_engine::shell::{CoreHandle, Request};
 use serde_json::json;
 
@@ -75,7 +75,7 @@ pub async fn offer(
     if sdp.trim().is_empty() {
         return Err(ApiError::bad_request("the SDP offer is empty"));
     }
-    let credential = auth::credential(config.api_key.as_ref(), &request.head.headers, None);
+    let credential = media_credential(config, request)?;
     let owner = core.owner(&id);
     let name = id.as_str().to_owned();
     let command = Command::RtcOffer(Box::new(RtcOffer { role, sdp, credential }));
@@ -84,7 +84,7 @@ pub async fn offer(
             let mut r = Response::new(Bytes::from(sdp));
             *r.status_mut() = StatusCode::CREATED;
             let location =
-                format!("{}{}/{}/{leg}", config.public_url.as_deref().unwrap_or(""), kind.prefix(), encode(&id));
+                format!("{}{}/{}/{leg}", config.public_url.as_deref().unwrap_or(""), kind.prefix(), id.as_str());
             let headers = r.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/sdp"));
             if let Ok(v) = HeaderValue::from_str(&location) {
@@ -113,7 +113,7 @@ pub async fn delete(core: &CoreHandle, config: &ApiConfig, request: &Request) ->
         .get(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such WebRTC leg in this session"))?;
-    let credential = auth::credential(config.api_key.as_ref(), &request.head.headers, None);
+    let credential = media_credential(config, request)?;
     let owner = core.owner(&id);
     let name = id.as_str().to_owned();
     let mut response = match core.dispatch(id, Command::RtcEnd { leg, credential }).await {
@@ -127,7 +127,12 @@ pub async fn delete(core: &CoreHandle, config: &ApiConfig, request: &Request) ->
     Ok(response)
 }
 
-/// A session id in a path: its characters need no escaping (`[A-Za-z0-9._:-]`).
-fn encode(id: &SessionId) -> &str {
-    id.as_str()
+/// What a media-leg request presents: the session's token or the API key (`Authorization:
+/// Bearer`). Nothing is enough only for a session without a token on a relay without an API key.
+fn media_credential(config: &ApiConfig, request: &Request) -> Result<Credential, ApiError> {
+    let credential = auth::credential(config.api_key.as_ref(), &request.head.headers, None);
+    if config.api_key.is_some() && matches!(credential, Credential::Anonymous) {
+        return Err(ApiError::unauthorized("send Authorization: Bearer <the session's accessToken>"));
+    }
+    Ok(credential)
 }

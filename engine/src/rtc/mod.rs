@@ -221,6 +221,7 @@ impl Endpoint {
         if self.peers.len() >= self.max_peers {
             return Err(OfferError::TooManyPeers { limit: self.max_peers });
         }
+        let offered_audio = offer.lines().any(|l| l.trim_start().starts_with("m=audio "));
         let offer = SdpOffer::from_sdp_string(offer).map_err(|e| OfferError::Malformed(short(&e.to_string())))?;
         let creds = IceCreds::new();
         let ufrag = creds.ufrag.clone();
@@ -243,6 +244,8 @@ impl Endpoint {
         let (mid, pt, direction) = match answered_audio(&answer) {
             Answered::Opus { mid, pt, direction } => (Mid::from(mid.as_str()), Pt::from(pt), direction),
             Answered::NoOpus => return Err(OfferError::UnsupportedCodec),
+            // str0m rejects (port 0) an audio section it has no codec for.
+            Answered::NoAudio if offered_audio => return Err(OfferError::UnsupportedCodec),
             Answered::NoAudio => return Err(OfferError::NoAudio),
         };
         let flow = Flow {
