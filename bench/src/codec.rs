@@ -19,7 +19,6 @@ use relay_engine::media::opus::{OpusDecoder, OpusEncoder, OpusSettings};
 use relay_engine::media::resample::Resampler;
 use relay_engine::media::{g711, SampleRate};
 use rubato::audioadapter_buffers::direct::SequentialSlice;
-use rubato::Resampler as _;
 use serde_json::{json, Value};
 
 /// What the scenario measures.
@@ -148,7 +147,7 @@ pub fn run(opts: &CodecOptions) -> anyhow::Result<()> {
             );
             opus_rows.push(json!({
                 "setting": label, "complexity": settings.complexity, "fec": settings.fec, "dtx": settings.dtx,
-                "packet_loss_pct": settings.packet_loss_pct, "path": path.name(),
+                "packet_loss_pct": settings.packet_loss_pct, "bitrate_bps": settings.bitrate_bps, "path": path.name(),
                 "encode": r.encode.json(), "decode": r.decode.json(), "kbps": r.kbps,
                 "snr_db": r.snr_db, "snr_5pct_loss_db": r.snr_loss_db, "tone_440_recovered_hz": r.tone_hz,
                 "conceal": r.conceal.json(), "decode_fec": r.fec.json(),
@@ -175,26 +174,29 @@ pub fn run(opts: &CodecOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The settings compared: complexities with the default FEC/DTX, then FEC and DTX toggled.
+/// The settings compared: complexities at libopus's automatic bitrate, then FEC, DTX and
+/// explicit bitrates (libopus adds FEC only above a complexity- and loss-dependent rate).
 fn opus_settings() -> Vec<(String, OpusSettings)> {
-    let d = OpusSettings::default();
-    let mut v = vec![("default".to_owned(), d)];
-    for complexity in [0u8, 1, 3, 5, 8, 10] {
-        v.push((
-            format!("c{complexity} fec dtx-off"),
-            OpusSettings { complexity, fec: true, dtx: false, packet_loss_pct: 10 },
-        ));
+    let s = |complexity, fec, dtx, bitrate_bps| OpusSettings {
+        complexity,
+        fec,
+        dtx,
+        packet_loss_pct: if fec { 10 } else { 0 },
+        bitrate_bps,
+    };
+    let mut v = vec![("default".to_owned(), OpusSettings::default())];
+    for c in [0u8, 1, 3, 5, 8, 10] {
+        v.push((format!("c{c} fec auto"), s(c, true, false, None)));
     }
-    for complexity in [1u8, 5] {
-        v.push((
-            format!("c{complexity} fec-off"),
-            OpusSettings { complexity, fec: false, dtx: false, packet_loss_pct: 0 },
-        ));
-        v.push((
-            format!("c{complexity} fec dtx-on"),
-            OpusSettings { complexity, fec: true, dtx: true, packet_loss_pct: 10 },
-        ));
+    v.push(("c1 fec-off auto".to_owned(), s(1, false, false, None)));
+    v.push(("c1 fec dtx auto".to_owned(), s(1, true, true, None)));
+    for kbps in [16u32, 24, 32] {
+        v.push((format!("c1 fec {kbps}k"), s(1, true, false, Some(kbps * 1000))));
+        v.push((format!("c1 fec-off {kbps}k"), s(1, false, false, Some(kbps * 1000))));
     }
+    v.push(("c0 fec 24k".to_owned(), s(0, true, false, Some(24_000))));
+    v.push(("c3 fec 24k".to_owned(), s(3, true, false, Some(24_000))));
+    v.push(("c1 fec dtx 24k".to_owned(), s(1, true, true, Some(24_000))));
     v
 }
 

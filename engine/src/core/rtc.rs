@@ -105,7 +105,7 @@ impl CoreState {
         if offer.role == RtcRole::Listener && session.mixer.is_none() {
             session.mixer = Some(Mixer::new(rtc.opus));
         }
-        session.legs.push(RtcLeg::new(peer, offer.role, flow, rtc.opus, rtc.playout.clone()));
+        session.legs.push(RtcLeg::new(peer, offer.role, flow, rtc.opus, rtc.playout));
         self.drain_rtc_events(now);
         Ok(Reply::RtcAnswer { leg: peer.0, sdp })
     }

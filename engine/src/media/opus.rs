@@ -39,11 +39,16 @@ pub struct OpusSettings {
     pub dtx: bool,
     /// Expected packet loss, 0 to 100 %; with FEC on, higher values spend more bits on it.
     pub packet_loss_pct: u8,
+    /// Target bitrate in bits per second (6000 to 510000), or `None` for libopus's automatic
+    /// choice (about 11 kbps for 8 kHz input, 51 kbps for 48 kHz). libopus adds FEC only above a
+    /// threshold (about 14 kbps for narrowband at 10 % loss), so with the automatic rate an
+    /// 8 kHz encoder carries no FEC at all.
+    pub bitrate_bps: Option<u32>,
 }
 
 impl Default for OpusSettings {
     fn default() -> Self {
-        Self { complexity: 1, fec: true, dtx: false, packet_loss_pct: 10 }
+        Self { complexity: 1, fec: true, dtx: false, packet_loss_pct: 10, bitrate_bps: Some(16_000) }
     }
 }
 
@@ -59,6 +64,9 @@ pub enum CodecError {
     /// [`OpusSettings::packet_loss_pct`] above 100.
     #[error("expected packet loss {0} % is out of range 0..=100")]
     InvalidPacketLoss(u8),
+    /// [`OpusSettings::bitrate_bps`] outside 6000..=510000.
+    #[error("Opus bitrate {0} bit/s is out of range 6000..=510000")]
+    InvalidBitrate(u32),
     /// PCM given to encode, or room given to decode, is not exactly one 20 ms frame.
     #[error("expected one 20 ms frame of {expected} samples, got {actual}")]
     FrameSize {
@@ -120,7 +128,7 @@ impl OpusEncoder {
     /// # Errors
     ///
     /// [`CodecError::UnsupportedRate`], [`CodecError::InvalidComplexity`],
-    /// [`CodecError::InvalidPacketLoss`], or [`CodecError::Library`] if libopus refuses.
+    /// [`CodecError::InvalidPacketLoss`], [`CodecError::InvalidBitrate`], or [`CodecError::Library`] if libopus refuses.
     pub fn new(input_rate_hz: u32, settings: &OpusSettings) -> Result<Self, CodecError> {
         let rate = opus_rate(input_rate_hz)?;
         if settings.complexity > 10 {
@@ -129,7 +137,14 @@ impl OpusEncoder {
         if settings.packet_loss_pct > 100 {
             return Err(CodecError::InvalidPacketLoss(settings.packet_loss_pct));
         }
+        if let Some(bps) = settings.bitrate_bps.filter(|b| !(6000..=510_000).contains(b)) {
+            return Err(CodecError::InvalidBitrate(bps));
+        }
         let mut inner = Encoder::new(rate, Channels::Mono, Application::Voip)?;
+        if let Some(bps) = settings.bitrate_bps {
+            // In range, so the cast is lossless.
+            inner.set_bitrate(audiopus::Bitrate::BitsPerSecond(bps as i32))?;
+        }
         inner.set_signal(Signal::Voice)?;
         inner.set_complexity(settings.complexity)?;
         inner.set_inband_fec(settings.fec)?;
@@ -360,9 +375,16 @@ mod tests {
         assert_eq!(OpusEncoder::new(8000, &c11).err(), Some(CodecError::InvalidComplexity(11)));
         let loss = OpusSettings { packet_loss_pct: 101, ..s };
         assert_eq!(OpusEncoder::new(8000, &loss).err(), Some(CodecError::InvalidPacketLoss(101)));
+        for bps in [0, 5999, 510_001] {
+            let b = OpusSettings { bitrate_bps: Some(bps), ..s };
+            assert_eq!(OpusEncoder::new(8000, &b).err(), Some(CodecError::InvalidBitrate(bps)));
+        }
+        for bps in [6000, 510_000] {
+            assert!(OpusEncoder::new(8000, &OpusSettings { bitrate_bps: Some(bps), ..s }).is_ok());
+        }
         for complexity in 0..=10 {
             for (fec, dtx) in [(false, false), (true, true)] {
-                let ok = OpusSettings { complexity, fec, dtx, packet_loss_pct: 100 };
+                let ok = OpusSettings { complexity, fec, dtx, packet_loss_pct: 100, bitrate_bps: None };
                 assert!(OpusEncoder::new(48000, &ok).is_ok(), "complexity {complexity}");
             }
         }
@@ -430,51 +452,50 @@ mod tests {
         assert!(energy(&out) < last * 0.01, "long loss fades out: {} vs {last}", energy(&out));
     }
 
-    /// With FEC on, a lost frame recovered from the next packet is much closer to the original
-    /// than plain concealment.
+    /// Decodes `packets` at `rate`, losing frame `lost` and recovering it by FEC or concealment.
+    fn decode_with_loss(packets: &[Bytes], rate: u32, lost: Option<(usize, bool)>) -> Vec<Vec<i16>> {
+        let mut dec = OpusDecoder::new(rate).expect("decoder");
+        let mut out = vec![0i16; rate as usize / 50];
+        let mut decoded = Vec::new();
+        for (i, p) in packets.iter().enumerate() {
+            match lost {
+                Some((l, true)) if l == i => dec.decode_fec(&packets[i + 1], &mut out).expect("fec"),
+                Some((l, false)) if l == i => dec.conceal(&mut out).expect("conceal"),
+                _ => dec.decode(p, &mut out).expect("decode"),
+            };
+            decoded.push(out.clone());
+        }
+        decoded
+    }
+
+    /// With the default settings (FEC on, 16 kbps) a lost frame recovered from the next packet is
+    /// much closer to the clean decode than plain concealment, at 8 and 16 kHz; with FEC off
+    /// (or libopus's automatic 11 kbps at 8 kHz, below its FEC threshold) it is not.
     #[test]
     fn fec_recovers_lost_frame() {
-        let settings = OpusSettings { complexity: 5, fec: true, dtx: false, packet_loss_pct: 20 };
-        let mut enc = OpusEncoder::new(16000, &settings).expect("encoder");
-        // A tone whose pitch changes every frame, so concealment (extrapolation) cannot guess it.
-        let frames: Vec<Vec<i16>> = (0..40).map(|i| tone(16000, 200.0 + 37.0 * (i % 7) as f64, 9000.0, i)).collect();
-        let packets: Vec<Bytes> = frames.iter().map(|f| enc.encode(f).expect("encode")).collect();
-        let lost = 30;
-        let run = |use_fec: bool| {
-            let mut dec = OpusDecoder::new(16000).expect("decoder");
-            let mut out = vec![0i16; 320];
-            let mut decoded = Vec::new();
-            for (i, p) in packets.iter().enumerate() {
-                if i == lost {
-                    if use_fec {
-                        dec.decode_fec(&packets[i + 1], &mut out).expect("fec");
-                    } else {
-                        dec.conceal(&mut out).expect("conceal");
-                    }
-                } else {
-                    dec.decode(p, &mut out).expect("decode");
-                }
-                decoded.push(out.clone());
-            }
-            decoded
-        };
-        let (with_fec, without) = (run(true), run(false));
-        // Compare the frame with a clean decode of the same stream.
-        let clean = {
-            let mut dec = OpusDecoder::new(16000).expect("decoder");
-            let mut out = vec![0i16; 320];
-            let mut v = Vec::new();
-            for p in &packets {
-                dec.decode(p, &mut out).expect("decode");
-                v.push(out.clone());
-            }
-            v
-        };
         let err =
             |a: &[i16], b: &[i16]| a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>();
-        let e_fec = err(&with_fec[lost], &clean[lost]);
-        let e_plc = err(&without[lost], &clean[lost]);
-        assert!(e_fec < e_plc * 0.5, "FEC error {e_fec} should be well below PLC error {e_plc}");
+        let with_fec = OpusSettings::default();
+        let no_fec = OpusSettings { fec: false, ..with_fec };
+        let auto_rate = OpusSettings { bitrate_bps: None, ..with_fec };
+        for (rate, settings, expect_fec) in
+            [(8000, with_fec, true), (16000, with_fec, true), (8000, no_fec, false), (8000, auto_rate, false)]
+        {
+            let mut enc = OpusEncoder::new(rate, &settings).expect("encoder");
+            // A tone whose pitch changes every frame, so concealment (extrapolation) cannot guess it.
+            let packets: Vec<Bytes> = (0..40)
+                .map(|i| enc.encode(&tone(rate, 200.0 + 37.0 * (i % 7) as f64, 9000.0, i)).expect("encode"))
+                .collect();
+            let lost = 30;
+            let clean = decode_with_loss(&packets, rate, None);
+            let e_fec = err(&decode_with_loss(&packets, rate, Some((lost, true)))[lost], &clean[lost]);
+            let e_plc = err(&decode_with_loss(&packets, rate, Some((lost, false)))[lost], &clean[lost]);
+            if expect_fec {
+                assert!(e_fec < e_plc * 0.5, "{rate} Hz: FEC error {e_fec} should be well below PLC error {e_plc}");
+            } else {
+                assert!(e_fec > e_plc * 0.5, "{rate} Hz {settings:?}: FEC {e_fec} vs PLC {e_plc}: FEC present?");
+            }
+        }
     }
 
     /// With DTX on, sustained silence becomes tiny packets; speech does not.

@@ -10,6 +10,11 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 
 use super::*;
 
+fn origin() -> Instant {
+    #[allow(clippy::disallowed_methods)] // The virtual clock's origin; the test advances it by hand.
+    Instant::now()
+}
+
 fn client(dir: Direction, now: Instant) -> (Rtc, String, str0m::change::SdpPendingOffer, SocketAddr) {
     let addr: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
     let mut rtc = Rtc::builder().build(now);
@@ -23,7 +28,7 @@ fn client(dir: Direction, now: Instant) -> (Rtc, String, str0m::change::SdpPendi
 /// Offer → answer → ICE and DTLS over in-memory datagrams → audio both ways.
 #[test]
 fn connects_and_carries_audio() {
-    let mut now = Instant::now();
+    let mut now = origin();
     let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
     let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
     let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
@@ -80,7 +85,7 @@ fn connects_and_carries_audio() {
 /// Offers that cannot work are refused with the reason; the core's peer limit holds.
 #[test]
 fn refusals() {
-    let now = Instant::now();
+    let now = origin();
     let mut ep = Endpoint::new(Certificate::generate().expect("cert"), "127.0.0.1:4000".parse().expect("addr"), 1);
     assert!(matches!(ep.accept(now, "not sdp", Want::Receive), Err(OfferError::Malformed(_))));
     let (_, send_only, _, _) = client(Direction::SendOnly, now);

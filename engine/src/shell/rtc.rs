@@ -32,11 +32,19 @@ const MAX_DATAGRAM: usize = 2048;
 /// [`StartError::Rtc`] when a port is taken or the candidate address would be unusable.
 pub(crate) fn bind(settings: &RtcSettings, listen_ip: IpAddr, cores: usize) -> Result<Vec<CoreRtc>, StartError> {
     let cert = Certificate::generate().map_err(|e| StartError::Rtc(e.to_string()))?;
-    let public = settings.public_ip.unwrap_or(listen_ip);
+    let public = match settings.public_ip {
+        Some(ip) => ip,
+        None if !listen_ip.is_unspecified() => listen_ip,
+        // Listening everywhere: candidates name the address of the interface that has the default
+        // route, as a browser would see it on a LAN; deployments behind NAT set --public-ip.
+        None => default_route_ip(listen_ip.is_ipv6()).ok_or_else(|| {
+            StartError::Rtc(format!(
+                "listening on {listen_ip} and no interface address was found for ICE candidates: set --public-ip (or --disable-webrtc)"
+            ))
+        })?,
+    };
     if public.is_unspecified() {
-        return Err(StartError::Rtc(format!(
-            "ICE candidates need a reachable address, and the listen address is {listen_ip}: set --public-ip"
-        )));
+        return Err(StartError::Rtc("--public-ip must be a reachable address, not 0.0.0.0 or ::".to_owned()));
     }
     (0..cores)
         .map(|i| {
@@ -57,6 +65,16 @@ pub(crate) fn bind(settings: &RtcSettings, listen_ip: IpAddr, cores: usize) -> R
             })
         })
         .collect()
+}
+
+/// The local address of the interface holding the default route, found by connecting a UDP
+/// socket to a documentation address (a UDP connect sends nothing).
+fn default_route_ip(v6: bool) -> Option<IpAddr> {
+    let (bind, probe) = if v6 { ("[::]:0", "[2001:db8::1]:9") } else { ("0.0.0.0:0", "192.0.2.1:9") };
+    let socket = UdpSocket::bind(bind).ok()?;
+    socket.connect(probe).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// Reads the core's WebRTC socket and feeds every datagram to the core state.
