@@ -90,7 +90,7 @@ pub fn run(opts: &CodecOptions) -> anyhow::Result<()> {
     );
     let mut rs_rows = Vec::new();
     for kind in ResamplerKind::ALL {
-        let row = measure_resampler(kind, &speech, frames)?;
+        let row = measure_resampler(kind, &speech)?;
         println!(
             "  {:<34} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>5.1} ms {:>9.1} {:>9.2}",
             kind.name(),
@@ -128,7 +128,7 @@ pub fn run(opts: &CodecOptions) -> anyhow::Result<()> {
     );
     let mut opus_rows = Vec::new();
     for (label, settings) in opus_settings() {
-        for path in [Path::Narrow, Path::Resampled] {
+        for path in [Path::Narrow, Path::Resampled, Path::WideToNarrow] {
             let r = measure_opus(settings, path, &speech, frames)?;
             println!(
                 "  {:<22} {:<10} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>6.1} {:>7.2} {:>8.2} {:>8.1}",
@@ -207,6 +207,9 @@ enum Path {
     Narrow,
     /// rubato 8 → 48 kHz then encode at 48 kHz; decode at 48 kHz then rubato 48 → 8 kHz.
     Resampled,
+    /// As a browser's stream reaches us: encoded at 48 kHz (after rubato 8 → 48 kHz, as above),
+    /// decoded straight to 8 kHz by libopus. Encode figures repeat `Resampled`'s.
+    WideToNarrow,
 }
 
 impl Path {
@@ -214,6 +217,7 @@ impl Path {
         match self {
             Self::Narrow => "8k",
             Self::Resampled => "48k+rs",
+            Self::WideToNarrow => "48k→dec8k",
         }
     }
 }
@@ -231,10 +235,7 @@ struct OpusResult {
 
 fn measure_opus(settings: OpusSettings, path: Path, speech: &[i16], frames: usize) -> anyhow::Result<OpusResult> {
     let total = speech.len() / 160;
-    let enc_rate = match path {
-        Path::Narrow => 8000,
-        Path::Resampled => 48000,
-    };
+    let enc_rate = if path == Path::Narrow { 8000 } else { 48000 };
     // Encode every frame once for the packets, timing each call (the first 50 are warm-up).
     let mut encoder = OpusEncoder::new(enc_rate, &settings)?;
     let mut up = Resampler::new(SampleRate::Hz8000, SampleRate::Hz48000)?;
@@ -246,7 +247,7 @@ fn measure_opus(settings: OpusSettings, path: Path, speech: &[i16], frames: usiz
         let t = Instant::now();
         let p = match path {
             Path::Narrow => encoder.encode(frame)?,
-            Path::Resampled => {
+            Path::Resampled | Path::WideToNarrow => {
                 up.process(frame, &mut wide)?;
                 encoder.encode(&wide)?
             }
@@ -268,7 +269,7 @@ fn measure_opus(settings: OpusSettings, path: Path, speech: &[i16], frames: usiz
     let snr_loss_db = aligned_snr(&speech[50 * 160..], &lossy[50 * 160..]);
 
     // Concealment and FEC decode cost at the path's decode rate.
-    let dec_rate = if path == Path::Narrow { 8000 } else { 48000 };
+    let dec_rate = if path == Path::Resampled { 48000 } else { 8000 };
     let mut decoder = OpusDecoder::new(dec_rate)?;
     let mut out = vec![0i16; dec_rate as usize / 50];
     let mut conceal_ns = Vec::new();
@@ -295,7 +296,7 @@ fn measure_opus(settings: OpusSettings, path: Path, speech: &[i16], frames: usiz
     for frame in tone.chunks_exact(160) {
         tone_packets.push(match path {
             Path::Narrow => encoder.encode(frame)?,
-            Path::Resampled => {
+            Path::Resampled | Path::WideToNarrow => {
                 up.process(frame, &mut wide)?;
                 encoder.encode(&wide)?
             }
@@ -323,7 +324,7 @@ fn decode_path(
     path: Path,
     lost: impl Fn(usize) -> bool,
 ) -> anyhow::Result<(Vec<i16>, Vec<u64>)> {
-    let dec_rate = if path == Path::Narrow { 8000 } else { 48000 };
+    let dec_rate = if path == Path::Resampled { 48000 } else { 8000 };
     let mut decoder = OpusDecoder::new(dec_rate)?;
     let mut down = Resampler::new(SampleRate::Hz48000, SampleRate::Hz8000)?;
     let mut buf = vec![0i16; dec_rate as usize / 50];
@@ -338,7 +339,7 @@ fn decode_path(
             decoder.decode(p, &mut buf)?;
         }
         match path {
-            Path::Narrow => narrow.copy_from_slice(&buf),
+            Path::Narrow | Path::WideToNarrow => narrow.copy_from_slice(&buf),
             Path::Resampled => down.process(&buf, &mut narrow)?,
         }
         let ns = t.elapsed().as_nanos() as u64;
@@ -353,7 +354,7 @@ fn decode_path(
 /// rubato configurations compared for the resampler module.
 #[derive(Debug, Clone, Copy)]
 enum ResamplerKind {
-    /// `relay_engine::media::resample::Resampler` (Fft, 4 sub-chunks).
+    /// `relay_engine::media::resample::Resampler` (Fft, 1 sub-chunk).
     Engine,
     /// rubato `Fft`, fixed input, this many sub-chunks per 20 ms.
     Fft(usize),
@@ -369,7 +370,7 @@ impl ResamplerKind {
 
     fn name(self) -> String {
         match self {
-            Self::Engine => "engine Resampler (Fft, 4 sub-chunks)".to_owned(),
+            Self::Engine => "engine Resampler (Fft, 1 sub-chunk)".to_owned(),
             Self::Fft(n) => format!("rubato Fft, {n} sub-chunk(s)"),
             Self::Sinc(n) => format!("rubato Async sinc {n}"),
             Self::Cubic => "rubato Async cubic".to_owned(),
@@ -419,14 +420,14 @@ struct ResamplerRow {
 
 /// One direction of a resampler under test, frame by frame, i16 in and out.
 enum Stage {
-    Engine(Resampler),
+    Engine(Box<Resampler>),
     Rubato { r: Box<dyn rubato::Resampler<f32>>, input: Vec<f32>, output: Vec<f32> },
 }
 
 impl Stage {
     fn new(kind: ResamplerKind, from: SampleRate, to: SampleRate) -> anyhow::Result<Self> {
         Ok(match kind {
-            ResamplerKind::Engine => Self::Engine(Resampler::new(from, to)?),
+            ResamplerKind::Engine => Self::Engine(Box::new(Resampler::new(from, to)?)),
             other => {
                 let r = other.build(from.hz() as usize, to.hz() as usize)?;
                 let output = vec![0.0; r.output_frames_max()];
@@ -464,7 +465,7 @@ impl Stage {
     }
 }
 
-fn measure_resampler(kind: ResamplerKind, speech: &[i16], frames: usize) -> anyhow::Result<ResamplerRow> {
+fn measure_resampler(kind: ResamplerKind, speech: &[i16]) -> anyhow::Result<ResamplerRow> {
     let mut up = Stage::new(kind, SampleRate::Hz8000, SampleRate::Hz48000)?;
     let mut down = Stage::new(kind, SampleRate::Hz48000, SampleRate::Hz8000)?;
     let delay_ms = up.delay() as f64 / 48.0 + down.delay() as f64 / 8.0;
@@ -501,7 +502,6 @@ fn measure_resampler(kind: ResamplerKind, speech: &[i16], frames: usize) -> anyh
     let tail = &tone_wide[tone_wide.len() / 2..];
     let rms = (tail.iter().map(|&s| f64::from(s).powi(2)).sum::<f64>() / tail.len().max(1) as f64).sqrt();
     let gain_3400_db = 20.0 * (rms / (10000.0 / std::f64::consts::SQRT_2)).log10();
-    let _ = frames;
     Ok(ResamplerRow { up: Timing::of(up_ns), down: Timing::of(down_ns), delay_ms, snr_db, gain_3400_db })
 }
 

@@ -70,6 +70,7 @@
 //!     limits: Limits::default(),
 //!     agents: Default::default(),
 //!     stream_key: None,
+//!     rtc: Some(Default::default()),
 //! };
 //! let relay = shell::start(config, Hello).expect("relay starts");
 //! relay.wait().expect("clean exit");
