@@ -240,10 +240,20 @@ impl CoreState {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let mut due = Vec::new();
         let counters = &mut self.stats.rtc;
+        // Who hears each side at full band: WebRTC peers and the mix; phones need only 8 kHz.
+        let mix = session.mixer.is_some();
+        let agent_peer =
+            matches!(session.agent, Agent::Peer(p) if session.legs.iter().any(|l| l.peer == p && l.flow.sends));
+        let caller_peer = session.legs.iter().any(|l| l.role == RtcRole::Caller && l.flow.sends);
         for leg in &mut session.legs {
+            let wideband = match leg.role {
+                RtcRole::Caller | RtcRole::Custom(_) => agent_peer || mix,
+                RtcRole::Agent => caller_peer || mix,
+                RtcRole::Listener => false,
+            };
             let Some(inbound) = leg.inbound.as_mut() else { continue };
             let errors = inbound.decode_errors;
-            while let Some(frame) = inbound.next_frame(now.instant) {
+            while let Some(frame) = inbound.next_frame(now.instant, wideband) {
                 due.push((leg.peer, leg.role.clone(), frame));
             }
             let (was, is) = (inbound.reported, inbound.playout.stats());

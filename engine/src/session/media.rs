@@ -65,7 +65,10 @@ pub fn pcm8_to_ulaw_b64(samples: &[i16]) -> Bytes {
 pub struct Inbound {
     /// Reorders, absorbs jitter, decides where concealment goes.
     pub playout: PlayoutBuffer,
+    /// Decodes at 48 kHz while a WebRTC peer or the mix hears this leg, else straight to 8 kHz
+    /// (cheaper, and no resampler delay on the way to a phone).
     decoder: OpusDecoder,
+    rate: SampleRate,
     /// 48 → 8 kHz, made when a μ-law sink first needs this leg's audio.
     down: Option<Resampler>,
     /// Packets that failed to decode.
@@ -84,30 +87,42 @@ impl Inbound {
     fn new(playout: PlayoutConfig) -> Option<Self> {
         Some(Self {
             playout: PlayoutBuffer::new(playout),
-            decoder: OpusDecoder::new(48_000).ok()?,
+            decoder: OpusDecoder::new(8_000).ok()?,
+            rate: SampleRate::Hz8000,
             down: None,
             decode_errors: 0,
             reported: crate::media::playout::PlayoutStats::default(),
         })
     }
 
-    /// The next frame due at `now`, decoded (a concealed frame when the packet is missing).
-    pub fn next_frame(&mut self, now: Instant) -> Option<Pcm> {
+    /// The next frame due at `now`, decoded (a concealed frame when the packet is missing), at
+    /// 48 kHz when `wideband`, else at 8 kHz.
+    pub fn next_frame(&mut self, now: Instant, wideband: bool) -> Option<Pcm> {
         let item = self.playout.poll(now)?;
-        let mut samples = vec![0i16; FRAME_48K];
+        let rate = if wideband { SampleRate::Hz48000 } else { SampleRate::Hz8000 };
+        if rate != self.rate {
+            // A sink that needs the other rate joined or left: a new decoder (a glitch-free
+            // switch would need both running; this happens only when legs come and go).
+            if let Ok(d) = OpusDecoder::new(rate.hz()) {
+                self.decoder = d;
+                self.rate = rate;
+            }
+        }
+        let n = self.rate.hz() as usize / 50;
+        let mut samples = vec![0i16; n];
         let result = match &item {
             Playout::Packet(p) => self.decoder.decode(p, &mut samples),
             Playout::Fec(next) => self.decoder.decode_fec(next, &mut samples),
             Playout::Conceal => self.decoder.conceal(&mut samples),
         };
         match result {
-            Ok(n) if n == FRAME_48K => Some(Pcm { rate: SampleRate::Hz48000, samples }),
+            Ok(got) if got == n => Some(Pcm { rate: self.rate, samples }),
             // A packet of another duration, or a broken one: conceal instead, counted.
             _ => {
                 self.decode_errors += 1;
                 samples.iter_mut().for_each(|s| *s = 0);
                 self.decoder.conceal(&mut samples).ok()?;
-                Some(Pcm { rate: SampleRate::Hz48000, samples })
+                Some(Pcm { rate: self.rate, samples })
             }
         }
     }
@@ -159,6 +174,9 @@ impl Outbound {
         }
         let (_, encoder) = self.encoder.as_mut()?;
         match encoder.encode(&frame.samples) {
+            // With DTX, silence comes out as 1–2 byte packets that are not sent: the peer treats
+            // the gap as silence (Opus's own comfort noise), which is what DTX saves bandwidth for.
+            Ok(packet) if self.settings.dtx && crate::media::opus::is_dtx_packet(&packet) => None,
             Ok(packet) => Some(packet),
             Err(_) => {
                 self.encode_errors += 1;
