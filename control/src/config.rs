@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use relay_engine::config::{EngineConfig, Limits, RtcSettings};
 use relay_engine::media::opus::OpusSettings;
+use relay_engine::media::playout::PlayoutConfig;
 use relay_engine::secret::Secret;
 use relay_engine::session::agent::{AgentPolicy, AgentUrl};
 
@@ -190,6 +191,11 @@ pub struct Config {
     #[arg(long, env = "RELAY_OPUS_DTX", default_value_t = OpusSettings::default().dtx, action = clap::ArgAction::Set)]
     pub opus_dtx: bool,
 
+    /// Initial jitter delay of audio from WebRTC peers (the buffer grows by a frame where packets
+    /// come late, and gives it back when the network calms).
+    #[arg(long, env = "RELAY_PLAYOUT_DELAY", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub playout_delay: Duration,
+
     /// How long graceful shutdown waits for connections to close.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -324,6 +330,9 @@ impl Config {
                 return Err(format!("--public-url {url}: must start with http:// or https://"));
             }
         }
+        if self.playout_delay > Duration::from_millis(500) {
+            return Err("--playout-delay must be at most 500ms".to_owned());
+        }
         if self.opus_complexity > 10 {
             return Err("--opus-complexity must be between 0 and 10".to_owned());
         }
@@ -376,6 +385,7 @@ impl Config {
                     dtx: self.opus_dtx,
                     ..OpusSettings::default()
                 },
+                playout: PlayoutConfig { target_delay: self.playout_delay, ..PlayoutConfig::default() },
                 ..RtcSettings::default()
             }),
         }

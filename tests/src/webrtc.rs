@@ -53,6 +53,8 @@ pub struct Peer {
     pub received: u64,
     /// ICE+DTLS came up.
     pub connected: bool,
+    /// The relay closed the connection (DTLS close_notify).
+    pub closed: bool,
     phase: f32,
     frames: u64,
 }
@@ -90,6 +92,7 @@ impl Peer {
             dropped: 0,
             received: 0,
             connected: false,
+            closed: false,
             phase: 0.0,
             frames: 0,
         }
@@ -221,6 +224,7 @@ impl Peer {
                     let _ = self.socket.send_to(&data, t.destination);
                 }
                 Ok(Output::Event(Event::Connected)) => self.connected = true,
+                Ok(Output::Event(Event::Closed)) => self.closed = true,
                 Ok(Output::Event(Event::MediaData(d))) => {
                     let mut pcm = vec![0i16; FRAME * 6];
                     if let Ok(n) = self.decoder.decode(Some(&d.data[..]), &mut pcm[..], false) {

@@ -107,6 +107,8 @@ fn whip_contract() {
     );
     let r = relay.request("DELETE", &location, &[("Authorization", "Bearer tok")], None);
     assert_eq!(r.status, 200, "{}", r.text());
+    caller.run(Duration::from_millis(300), Send::Nothing);
+    assert!(caller.closed, "the peer is told its leg ended (DTLS close_notify)");
     // The caller leaving ends the call, as a Twilio caller hanging up does.
     assert_error(&relay.get(&format!("/call-status?sessionId={id}")), 404);
 }

@@ -364,9 +364,21 @@ impl Endpoint {
         ok
     }
 
-    /// Ends `peer` (its leg was deleted or its session ended); no event follows.
+    /// Ends `peer` (its leg was deleted or its session ended): DTLS `close_notify` goes out so the
+    /// peer learns at once; no event follows.
     pub fn close(&mut self, peer: PeerId) {
         if let Some(mut p) = self.peers.remove(&peer) {
+            if p.rtc.close().is_ok() {
+                while let Ok(output) = p.rtc.poll_output() {
+                    match output {
+                        Output::Transmit(t) => {
+                            self.transmits.push_back(Datagram { to: t.destination, data: t.contents.into() });
+                        }
+                        Output::Event(_) => {}
+                        Output::Timeout(_) => break,
+                    }
+                }
+            }
             p.rtc.disconnect();
             self.forget(peer, &p);
         }
