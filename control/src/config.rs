@@ -179,6 +179,14 @@ pub struct Config {
     #[arg(long, env = "RELAY_DISABLE_WEBRTC")]
     pub disable_webrtc: bool,
 
+    /// WebRTC legs (WHIP publishers and WHEP listeners) one session may have (503 past it).
+    #[arg(long, env = "RELAY_RTC_LEGS_PER_SESSION", default_value_t = Limits::default().rtc_legs_per_session)]
+    pub rtc_legs_per_session: usize,
+
+    /// WebRTC peers one core holds (503 past it).
+    #[arg(long, env = "RELAY_RTC_PEERS_PER_CORE", default_value_t = Limits::default().rtc_peers_per_core)]
+    pub rtc_peers_per_core: usize,
+
     /// Opus encoder complexity toward WebRTC peers, 0 (cheapest) to 10 (see BENCHMARKS.md).
     #[arg(long, env = "RELAY_OPUS_COMPLEXITY", default_value_t = OpusSettings::default().complexity)]
     pub opus_complexity: u8,
@@ -363,6 +371,8 @@ impl Config {
             ws_idle_timeout: self.ws_idle_timeout,
             command_timeout: self.command_timeout,
             spin_before_park: self.spin_before_park,
+            rtc_legs_per_session: self.rtc_legs_per_session,
+            rtc_peers_per_core: self.rtc_peers_per_core,
             ..Limits::default()
         };
         let agents = AgentPolicy {

@@ -362,3 +362,19 @@ fn codec_and_credentials() {
     let mut operator = Peer::new(Direction::SendOnly);
     publish(&relay, &mut operator, &format!("/whip/{id}?role=custom&streamId=op"), "secret-key");
 }
+
+/// The per-session leg limit answers 503 past it, and a refused offer leaves nothing behind.
+#[test]
+fn leg_limit() {
+    let relay = Relay::start(&["--rtc-legs-per-session", "1"]);
+    let id = "rtc-limit";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let first = Peer::new(Direction::SendOnly);
+    assert_eq!(offer(&relay, &format!("/whip/{id}?role=custom&streamId=a"), "tok", first.offer()).status, 201);
+    let second = Peer::new(Direction::SendOnly);
+    let r = offer(&relay, &format!("/whip/{id}?role=custom&streamId=b"), "tok", second.offer());
+    assert_error(&r, 503);
+    let cores = relay.detailed()["services"]["server"]["cores"].clone();
+    let peers: u64 = cores.as_array().expect("cores").iter().map(|c| c["webrtc"]["peers"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(peers, 1, "only the accepted leg holds a peer: {cores}");
+}
