@@ -164,7 +164,12 @@ struct Peer {
     armed: Option<Instant>,
     /// RTP clock of the audio the relay sends: next timestamp, and when the last frame went.
     send_clock: Option<(u64, Instant)>,
+    /// When the offer was accepted: a peer not connected by [`CONNECT_DEADLINE`] is dropped.
+    created: Instant,
 }
+
+/// How long an accepted offer may take to connect (ICE and DTLS) before its leg is dropped.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Remote addresses one peer may be reached from (ICE may try a few).
 const REMOTES_PER_PEER: usize = 4;
@@ -262,7 +267,18 @@ impl Endpoint {
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
             id,
-            Peer { rtc, ufrag, mid, pt, flow, connected: false, remotes: Vec::new(), armed: None, send_clock: None },
+            Peer {
+                rtc,
+                ufrag,
+                mid,
+                pt,
+                flow,
+                connected: false,
+                remotes: Vec::new(),
+                armed: None,
+                send_clock: None,
+                created: now,
+            },
         );
         self.stats.peers = self.peers.len();
         self.drive(id, now);
@@ -413,6 +429,10 @@ impl Endpoint {
     fn drive(&mut self, id: PeerId, now: Instant) {
         let mut closed = None;
         let Some(p) = self.peers.get_mut(&id) else { return };
+        let deadline = (!p.connected).then(|| p.created + CONNECT_DEADLINE);
+        if deadline.is_some_and(|d| now >= d) {
+            return self.remove(id, "no connection within the deadline");
+        }
         loop {
             match p.rtc.poll_output() {
                 Ok(Output::Timeout(at)) => {
@@ -420,8 +440,8 @@ impl Endpoint {
                         closed = Some("connection closed");
                         break;
                     }
-                    // str0m asks for a wake-up at least every few seconds even when idle.
-                    let at = at.max(now);
+                    // A peer still connecting wakes at its deadline at the latest.
+                    let at = deadline.map_or(at, |d| at.min(d)).max(now);
                     if p.armed != Some(at) {
                         p.armed = Some(at);
                         self.timers.push(Reverse((at, id)));

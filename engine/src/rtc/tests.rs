@@ -98,3 +98,25 @@ fn refusals() {
     ep.handle_datagram(now, "127.0.0.1:9".parse().expect("addr"), &[0x80, 0, 0, 0]);
     assert_eq!(ep.stats().unmatched, 1);
 }
+
+/// An accepted offer whose peer never connects is dropped by the deadline, with an event.
+#[test]
+fn unconnected_peers_expire() {
+    let now = origin();
+    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), "127.0.0.1:4000".parse().expect("addr"), 4);
+    let (_, offer, _, _) = client(Direction::SendOnly, now);
+    let (peer, _, _) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+    let mut t = now;
+    while t < now + CONNECT_DEADLINE + Duration::from_secs(1) {
+        t = ep.poll_timeout().expect("a deadline while the peer exists").max(t + Duration::from_millis(1));
+        ep.handle_timeout(t);
+        if ep.stats().peers == 0 {
+            break;
+        }
+    }
+    assert_eq!(ep.stats().peers, 0, "dropped");
+    // str0m's ICE gives up on a silent peer after 15 s; the endpoint's own deadline is the backstop.
+    assert!(t <= now + CONNECT_DEADLINE, "by the deadline, not {:?}", t - now);
+    let events: Vec<PeerEvent> = std::iter::from_fn(|| ep.poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(e, PeerEvent::Closed { peer: p, .. } if *p == peer)), "{events:?}");
+}
