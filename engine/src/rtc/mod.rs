@@ -366,13 +366,13 @@ impl Endpoint {
             Some((next, last)) => {
                 let gap = now.saturating_duration_since(last);
                 if gap > Duration::from_millis(60) {
-                    next + duration_to_rtp(gap) - u64::from(samples)
+                    next.saturating_add(duration_to_rtp(gap)).saturating_sub(u64::from(samples))
                 } else {
                     next
                 }
             }
         };
-        p.send_clock = Some((ts + u64::from(samples), now));
+        p.send_clock = Some((ts.saturating_add(u64::from(samples)), now));
         let (mid, pt) = (p.mid, p.pt);
         let Some(writer) = p.rtc.writer(mid) else { return false };
         let ok = writer.write(pt, now, MediaTime::new(ts, str0m::media::Frequency::FORTY_EIGHT_KHZ), opus).is_ok();
