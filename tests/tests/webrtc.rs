@@ -378,3 +378,32 @@ fn leg_limit() {
     let peers: u64 = cores.as_array().expect("cores").iter().map(|c| c["webrtc"]["peers"].as_u64().unwrap_or(0)).sum();
     assert_eq!(peers, 1, "only the accepted leg holds a peer: {cores}");
 }
+
+/// A WebRTC caller reaches the configured Twilio-protocol bot as a Media Stream: the bot is greeted
+/// with the session as the call, hears the caller's tone as μ-law, and its paced reply (with a
+/// mark echoed once played) reaches the browser-side peer as Opus; stopping the call says `stop`.
+#[test]
+fn webrtc_caller_talks_to_a_twilio_bot() {
+    let bot = relay_tests::telephony::TwilioBot::start();
+    let relay = Relay::start(&["--agent-url", &bot.url("/bot")]);
+    let id = "rtc-bot";
+    assert_eq!(relay.start_call(id, "tok").status, 200);
+    let mut caller = Peer::new(Direction::SendRecv);
+    publish(&relay, &mut caller, &format!("/whip/{id}?role=caller"), "tok");
+    caller.run(Duration::from_millis(200), Send::Tone(1000.0));
+    let conn = bot.ready(0);
+    let start = conn.start_msg();
+    assert_eq!(start["start"]["callSid"], id, "{start}");
+    assert_eq!(start["start"]["customParameters"]["callSid"], id, "{start}");
+    conn.send_audio(&tone_frames(440.0, 1.5));
+    conn.mark("reply-done");
+    caller.run(Duration::from_millis(2200), Send::Tone(1000.0));
+    let heard: Vec<i16> = conn.media().into_iter().flatten().map(unulaw).collect();
+    let hz = dominant_hz(&heard, 8000).expect("the bot heard audio");
+    assert!((hz - 1000.0).abs() <= 20.0, "the bot hears the caller's 1 kHz tone: {hz}");
+    let hz = dominant_hz(&caller.heard, 48_000).expect("the caller heard audio");
+    assert!((hz - 440.0).abs() <= 20.0, "the caller hears the bot's 440 Hz reply: {hz}");
+    assert!(conn.event_names().iter().any(|e| e == "mark"), "the mark comes back once played");
+    assert_eq!(relay.stop_call(id).status, 200);
+    conn.wait_until("stop at the bot", |r| r.iter().any(|a| a.event() == Some("stop")).then_some(()));
+}

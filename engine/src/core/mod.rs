@@ -459,9 +459,9 @@ impl CoreState {
             Agent::Connecting { conn: c, backlog } if *c == conn => std::mem::take(backlog),
             _ => return false,
         };
-        let Some(caller) = &session.caller else { return false };
-        let start = twilio::start_msg(1, &caller.start.params());
-        let stream_sid = caller.start.stream_sid.clone();
+        let Some(greeting) = session.greeting() else { return false };
+        let start = twilio::start_msg(1, &greeting.params());
+        let stream_sid = greeting.stream_sid.clone();
         session.agent = Agent::Open { conn, sequence: 2, chunk: 1, sent_samples: 0 };
         self.send(conn, twilio::connected_msg());
         self.send(conn, start);
@@ -722,8 +722,15 @@ impl CoreState {
         self.stats.callers += 1;
         self.conns.insert(conn, (id.clone(), Role::Caller));
         self.broadcast(now, id, RetellEvent::Update, json!({ "isConnected": true }));
+        self.dial_agent(now, id, requested.as_deref());
+    }
+
+    /// Dials the agent for the caller that just connected to session `id`: the `requested` URL (a
+    /// stream parameter, checked against the allow-list) or the default, unless the call already
+    /// has an agent.
+    fn dial_agent(&mut self, now: Now, id: &SessionId, requested: Option<&str>) {
         let has_agent = self.slots.get(id).and_then(|s| s.session.as_ref()).is_some_and(|s| s.agent != Agent::None);
-        match self.agents.resolve(requested.as_deref()) {
+        match self.agents.resolve(requested) {
             // A WebRTC agent is already on the call: no bot is dialled.
             Ok(Some(_)) if has_agent => {}
             Ok(Some(url)) => {
@@ -901,13 +908,14 @@ impl CoreState {
                 }
             }
         }
-        if let Some(caller) = &session.caller {
-            self.stats.callers -= 1;
-            let start = &caller.start;
+        if let Some(start) = session.greeting() {
             let stop = (start.stream_sid.clone(), start.account_sid.clone(), start.call_sid.clone());
             if let Some((conn, sequence)) = session.agent.next_sequence() {
                 self.send(conn, twilio::stop_msg(sequence, &stop.0, &stop.1, &stop.2));
             }
+        }
+        if let Some(caller) = &session.caller {
+            self.stats.callers -= 1;
             self.conns.remove(&caller.conn);
             self.close(caller.conn, code, close_reason);
         }

@@ -215,7 +215,22 @@ impl CoreState {
         let Some(leg) = session.leg_mut(peer) else { return };
         leg.connected = true;
         if leg.role == RtcRole::Caller {
+            // A Twilio-protocol bot behind Relay hears a WebRTC caller as a Media Stream: its
+            // greeting names the session as the call.
+            session.rtc_greeting = Some(twilio::Start {
+                sequence: None,
+                stream_sid: format!(
+                    "MZ{:032x}",
+                    (u128::from(crate::id::stable_hash(id.as_str())) << 64) | u128::from(peer.0)
+                ),
+                account_sid: "AC00000000000000000000000000000000".to_owned(),
+                call_sid: id.as_str().to_owned(),
+                tracks: vec!["inbound".to_owned()],
+                custom_parameters: vec![("callSid".to_owned(), id.as_str().to_owned())],
+                media_format: twilio::MediaFormat::default(),
+            });
             self.broadcast(now, &id, RetellEvent::Update, json!({ "isConnected": true }));
+            self.dial_agent(now, &id, None);
         }
     }
 

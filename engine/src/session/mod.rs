@@ -140,6 +140,9 @@ pub struct Session {
     pub agent_framer: media::Framer,
     /// Agent audio → the session's `sampleRate`, for raw samples on `/ws`.
     pub raw: Option<crate::media::resample::Resampler>,
+    /// For a WebRTC caller, the Media Streams `start` a dialled Twilio-protocol bot is greeted with
+    /// (as if the caller had come through Twilio).
+    pub rtc_greeting: Option<twilio::Start>,
     /// When the agent's last frame played: an agent that goes quiet by sending nothing (a bot
     /// between replies, a muted browser) stops talking too.
     pub agent_heard_at: Option<std::time::Instant>,
@@ -176,6 +179,7 @@ impl Session {
             caller_framer: media::Framer::new(SampleRate::Hz8000),
             agent_framer: media::Framer::new(SampleRate::Hz8000),
             raw: None,
+            rtc_greeting: None,
             agent_heard_at: None,
         }
     }
@@ -210,9 +214,14 @@ impl Session {
         self.microphone_enabled && self.source == Source::Microphone
     }
 
-    /// The stream id toward the caller, once connected.
+    /// The stream id the agent knows the caller by, once a caller is connected.
     pub fn stream_sid(&self) -> Option<&str> {
-        self.caller.as_ref().map(|c| c.start.stream_sid.as_str())
+        self.greeting().map(|s| s.stream_sid.as_str())
+    }
+
+    /// The caller's `start`: the Twilio stream's own, or the one made for a WebRTC caller.
+    pub fn greeting(&self) -> Option<&twilio::Start> {
+        self.caller.as_ref().map(|c| &c.start).or(self.rtc_greeting.as_ref())
     }
 
     /// The `call_started` event's data.
