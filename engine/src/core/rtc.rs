@@ -47,6 +47,19 @@ impl CoreState {
         self
     }
 
+    /// The certificate to prepare a spare peer with, when the endpoint wants one.
+    pub fn wants_spare_peer(&self) -> Option<crate::rtc::Certificate> {
+        let rtc = self.rtc.as_ref()?;
+        rtc.endpoint.wants_spare().then(|| rtc.endpoint.certificate().clone())
+    }
+
+    /// A peer prepared off the core, for the next offer.
+    pub fn add_spare_peer(&mut self, spare: crate::rtc::Prepared) {
+        if let Some(rtc) = self.rtc.as_mut() {
+            rtc.endpoint.add_spare(spare);
+        }
+    }
+
     /// A datagram from `source` reached this core's WebRTC socket.
     pub fn handle_datagram(&mut self, now: Now, source: SocketAddr, data: &[u8]) {
         let Some(rtc) = self.rtc.as_mut() else { return };

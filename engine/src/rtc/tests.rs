@@ -120,3 +120,20 @@ fn unconnected_peers_expire() {
     let events: Vec<PeerEvent> = std::iter::from_fn(|| ep.poll_event()).collect();
     assert!(events.iter().any(|e| matches!(e, PeerEvent::Closed { peer: p, .. } if *p == peer)), "{events:?}");
 }
+
+/// Offers use prepared peers while there are any; the endpoint asks for more below its target.
+#[test]
+fn spares() {
+    let now = origin();
+    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), "127.0.0.1:4000".parse().expect("addr"), 8);
+    assert!(ep.wants_spare());
+    for _ in 0..SPARES + 2 {
+        let spare = Prepared::new(ep.certificate(), now);
+        ep.add_spare(spare);
+    }
+    assert!(!ep.wants_spare(), "stocked, extra spares dropped");
+    let (_, offer, _, _) = client(Direction::SendOnly, now);
+    let (_, answer, _) = ep.accept(now + Duration::from_secs(1), &offer, Want::Receive).expect("accepted");
+    assert!(answer.contains("a=ice-lite"));
+    assert!(ep.wants_spare(), "one was used");
+}

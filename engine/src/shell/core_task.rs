@@ -392,6 +392,7 @@ pub(crate) async fn run_core<S: ControlService>(
             }
         })
     });
+    let spares = shared.udp.as_ref().map(|_| glommio::spawn_local(super::rtc::spares_task(shared.clone())));
     let _ = ready.send((shared.id.0, Ok(())));
     tracing::debug!(core = shared.id.0, "core serving");
 
@@ -402,6 +403,9 @@ pub(crate) async fn run_core<S: ControlService>(
     accept.cancel().await;
     if let Some(udp) = udp {
         udp.cancel().await;
+    }
+    if let Some(spares) = spares {
+        spares.cancel().await;
     }
     let now = shared.now();
     shared.drive(None, |state| state.handle_shutdown(now));

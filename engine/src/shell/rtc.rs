@@ -105,3 +105,23 @@ pub(crate) async fn udp_task(shared: Rc<CoreShared>, socket: &UdpSocket) {
         }
     }
 }
+
+/// Keeps the core's endpoint stocked with prepared peers, built on the blocking pool so that
+/// building one (about a millisecond) never stalls the core's calls.
+pub(crate) async fn spares_task(shared: Rc<CoreShared>) {
+    const CHECK: std::time::Duration = std::time::Duration::from_millis(50);
+    loop {
+        if shared.shutting_down.get() {
+            return;
+        }
+        let wanted = shared.drive(None, |state| state.wants_spare_peer()).flatten();
+        match wanted {
+            Some(cert) => {
+                let now = shared.now().instant;
+                let spare = glommio::executor().spawn_blocking(move || crate::rtc::Prepared::new(&cert, now)).await;
+                shared.drive(None, |state| state.add_spare_peer(spare));
+            }
+            None => glommio::timer::sleep(CHECK).await,
+        }
+    }
+}
