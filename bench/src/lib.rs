@@ -6,6 +6,8 @@
 //!
 //! Scenarios so far: `control` (session start/stop throughput and latency over keep-alive HTTP)
 //! and `telephony` (per-frame latency of Twilio-protocol calls through the relay to a bot and back).
+//! `webrtc` measures transcoded calls: a Twilio-protocol caller and a WebRTC agent (str0m, Opus)
+//! per call, one-way latency each way from tone bursts found in the decoded audio.
 //! `codec` measures the CPU cost and quality of the media building blocks (μ-law, Opus settings,
 //! resamplers) per 20 ms frame, single-threaded.
 //! The telephony load comes from one event-loop thread driving every socket (`--threads`: the
@@ -18,3 +20,4 @@ pub mod sampler;
 pub mod stats;
 pub mod target;
 pub mod telephony;
+pub mod webrtc;

@@ -88,6 +88,46 @@ enum Scenario {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Transcoded calls through a relay: per call a Twilio-protocol caller (μ-law 8 kHz) and a
+    /// WebRTC agent (WHIP, Opus 48 kHz); one-way latency each way from tone bursts found in the
+    /// decoded audio, bursts missed, and the relay's CPU and memory per call.
+    Webrtc {
+        /// Start this relay binary on a free loopback port (unless --url is given).
+        #[arg(long, default_value = "target/release/relay")]
+        spawn: String,
+        /// An already running keyless relay instead, `http://127.0.0.1:8080`.
+        #[arg(long)]
+        url: Option<String>,
+        /// Its process id, to sample CPU and memory (with --url).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Cores for a spawned relay.
+        #[arg(long, default_value_t = 1)]
+        cores: usize,
+        /// An extra flag for a spawned relay, repeatable: `--relay-arg=--opus-complexity=5`.
+        #[arg(long = "relay-arg", allow_hyphen_values = true)]
+        relay_args: Vec<String>,
+        /// Concurrent calls.
+        #[arg(long, default_value_t = 20)]
+        calls: u32,
+        /// Seconds of audio per call, each way.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// A burst every this many 20 ms frames in each direction (at least 2).
+        #[arg(long, default_value_t = 25)]
+        burst_every: u64,
+        /// Opus complexity of the agents' encoders (the generator's cost, not the relay's).
+        #[arg(long, default_value_t = 0)]
+        encoder_complexity: u8,
+        /// CPU for a spawned relay.
+        #[arg(long)]
+        server_cpu: Option<usize>,
+        /// CPU for the load generator.
+        #[arg(long)]
+        bench_cpu: Option<usize>,
+        #[command(flatten)]
+        out: OutArgs,
+    },
     /// Telephony at growing call counts against one server: finds where p99 starts to climb.
     Ramp {
         #[command(flatten)]
@@ -233,6 +273,60 @@ fn main() -> anyhow::Result<()> {
                 relay_bench::sampler::pin_current_thread(cpu).with_context(|| format!("pin to CPU {cpu}"))?;
             }
             relay_bench::codec::run(&relay_bench::codec::CodecOptions { frames, json })
+        }
+        Scenario::Webrtc {
+            spawn,
+            url,
+            pid,
+            cores,
+            relay_args,
+            calls,
+            seconds,
+            burst_every,
+            encoder_complexity,
+            server_cpu,
+            bench_cpu,
+            out,
+        } => {
+            if let Some(cpu) = bench_cpu {
+                relay_bench::sampler::pin_current_thread(cpu).with_context(|| format!("pin the bench to CPU {cpu}"))?;
+            }
+            let target = match &url {
+                Some(url) => Target::url(url)?,
+                None => Target::spawn(&spawn, cores, &relay_args, server_cpu)?,
+            };
+            let opts = relay_bench::webrtc::Options {
+                calls: calls.max(1),
+                seconds: seconds.max(1),
+                burst_every: burst_every.max(2),
+                encoder_complexity: encoder_complexity.min(10),
+                cpu: bench_cpu,
+            };
+            // A spawned relay's pinned CPU is watched; a --pid may run anywhere.
+            let watched = server_cpu.filter(|_| target.pid().is_some());
+            let m = relay_bench::webrtc::measure(target.addr, pid.or_else(|| target.pid()), watched, opts)?;
+            drop(target);
+            let name =
+                if relay_args.is_empty() { "relay".to_owned() } else { format!("relay {}", relay_args.join(" ")) };
+            m.print(&name);
+            if let Some(path) = &out.json {
+                let doc = m.to_json(&name, &relay_args);
+                std::fs::write(path, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("write {path}"))?;
+            }
+            if let Some(path) = &out.svg {
+                let series = vec![
+                    ("caller → agent (μ-law → Opus)".to_owned(), "#1f77b4", m.report.uplink.latency.curve()),
+                    (
+                        "agent → caller (Opus → playout → μ-law)".to_owned(),
+                        "#d62728",
+                        m.report.downlink.latency.curve(),
+                    ),
+                ];
+                let title = format!("transcoded one-way latency, {calls} calls ({name})");
+                std::fs::write(path, relay_bench::plot::percentile_svg(&title, &series))
+                    .with_context(|| format!("write {path}"))?;
+            }
+            m.check()
         }
         Scenario::Ramp { target, from, step, to, load, out } => {
             pin_bench(load)?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// Readiness the loop asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Interest {
+pub(crate) enum Interest {
     /// Data (or EOF) to read.
     Read,
     /// Data to read, and room to write what the socket pushed back.
@@ -19,17 +19,17 @@ pub(super) enum Interest {
 
 /// One readiness report.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Event {
+pub(crate) struct Event {
     /// The token the descriptor was registered with.
-    pub(super) token: u64,
+    pub(crate) token: u64,
     /// Readable, or EOF, or an error (a read says which).
-    pub(super) readable: bool,
+    pub(crate) readable: bool,
     /// Writable, or an error (a write or `SO_ERROR` says which).
-    pub(super) writable: bool,
+    pub(crate) writable: bool,
 }
 
 /// An epoll instance, level-triggered: a socket left unread is reported again.
-pub(super) struct Epoll {
+pub(crate) struct Epoll {
     fd: OwnedFd,
     events: Vec<libc::epoll_event>,
     /// `epoll_pwait2` is missing (kernel < 5.11): fall back to millisecond timeouts.
@@ -38,7 +38,7 @@ pub(super) struct Epoll {
 
 impl Epoll {
     /// A new instance that reports up to `batch` events per wait.
-    pub(super) fn new(batch: usize) -> io::Result<Self> {
+    pub(crate) fn new(batch: usize) -> io::Result<Self> {
         // SAFETY: epoll_create1 takes no pointers; on success it returns a new descriptor we own.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -50,17 +50,17 @@ impl Epoll {
     }
 
     /// Registers `fd` under `token`.
-    pub(super) fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd, token, interest)
     }
 
     /// Changes what `fd` is watched for.
-    pub(super) fn modify(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+    pub(crate) fn modify(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, fd, token, interest)
     }
 
     /// Stops watching `fd`.
-    pub(super) fn delete(&self, fd: RawFd) -> io::Result<()> {
+    pub(crate) fn delete(&self, fd: RawFd) -> io::Result<()> {
         // SAFETY: EPOLL_CTL_DEL ignores the event argument (null is allowed since Linux 2.6.9).
         if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) } != 0 {
             return Err(io::Error::last_os_error());
@@ -83,7 +83,7 @@ impl Epoll {
 
     /// Waits until something is ready or `timeout` passes (`None`: no limit), and appends what is
     /// ready to `out`. An interrupted wait returns no events.
-    pub(super) fn wait(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn wait(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let max = libc::c_int::try_from(self.events.len()).unwrap_or(libc::c_int::MAX);
         let n = if self.coarse {
             // Round up, so the loop never wakes before its deadline and spins.
@@ -137,7 +137,7 @@ impl Epoll {
 ///
 /// # Errors
 /// When prctl refuses (it does not for an unprivileged thread setting its own slack).
-pub(super) fn set_timer_slack(slack: Duration) -> io::Result<()> {
+pub(crate) fn set_timer_slack(slack: Duration) -> io::Result<()> {
     let ns = libc::c_ulong::try_from(slack.as_nanos()).unwrap_or(libc::c_ulong::MAX).max(1);
     // SAFETY: PR_SET_TIMERSLACK takes an integer argument and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns, 0, 0, 0) } != 0 {

@@ -10,7 +10,7 @@
 //! Invariant: latency is measured from each frame's *scheduled* send time (no coordinated
 //! omission); every loop is bounded by the run's duration.
 
-mod epoll;
+pub(crate) mod epoll;
 mod evented;
 mod threaded;
 
