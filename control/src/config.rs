@@ -396,7 +396,6 @@ impl Config {
                     ..OpusSettings::default()
                 },
                 playout: PlayoutConfig { target_delay: self.playout_delay, ..PlayoutConfig::default() },
-                ..RtcSettings::default()
             }),
         }
     }
