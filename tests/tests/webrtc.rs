@@ -59,6 +59,13 @@ fn whip_agent_and_twilio_caller_hear_each_other() {
     assert_eq!(r.core(), Some(relay_tests::owner(id, relay.cores())));
     let candidate = agent.accept_answer(&r.text());
     assert!(candidate.ip().is_loopback(), "the candidate is the relay's loopback address: {candidate}");
+    // The relay logs each core's WebRTC address in core order: the answer names the owner's.
+    let logs = relay.logs().join("\n");
+    let line =
+        logs.lines().find(|l| l.contains("WebRTC (WHIP/WHEP) on udp ")).expect("the WebRTC addresses are logged");
+    let addrs: Vec<&str> = line.split("on udp ").nth(1).expect("addresses").split(", ").map(str::trim).collect();
+    assert_eq!(addrs.len(), relay.cores());
+    assert_eq!(addrs[relay_tests::owner(id, relay.cores())], candidate.to_string(), "the owner core's socket");
     assert!(agent.connect(Duration::from_secs(5)), "ICE and DTLS connect");
     caller.send_audio(&tone_frames(1000.0, 2.5));
     agent.run(Duration::from_secs(2), Send::Tone(440.0));
