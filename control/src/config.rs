@@ -42,6 +42,20 @@ pub struct Config {
     #[arg(long, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
     pub data_dir: PathBuf,
 
+    /// Project of calls that name none (no `projectId` stream parameter, no number mapping).
+    #[arg(long, env = "RELAY_DEFAULT_PROJECT", default_value = "default")]
+    pub default_project: String,
+
+    /// Comma-separated `number=projectId` entries: calls to that number (or, outbound, from it)
+    /// belong to that project unless they name one, e.g. `+15550001=proj_1,+15550002=proj_2`.
+    #[arg(long, env = "RELAY_PROJECT_FOR_NUMBER", default_value = "")]
+    pub project_for_number: String,
+
+    /// Comma-separated `projectId=name` entries: the `projectName` analytics report (default: the
+    /// project id), e.g. `proj_1=Demo Plumbing`.
+    #[arg(long, env = "RELAY_PROJECT_NAMES", default_value = "")]
+    pub project_names: String,
+
     /// Origins browsers may call the API from: `*` for any, or a comma-separated list of
     /// origins such as `https://app.example.com`. Empty disables CORS.
     #[arg(long, env = "RELAY_CORS_ORIGINS", default_value = "*")]
@@ -165,6 +179,15 @@ pub struct Config {
     /// idle CPU for fewer sleep/wake cycles; see BENCHMARKS.md for measured effects.
     #[arg(long, env = "RELAY_SPIN_BEFORE_PARK", default_value = "0s", value_parser = humantime::parse_duration)]
     pub spin_before_park: Duration,
+
+    /// PEM certificate chain: TLS (`https://`, `wss://`) on `--listen` (Twilio connects only to
+    /// `wss://`). Needs `--tls-key`.
+    #[arg(long, env = "RELAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "RELAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 
     /// First UDP port for WebRTC: core i uses port base + i (0: any free port per core).
     #[arg(long, env = "RELAY_RTC_PORT_BASE", default_value_t = 40_000)]
@@ -338,12 +361,16 @@ impl Config {
                 return Err(format!("--public-url {url}: must start with http:// or https://"));
             }
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together".to_owned());
+        }
         if self.playout_delay > Duration::from_millis(500) {
             return Err("--playout-delay must be at most 500ms".to_owned());
         }
         if self.opus_complexity > 10 {
             return Err("--opus-complexity must be between 0 and 10".to_owned());
         }
+        self.projects()?;
         if self.max_headers == 0 || self.max_headers > relay_engine::proto::http::HEADER_SLOTS {
             return Err(format!("--max-headers must be between 1 and {}", relay_engine::proto::http::HEADER_SLOTS));
         }
@@ -386,6 +413,10 @@ impl Config {
             agents,
             // With a Twilio token, streams must carry the per-call signature the TwiML hands out.
             stream_key: self.twilio_auth_token.clone().filter(|t| !t.is_empty()).map(Secret::new),
+            // Read from the files by `run` (this view does no I/O).
+            tls: None,
+            // Opened by `run` (this view does no I/O).
+            records: None,
             rtc: (!self.disable_webrtc).then(|| RtcSettings {
                 port_base: self.rtc_port_base,
                 public_ip: self.public_ip,
@@ -398,6 +429,35 @@ impl Config {
                 playout: PlayoutConfig { target_delay: self.playout_delay, ..PlayoutConfig::default() },
             }),
         }
+    }
+
+    /// How call records are assigned to projects (`--default-project`, `--project-for-number`,
+    /// `--project-names`).
+    ///
+    /// # Errors
+    /// A sentence naming the malformed entry.
+    pub fn projects(&self) -> Result<crate::records::Projects, String> {
+        fn pairs(flag: &str, list: &str) -> Result<std::collections::HashMap<String, String>, String> {
+            let mut map = std::collections::HashMap::new();
+            for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                match entry.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                    Some((k, v)) if !k.is_empty() && !v.is_empty() && v.len() <= 128 => {
+                        map.insert(k.to_owned(), v.to_owned());
+                    }
+                    _ => return Err(format!("{flag} entry {entry:?}: expected key=value (value 1-128 bytes)")),
+                }
+            }
+            Ok(map)
+        }
+        let default = self.default_project.trim();
+        if default.is_empty() || default.len() > 128 {
+            return Err("--default-project must be 1-128 bytes".to_owned());
+        }
+        Ok(crate::records::Projects {
+            by_number: pairs("--project-for-number", &self.project_for_number)?,
+            default: default.to_owned(),
+            names: pairs("--project-names", &self.project_names)?,
+        })
     }
 
     /// The API handlers' part of the configuration.
@@ -463,6 +523,19 @@ mod tests {
         assert!(parse(&["--listen", "0.0.0.0:80", "--api-key", "k"]).validate().is_ok());
         assert!(parse(&["--listen", "0.0.0.0:80", "--insecure-public"]).validate().is_ok());
         assert!(parse(&["--cores", "0"]).validate().is_err());
+    }
+
+    /// Project flags parse into the mapping; malformed entries are refused by name.
+    #[test]
+    fn project_flags() {
+        let c = parse(&["--project-for-number", "+15550001=proj_1, +15550002 = proj_2", "--project-names", "proj_1=Demo Plumbing"]);
+        let p = c.projects().expect("valid");
+        assert_eq!(p.default, "default");
+        assert_eq!(p.by_number.get("+15550002").map(String::as_str), Some("proj_2"));
+        assert_eq!(p.name("proj_1"), "Demo Plumbing");
+        assert!(parse(&["--project-for-number", "+1555"]).validate().is_err());
+        assert!(parse(&["--project-names", "=x"]).validate().is_err());
+        assert!(parse(&["--default-project", " "]).validate().is_err());
     }
 
     /// CORS lists are split, trimmed and normalised.

@@ -26,6 +26,7 @@ pub mod cors;
 pub mod error;
 pub mod limits;
 pub mod probe;
+pub mod records;
 pub mod router;
 pub mod twilio;
 
@@ -39,17 +40,31 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", config.data_dir.display()))?;
-    let engine = config.engine();
+    let mut engine = config.engine();
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
+        let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;
+        engine.tls = Some(relay_engine::config::TlsIdentity { cert_pem, key_pem });
+    }
+    let scheme = if engine.tls.is_some() { "https" } else { "http" };
     let cores = engine.cores;
     let grace = engine.limits.shutdown_grace;
+    let system_roots = relay_engine::shell::load_system_roots();
+    tracing::debug!("{system_roots} certificates in the system's trust store");
     if let Some(path) = &config.upstream_ca_file {
         let pem = std::fs::read(path).with_context(|| format!("cannot read --upstream-ca-file {}", path.display()))?;
         relay_engine::shell::trust_extra_roots(&pem)
             .map_err(|e| anyhow::anyhow!("--upstream-ca-file {}: {e}", path.display()))?;
     }
-    let data_dir = probe::start(config.data_dir.clone()).context("cannot start the data-dir probe")?;
-    let relay = relay_engine::shell::start(engine, api::Service::new(config.api(), data_dir))?;
-    tracing::info!("relay listening on http://{} with {cores} cores", relay.local_addr());
+    let projects = config.projects().map_err(anyhow::Error::msg)?;
+    // Dropped on every way out of `run`, which commits what is queued (see `RecordStore::close`).
+    let store = records::RecordStore::open(&config.data_dir, projects)?;
+    engine.records = Some(store.sink());
+    let data_dir = probe::start(config.data_dir.clone(), Some((store.records(), store.stats())))
+        .context("cannot start the data-dir probe")?;
+    let service = api::Service::new(config.api(), data_dir, store.records());
+    let relay = relay_engine::shell::start(engine, service)?;
+    tracing::info!("relay listening on {scheme}://{} with {cores} cores", relay.local_addr());
     if !relay.rtc_addrs().is_empty() {
         let addrs: Vec<String> = relay.rtc_addrs().iter().map(ToString::to_string).collect();
         tracing::info!("WebRTC (WHIP/WHEP) on udp {}", addrs.join(", "));
@@ -81,6 +96,13 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
         .context("cannot start the signal thread")?;
 
     relay.wait().map_err(anyhow::Error::msg)?;
+    // The cores are gone and have queued the records of every call they ended: commit them all.
+    let stats = store.stats();
+    store.close().map_err(|e| anyhow::anyhow!("call records not all saved: {e}"))?;
+    let dropped = stats.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    if dropped > 0 {
+        tracing::warn!(dropped, "call record changes were dropped because the records queue was full");
+    }
     tracing::info!("relay stopped");
     Ok(())
 }

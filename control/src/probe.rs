@@ -1,8 +1,8 @@
-//! The data-directory health probe, run on a background thread so `/health/detailed` never does
-//! file I/O on a core.
+//! The data-directory and records-database health probe, run on a background thread so
+//! `/health/detailed` never does file or database I/O on a core.
 //!
 //! Invariant: cores only read two atomics; the probe thread is the only writer and only touches
-//! a file name of its own.
+//! a file name of its own (and opens read transactions on the records database).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,35 +16,52 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct DataDirHealth {
     up: AtomicBool,
-    latency_ms: AtomicU64,
+    latency_us: AtomicU64,
 }
 
 impl DataDirHealth {
-    /// Whether the last probe could write and remove a file, and how long it took (ms).
-    pub fn read(&self) -> (bool, u64) {
-        (self.up.load(Ordering::Relaxed), self.latency_ms.load(Ordering::Relaxed))
+    /// Whether the last probe could write and remove a file in the data directory, read the
+    /// records database, and whether the records writer's last commit succeeded; and how long the
+    /// database's read transaction took (ms, with microseconds; without a database, the file's
+    /// write and removal).
+    pub fn read(&self) -> (bool, f64) {
+        (self.up.load(Ordering::Relaxed), self.latency_us.load(Ordering::Relaxed) as f64 / 1000.0)
     }
 
-    fn probe(&self, dir: &std::path::Path) {
+    fn probe(&self, dir: &std::path::Path, records: Option<&Records>) {
         let start = Instant::now();
         let file = dir.join(format!(".health-probe-{}", std::process::id()));
-        let up = std::fs::write(&file, b"ok").is_ok() && std::fs::remove_file(&file).is_ok();
-        self.latency_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let dir_up = std::fs::write(&file, b"ok").is_ok() && std::fs::remove_file(&file).is_ok();
+        let (up, latency) = match records {
+            Some((records, stats)) => match records.check() {
+                Ok(latency) => (dir_up && !stats.failing.load(Ordering::Relaxed), latency),
+                Err(e) => {
+                    tracing::warn!("records database check failed: {e}");
+                    (false, start.elapsed())
+                }
+            },
+            None => (dir_up, start.elapsed()),
+        };
+        self.latency_us.store(latency.as_micros() as u64, Ordering::Relaxed);
         self.up.store(up, Ordering::Relaxed);
     }
 }
 
-/// Probes `dir` once now, then every [`INTERVAL`] on a background thread, for the process's life.
+/// The records database to probe, and its writer's counters.
+pub type Records = (crate::records::Records, Arc<crate::records::StoreStats>);
+
+/// Probes `dir` (and the records database) once now, then every [`INTERVAL`] on a background
+/// thread, for the process's life.
 ///
 /// # Errors
 /// When the thread cannot be started.
-pub fn start(dir: PathBuf) -> std::io::Result<Arc<DataDirHealth>> {
+pub fn start(dir: PathBuf, records: Option<Records>) -> std::io::Result<Arc<DataDirHealth>> {
     let health = Arc::new(DataDirHealth::default());
-    health.probe(&dir);
+    health.probe(&dir, records.as_ref());
     let h = health.clone();
     std::thread::Builder::new().name("data-dir-probe".into()).spawn(move || loop {
         std::thread::sleep(INTERVAL);
-        h.probe(&dir);
+        h.probe(&dir, records.as_ref());
     })?;
     Ok(health)
 }

@@ -49,6 +49,16 @@ pub enum Route {
     Whep,
     /// `DELETE /whip/{sessionId}/{leg}` or `/whep/{sessionId}/{leg}`: end a WebRTC leg.
     RtcLeg,
+    /// `GET /analytics/project/{projectId}`: a project's call analytics (seed 003).
+    Analytics,
+    /// `GET /analytics/project/{projectId}/recent`: its most recent calls.
+    AnalyticsRecent,
+    /// `GET /analytics/project/{projectId}/statistics`: its calls per day in a date range.
+    AnalyticsStatistics,
+    /// `GET /openapi.json`: the OpenAPI 3.1 document.
+    OpenApi,
+    /// `GET /docs`: the HTML page rendering it.
+    Docs,
 }
 
 /// Why a request has no route.
@@ -93,6 +103,8 @@ static TABLE: &[Entry] = &[
     Entry { path: "/frontend-stream", methods: &[(Method::GET, Route::FrontendStream)], allow: GET },
     Entry { path: "/outbound-call", methods: &[(Method::POST, Route::OutboundCall)], allow: POST },
     Entry { path: "/end-call", methods: &[(Method::POST, Route::EndCall)], allow: POST },
+    Entry { path: "/openapi.json", methods: &[(Method::GET, Route::OpenApi)], allow: GET },
+    Entry { path: "/docs", methods: &[(Method::GET, Route::Docs)], allow: GET },
 ];
 
 /// The route for `method` on `path`. `HEAD` is served wherever `GET` is.
@@ -124,6 +136,29 @@ static PATTERNS: &[(&str, usize, Entry)] = &[
         2,
         Entry { path: "/whep/{sessionId}/{leg}", methods: &[(Method::DELETE, Route::RtcLeg)], allow: DELETE },
     ),
+    (
+        "/analytics/project/",
+        1,
+        Entry { path: "/analytics/project/{projectId}", methods: &[(Method::GET, Route::Analytics)], allow: GET },
+    ),
+    (
+        "/analytics/project/",
+        2,
+        Entry {
+            path: "/analytics/project/{projectId}/recent",
+            methods: &[(Method::GET, Route::AnalyticsRecent)],
+            allow: GET,
+        },
+    ),
+    (
+        "/analytics/project/",
+        2,
+        Entry {
+            path: "/analytics/project/{projectId}/statistics",
+            methods: &[(Method::GET, Route::AnalyticsStatistics)],
+            allow: GET,
+        },
+    ),
 ];
 
 fn entry(path: &str) -> Option<&'static Entry> {
@@ -133,8 +168,30 @@ fn entry(path: &str) -> Option<&'static Entry> {
         PATTERNS.iter().find_map(|(prefix, segments, entry)| {
             let rest = path.strip_prefix(prefix)?;
             let ok = rest.split('/').count() == *segments && rest.split('/').all(|s| !s.is_empty());
-            ok.then_some(entry)
+            // Fixed segments of the template (`recent` in `{projectId}/recent`) must match as written.
+            let template = entry.path.strip_prefix(prefix).unwrap_or_default();
+            let fixed = template.split('/').zip(rest.split('/')).all(|(t, s)| t.starts_with('{') || t == s);
+            (ok && fixed).then_some(entry)
         })
+    })
+}
+
+/// One method on one path the router serves (`HEAD` is implied by `GET`, `OPTIONS` by any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The path, with `{name}` for a pattern's segments (`/whip/{sessionId}/{leg}`), as OpenAPI
+    /// writes path templates.
+    pub path: &'static str,
+    /// The method.
+    pub method: &'static Method,
+    /// Where it goes.
+    pub route: Route,
+}
+
+/// Every path and method the router serves, fixed paths first (for the OpenAPI coverage checks).
+pub fn endpoints() -> impl Iterator<Item = Endpoint> {
+    TABLE.iter().chain(PATTERNS.iter().map(|(_, _, e)| e)).flat_map(|entry| {
+        entry.methods.iter().map(move |(method, route)| Endpoint { path: entry.path, method, route: *route })
     })
 }
 
@@ -173,6 +230,14 @@ mod tests {
         assert_eq!(route(&Method::POST, "/whip//x"), Err(Miss::NotFound));
         assert_eq!(route(&Method::POST, "/whip/a/b/c"), Err(Miss::NotFound));
         assert_eq!(segments("/whip/s1/7"), vec!["s1", "7"]);
+        assert_eq!(route(&Method::GET, "/analytics/project/proj_1"), Ok(Route::Analytics));
+        assert_eq!(route(&Method::GET, "/analytics/project/proj_1/recent"), Ok(Route::AnalyticsRecent));
+        assert_eq!(route(&Method::HEAD, "/analytics/project/p/statistics/"), Ok(Route::AnalyticsStatistics));
+        assert_eq!(route(&Method::GET, "/analytics/project/p/other"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::GET, "/analytics/project/recent/statistics"), Ok(Route::AnalyticsStatistics));
+        assert_eq!(route(&Method::GET, "/analytics/project/"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::GET, "/analytics/project/p/recent/x"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::POST, "/analytics/project/p"), Err(Miss::MethodNotAllowed("GET, HEAD, OPTIONS")));
         assert_eq!(allow("/mute"), Some("POST, OPTIONS"));
         assert_eq!(allow("/x"), None);
     }

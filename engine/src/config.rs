@@ -21,6 +21,51 @@ pub struct EngineConfig {
     pub stream_key: Option<crate::secret::Secret>,
     /// WebRTC legs (WHIP/WHEP); `None` turns them off (offers are answered 503).
     pub rtc: Option<RtcSettings>,
+    /// TLS on the listening port (`https://`, `wss://`); `None` serves plain HTTP.
+    pub tls: Option<TlsIdentity>,
+    /// Where owner cores hand every call record change; `None` keeps records in memory only.
+    pub records: Option<RecordSink>,
+}
+
+/// Receives every call record change from the owner cores ([`crate::core::Output::Record`]).
+///
+/// # Invariants
+/// It runs on a core's thread, between two media inputs: it must return at once, never block or
+/// do I/O (hand the change to a bounded queue with `try_send`, counting what does not fit).
+#[derive(Clone)]
+pub struct RecordSink(std::sync::Arc<dyn Fn(Box<crate::core::command::RecordChange>) + Send + Sync>);
+
+impl RecordSink {
+    /// A sink that calls `f` with each change.
+    pub fn new(f: impl Fn(Box<crate::core::command::RecordChange>) + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+
+    /// Hands `change` over.
+    pub fn send(&self, change: Box<crate::core::command::RecordChange>) {
+        (self.0)(change);
+    }
+}
+
+impl std::fmt::Debug for RecordSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordSink")
+    }
+}
+
+/// The certificate chain and private key the listening port presents, as PEM.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// PEM certificates, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity(..)")
+    }
 }
 
 /// How the cores serve WebRTC.

@@ -71,6 +71,8 @@
 //!     agents: Default::default(),
 //!     stream_key: None,
 //!     rtc: Some(Default::default()),
+//!     tls: None,
+//!     records: None,
 //! };
 //! let relay = shell::start(config, Hello).expect("relay starts");
 //! relay.wait().expect("clean exit");

@@ -1,6 +1,7 @@
 //! Outbound TLS from the relay: Twilio's REST API at an `https://` base and `wss://` agents, each
-//! served with a self-signed certificate the relay trusts only through `--upstream-ca-file` —
-//! with it calls go through, without it the certificate is refused (verification is on).
+//! served with a self-signed certificate the relay trusts only through `--upstream-ca-file` or the
+//! system's trust store — with it calls go through, without it the certificate is refused
+//! (verification is on).
 
 use std::net::SocketAddr;
 
@@ -39,6 +40,21 @@ fn https_api_base_trusted_through_ca_file() {
     assert!(requests[1].tls, "the hang-up came over TLS");
     assert_eq!(requests[1].path, format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{sid}.json"));
     assert_eq!(requests[1].form, owned(&[("Status", "completed")]));
+}
+
+/// The system's trust store is what outbound TLS verifies against: a certificate the store holds
+/// (here through `SSL_CERT_FILE`, which the system-store loader honours) is trusted with no
+/// `--upstream-ca-file`.
+#[test]
+fn https_api_base_trusted_through_the_system_store() {
+    let twilio = TwilioRest::start_tls();
+    let ca = twilio.ca_file().expect("a TLS stand-in has a CA file").display().to_string();
+    let args = twilio.relay_args();
+    let all: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = Relay::start_with_env(&all, &[("SSL_CERT_FILE", &ca)]);
+    let resp = initiate(&relay, "system-store");
+    assert_eq!(resp.status, 200, "outbound-call over https: {}", resp.text());
+    assert!(twilio.tls_handshakes() >= 1 && twilio.tls_failures() == 0, "the handshake verified");
 }
 
 /// Without `--upstream-ca-file` the self-signed API base is refused: 502, a failed handshake, no request.

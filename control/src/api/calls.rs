@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use relay_engine::core::command::{CallRecord, Command, CommandError, RecordUpdate, Reply};
+use relay_engine::core::command::{CallRecord, Command, CommandError, Direction, RecordUpdate, Reply};
 use relay_engine::id::SessionId;
 use relay_engine::shell::{CoreHandle, FetchRequest, Request};
 use serde_json::{json, Value};
@@ -49,6 +49,8 @@ pub async fn outbound_call(
     }
     let prompt = optional_text(&body, "prompt")?;
     let first_message = optional_text(&body, "first_message")?;
+    let project_id = optional_label(&body, "projectId")?;
+    let intent = optional_label(&body, "intent")?;
     let account = twilio_account(config)?;
     let initiated = match users.try_initiate(user_id, Instant::now()) {
         Ok(at) => at,
@@ -94,6 +96,9 @@ pub async fn outbound_call(
         to: Some(number.to_owned()),
         prompt,
         first_message,
+        project_id,
+        intent,
+        direction: Some(Direction::Outbound),
         ..RecordUpdate::default()
     };
     record(core, &call_sid, update).await?;
@@ -155,7 +160,7 @@ pub async fn call_status(core: &CoreHandle, request: &Request) -> Result<Respons
 /// 503 when the owner core does not answer.
 pub async fn record(core: &CoreHandle, id: &SessionId, update: RecordUpdate) -> Result<CallRecord, ApiError> {
     match core.dispatch(id.clone(), Command::Record(Box::new(update))).await {
-        Ok(Reply::Record(r)) => Ok(r),
+        Ok(Reply::Record(r)) => Ok(*r),
         Ok(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply for a call record")),
         Err(e) => Err(ApiError::from_command(&e, id.as_str())),
     }
@@ -165,7 +170,7 @@ pub async fn record(core: &CoreHandle, id: &SessionId, update: RecordUpdate) -> 
 async fn owned_record(core: &CoreHandle, id: &SessionId, user: &str) -> Result<CallRecord, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, format!("call {id} not found"));
     match core.dispatch(id.clone(), Command::ReadRecord).await {
-        Ok(Reply::Record(r)) if r.user_id.as_deref().is_none_or(|u| u == user) => Ok(r),
+        Ok(Reply::Record(r)) if r.user_id.as_deref().is_none_or(|u| u == user) => Ok(*r),
         Ok(_) | Err(CommandError::NotFound) => Err(not_found()),
         Err(e) => Err(ApiError::from_command(&e, id.as_str())),
     }
@@ -234,6 +239,17 @@ fn optional_text(body: &Body, name: &str) -> Result<Option<String>, ApiError> {
         Some(Value::String(s)) if s.len() <= MAX_TEXT_BYTES => Ok(Some(s.clone())),
         Some(Value::String(_)) => Err(ApiError::bad_request(format!("{name} must be at most {MAX_TEXT_BYTES} bytes"))),
         Some(_) => Err(ApiError::bad_request(format!("{name} must be a string"))),
+    }
+}
+
+/// An optional short label (`projectId`, `intent`): a non-empty string of at most 128 bytes.
+fn optional_label(body: &Body, name: &str) -> Result<Option<String>, ApiError> {
+    match body.field(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) => {
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err(ApiError::bad_request(format!("{name} must be a string of 1 to 128 bytes"))),
     }
 }
 

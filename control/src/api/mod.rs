@@ -3,7 +3,9 @@
 //! Invariant: decide, then act: handlers parse and validate into typed commands before anything
 //! reaches a core, and every failure is an [`ApiError`] rendered with the JSON envelope.
 
+pub mod analytics;
 pub mod calls;
+pub mod openapi;
 pub mod ops;
 pub mod params;
 pub mod rtc;
@@ -23,6 +25,7 @@ use crate::cors;
 use crate::error::ApiError;
 use crate::limits::UserLimits;
 use crate::probe::DataDirHealth;
+use crate::records::Records;
 use crate::router::{self, Miss, Route};
 
 /// The control plane's implementation of the engine's [`ControlService`]; one clone per core.
@@ -31,13 +34,15 @@ pub struct Service {
     config: Arc<ApiConfig>,
     data_dir: Arc<DataDirHealth>,
     users: Arc<UserLimits>,
+    records: Records,
 }
 
 impl Service {
-    /// A service with `config`, reporting the data directory's health from `data_dir`.
-    pub fn new(config: ApiConfig, data_dir: Arc<DataDirHealth>) -> Self {
+    /// A service with `config`, reporting the data directory's health from `data_dir` and
+    /// answering analytics from `records`.
+    pub fn new(config: ApiConfig, data_dir: Arc<DataDirHealth>, records: Records) -> Self {
         let users = UserLimits::new(config.frontend_sockets_per_user, 5);
-        Self { config: Arc::new(config), data_dir, users }
+        Self { config: Arc::new(config), data_dir, users, records }
     }
 
     async fn dispatch(&self, core: &CoreHandle, route: Route, request: &Request) -> Result<Outcome, ApiError> {
@@ -45,6 +50,8 @@ impl Service {
         match route {
             Route::Health => respond(Ok(ops::health(core))),
             Route::HealthDetailed => respond(Ok(ops::health_detailed(core, &self.data_dir))),
+            Route::OpenApi => respond(Ok(openapi::openapi_json())),
+            Route::Docs => respond(Ok(openapi::docs())),
             Route::StartCall => respond(session::start_call(core, request).await),
             Route::StopCall => respond(session::stop_call(core, request).await),
             Route::Mute => respond(session::set_microphone(core, request, false).await),
@@ -69,6 +76,9 @@ impl Service {
             Route::Whip => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whip).await),
             Route::Whep => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whep).await),
             Route::RtcLeg => respond(rtc::delete(core, &self.config, request).await),
+            Route::Analytics => respond(analytics::overview(core, &self.records, request).await),
+            Route::AnalyticsRecent => respond(analytics::recent(core, &self.records, request).await),
+            Route::AnalyticsStatistics => respond(analytics::statistics(core, &self.records, request).await),
             Route::FrontendStream => {
                 twilio::frontend(core, &self.config, &self.users, request).await.map(Outcome::Upgrade)
             }
@@ -86,7 +96,8 @@ impl Service {
             Err(Miss::NotFound) => return Err(ApiError::no_route(&head.method, path)),
             Err(Miss::MethodNotAllowed(allow)) => return Err(ApiError::method_not_allowed(&head.method, path, allow)),
         };
-        // /health answers load balancers without credentials; listeners check session tokens;
+        // /health answers load balancers without credentials, and the API's description
+        // (/openapi.json, /docs) is public; listeners check session tokens;
         // Twilio's endpoints check its signatures when a Twilio auth token is configured (else
         // they need the API key like everything else, when one is set).
         let twilio = matches!(
@@ -96,7 +107,14 @@ impl Service {
         // WebRTC legs present the session's access token (checked by the owner core).
         let open = matches!(
             route,
-            Route::Health | Route::Events | Route::FrontendStream | Route::Whip | Route::Whep | Route::RtcLeg
+            Route::Health
+                | Route::OpenApi
+                | Route::Docs
+                | Route::Events
+                | Route::FrontendStream
+                | Route::Whip
+                | Route::Whep
+                | Route::RtcLeg
         ) || (twilio && self.config.twilio_auth_token.is_some());
         if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
             return Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"));

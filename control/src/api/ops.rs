@@ -33,7 +33,7 @@ pub fn health(core: &CoreHandle) -> Response<Bytes> {
 }
 
 /// `GET /health/detailed` (seed 003): services, memory, and sessions per core. 503 when the
-/// data directory is unusable.
+/// data directory or the records database is unusable.
 pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth) -> Response<Bytes> {
     let stats = core.stats();
     let active: usize = stats.iter().map(|s| s.sessions).sum();
@@ -54,7 +54,10 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth) -> Response<
         "status": status,
         "timestamp": timestamp(),
         "services": {
-            "database": { "status": if db_up { "up" } else { "down" }, "latency": db_latency_ms },
+            "database": {
+                "status": if db_up { "up" } else { "down" },
+                "latency": (db_latency_ms * 1000.0).round() / 1000.0,
+            },
             "openai": { "status": "not_configured" },
             "twilio": { "status": "not_configured" },
             "server": {

@@ -31,9 +31,16 @@ use crate::twilio::{field, parse_form, signature, twiml};
 pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let (form, id) = signed_call(config, request)?;
     let call_sid = id.as_str();
+    let label = |name: &str| {
+        params::query(request.head.uri.query(), name)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && !v.chars().any(char::is_control))
+    };
     let update = RecordUpdate {
         from: field(&form, "From").map(bounded_number),
         to: field(&form, "To").map(bounded_number),
+        // `?projectId=` / `?intent=` on the webhook URL configured at Twilio, as `agentUrl`.
+        project_id: label("projectId"),
+        intent: label("intent"),
         ..RecordUpdate::default()
     };
     let record = calls::record(core, &id, update).await?;
@@ -48,9 +55,13 @@ pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
     if let Some(url) = agent_url.as_deref().filter(|u| !u.is_empty()) {
         parameters.push(("agentUrl", url));
     }
-    for (name, value) in
-        [("prompt", &record.prompt), ("first_message", &record.first_message), ("user_id", &record.user_id)]
-    {
+    for (name, value) in [
+        ("prompt", &record.prompt),
+        ("first_message", &record.first_message),
+        ("user_id", &record.user_id),
+        ("projectId", &record.project_id),
+        ("intent", &record.intent),
+    ] {
         if let Some(v) = value {
             parameters.push((name, v));
         }

@@ -2,7 +2,7 @@
 //!
 //! Invariant: plain `Send` data; every command gets exactly one [`Reply`] or [`CommandError`].
 
-use crate::id::StreamId;
+use crate::id::{SessionId, StreamId};
 use crate::media::SampleRate;
 use crate::secret::Secret;
 
@@ -122,6 +122,32 @@ pub struct RecordUpdate {
     pub prompt: Option<String>,
     /// The agent's first sentence for an outbound call, passed likewise.
     pub first_message: Option<String>,
+    /// The project the call belongs to (`projectId` stream parameter or request field).
+    pub project_id: Option<String>,
+    /// What the call is about (`intent` stream parameter), when known.
+    pub intent: Option<String>,
+    /// Which way the call was placed; records are inbound unless an update says otherwise.
+    pub direction: Option<Direction>,
+}
+
+/// Which way a call was placed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Direction {
+    /// Someone called in (a Twilio voice webhook or a caller stream).
+    #[default]
+    Inbound,
+    /// The relay dialled out (`/outbound-call`).
+    Outbound,
+}
+
+impl Direction {
+    /// The name used in records and analytics (`inbound`, `outbound`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
 }
 
 /// What the relay knows about a call, from real events.
@@ -148,6 +174,26 @@ pub struct CallRecord {
     /// The conversation so far, one `role: text` line per utterance, bounded to
     /// [`MAX_TRANSCRIPT_BYTES`] (later utterances are dropped past it).
     pub transcript: String,
+    /// When the owner core first heard of the call (webhook, outbound request or stream start),
+    /// ms since the epoch: analytics date ranges and "newest first" use it.
+    pub created_ms: u64,
+    /// The call's project, when a stream parameter or request named one (the control plane maps
+    /// the others by number or to its default project).
+    pub project_id: Option<String>,
+    /// What the call is about, when a stream parameter said so.
+    pub intent: Option<String>,
+    /// Which way the call was placed.
+    pub direction: Direction,
+}
+
+/// A call record as it is now, emitted by the owner core whenever it changes
+/// ([`crate::core::Output::Record`]) so that a store outside the core can persist it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordChange {
+    /// The call (session) id.
+    pub id: SessionId,
+    /// The whole record after the change: a later change supersedes an earlier one.
+    pub record: CallRecord,
 }
 
 /// Longest transcript kept in a call record, bytes.
@@ -191,8 +237,9 @@ pub enum Reply {
     CallStatus(CallStatus),
     /// Answer to [`Command::TrackStatus`].
     TrackStatus(TrackStatus),
-    /// Answer to [`Command::Record`] and [`Command::ReadRecord`].
-    Record(CallRecord),
+    /// Answer to [`Command::Record`] and [`Command::ReadRecord`] (boxed: a record is large next to
+    /// the other replies).
+    Record(Box<CallRecord>),
     /// The transcript reached the call's listeners and record.
     Transcribed,
     /// A WebRTC leg exists: its id (for its resource URL) and the SDP answer.

@@ -106,6 +106,9 @@ pub enum Output {
         /// The bytes.
         data: Vec<u8>,
     },
+    /// A call record changed: hand the whole record to the record store (boxed: records are
+    /// large next to the other outputs, and travel on by pointer).
+    Record(Box<command::RecordChange>),
 }
 
 /// Counts a core exposes to health checks and metrics.
@@ -226,9 +229,13 @@ impl CoreState {
     /// [`CommandError`] when the session is missing, already exists, or the core is full.
     pub fn handle_command(&mut self, now: Now, id: &SessionId, command: Command) -> Result<Reply, CommandError> {
         match command {
-            Command::Record(update) => return Ok(Reply::Record(self.update_record(id, *update))),
+            Command::Record(update) => {
+                let record = self.update_record(now, id, *update);
+                self.emit_record(id);
+                return Ok(Reply::Record(Box::new(record)));
+            }
             Command::ReadRecord => {
-                return self.records.get(id).cloned().map(Reply::Record).ok_or(CommandError::NotFound)
+                return self.records.get(id).map(|r| Reply::Record(Box::new(r.clone()))).ok_or(CommandError::NotFound)
             }
             Command::Transcript(t) => return self.transcript(now, id, *t),
             Command::RtcOffer(offer) => return self.rtc_offer(now, id, *offer),
@@ -707,18 +714,25 @@ impl CoreState {
             return;
         }
         let requested = start.custom_parameter("agentUrl").map(str::to_owned);
-        let (from, to) =
-            (start.custom_parameter("from").map(str::to_owned), start.custom_parameter("to").map(str::to_owned));
+        let parameter = |name: &str, limit: usize| {
+            start.custom_parameter(name).filter(|v| !v.is_empty()).map(|v| bounded(v, limit).to_owned())
+        };
+        let update = command::RecordUpdate {
+            status: Some("in-progress".into()),
+            from: parameter("from", MAX_NUMBER_BYTES),
+            to: parameter("to", MAX_NUMBER_BYTES),
+            project_id: parameter("projectId", MAX_LABEL_BYTES),
+            intent: parameter("intent", MAX_LABEL_BYTES),
+            ..Default::default()
+        };
         session.caller = Some(Caller { conn, start });
-        let record = self.update_record(
-            id,
-            command::RecordUpdate { status: Some("in-progress".into()), from, to, ..Default::default() },
-        );
+        let record = self.update_record(now, id, update);
         if record.start_ms.is_none() {
             if let Some(r) = self.records.get_mut(id) {
                 r.start_ms = Some(now.unix_ms);
             }
         }
+        self.emit_record(id);
         self.stats.callers += 1;
         self.conns.insert(conn, (id.clone(), Role::Caller));
         self.broadcast(now, id, RetellEvent::Update, json!({ "isConnected": true }));
@@ -906,6 +920,7 @@ impl CoreState {
                 if r.status == "in-progress" {
                     r.status = "completed".to_owned();
                 }
+                self.emit_record(id);
             }
         }
         if let Some(start) = session.greeting() {
@@ -943,6 +958,7 @@ impl CoreState {
             let line = format!("{}: {}\n", t.speaker.role(), t.text);
             if r.transcript.len() + line.len() <= command::MAX_TRANSCRIPT_BYTES {
                 r.transcript.push_str(&line);
+                self.emit_record(id);
             }
         }
         if let Some(slot) = self.slots.get(id) {
@@ -957,15 +973,18 @@ impl CoreState {
         Ok(Reply::Transcribed)
     }
 
-    /// Creates or updates the record of call `id` and returns it.
-    fn update_record(&mut self, id: &SessionId, update: command::RecordUpdate) -> command::CallRecord {
+    /// Creates or updates the record of call `id` and returns it. The caller emits the change
+    /// ([`Self::emit_record`]) once it has made all of its own.
+    fn update_record(&mut self, now: Now, id: &SessionId, update: command::RecordUpdate) -> command::CallRecord {
         if !self.records.contains_key(id) {
             while self.records.len() >= self.limits.records_per_core.max(1) {
                 let Some(oldest) = self.record_order.pop_front() else { break };
                 self.records.remove(&oldest);
             }
             self.record_order.push_back(id.clone());
-            self.records.insert(id.clone(), command::CallRecord { status: "queued".to_owned(), ..Default::default() });
+            let record =
+                command::CallRecord { status: "queued".to_owned(), created_ms: now.unix_ms, ..Default::default() };
+            self.records.insert(id.clone(), record);
         }
         let r = self.records.get_mut(id).expect("inserted above");
         // Statuses only move forward (callbacks can arrive late or out of order); a final status
@@ -976,7 +995,12 @@ impl CoreState {
                 r.status = status;
             }
         }
-        let command::RecordUpdate { user_id, duration_secs, from, to, prompt, first_message, .. } = update;
+        let command::RecordUpdate {
+            user_id, duration_secs, from, to, prompt, first_message, project_id, intent, direction, ..
+        } = update;
+        r.project_id = project_id.or_else(|| r.project_id.take());
+        r.intent = intent.or_else(|| r.intent.take());
+        r.direction = direction.unwrap_or(r.direction);
         r.user_id = user_id.or_else(|| r.user_id.take());
         r.duration_secs = duration_secs.or(r.duration_secs);
         r.from = from.or_else(|| r.from.take());
@@ -984,6 +1008,14 @@ impl CoreState {
         r.prompt = prompt.or_else(|| r.prompt.take());
         r.first_message = first_message.or_else(|| r.first_message.take());
         r.clone()
+    }
+
+    /// Hands the record of `id`, as it is now, to the shell for the record store.
+    fn emit_record(&mut self, id: &SessionId) {
+        if let Some(record) = self.records.get(id) {
+            let change = command::RecordChange { id: id.clone(), record: record.clone() };
+            self.outputs.push_back(Output::Record(Box::new(change)));
+        }
     }
 
     fn broadcast(&mut self, now: Now, id: &SessionId, event: RetellEvent, data: Value) {
@@ -1006,6 +1038,20 @@ impl CoreState {
 
 /// How many times a wait for a call still being placed is extended by `pending_observer_timeout`.
 const MAX_WAIT_EXTENSIONS: u8 = 4;
+
+/// Longest phone number (or client name) a stream parameter may put in a record, bytes.
+const MAX_NUMBER_BYTES: usize = 64;
+/// Longest project id or intent a stream parameter may put in a record, bytes.
+const MAX_LABEL_BYTES: usize = 128;
+
+/// `s` cut to at most `limit` bytes, on a character boundary.
+fn bounded(s: &str, limit: usize) -> &str {
+    let mut end = s.len().min(limit);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 /// Rank of a Twilio call status: later states never give way to earlier ones.
 const FINAL: u8 = 4;

@@ -575,3 +575,67 @@ fn transcripts_reach_listeners_and_the_record() {
     let t = command::Transcript { speaker: command::Speaker::Agent, text: "x".into() };
     assert_eq!(c.core.handle_command(now, &unknown, Command::Transcript(Box::new(t))), Err(CommandError::NotFound));
 }
+
+/// Every record change leaves the core as a whole snapshot: the webhook's creation, the stream's
+/// start (with its `projectId` and `intent` parameters), each transcript line and the end.
+#[test]
+fn record_changes_are_emitted_as_snapshots() {
+    let records = |c: &mut Call| -> Vec<command::RecordChange> {
+        std::mem::take(&mut c.log)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Record(change) => Some(*change),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    let update = command::RecordUpdate { to: Some("+15550001".into()), ..Default::default() };
+    c.core.handle_command(c.now(), &id, Command::Record(Box::new(update))).expect("record");
+    c.drain();
+    let created = records(&mut c);
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(created[0].id, id);
+    assert_eq!(
+        (created[0].record.status.as_str(), created[0].record.created_ms, created[0].record.direction),
+        ("queued", 1_700_000_000_000, command::Direction::Inbound)
+    );
+
+    c.ms = 2_000;
+    c.core.handle_caller_open(&id, CALLER);
+    let mut start = start("CA1");
+    start.custom_parameters.push(("projectId".into(), "proj_1".into()));
+    start.custom_parameters.push(("intent".into(), "emergency".into()));
+    start.custom_parameters.push(("from".into(), String::new()));
+    c.caller(&twilio::start_msg(1, &start.params()));
+    let started = records(&mut c);
+    assert_eq!(started.len(), 1, "one change per input: {started:?}");
+    let r = &started[0].record;
+    assert_eq!(
+        (r.status.as_str(), r.start_ms, r.project_id.as_deref(), r.intent.as_deref(), r.to.as_deref(), r.from.as_deref()),
+        ("in-progress", Some(1_700_000_002_000), Some("proj_1"), Some("emergency"), Some("+15550001"), None),
+        "an empty parameter is no value"
+    );
+    assert_eq!(r.created_ms, 1_700_000_000_000, "creation time stays");
+
+    let said = command::Transcript { speaker: command::Speaker::User, text: "my pipe burst".into() };
+    c.core.handle_command(c.now(), &id, Command::Transcript(Box::new(said))).expect("transcript");
+    c.drain();
+    let heard = records(&mut c);
+    assert_eq!(heard.len(), 1);
+    assert_eq!(heard[0].record.transcript, "user: my pipe burst\n");
+
+    c.ms = 5_000;
+    c.caller(&twilio::stop_msg(9, "MZ1", "AC1", "CA1"));
+    let ended = records(&mut c);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(
+        (ended[0].record.status.as_str(), ended[0].record.end_ms, ended[0].record.duration_at(0)),
+        ("completed", Some(1_700_000_005_000), Some(3))
+    );
+    // Reading changes nothing and emits nothing.
+    c.core.handle_command(c.now(), &id, Command::ReadRecord).expect("read");
+    c.drain();
+    assert!(records(&mut c).is_empty());
+}

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use super::core_task::CoreShared;
-use super::tls::{ClientStream, TlsStream};
+use super::tls::{Stream, TlsStream};
 use super::{clock, dial, ws};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::{check_answer, WsCodec};
@@ -53,7 +53,7 @@ fn fail(shared: &CoreShared, conn: ConnectionId, session: &SessionId, reason: &s
 }
 
 /// Connects and performs the client handshake; returns the socket and any bytes after the 101.
-async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, RawFd, Vec<u8>), String> {
+async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(Stream, RawFd, Vec<u8>), String> {
     let addrs = dial::resolve(&url.host, url.port).await?;
     let tcp =
         dial::connect(&addrs, Duration::from_secs(10)).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
@@ -61,9 +61,9 @@ async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(ClientStream, RawFd
     let fd = tcp.as_raw_fd();
     let mut stream = if url.tls {
         let tls = TlsStream::connect(tcp, &url.host).await.map_err(|e| format!("TLS with {}: {e}", url.host))?;
-        ClientStream::Tls(Box::new(tls))
+        Stream::Tls(Box::new(tls))
     } else {
-        ClientStream::Plain(tcp)
+        Stream::Plain(tcp)
     };
     let key = handshake_key(conn);
     let request = format!(

@@ -37,6 +37,10 @@ pub(crate) struct CoreSetup {
     pub(crate) listener: OwnedFd,
     /// The core's WebRTC socket and settings, when WebRTC is on.
     pub(crate) rtc: Option<super::rtc::CoreRtc>,
+    /// TLS for accepted connections, when a certificate is configured.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where call record changes go (see `EngineConfig::records`).
+    pub(crate) records: Option<crate::config::RecordSink>,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
     pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
     pub(crate) global: Arc<Global>,
@@ -50,6 +54,10 @@ pub(crate) struct CoreShared {
     pub(crate) global: Arc<Global>,
     /// Key for callers' `relaySig` (see `EngineConfig::stream_key`).
     pub(crate) stream_key: Option<crate::secret::Secret>,
+    /// TLS for accepted connections, when a certificate is configured.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where call record changes go; the sink only queues them, never blocks (see its docs).
+    records: Option<crate::config::RecordSink>,
     state: RefCell<CoreState>,
     mesh_tx: Senders<CoreMessage>,
     /// Replies travel on their own mesh, sized to the bound on outstanding requests, so a reply
@@ -141,6 +149,12 @@ impl CoreHandle {
         timeout: Duration,
     ) -> Result<super::FetchResponse, super::FetchError> {
         super::fetch::fetch(request, timeout).await
+    }
+
+    /// Runs `f` on the executor's blocking thread pool and returns its result: for work that may
+    /// block or take long (file or database I/O), which must never run on a core's thread.
+    pub async fn blocking<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        glommio::executor().spawn_blocking(f).await
     }
 
     /// Every core's counts, from the shared gauges.
@@ -318,6 +332,11 @@ impl CoreShared {
                     glommio::spawn_local(agent::agent_task(this, conn, session, url)).detach();
                 }
             }
+            Output::Record(change) => {
+                if let Some(sink) = &self.records {
+                    sink.send(change);
+                }
+            }
         }
     }
 }
@@ -362,6 +381,8 @@ pub(crate) async fn run_core<S: ControlService>(
         limits: setup.limits,
         global: setup.global,
         stream_key: setup.stream_key,
+        tls: setup.tls,
+        records: setup.records,
         mesh_tx,
         reply_tx,
         pending: RefCell::new(HashMap::new()),

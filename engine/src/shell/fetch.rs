@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use super::dial;
-use super::tls::{ClientStream, TlsStream};
+use super::tls::{Stream, TlsStream};
 use crate::proto::http_client::{self, parse_response, Response, ResponseError};
 
 /// A request to send.
@@ -78,9 +78,9 @@ async fn exchange(request: FetchRequest) -> Result<Response, FetchError> {
     let mut stream = if tls {
         let tls =
             TlsStream::connect(tcp, &host).await.map_err(|e| FetchError::Transport(format!("TLS with {host}: {e}")))?;
-        ClientStream::Tls(Box::new(tls))
+        Stream::Tls(Box::new(tls))
     } else {
-        ClientStream::Plain(tcp)
+        Stream::Plain(tcp)
     };
     let mut out = Vec::with_capacity(512 + request.body.len());
     http_client::write_request(&mut out, request.method, authority.as_str(), &target, &request.headers, &request.body);

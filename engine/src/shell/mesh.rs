@@ -11,6 +11,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use super::core_task::CoreShared;
 use http::StatusCode;
 
+use super::tls::{Stream, TlsStream};
 use super::{handoff, tcp, ws, ControlService, Upgrade};
 use crate::core::command::{Command, CommandError, Reply};
 use crate::id::{CoreId, SessionId};
@@ -34,6 +35,8 @@ pub(crate) struct ReplyMessage {
 /// A connection moving to its session's core, with the bytes already read from it.
 pub(crate) struct Handoff {
     pub(crate) fd: OwnedFd,
+    /// The connection's TLS state, when it came in over TLS.
+    pub(crate) tls: Option<Box<super::tls::TlsState>>,
     /// Bytes the client sent after its upgrade request (early WebSocket frames).
     pub(crate) read_ahead: Vec<u8>,
     pub(crate) upgrade: Upgrade,
@@ -58,7 +61,11 @@ pub(crate) async fn receive_task<S: ControlService>(
             CoreMessage::Dropped => {}
             CoreMessage::Handoff(h) => {
                 let h = *h;
-                let mut stream = handoff::adopt(h.fd);
+                let tcp = handoff::adopt(h.fd);
+                let mut stream = match h.tls {
+                    Some(state) => Stream::Tls(Box::new(TlsStream::from_parts(tcp, *state))),
+                    None => Stream::Plain(tcp),
+                };
                 if shared.connections.get() >= shared.limits.connections_per_core {
                     let resp = service.error_response(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -33,7 +33,7 @@ use crate::proto::http::RequestHead;
 pub use crate::proto::http_client::Response as FetchResponse;
 pub use core_task::CoreHandle;
 pub use fetch::{FetchError, FetchRequest};
-pub use tls::trust_extra_roots;
+pub use tls::{load_system_roots, server_config, trust_extra_roots};
 
 /// The control plane, as the shell sees it: turns a request into a response, or into an event
 /// socket for a session. One clone runs on every core.
@@ -154,6 +154,9 @@ pub enum StartError {
     /// A core's WebRTC socket could not be made.
     #[error("cannot serve WebRTC: {0}")]
     Rtc(String),
+    /// The TLS certificate or key cannot be used.
+    #[error("cannot serve TLS: {0}")]
+    Tls(String),
 }
 
 /// Process-wide state every core can read: the shutdown flag and per-core gauges.
@@ -294,6 +297,10 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
     let listeners = bind_listeners(config.listen, config.cores)?;
     let local_addr =
         listeners[0].local_addr().map_err(|source| StartError::Listen { addr: config.listen, source, hint: "" })?;
+    let tls = match &config.tls {
+        Some(id) => Some(server_config(&id.cert_pem, &id.key_pem).map_err(StartError::Tls)?),
+        None => None,
+    };
     // One WebRTC socket per core, and one DTLS certificate for the process.
     let (rtc_addrs, mut rtc_cores) = match &config.rtc {
         Some(settings) => {
@@ -330,6 +337,8 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             stream_key: config.stream_key.clone(),
             listener: OwnedFd::from(listener),
             rtc: rtc_cores[index].take(),
+            tls: tls.clone(),
+            records: config.records.clone(),
             mesh: mesh.clone(),
             replies: replies.clone(),
             global: global.clone(),

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, FutureExt};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 use http::{HeaderMap, Method, StatusCode};
 
 use super::core_task::{CoreHandle, CoreShared};
 use super::mesh::{CoreMessage, Handoff};
+use super::tls::{Stream, TlsStream};
 use super::{clock, handoff, ws, ControlService, Outcome, Request, SocketKind};
 use crate::id::{core_for, SessionId};
 use crate::proto::http::{error_context, parse_head, write_response, Connection, Parse, CONTINUE};
@@ -50,7 +51,24 @@ pub(crate) async fn accept_task<S: ControlService>(shared: Rc<CoreShared>, servi
         shared.connection_opened();
         let (s, svc) = (shared.clone(), service.clone());
         glommio::spawn_local(async move {
-            http_task(&s, &svc, stream, peer).await;
+            let stream = match s.tls.clone() {
+                None => Some(Stream::Plain(stream)),
+                // The handshake has the header timeout, like a request head.
+                Some(config) => {
+                    let handshake = async { Ok(TlsStream::accept(stream, config).await) };
+                    match glommio::timer::timeout(s.limits.header_timeout, handshake).await {
+                        Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls))),
+                        Ok(Err(e)) => {
+                            tracing::debug!(core = s.id.0, %peer, "TLS handshake failed: {e}");
+                            None
+                        }
+                        Err(_) => None,
+                    }
+                }
+            };
+            if let Some(stream) = stream {
+                http_task(&s, &svc, stream, peer).await;
+            }
             s.connection_closed();
         })
         .detach();
@@ -69,7 +87,7 @@ enum ReadEnd {
 async fn http_task<S: ControlService>(
     shared: &Rc<CoreShared>,
     service: &Rc<S>,
-    mut stream: TcpStream,
+    mut stream: Stream,
     peer: SocketAddr,
 ) {
     let limits = &shared.limits;
@@ -190,7 +208,7 @@ async fn http_task<S: ControlService>(
 async fn upgrade<S: ControlService>(
     shared: &Rc<CoreShared>,
     service: &Rc<S>,
-    mut stream: TcpStream,
+    mut stream: Stream,
     read_ahead: Vec<u8>,
     up: super::Upgrade,
 ) {
@@ -236,7 +254,7 @@ async fn upgrade<S: ControlService>(
         ws::socket_task(shared.clone(), service.clone(), stream, read_ahead, session, up, upgraded).await;
         return;
     }
-    let fd = match handoff::detach(&stream) {
+    let fd = match handoff::detach(stream.tcp()) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(core = shared.id.0, "cannot hand a connection over: {e}");
@@ -244,19 +262,35 @@ async fn upgrade<S: ControlService>(
             return;
         }
     };
-    let message = CoreMessage::Handoff(Box::new(Handoff { fd, read_ahead, session, upgrade: up, upgraded }));
+    // A TLS connection's state travels with its socket (everything we had to write is flushed).
+    let (tcp, tls) = match stream {
+        Stream::Plain(tcp) => (tcp, None),
+        Stream::Tls(t) => {
+            let (tcp, state) = t.into_parts();
+            (tcp, Some(Box::new(state)))
+        }
+    };
+    let message = CoreMessage::Handoff(Box::new(Handoff { fd, tls, read_ahead, session, upgrade: up, upgraded }));
     if let Err(message) = shared.send_to_core(owner, message) {
-        drop(message); // Closes the duplicate descriptor; this core still answers the client.
+        // This core still answers the client, with its TLS state back if it had one; dropping the
+        // message closes only the duplicate descriptor.
+        let mut stream = match message {
+            CoreMessage::Handoff(h) => match h.tls {
+                Some(state) => Stream::Tls(Box::new(TlsStream::from_parts(tcp, *state))),
+                None => Stream::Plain(tcp),
+            },
+            _ => Stream::Plain(tcp),
+        };
         refuse(service, &mut stream, upgraded, "the session's core is busy; try again").await;
         return;
     }
     // The owner core now holds the socket through its duplicate; dropping ours closes only this
     // descriptor.
-    drop(stream);
+    drop(tcp);
 }
 
 /// Refuses a connection that could not be moved: 503 before the upgrade, close 1013 after it.
-async fn refuse<S: ControlService>(service: &Rc<S>, stream: &mut TcpStream, upgraded: bool, message: &'static str) {
+async fn refuse<S: ControlService>(service: &Rc<S>, stream: &mut Stream, upgraded: bool, message: &'static str) {
     if upgraded {
         let mut codec = WsCodec::new_server(&crate::config::Limits::default(), &[]);
         codec.close(1013, message);
@@ -278,7 +312,7 @@ async fn refuse<S: ControlService>(service: &Rc<S>, stream: &mut TcpStream, upgr
 /// The close code and reason when no usable `start` arrives within the limits.
 async fn caller_session(
     shared: &CoreShared,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     read_ahead: Vec<u8>,
     fallback: Option<SessionId>,
 ) -> Result<(SessionId, Vec<u8>), (u16, &'static str)> {
@@ -334,7 +368,7 @@ fn release_if_large(buf: &mut Vec<u8>) {
 /// shutdown may interrupt.
 async fn read_more(
     shared: &CoreShared,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
     deadline: Instant,
     idle: bool,
@@ -367,7 +401,7 @@ async fn read_more(
 }
 
 /// Writes out `out` within `timeout`; false when the peer is gone or not reading.
-pub(crate) async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Duration) -> bool {
+pub(crate) async fn flush(stream: &mut Stream, out: &mut Vec<u8>, timeout: Duration) -> bool {
     if out.is_empty() {
         return true;
     }
@@ -382,7 +416,7 @@ pub(crate) async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Du
 /// discarded for a moment, so an unread request body does not make the kernel reset the
 /// connection and destroy the response before the client reads it.
 pub(crate) async fn respond_and_close(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     out: &mut Vec<u8>,
     resp: &http::Response<Bytes>,
     head_only: bool,
@@ -394,7 +428,7 @@ pub(crate) async fn respond_and_close(
     if !flush(stream, out, Duration::from_secs(5)).await {
         return;
     }
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let _ = stream.shutdown_write().await;
     let mut drained = 0;
     let mut chunk = [0u8; READ_CHUNK];
     let deadline = clock::now().instant + LINGER;

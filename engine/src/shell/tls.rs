@@ -1,9 +1,10 @@
-//! A client TLS stream (rustls over a glommio `TcpStream`) with the `AsyncRead`/`AsyncWrite`
-//! interface the socket loop uses, plus the client configuration shared by every outbound TLS
-//! connection.
+//! TLS streams (rustls over a glommio `TcpStream`, client or server side) with the
+//! `AsyncRead`/`AsyncWrite` interface the socket loops use; the client configuration shared by
+//! every outbound TLS connection; the server configuration from the operator's PEM files.
 //!
-//! Invariant: certificates are always verified (web PKI roots plus the operator's extra CAs);
-//! encrypted bytes waiting for the socket are bounded by the writer's backpressure.
+//! Invariant: outbound certificates are always verified (the system's trust store, or the
+//! built-in web PKI roots where it has none, plus the operator's extra CAs); encrypted bytes waiting for the socket are bounded by the writer's backpressure; a server
+//! connection's TLS state can move to another core with its socket (`into_parts`/`from_parts`).
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
@@ -14,6 +15,16 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 static EXTRA_ROOTS: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = OnceLock::new();
+
+/// The system's trust store (`/etc/ssl/certs` and friends, or `SSL_CERT_FILE`/`SSL_CERT_DIR`),
+/// loaded once; empty when the system has none.
+static SYSTEM_ROOTS: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> = OnceLock::new();
+
+/// Loads the system's trust store for outbound TLS; returns how many certificates it holds. Called
+/// once at startup (it reads files); a system without one falls back to the built-in web PKI roots.
+pub fn load_system_roots() -> usize {
+    SYSTEM_ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs).len()
+}
 
 /// Trusts the PEM certificates in `pem` for outbound TLS, besides the web PKI roots. Call once at
 /// startup, before any connection.
@@ -38,7 +49,11 @@ pub(crate) fn config() -> Arc<rustls::ClientConfig> {
     thread_local! {
         static CONFIG: Arc<rustls::ClientConfig> = {
             let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            let system = SYSTEM_ROOTS.get().map(Vec::as_slice).unwrap_or_default();
+            let (added, _) = roots.add_parsable_certificates(system.iter().cloned());
+            if added == 0 {
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            }
             for cert in EXTRA_ROOTS.get().into_iter().flatten() {
                 let _ = roots.add(cert.clone());
             }
@@ -48,10 +63,40 @@ pub(crate) fn config() -> Arc<rustls::ClientConfig> {
     CONFIG.with(Clone::clone)
 }
 
-/// A TLS client connection over TCP.
+/// The server configuration for `--tls-cert`/`--tls-key` (PEM: the certificate chain, and its
+/// private key), offering HTTP/1.1 by ALPN.
+///
+/// # Errors
+/// When either file holds nothing usable or the key does not match the certificate.
+pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the certificate file is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("the certificate file holds no certificate".to_owned());
+    }
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("the key file holds no private key: {e}"))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not go together: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A TLS connection's state apart from its socket, to move it to another core.
+pub(crate) struct TlsState {
+    tls: rustls::Connection,
+    /// Encrypted bytes read from the socket and not yet taken by rustls.
+    incoming: Vec<u8>,
+}
+
+/// A TLS connection over TCP, either side.
 pub(crate) struct TlsStream {
     tcp: TcpStream,
-    tls: rustls::ClientConnection,
+    tls: rustls::Connection,
     /// Encrypted bytes produced by rustls, not yet accepted by the socket.
     out: Vec<u8>,
     /// Scratch space for encrypted bytes read from the socket.
@@ -65,10 +110,35 @@ impl TlsStream {
     ///
     /// # Errors
     /// When the name is invalid, the certificate does not verify, or the socket fails.
-    pub(crate) async fn connect(mut tcp: TcpStream, host: &str) -> io::Result<Self> {
+    pub(crate) async fn connect(tcp: TcpStream, host: &str) -> io::Result<Self> {
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "invalid TLS server name"))?;
-        let mut tls = rustls::ClientConnection::new(config(), name).map_err(io::Error::other)?;
+        let tls = rustls::ClientConnection::new(config(), name).map_err(io::Error::other)?;
+        Self::handshake(tcp, tls.into()).await
+    }
+
+    /// Accepts TLS from a client on `tcp` with `config` and completes the handshake.
+    ///
+    /// # Errors
+    /// When the client does not speak TLS, offers nothing we accept, or the socket fails.
+    pub(crate) async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let tls = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        Self::handshake(tcp, tls.into()).await
+    }
+
+    /// The state to move to another core, and the socket (whose descriptor moves separately).
+    /// Everything this side had to write was already flushed by the caller.
+    pub(crate) fn into_parts(self) -> (TcpStream, TlsState) {
+        (self.tcp, TlsState { tls: self.tls, incoming: self.incoming })
+    }
+
+    /// A connection moved here: its socket, adopted, and its state.
+    pub(crate) fn from_parts(tcp: TcpStream, state: TlsState) -> Self {
+        let scratch = vec![0u8; 16 * 1024].into_boxed_slice();
+        Self { tcp, tls: state.tls, out: Vec::new(), scratch, incoming: state.incoming }
+    }
+
+    async fn handshake(mut tcp: TcpStream, mut tls: rustls::Connection) -> io::Result<Self> {
         let mut scratch = vec![0u8; 16 * 1024].into_boxed_slice();
         while tls.is_handshaking() {
             while tls.wants_write() {
@@ -81,7 +151,7 @@ impl TlsStream {
             }
             let n = tcp.read(&mut scratch).await?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed during the TLS handshake"));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed during the TLS handshake"));
             }
             // Feed every byte: one read_tls call may take only part of them.
             let mut rest = &scratch[..n];
@@ -184,15 +254,45 @@ impl AsyncWrite for TlsStream {
     }
 }
 
-/// A socket the relay dialled: plain TCP or TLS.
-pub(crate) enum ClientStream {
-    /// `ws://`, `http://`.
+/// A connection, plain TCP or TLS: one the relay dialled (`ws://` / `wss://`, `http://` /
+/// `https://`) or one it accepted (TLS when `--tls-cert` is set).
+pub(crate) enum Stream {
+    /// Plain TCP.
     Plain(TcpStream),
-    /// `wss://`, `https://`.
+    /// TLS over TCP.
     Tls(Box<TlsStream>),
 }
 
-impl AsyncRead for ClientStream {
+impl Stream {
+    /// The TCP socket's descriptor (for shutting it down from the liveness sweep).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Self::Plain(s) => s.as_raw_fd(),
+            Self::Tls(s) => s.tcp.as_raw_fd(),
+        }
+    }
+
+    /// The TCP socket underneath.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => &s.tcp,
+        }
+    }
+
+    /// Ends our side: TLS says `close_notify` first, then the TCP write side shuts down.
+    pub(crate) async fn shutdown_write(&mut self) -> io::Result<()> {
+        if let Self::Tls(s) = self {
+            s.tls.send_close_notify();
+            s.encrypt_pending()?;
+            futures_lite::future::poll_fn(|cx| s.poll_drain(cx)).await?;
+        }
+        self.tcp().shutdown(std::net::Shutdown::Write).await.map_err(io::Error::from)
+    }
+}
+
+impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
@@ -201,7 +301,7 @@ impl AsyncRead for ClientStream {
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),

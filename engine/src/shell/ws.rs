@@ -8,13 +8,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use glommio::net::TcpStream;
 use http::StatusCode;
 use tungstenite::Utf8Bytes;
 
@@ -186,7 +185,7 @@ pub(crate) enum Feed {
 pub(crate) async fn socket_task<S: ControlService>(
     shared: Rc<CoreShared>,
     service: Rc<S>,
-    mut stream: TcpStream,
+    mut stream: super::tls::Stream,
     read_ahead: Vec<u8>,
     session: SessionId,
     upgrade: Upgrade,
@@ -197,7 +196,7 @@ pub(crate) async fn socket_task<S: ControlService>(
     let Upgrade { kind, credential, accept, guard, .. } = upgrade;
     // Registered before any input about `conn`, so nothing the core sends it can be lost.
     let outbox = Rc::new(Outbox::new(shared.coarse_now()));
-    let fd = stream.as_raw_fd();
+    let fd = stream.raw_fd();
     shared.register_outbox(conn, outbox.clone());
     let (greeting, feed) = match kind {
         SocketKind::Events | SocketKind::Frontend => {

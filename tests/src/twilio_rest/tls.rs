@@ -32,6 +32,7 @@ pub struct TestCert {
     key: PrivatePkcs8KeyDer<'static>,
     dir: PathBuf,
     pem_file: PathBuf,
+    key_file: PathBuf,
 }
 
 impl TestCert {
@@ -62,11 +63,14 @@ impl TestCert {
         let dir = temp_dir("tls");
         let pem_file = dir.join("ca.pem");
         std::fs::write(&pem_file, certified.cert.pem()).expect("write the certificate PEM");
+        let key_file = dir.join("key.pem");
+        std::fs::write(&key_file, certified.signing_key.serialize_pem()).expect("write the key PEM");
         Self {
             cert: certified.cert.der().clone(),
             key: PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()),
             dir,
             pem_file,
+            key_file,
         }
     }
 
@@ -78,6 +82,37 @@ impl TestCert {
     /// The PEM file holding the certificate (what `--upstream-ca-file` names).
     pub fn pem_file(&self) -> &Path {
         &self.pem_file
+    }
+
+    /// The PEM file holding the private key (what `--tls-key` names).
+    pub fn key_file(&self) -> &Path {
+        &self.key_file
+    }
+
+    /// A rustls client configuration trusting only this certificate.
+    ///
+    /// # Panics
+    /// When rustls rejects the certificate as a root.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.clone()).expect("a usable root");
+        Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+    }
+
+    /// A TLS client connection to `addr` (named `localhost`) trusting this certificate.
+    ///
+    /// # Panics
+    /// When the connection or handshake fails.
+    pub fn connect(&self, addr: SocketAddr) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let conn = rustls::ClientConnection::new(self.client_config(), name).expect("client");
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock).expect("TLS handshake with the relay");
+        }
+        stream
     }
 
     /// A rustls server configuration presenting this certificate.

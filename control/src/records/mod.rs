@@ -1,0 +1,645 @@
+//! The call-record store: `<data-dir>/records.redb`, an embedded database (redb: one file, no
+//! server). Owner cores hand every record change to a bounded queue; one writer thread batches the
+//! changes and commits at most once a [`COMMIT_INTERVAL`], so a crash loses at most the last
+//! second; [`RecordStore::close`] commits everything left. Analytics read it through [`Records`].
+//!
+//! Invariant: nothing here runs on a core's thread except [`RecordStore::sink`]'s closure, which
+//! only `try_send`s (a full queue is a counted drop); every database access happens on the writer
+//! thread or on a blocking-pool thread.
+
+pub mod query;
+pub mod time;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use relay_engine::config::RecordSink;
+use relay_engine::core::command::{CallRecord, RecordChange};
+use serde::{Deserialize, Serialize};
+
+/// The database file's name inside `--data-dir`.
+pub const FILE_NAME: &str = "records.redb";
+/// Longest time a change waits in memory before it is committed: the most a crash can lose.
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// Changes queued between the cores and the writer thread. The writer drains the queue into
+/// memory continuously (it only waits for the disk once a second), so this absorbs the burst of
+/// every call ending at once at shutdown on a large relay; past it, changes are dropped and
+/// counted ([`StoreStats::dropped`]).
+pub const QUEUE_CAPACITY: usize = 65_536;
+
+/// Every call by id: the whole record, as JSON.
+const CALLS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("calls");
+/// Calls by (project, creation ms, id): a [`Summary`] as JSON, so that aggregates over a date
+/// range read only this index.
+const BY_PROJECT: TableDefinition<'_, (&str, u64, &str), &[u8]> = TableDefinition::new("calls_by_project");
+
+/// Why the store failed: redb's error, boxed (it is large, and rare).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(Box<redb::Error>);
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Self(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    std::io::Error
+);
+
+/// How calls are assigned to projects, and the projects' display names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Projects {
+    /// Project of calls to (inbound) or from (outbound) each of the relay's numbers.
+    pub by_number: HashMap<String, String>,
+    /// Project of calls nothing else assigns.
+    pub default: String,
+    /// Display names (`projectName`) by project id; a project without one is named by its id.
+    pub names: HashMap<String, String>,
+}
+
+impl Projects {
+    /// The project of `record`: its own `projectId`, else the project of its called number, else
+    /// of its calling number (an outbound call's `from` is the relay's own number), else the
+    /// default.
+    pub fn resolve(&self, record: &CallRecord) -> String {
+        record
+            .project_id
+            .clone()
+            .or_else(|| record.to.as_ref().and_then(|n| self.by_number.get(n)).cloned())
+            .or_else(|| record.from.as_ref().and_then(|n| self.by_number.get(n)).cloned())
+            .unwrap_or_else(|| self.default.clone())
+    }
+
+    /// The display name of project `id`.
+    pub fn name<'a>(&'a self, id: &'a str) -> &'a str {
+        self.names.get(id).map_or(id, String::as_str)
+    }
+}
+
+/// A call record as stored: the engine's record plus its id and resolved project.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredCall {
+    /// The call (session) id, Twilio's call sid for phone calls.
+    pub id: String,
+    /// The project it belongs to.
+    pub project_id: String,
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// Caller number.
+    pub from: Option<String>,
+    /// Called number.
+    pub to: Option<String>,
+    /// Latest Twilio call status.
+    pub status: String,
+    /// When the caller's stream started, ms since the epoch.
+    pub start_ms: Option<u64>,
+    /// When the call ended, ms since the epoch.
+    pub end_ms: Option<u64>,
+    /// Length of the call, seconds: Twilio's figure, else the stream's end minus its start;
+    /// `None` while the call has not ended.
+    pub duration_secs: Option<u64>,
+    /// What the call was about, when known.
+    pub intent: Option<String>,
+    /// The conversation, one `role: text` line per utterance.
+    pub transcript: String,
+    /// The user who initiated an outbound call.
+    pub user_id: Option<String>,
+    /// Outbound call instructions for the agent.
+    pub prompt: Option<String>,
+    /// Outbound call first sentence for the agent.
+    pub first_message: Option<String>,
+    /// When the relay first heard of the call, ms since the epoch.
+    pub created_ms: u64,
+}
+
+impl StoredCall {
+    /// The stored form of `change`, merged with what the store already holds for the call
+    /// (`older`): a core that forgot a call (evicted past `records_per_core`, or a restart) starts
+    /// a fresh record on its next event, which must not erase what was known.
+    pub fn from_change(change: &RecordChange, projects: &Projects, older: Option<&Self>) -> Self {
+        let r = &change.record;
+        let duration_secs = r.duration_secs.or_else(|| match (r.start_ms, r.end_ms) {
+            (Some(start), Some(end)) => Some(end.saturating_sub(start) / 1000),
+            _ => None,
+        });
+        let mut call = Self {
+            id: change.id.as_str().to_owned(),
+            project_id: projects.resolve(r),
+            direction: r.direction.name().to_owned(),
+            from: r.from.clone(),
+            to: r.to.clone(),
+            status: r.status.clone(),
+            start_ms: r.start_ms,
+            end_ms: r.end_ms,
+            duration_secs,
+            intent: r.intent.clone(),
+            transcript: r.transcript.clone(),
+            user_id: r.user_id.clone(),
+            prompt: r.prompt.clone(),
+            first_message: r.first_message.clone(),
+            created_ms: r.created_ms,
+        };
+        if let Some(old) = older.filter(|old| old.created_ms < call.created_ms) {
+            // A re-created record: it knows only what happened since; the rest comes from before.
+            call.created_ms = old.created_ms;
+            if r.project_id.is_none() {
+                call.project_id.clone_from(&old.project_id);
+            }
+            if old.direction == "outbound" {
+                call.direction.clone_from(&old.direction);
+            }
+            if status_rank(&old.status) > status_rank(&call.status) {
+                call.status.clone_from(&old.status);
+            }
+            for (new, old) in [
+                (&mut call.from, &old.from),
+                (&mut call.to, &old.to),
+                (&mut call.intent, &old.intent),
+                (&mut call.user_id, &old.user_id),
+                (&mut call.prompt, &old.prompt),
+                (&mut call.first_message, &old.first_message),
+            ] {
+                if new.is_none() {
+                    new.clone_from(old);
+                }
+            }
+            call.start_ms = old.start_ms.or(call.start_ms);
+            call.end_ms = call.end_ms.or(old.end_ms);
+            call.duration_secs = call.duration_secs.or(old.duration_secs);
+            if call.transcript.is_empty() {
+                call.transcript.clone_from(&old.transcript);
+            }
+        }
+        call
+    }
+
+    /// What aggregates need of the call.
+    pub fn summary(&self) -> Summary {
+        Summary { status: self.status.clone(), duration_secs: self.duration_secs, intent: self.intent.clone() }
+    }
+}
+
+/// The part of a call that aggregates read, kept in the project index.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// Latest Twilio call status.
+    pub status: String,
+    /// Length of the call, seconds, once ended.
+    pub duration_secs: Option<u64>,
+    /// What the call was about, when known.
+    pub intent: Option<String>,
+}
+
+/// Counters of the store, readable from any thread.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Changes dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Records written (upserts committed).
+    pub written: AtomicU64,
+    /// Whether the last commit failed (the changes are kept and retried).
+    pub failing: AtomicBool,
+}
+
+/// What the writer thread is told.
+enum Message {
+    /// A record changed.
+    Change(Box<RecordChange>),
+    /// Commit what is pending now, then answer.
+    Flush(mpsc::Sender<Result<(), String>>),
+    /// Commit what is pending, answer, and stop.
+    Close(mpsc::Sender<Result<(), String>>),
+}
+
+/// The open store: its database, the writer thread and the queue into it.
+pub struct RecordStore {
+    records: Records,
+    tx: SyncSender<Message>,
+    writer: Option<JoinHandle<()>>,
+    stats: Arc<StoreStats>,
+}
+
+impl RecordStore {
+    /// Opens (or creates) `<dir>/records.redb` and starts the writer thread.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or created (another relay holds it, a corrupt file, no
+    /// permission), or the thread cannot start.
+    pub fn open(dir: &Path, projects: Projects) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                anyhow::anyhow!("{} is in use by another relay: give each relay its own --data-dir", path.display())
+            }
+            other => anyhow::anyhow!("cannot open the records database {}: {other}", path.display()),
+        })?;
+        let txn = db.begin_write().context("records database")?;
+        txn.open_table(CALLS).context("records database")?;
+        txn.open_table(BY_PROJECT).context("records database")?;
+        txn.commit().context("records database")?;
+        let records = Records { db: Arc::new(db), projects: Arc::new(projects) };
+        let stats = Arc::new(StoreStats::default());
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let writer = Writer { records: records.clone(), stats: stats.clone(), pending: HashMap::new() };
+        let writer = std::thread::Builder::new()
+            .name("records-writer".into())
+            .spawn(move || writer.run(&rx))
+            .context("cannot start the records writer thread")?;
+        Ok(Self { records, tx, writer: Some(writer), stats })
+    }
+
+    /// The engine's end of the queue: each change is `try_send`, never waited for.
+    pub fn sink(&self) -> RecordSink {
+        let tx = self.tx.clone();
+        let stats = self.stats.clone();
+        RecordSink::new(move |change| match tx.try_send(Message::Change(change)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if stats.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!("call records queue is full: record changes are being dropped");
+                }
+            }
+            // Closed: the relay is past shutdown; nothing more is written.
+            Err(TrySendError::Disconnected(_)) => {}
+        })
+    }
+
+    /// A read handle, for analytics and health checks.
+    pub fn records(&self) -> Records {
+        self.records.clone()
+    }
+
+    /// The store's counters.
+    pub fn stats(&self) -> Arc<StoreStats> {
+        self.stats.clone()
+    }
+
+    /// Commits every change queued so far, waiting for the writer.
+    ///
+    /// # Errors
+    /// When the commit fails or the writer is gone.
+    pub fn flush(&self) -> Result<(), String> {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        // Blocking is fine here: this runs on a control thread (startup, shutdown, tests), never a core.
+        self.tx.send(Message::Flush(ack_tx)).map_err(|_| "the records writer has stopped".to_owned())?;
+        ack_rx.recv().map_err(|_| "the records writer has stopped".to_owned())?
+    }
+
+    /// Commits everything queued and stops the writer. Call after the cores have stopped, so
+    /// that the records of the calls they ended are in the queue.
+    ///
+    /// # Errors
+    /// When the last commit fails.
+    pub fn close(mut self) -> Result<(), String> {
+        self.shut()
+    }
+
+    fn shut(&mut self) -> Result<(), String> {
+        let Some(writer) = self.writer.take() else { return Ok(()) };
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let result = match self.tx.send(Message::Close(ack_tx)) {
+            Ok(()) => ack_rx.recv().unwrap_or_else(|_| Err("the records writer has stopped".to_owned())),
+            Err(_) => Err("the records writer has stopped".to_owned()),
+        };
+        let _ = writer.join();
+        result
+    }
+}
+
+impl Drop for RecordStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.shut() {
+            tracing::error!("call records not all saved: {e}");
+        }
+    }
+}
+
+/// The writer thread's state: changes waiting for the next commit, latest per call.
+struct Writer {
+    records: Records,
+    stats: Arc<StoreStats>,
+    pending: HashMap<String, Box<RecordChange>>,
+}
+
+impl Writer {
+    fn run(mut self, rx: &mpsc::Receiver<Message>) {
+        // When the oldest pending change arrived: it is committed within COMMIT_INTERVAL of it.
+        let mut oldest: Option<Instant> = None;
+        loop {
+            let message = match oldest {
+                Some(since) => match rx.recv_timeout(COMMIT_INTERVAL.saturating_sub(since.elapsed())) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        let _ = self.commit();
+                        return;
+                    }
+                },
+                None => match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                },
+            };
+            match message {
+                Some(Message::Change(change)) => {
+                    oldest.get_or_insert_with(Instant::now);
+                    self.pending.insert(change.id.as_str().to_owned(), change);
+                }
+                Some(Message::Flush(ack)) => {
+                    let _ = ack.send(self.commit());
+                    oldest = (!self.pending.is_empty()).then(Instant::now);
+                }
+                Some(Message::Close(ack)) => {
+                    // Changes sent before the close are all in the queue ahead of it.
+                    while let Ok(Message::Change(change)) = rx.try_recv() {
+                        self.pending.insert(change.id.as_str().to_owned(), change);
+                    }
+                    let _ = ack.send(self.commit());
+                    return;
+                }
+                None => {}
+            }
+            if oldest.is_some_and(|since| since.elapsed() >= COMMIT_INTERVAL) {
+                let _ = self.commit();
+                // A failed commit keeps its changes and is retried a second later.
+                oldest = (!self.pending.is_empty()).then(Instant::now);
+            }
+        }
+    }
+
+    /// Writes every pending change in one transaction.
+    fn commit(&mut self) -> Result<(), String> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let count = self.pending.len() as u64;
+        match self.records.upsert(self.pending.values().map(|c| &**c)) {
+            Ok(()) => {
+                self.pending.clear();
+                self.stats.written.fetch_add(count, Ordering::Relaxed);
+                self.stats.failing.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                if !self.stats.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!("cannot save call records (retrying every second): {e}");
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// Read access to the store (and the writer's upserts); cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Records {
+    db: Arc<Database>,
+    projects: Arc<Projects>,
+}
+
+impl Records {
+    /// How calls map to projects.
+    pub fn projects(&self) -> &Projects {
+        &self.projects
+    }
+
+    /// Every call of `project` created in `from_ms..=to_ms`, oldest first: (creation ms, summary).
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub fn summaries(&self, project: &str, from_ms: u64, to_ms: u64) -> Result<Vec<(u64, Summary)>, Error> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(BY_PROJECT)?;
+        let mut out = Vec::new();
+        if from_ms > to_ms {
+            return Ok(out);
+        }
+        let range = index.range((project, from_ms, "")..(project, to_ms.saturating_add(1), ""))?;
+        for entry in range {
+            let (key, value) = entry?;
+            let (_, created_ms, _) = key.value();
+            // A value that does not parse was written by a newer relay: skipped, not fatal.
+            if let Ok(summary) = serde_json::from_slice::<Summary>(value.value()) {
+                out.push((created_ms, summary));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `limit` most recently created calls of `project`, newest first.
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub fn recent(&self, project: &str, limit: usize) -> Result<Vec<StoredCall>, Error> {
+        let txn = self.db.begin_read()?;
+        let index = txn.open_table(BY_PROJECT)?;
+        let calls = txn.open_table(CALLS)?;
+        let mut out = Vec::new();
+        for entry in index.range((project, 0, "")..=(project, u64::MAX, ""))?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = entry?;
+            let (_, _, id) = key.value();
+            if let Some(value) = calls.get(id)? {
+                if let Ok(call) = serde_json::from_slice::<StoredCall>(value.value()) {
+                    out.push(call);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored record of call `id`.
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub fn get(&self, id: &str) -> Result<Option<StoredCall>, Error> {
+        let txn = self.db.begin_read()?;
+        let calls = txn.open_table(CALLS)?;
+        Ok(calls.get(id)?.and_then(|v| serde_json::from_slice(v.value()).ok()))
+    }
+
+    /// Opens a read transaction and the calls table: how long the database takes to answer.
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub fn check(&self) -> Result<Duration, Error> {
+        let start = Instant::now();
+        let txn = self.db.begin_read()?;
+        let calls = txn.open_table(CALLS)?;
+        let _ = calls.first()?;
+        Ok(start.elapsed())
+    }
+
+    /// Upserts `changes` in one write transaction, keeping the project index in step.
+    fn upsert<'a>(&self, changes: impl Iterator<Item = &'a RecordChange>) -> Result<(), Error> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut calls = txn.open_table(CALLS)?;
+            let mut index = txn.open_table(BY_PROJECT)?;
+            for change in changes {
+                let id = change.id.as_str();
+                let older: Option<StoredCall> = calls.get(id)?.and_then(|v| serde_json::from_slice(v.value()).ok());
+                let call = StoredCall::from_change(change, &self.projects, older.as_ref());
+                if let Some(old) = &older {
+                    index.remove((old.project_id.as_str(), old.created_ms, id))?;
+                }
+                let json = serde_json::to_vec(&call).map_err(std::io::Error::other)?;
+                let summary = serde_json::to_vec(&call.summary()).map_err(std::io::Error::other)?;
+                calls.insert(id, json.as_slice())?;
+                index.insert((call.project_id.as_str(), call.created_ms, id), summary.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Rank of a Twilio call status: later states never give way to earlier ones.
+fn status_rank(status: &str) -> u8 {
+    match status {
+        "initiated" => 1,
+        "ringing" => 2,
+        "in-progress" | "answered" => 3,
+        "completed" | "busy" | "failed" | "no-answer" | "canceled" => 4,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use relay_engine::core::command::Direction;
+    use relay_engine::id::SessionId;
+
+    use super::*;
+
+    fn change(id: &str, f: impl FnOnce(&mut CallRecord)) -> Box<RecordChange> {
+        let mut record = CallRecord { status: "in-progress".into(), created_ms: 1_000, ..CallRecord::default() };
+        f(&mut record);
+        Box::new(RecordChange { id: SessionId::parse(id).expect("valid id"), record })
+    }
+
+    fn projects() -> Projects {
+        Projects {
+            by_number: [("+15550001".to_owned(), "proj_num".to_owned())].into(),
+            default: "default".into(),
+            names: [("proj_num".to_owned(), "Numbered".to_owned())].into(),
+        }
+    }
+
+    /// A call's project: its own projectId, else its called number's, else its calling
+    /// number's, else the default; names default to the id.
+    #[test]
+    fn projects_resolve() {
+        let p = projects();
+        let rec = |project: Option<&str>, from: Option<&str>, to: Option<&str>| CallRecord {
+            project_id: project.map(Into::into),
+            from: from.map(Into::into),
+            to: to.map(Into::into),
+            ..CallRecord::default()
+        };
+        assert_eq!(p.resolve(&rec(Some("p1"), None, Some("+15550001"))), "p1");
+        assert_eq!(p.resolve(&rec(None, None, Some("+15550001"))), "proj_num");
+        assert_eq!(p.resolve(&rec(None, Some("+15550001"), Some("+19999"))), "proj_num");
+        assert_eq!(p.resolve(&rec(None, Some("+1"), Some("+2"))), "default");
+        assert_eq!((p.name("proj_num"), p.name("other")), ("Numbered", "other"));
+    }
+
+    /// Changes are batched and committed; the latest snapshot wins; the project index follows a
+    /// call that moves project; close commits what is left; a reopened store has it all.
+    #[test]
+    fn writes_batches_and_survives_reopen() {
+        let dir = std::env::temp_dir().join(format!("relay-records-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = RecordStore::open(&dir, projects()).expect("open");
+        let sink = store.sink();
+        sink.send(change("CA1", |r| r.to = Some("+15550001".into())));
+        sink.send(change("CA1", |r| {
+            r.to = Some("+15550001".into());
+            r.project_id = Some("proj_a".into());
+            r.intent = Some("emergency".into());
+        }));
+        sink.send(change("CA2", |r| {
+            r.direction = Direction::Outbound;
+            r.created_ms = 2_000;
+        }));
+        store.flush().expect("flush");
+        let records = store.records();
+        assert!(records.summaries("proj_num", 0, u64::MAX).expect("read").is_empty(), "moved to proj_a");
+        let a = records.summaries("proj_a", 0, u64::MAX).expect("read");
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].1.intent.as_deref(), Some("emergency"));
+        assert_eq!(records.get("CA2").expect("read").expect("stored").direction, "outbound");
+        assert_eq!(records.summaries("default", 0, 1_999).expect("read").len(), 0, "range excludes 2000");
+        assert_eq!(records.summaries("default", 2_000, 2_000).expect("read").len(), 1, "range is inclusive");
+
+        sink.send(change("CA3", |r| {
+            r.start_ms = Some(10_000);
+            r.end_ms = Some(14_900);
+            r.status = "completed".into();
+        }));
+        drop(records);
+        store.close().expect("close commits");
+        sink.send(change("CA4", |_| {}));
+        let store = RecordStore::open(&dir, projects()).expect("reopen");
+        let ca3 = store.records().get("CA3").expect("read").expect("committed at close");
+        assert_eq!((ca3.duration_secs, ca3.status.as_str()), (Some(4), "completed"));
+        assert_eq!(store.records().get("CA4").expect("read"), None, "after close nothing is written");
+        assert!(store.records().check().is_ok());
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A record the core re-created (it had forgotten the call) keeps what the store knew.
+    #[test]
+    fn recreated_records_merge_with_the_stored_one() {
+        let p = projects();
+        let old = StoredCall::from_change(
+            &change("CA1", |r| {
+                r.project_id = Some("p1".into());
+                r.direction = Direction::Outbound;
+                r.from = Some("+1".into());
+                r.start_ms = Some(1_000);
+                r.end_ms = Some(5_000);
+                r.status = "completed".into();
+                r.transcript = "user: hi\n".into();
+            }),
+            &p,
+            None,
+        );
+        let late = change("CA1", |r| {
+            r.created_ms = 9_000;
+            r.status = "queued".into();
+            r.duration_secs = Some(7);
+        });
+        let merged = StoredCall::from_change(&late, &p, Some(&old));
+        assert_eq!(merged.project_id, "p1");
+        assert_eq!(merged.direction, "outbound");
+        assert_eq!(merged.status, "completed");
+        assert_eq!(merged.created_ms, 1_000);
+        assert_eq!(merged.duration_secs, Some(7), "Twilio's duration wins");
+        assert_eq!(merged.transcript, "user: hi\n");
+        assert_eq!(merged.from.as_deref(), Some("+1"));
+    }
+}

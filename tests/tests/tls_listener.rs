@@ -1,0 +1,146 @@
+//! TLS on the listening port (`--tls-cert`, `--tls-key`): `https://` requests and `wss://`
+//! sockets on 2 cores, including connections accepted by one core and moved, with their TLS
+//! state, to the core that owns their session.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use relay_tests::telephony::{connected_msg, media_msg, start_msg, TwilioBot};
+use relay_tests::twilio_rest::tls::TestCert;
+use relay_tests::{ids_on_core, Relay};
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+fn start(cert: &TestCert, extra: &[&str]) -> Relay {
+    let cert_path = cert.pem_file().to_str().expect("utf-8 path").to_owned();
+    let key_path = cert.key_file().to_str().expect("utf-8 path").to_owned();
+    let mut args = vec!["--tls-cert", cert_path.as_str(), "--tls-key", key_path.as_str()];
+    args.extend_from_slice(extra);
+    Relay::start(&args)
+}
+
+/// One HTTPS request; returns the status and the body.
+fn https(cert: &TestCert, relay: &Relay, method: &str, path: &str, body: Option<&Value>) -> (u16, String, String) {
+    let mut tls = cert.connect(relay.addr());
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).expect("write over TLS");
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// A WebSocket over TLS to `path`.
+fn wss(
+    cert: &TestCert,
+    relay: &Relay,
+    path: &str,
+) -> tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let tls = cert.connect(relay.addr());
+    let (ws, response) = tungstenite::client(format!("wss://localhost{path}"), tls).expect("wss upgrade");
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+fn next_json<S: Read + Write>(ws: &mut tungstenite::WebSocket<S>) -> Value {
+    loop {
+        match ws.read().expect("a message") {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON"),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// HTTPS requests work, commands reach sessions on both cores, and a plain-text request to the
+/// TLS port gets no HTTP answer.
+#[test]
+fn https_requests_on_two_cores() {
+    let cert = TestCert::localhost();
+    let relay = start(&cert, &[]);
+    let (status, _, body) = https(&cert, &relay, "GET", "/health", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).expect("JSON")["status"], "ok");
+    for core in 0..2 {
+        let id = &ids_on_core("tls-session", core, 2, 1)[0];
+        let (status, head, body) =
+            https(&cert, &relay, "POST", "/start-call", Some(&json!({"sessionId": id, "accessToken": "tok"})));
+        assert_eq!(status, 200, "{body}");
+        assert!(head.to_ascii_lowercase().contains(&format!("x-relay-core: {core}")), "{head}");
+    }
+    let mut plain = std::net::TcpStream::connect(relay.addr()).expect("connect");
+    plain.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    plain.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(!String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "no plain-text answer on a TLS port");
+}
+
+/// `/ws` listeners over `wss://` for sessions on both cores get their events, whichever core
+/// accepted them (the TLS connection moves with its state).
+#[test]
+fn wss_listeners_on_both_cores() {
+    let cert = TestCert::localhost();
+    let relay = start(&cert, &[]);
+    for core in 0..2 {
+        for id in ids_on_core("tls-ws", core, 2, 3) {
+            let (status, _, body) =
+                https(&cert, &relay, "POST", "/start-call", Some(&json!({"sessionId": id, "accessToken": "tok"})));
+            assert_eq!(status, 200, "{body}");
+            let mut ws = wss(&cert, &relay, &format!("/ws?sessionId={id}&accessToken=tok"));
+            let hello = next_json(&mut ws);
+            assert_eq!(hello["type"], "connection_established", "{hello}");
+            assert_eq!(hello["sessionId"], id.as_str());
+            ws.send(Message::text(json!({"type": "ping"}).to_string())).expect("send");
+            let pong = next_json(&mut ws);
+            assert_eq!(pong["type"], "pong", "{pong}");
+            let (status, _, _) = https(&cert, &relay, "POST", "/mute", Some(&json!({"sessionId": id})));
+            assert_eq!(status, 200);
+            let update = next_json(&mut ws);
+            assert_eq!(update["eventType"], "update", "{update}");
+        }
+    }
+}
+
+/// A Twilio Media Stream over `wss://` (as Twilio connects: TLS only) reaches its bot and hears the
+/// bot, for calls owned by either core.
+#[test]
+fn wss_twilio_calls_on_two_cores() {
+    let cert = TestCert::localhost();
+    let bot = TwilioBot::start();
+    let relay = start(&cert, &["--agent-url", &bot.url("/bot")]);
+    let mut calls = Vec::new();
+    for core in 0..2 {
+        calls.extend(ids_on_core("CAtls", core, 2, 2));
+    }
+    for (i, call) in calls.iter().enumerate() {
+        let mut ws = wss(&cert, &relay, "/twilio/stream");
+        let stream_sid = format!("MZtls{i}");
+        ws.send(Message::text(connected_msg().to_string())).expect("connected");
+        ws.send(Message::text(start_msg(1, &stream_sid, "ACtls", call, &[("callSid", call)]).to_string()))
+            .expect("start");
+        let conn = bot.ready(i);
+        assert_eq!(conn.start_msg()["start"]["callSid"], call.as_str());
+        for n in 0..3u8 {
+            let frame = vec![n; 160];
+            ws.send(Message::text(media_msg(u64::from(n) + 3, &stream_sid, u64::from(n) + 1, &frame).to_string()))
+                .expect("media");
+        }
+        let got = conn.wait_media(3);
+        assert_eq!(got[2], vec![2u8; 160], "the bot hears the caller over wss");
+        conn.send_audio(&[vec![0x55; 160]]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut heard = false;
+        while Instant::now() < deadline && !heard {
+            let m = next_json(&mut ws);
+            heard = m["event"] == "media";
+        }
+        assert!(heard, "the caller hears the bot over wss (call {call})");
+    }
+}
