@@ -11,7 +11,7 @@ use relay_engine::config::{EngineConfig, Limits, RtcSettings};
 use relay_engine::media::opus::OpusSettings;
 use relay_engine::media::playout::PlayoutConfig;
 use relay_engine::secret::Secret;
-use relay_engine::session::agent::{AgentPolicy, AgentUrl};
+use relay_engine::session::agent::{AgentPolicy, AgentUrl, RealtimeAgent};
 
 /// Relay: a thread-per-core media relay for voice-AI calls.
 ///
@@ -189,6 +189,15 @@ pub struct Config {
     #[arg(long, env = "RELAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// OpenAI-Realtime-compatible agent (`wss://api.openai.com/v1/realtime?model=…`): calls with no
+    /// Twilio-protocol agent talk to it (μ-law both ways, barge-in, transcripts).
+    #[arg(long, env = "RELAY_OPENAI_URL")]
+    pub openai_url: Option<String>,
+
+    /// API key for `--openai-url` (sent as `Authorization: Bearer`).
+    #[arg(long, env = "RELAY_OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+
     /// First UDP port for WebRTC: core i uses port base + i (0: any free port per core).
     #[arg(long, env = "RELAY_RTC_PORT_BASE", default_value_t = 40_000)]
     pub rtc_port_base: u16,
@@ -341,6 +350,9 @@ impl Config {
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             return Err("--api-key must not be empty".to_owned());
         }
+        if let Some(url) = self.openai_url.as_deref().filter(|u| !u.is_empty()) {
+            AgentUrl::parse(url).map_err(|e| format!("--openai-url: {e}"))?;
+        }
         if !self.listen.ip().is_loopback() && self.api_key.is_none() && !self.insecure_public {
             return Err(format!(
                 "refusing to listen on {} without --api-key: set RELAY_API_KEY, listen on 127.0.0.1, or pass --insecure-public",
@@ -405,6 +417,10 @@ impl Config {
         let agents = AgentPolicy {
             default_url: self.agent_url.as_deref().and_then(|u| AgentUrl::parse(u).ok()),
             allow: self.agent_allow.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+            realtime: self.openai_url.as_deref().and_then(|u| AgentUrl::parse(u).ok()).map(|url| RealtimeAgent {
+                url,
+                api_key: self.openai_api_key.clone().filter(|k| !k.is_empty()).map(Secret::new),
+            }),
         };
         EngineConfig {
             listen: self.listen,
@@ -528,7 +544,12 @@ mod tests {
     /// Project flags parse into the mapping; malformed entries are refused by name.
     #[test]
     fn project_flags() {
-        let c = parse(&["--project-for-number", "+15550001=proj_1, +15550002 = proj_2", "--project-names", "proj_1=Demo Plumbing"]);
+        let c = parse(&[
+            "--project-for-number",
+            "+15550001=proj_1, +15550002 = proj_2",
+            "--project-names",
+            "proj_1=Demo Plumbing",
+        ]);
         let p = c.projects().expect("valid");
         assert_eq!(p.default, "default");
         assert_eq!(p.by_number.get("+15550002").map(String::as_str), Some("proj_2"));

@@ -616,14 +616,20 @@ impl TwilioBot {
                     let _ = stream.set_write_timeout(Some(TIMEOUT));
                     let _ = stream.set_nodelay(true);
                     let mut path = String::new();
+                    let mut headers = Vec::new();
                     // tungstenite's callback signature fixes this (large) error type.
                     #[allow(clippy::result_large_err)]
                     let callback = |req: &HsRequest, resp: HsResponse| -> Result<HsResponse, ErrorResponse> {
                         path = req.uri().to_string();
+                        headers = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+                            .collect();
                         Ok(resp)
                     };
                     let Ok(socket) = tungstenite::accept_hdr(stream, callback) else { return };
-                    let conn = BotConn { peer: Peer::spawn(socket, &format!("bot {path}")), path };
+                    let conn = BotConn { peer: Peer::spawn(socket, &format!("bot {path}")), path, headers };
                     c.0.lock().expect("bot lock").push(conn);
                     c.1.notify_all();
                 });
@@ -694,6 +700,15 @@ pub struct BotConn {
     peer: Peer,
     /// The request target the relay asked for (path and query).
     pub path: String,
+    /// The upgrade request's header fields (names lowercased).
+    pub headers: Vec<(String, String)>,
+}
+
+impl BotConn {
+    /// The value of header `name` (lowercase) in the upgrade request.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
 }
 
 impl std::ops::Deref for BotConn {

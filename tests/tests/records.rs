@@ -38,7 +38,8 @@ fn analytics_follow_real_calls() {
     let today_before = utc_date_now();
 
     // Two inbound calls of proj_a, one of proj_b, one of no project: real streams of known length.
-    let a1 = signed_caller(&relay, "CAa1", &[("projectId", "proj_a"), ("intent", "emergency"), ("from", "+15551230001")]);
+    let a1 =
+        signed_caller(&relay, "CAa1", &[("projectId", "proj_a"), ("intent", "emergency"), ("from", "+15551230001")]);
     let a2 = signed_caller(&relay, "CAa2", &[("projectId", "proj_a"), ("from", "+15551230002")]);
     let b1 = signed_caller(&relay, "CAb1", &[("projectId", "proj_b"), ("intent", "routine")]);
     let d1 = signed_caller(&relay, "CAd1", &[("to", "+15559990000")]);
@@ -157,7 +158,8 @@ fn analytics_follow_real_calls() {
         &format!("/analytics/project/proj_a/statistics?startDate={yesterday}T00:00:00Z&endDate={tomorrow}T23:59:59Z"),
     );
     assert_eq!(wide["callsByDay"], json!([{ "date": today, "count": 4 }]));
-    let before = analytics(&relay, &format!("/analytics/project/proj_a/statistics?startDate=2020-01-01&endDate={yesterday}"));
+    let before =
+        analytics(&relay, &format!("/analytics/project/proj_a/statistics?startDate=2020-01-01&endDate={yesterday}"));
     assert_eq!((before["totalCalls"].clone(), before["callsByDay"].clone()), (json!(0), json!([])));
     let after = analytics(&relay, &format!("/analytics/project/proj_a?startDate={tomorrow}&endDate={tomorrow}"));
     assert_eq!(after["totalCalls"], 0, "{after}");
@@ -166,7 +168,10 @@ fn analytics_follow_real_calls() {
     assert_eq!(since_yesterday["totalCalls"], 4, "the end defaults to now: {since_yesterday}");
     let ranged = analytics(&relay, &format!("/analytics/project/proj_a?startDate={today}&endDate={today}"));
     assert_eq!(ranged["totalCalls"], 4);
-    assert_eq!(ranged["dateRange"], json!({ "start": format!("{today}T00:00:00Z"), "end": format!("{today}T23:59:59.999Z") }));
+    assert_eq!(
+        ranged["dateRange"],
+        json!({ "start": format!("{today}T00:00:00Z"), "end": format!("{today}T23:59:59.999Z") })
+    );
 
     // The API key guards analytics like every control endpoint.
     let resp = relay.request("GET", "/analytics/project/proj_a", &[("Connection", "close")], None);
@@ -229,9 +234,8 @@ fn records_survive_restart_and_sigterm() {
     done.wait_sent();
     done.stop();
     done.wait_closed();
-    let live: Vec<TwilioCaller> = (0..3)
-        .map(|i| TwilioCaller::start(&relay, &format!("CAs-live{i}"), &[("projectId", "proj_s")]))
-        .collect();
+    let live: Vec<TwilioCaller> =
+        (0..3).map(|i| TwilioCaller::start(&relay, &format!("CAs-live{i}"), &[("projectId", "proj_s")])).collect();
     for c in &live {
         c.send_audio(&frames(2, 0..60));
     }

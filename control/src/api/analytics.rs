@@ -77,7 +77,8 @@ pub async fn recent(core: &CoreHandle, records: &Records, request: &Request) -> 
 pub async fn statistics(core: &CoreHandle, records: &Records, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let project = project_id(request)?;
     let query = request.head.uri.query();
-    let (Some(start), Some(end)) = (date(query, "startDate", Bound::Start)?, date(query, "endDate", Bound::End)?) else {
+    let (Some(start), Some(end)) = (date(query, "startDate", Bound::Start)?, date(query, "endDate", Bound::End)?)
+    else {
         return Err(ApiError::bad_request("startDate and endDate are required (ISO 8601 dates)"));
     };
     check_order(start, end)?;

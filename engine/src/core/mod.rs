@@ -5,6 +5,7 @@
 //! through [`CoreState::poll_output`]; nothing here touches a socket, a clock or another core.
 
 pub mod command;
+mod realtime_agent;
 mod rtc;
 
 use std::cmp::Reverse;
@@ -19,9 +20,9 @@ use crate::config::Limits;
 use crate::id::{ConnectionId, SessionId};
 use crate::media::pacer;
 use crate::proto::events::{self, ClientMessage, RetellEvent};
-use crate::proto::{frontend, twilio};
+use crate::proto::{frontend, realtime, twilio};
 use crate::secret::Secret;
-use crate::session::agent::{AgentPolicy, AgentUrl};
+use crate::session::agent::{AgentPolicy, AgentProtocol, AgentUrl};
 use crate::session::{Agent, Caller, Pending, Session, AGENT_BACKLOG};
 use crate::time::Now;
 use command::{Command, CommandError, Reply};
@@ -98,6 +99,10 @@ pub enum Output {
         session: SessionId,
         /// Where to dial.
         url: AgentUrl,
+        /// What it speaks.
+        protocol: AgentProtocol,
+        /// Sent as `Authorization: Bearer` (a Realtime API key).
+        bearer: Option<Secret>,
     },
     /// Send this datagram from the core's WebRTC socket.
     Datagram {
@@ -470,6 +475,17 @@ impl CoreState {
         let start = twilio::start_msg(1, &greeting.params());
         let stream_sid = greeting.stream_sid.clone();
         session.agent = Agent::Open { conn, sequence: 2, chunk: 1, sent_samples: 0 };
+        if session.agent_protocol == AgentProtocol::Realtime {
+            // A Realtime session is configured, then hears what the caller said meanwhile.
+            self.send(conn, realtime::session_update());
+            for item in backlog {
+                if let Pending::Media { payload, .. } = item {
+                    self.send(conn, realtime::append(&payload));
+                }
+            }
+            self.broadcast(now, &id, RetellEvent::CallReady, json!({ "agent": "connected" }));
+            return true;
+        }
         self.send(conn, twilio::connected_msg());
         self.send(conn, start);
         // What the caller said while the agent was being dialled follows, in order.
@@ -509,6 +525,9 @@ impl CoreState {
     pub fn handle_agent_frame(&mut self, now: Now, conn: ConnectionId, frame: &Bytes) {
         let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
+        if session.agent_protocol == AgentProtocol::Realtime {
+            return self.realtime_frame(now, &id, conn, frame);
+        }
         let result = match twilio::parse(frame) {
             Ok(twilio::Message::Media(m)) if m.samples == 0 => {
                 self.stats.protocol_errors += 1;
@@ -743,23 +762,28 @@ impl CoreState {
     /// stream parameter, checked against the allow-list) or the default, unless the call already
     /// has an agent.
     fn dial_agent(&mut self, now: Now, id: &SessionId, requested: Option<&str>) {
+
         let has_agent = self.slots.get(id).and_then(|s| s.session.as_ref()).is_some_and(|s| s.agent != Agent::None);
-        match self.agents.resolve(requested) {
-            // A WebRTC agent is already on the call: no bot is dialled.
-            Ok(Some(_)) if has_agent => {}
-            Ok(Some(url)) => {
-                let agent_conn = ConnectionId(CORE_CONN_BIT | self.next_conn);
-                self.next_conn += 1;
-                let session = self.slots.get_mut(id).and_then(|s| s.session.as_mut()).expect("exists");
-                session.agent = Agent::Connecting { conn: agent_conn, backlog: VecDeque::new() };
-                self.conns.insert(agent_conn, (id.clone(), Role::Agent));
-                self.outputs.push_back(Output::ConnectAgent { conn: agent_conn, session: id.clone(), url });
+        // A Twilio-protocol agent (the call's own, or the default) first, else the Realtime upstream.
+        let target = match self.agents.resolve(requested) {
+            Ok(Some(url)) => Some((url, AgentProtocol::Twilio, None)),
+            Ok(None) => {
+                self.agents.realtime.as_ref().map(|r| (r.url.clone(), AgentProtocol::Realtime, r.api_key.clone()))
             }
-            Ok(None) => {}
             Err(e) => {
-                self.broadcast(now, id, RetellEvent::Error, json!({ "message": e.to_string(), "source": "agent" }))
+                self.broadcast(now, id, RetellEvent::Error, json!({ "message": e.to_string(), "source": "agent" }));
+                None
             }
-        }
+        };
+        // A WebRTC agent already on the call: nothing is dialled.
+        let Some((url, protocol, bearer)) = target.filter(|_| !has_agent) else { return };
+        let agent_conn = ConnectionId(CORE_CONN_BIT | self.next_conn);
+        self.next_conn += 1;
+        let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
+        session.agent = Agent::Connecting { conn: agent_conn, backlog: VecDeque::new() };
+        session.agent_protocol = protocol;
+        self.conns.insert(agent_conn, (id.clone(), Role::Agent));
+        self.outputs.push_back(Output::ConnectAgent { conn: agent_conn, session: id.clone(), url, protocol, bearer });
     }
 
     /// Caller audio: to every connected frontend (once encoded, shared) and to the agent (silence
@@ -808,6 +832,10 @@ impl CoreState {
             });
             return;
         }
+        if let (Agent::Open { conn, .. }, AgentProtocol::Realtime) = (&session.agent, session.agent_protocol) {
+            self.outputs.push_back(Output::Send { conn: *conn, text: realtime::append(&payload) });
+            return;
+        }
         if let Agent::Open { conn, sequence, chunk, sent_samples } = &mut session.agent {
             let timestamp_ms = media.timestamp_ms.unwrap_or(*sent_samples / 8);
             let chunk_no = media.chunk.unwrap_or(*chunk);
@@ -827,8 +855,10 @@ impl CoreState {
             if backlog.len() < AGENT_BACKLOG {
                 backlog.push_back(Pending::Dtmf(digit));
             }
-        } else if let Some((conn, sequence)) = session.agent.next_sequence() {
-            self.send(conn, twilio::dtmf_msg(sequence, &stream_sid, digit));
+        } else if session.agent_protocol == AgentProtocol::Twilio {
+            if let Some((conn, sequence)) = session.agent.next_sequence() {
+                self.send(conn, twilio::dtmf_msg(sequence, &stream_sid, digit));
+            }
         }
         self.broadcast(now, id, RetellEvent::Update, json!({ "dtmf": { "digit": digit.to_string() } }));
     }
@@ -863,6 +893,11 @@ impl CoreState {
                 pacer::Output::Clear => {
                     if let Some(conn) = caller_conn {
                         self.outputs.push_back(Output::Send { conn, text: twilio::clear_out(stream_sid) });
+                    }
+                }
+                pacer::Output::MarkPlayed(name) if session.agent_protocol == AgentProtocol::Realtime => {
+                    if let Some((item, ms)) = realtime::parse_mark(&name) {
+                        session.realtime.heard = Some((item.to_owned(), ms));
                     }
                 }
                 pacer::Output::MarkPlayed(name) => {
@@ -923,7 +958,7 @@ impl CoreState {
                 self.emit_record(id);
             }
         }
-        if let Some(start) = session.greeting() {
+        if let Some(start) = session.greeting().filter(|_| session.agent_protocol == AgentProtocol::Twilio) {
             let stop = (start.stream_sid.clone(), start.account_sid.clone(), start.call_sid.clone());
             if let Some((conn, sequence)) = session.agent.next_sequence() {
                 self.send(conn, twilio::stop_msg(sequence, &stop.0, &stop.1, &stop.2));
@@ -996,7 +1031,16 @@ impl CoreState {
             }
         }
         let command::RecordUpdate {
-            user_id, duration_secs, from, to, prompt, first_message, project_id, intent, direction, ..
+            user_id,
+            duration_secs,
+            from,
+            to,
+            prompt,
+            first_message,
+            project_id,
+            intent,
+            direction,
+            ..
         } = update;
         r.project_id = project_id.or_else(|| r.project_id.take());
         r.intent = intent.or_else(|| r.intent.take());

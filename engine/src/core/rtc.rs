@@ -480,6 +480,9 @@ impl CoreState {
                 }
                 backlog.push_back(Pending::Media { payload, samples, chunk: None, timestamp_ms: None });
             }
+            Agent::Open { conn, .. } if session.agent_protocol == crate::session::agent::AgentProtocol::Realtime => {
+                self.outputs.push_back(Output::Send { conn: *conn, text: crate::proto::realtime::append(&payload) });
+            }
             Agent::Open { conn, sequence, chunk, sent_samples } => {
                 let text = twilio::media_msg(
                     *sequence,

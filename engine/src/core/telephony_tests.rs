@@ -34,6 +34,7 @@ impl Call {
         Self::new(AgentPolicy {
             default_url: Some(AgentUrl::parse("ws://127.0.0.1:9/bot").expect("valid")),
             allow: vec![],
+            realtime: None,
         })
     }
 
@@ -336,7 +337,7 @@ fn bad_messages_are_counted() {
 /// A per-call agent URL off the allow-list is refused with an error event; allowed ones are dialled.
 #[test]
 fn per_call_agent_urls_need_the_allow_list() {
-    let policy = AgentPolicy { default_url: None, allow: vec!["127.0.0.1:7000".into()] };
+    let policy = AgentPolicy { default_url: None, allow: vec!["127.0.0.1:7000".into()], realtime: None };
     for (url, dialled) in [("ws://127.0.0.1:7000/bot", true), ("ws://10.0.0.1/bot", false)] {
         let mut c = Call::new(policy.clone());
         let id = SessionId::parse("CA1").expect("valid");
@@ -613,7 +614,14 @@ fn record_changes_are_emitted_as_snapshots() {
     assert_eq!(started.len(), 1, "one change per input: {started:?}");
     let r = &started[0].record;
     assert_eq!(
-        (r.status.as_str(), r.start_ms, r.project_id.as_deref(), r.intent.as_deref(), r.to.as_deref(), r.from.as_deref()),
+        (
+            r.status.as_str(),
+            r.start_ms,
+            r.project_id.as_deref(),
+            r.intent.as_deref(),
+            r.to.as_deref(),
+            r.from.as_deref()
+        ),
         ("in-progress", Some(1_700_000_002_000), Some("proj_1"), Some("emergency"), Some("+15550001"), None),
         "an empty parameter is no value"
     );

@@ -6,5 +6,6 @@ pub mod events;
 pub mod frontend;
 pub mod http;
 pub mod http_client;
+pub mod realtime;
 pub mod twilio;
 pub mod ws;

@@ -79,6 +79,34 @@ impl fmt::Debug for AgentUrl {
     }
 }
 
+/// The protocol an agent leg speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgentProtocol {
+    /// Twilio Media Streams (the bot sees the call as Twilio would send it).
+    #[default]
+    Twilio,
+    /// The OpenAI Realtime API (or a compatible server).
+    Realtime,
+}
+
+/// An OpenAI-Realtime-compatible upstream: where, and the API key it takes.
+#[derive(Debug, Clone)]
+pub struct RealtimeAgent {
+    /// `wss://api.openai.com/v1/realtime?model=…` or a compatible server.
+    pub url: AgentUrl,
+    /// Sent as `Authorization: Bearer`.
+    pub api_key: Option<crate::secret::Secret>,
+}
+
+/// What a Realtime agent leg tracks to truncate after a barge-in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RealtimeState {
+    /// The assistant item now being queued, and how many samples of it were queued.
+    pub item: Option<(String, u64)>,
+    /// The last item the caller heard and how far into it (ms), from the played marks.
+    pub heard: Option<(String, u64)>,
+}
+
 /// The operator's agent settings: a default URL and the hosts per-call URLs may name.
 #[derive(Debug, Clone, Default)]
 pub struct AgentPolicy {
@@ -86,6 +114,8 @@ pub struct AgentPolicy {
     pub default_url: Option<AgentUrl>,
     /// `host` or `host:port` entries; a per-call URL must match one.
     pub allow: Vec<String>,
+    /// The Realtime upstream, for calls with no Twilio-protocol agent.
+    pub realtime: Option<RealtimeAgent>,
 }
 
 impl AgentPolicy {
@@ -142,6 +172,7 @@ mod tests {
     #[test]
     fn policy() {
         let p = AgentPolicy {
+            realtime: None,
             default_url: Some(AgentUrl::parse("ws://default:1/").expect("valid")),
             allow: vec!["bots.example".into(), "127.0.0.1:9000".into()],
         };

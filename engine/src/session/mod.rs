@@ -140,6 +140,10 @@ pub struct Session {
     pub agent_framer: media::Framer,
     /// Agent audio → the session's `sampleRate`, for raw samples on `/ws`.
     pub raw: Option<crate::media::resample::Resampler>,
+    /// What the agent leg speaks (set when it is dialled).
+    pub agent_protocol: agent::AgentProtocol,
+    /// Barge-in bookkeeping of a Realtime agent.
+    pub realtime: agent::RealtimeState,
     /// For a WebRTC caller, the Media Streams `start` a dialled Twilio-protocol bot is greeted with
     /// (as if the caller had come through Twilio).
     pub rtc_greeting: Option<twilio::Start>,
@@ -180,6 +184,8 @@ impl Session {
             agent_framer: media::Framer::new(SampleRate::Hz8000),
             raw: None,
             rtc_greeting: None,
+            agent_protocol: agent::AgentProtocol::Twilio,
+            realtime: agent::RealtimeState::default(),
             agent_heard_at: None,
         }
     }

@@ -16,12 +16,20 @@ use super::tls::{Stream, TlsStream};
 use super::{clock, dial, ws};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::{check_answer, WsCodec};
-use crate::session::agent::AgentUrl;
+use crate::session::agent::{AgentProtocol, AgentUrl};
 
 /// Dials `url` for agent leg `conn` of `session`, then serves it until it ends.
-pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, url: AgentUrl) {
+/// Where and how to dial an agent.
+pub(crate) struct Dial {
+    pub(crate) url: AgentUrl,
+    pub(crate) protocol: AgentProtocol,
+    /// `Authorization: Bearer` for the upgrade request.
+    pub(crate) bearer: Option<crate::secret::Secret>,
+}
+
+pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, target: Dial) {
     let limits = &shared.limits;
-    let dialled = glommio::timer::timeout(limits.agent_connect_timeout, async { Ok(dial(conn, &url).await) }).await;
+    let dialled = glommio::timer::timeout(limits.agent_connect_timeout, async { Ok(dial(conn, &target).await) }).await;
     let (stream, fd, read_ahead) = match dialled {
         Ok(Ok(pair)) => pair,
         Ok(Err(reason)) => return fail(&shared, conn, &session, &reason),
@@ -53,7 +61,8 @@ fn fail(shared: &CoreShared, conn: ConnectionId, session: &SessionId, reason: &s
 }
 
 /// Connects and performs the client handshake; returns the socket and any bytes after the 101.
-async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(Stream, RawFd, Vec<u8>), String> {
+async fn dial(conn: ConnectionId, target: &Dial) -> Result<(Stream, RawFd, Vec<u8>), String> {
+    let url = &target.url;
     let addrs = dial::resolve(&url.host, url.port).await?;
     let tcp =
         dial::connect(&addrs, Duration::from_secs(10)).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
@@ -66,8 +75,15 @@ async fn dial(conn: ConnectionId, url: &AgentUrl) -> Result<(Stream, RawFd, Vec<
         Stream::Plain(tcp)
     };
     let key = handshake_key(conn);
+    let mut extra = String::new();
+    if let Some(bearer) = &target.bearer {
+        extra.push_str(&format!("Authorization: Bearer {}\r\n", bearer.expose()));
+    }
+    if target.protocol == AgentProtocol::Realtime {
+        extra.push_str("OpenAI-Beta: realtime=v1\r\n");
+    }
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: relay/{}\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: relay/{}\r\n{extra}\r\n",
         url.path,
         url.host_header(),
         env!("CARGO_PKG_VERSION"),

@@ -327,9 +327,10 @@ impl CoreShared {
                     self.udp_send_errors.set(self.udp_send_errors.get() + 1);
                 }
             }
-            Output::ConnectAgent { conn, session, url } => {
+            Output::ConnectAgent { conn, session, url, protocol, bearer } => {
                 if let Some(this) = self.this.borrow().upgrade() {
-                    glommio::spawn_local(agent::agent_task(this, conn, session, url)).detach();
+                    let dial = agent::Dial { url, protocol, bearer };
+                    glommio::spawn_local(agent::agent_task(this, conn, session, dial)).detach();
                 }
             }
             Output::Record(change) => {

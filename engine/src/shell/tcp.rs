@@ -84,12 +84,7 @@ enum ReadEnd {
 }
 
 /// Serves one HTTP/1.1 connection until it closes, times out or upgrades.
-async fn http_task<S: ControlService>(
-    shared: &Rc<CoreShared>,
-    service: &Rc<S>,
-    mut stream: Stream,
-    peer: SocketAddr,
-) {
+async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, mut stream: Stream, peer: SocketAddr) {
     let limits = &shared.limits;
     let handle = CoreHandle(shared.clone());
     let mut buf: Vec<u8> = Vec::new();
