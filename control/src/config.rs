@@ -189,6 +189,10 @@ pub struct Config {
     #[arg(long, env = "RELAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// What the built-in Retell custom-LLM responder (`/llm-websocket/{call_id}`) says first.
+    #[arg(long, env = "RELAY_BEGIN_SENTENCE", default_value = relay_engine::core::DEFAULT_BEGIN_SENTENCE)]
+    pub begin_sentence: String,
+
     /// OpenAI-Realtime-compatible agent (`wss://api.openai.com/v1/realtime?model=…`): calls with no
     /// Twilio-protocol agent talk to it (μ-law both ways, barge-in, transcripts).
     #[arg(long, env = "RELAY_OPENAI_URL")]
@@ -431,6 +435,7 @@ impl Config {
             stream_key: self.twilio_auth_token.clone().filter(|t| !t.is_empty()).map(Secret::new),
             // Read from the files by `run` (this view does no I/O).
             tls: None,
+            begin_sentence: self.begin_sentence.clone(),
             // Opened by `run` (this view does no I/O).
             records: None,
             rtc: (!self.disable_webrtc).then(|| RtcSettings {

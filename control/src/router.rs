@@ -43,6 +43,8 @@ pub enum Route {
     OutboundCall,
     /// `POST /end-call`.
     EndCall,
+    /// `GET /llm-websocket/{call_id}` (Retell custom-LLM WebSocket upgrade).
+    LlmSocket,
     /// `POST /whip/{sessionId}` (WHIP offer).
     Whip,
     /// `POST /whep/{sessionId}` (WHEP offer).
@@ -124,6 +126,11 @@ pub fn allow(path: &str) -> Option<&'static str> {
 
 /// Resources under a prefix: `prefix` then this many non-empty segments.
 static PATTERNS: &[(&str, usize, Entry)] = &[
+    (
+        "/llm-websocket/",
+        1,
+        Entry { path: "/llm-websocket/{call_id}", methods: &[(Method::GET, Route::LlmSocket)], allow: GET },
+    ),
     ("/whip/", 1, Entry { path: "/whip/{sessionId}", methods: &[(Method::POST, Route::Whip)], allow: POST }),
     ("/whep/", 1, Entry { path: "/whep/{sessionId}", methods: &[(Method::POST, Route::Whep)], allow: POST }),
     (

@@ -23,6 +23,8 @@ pub struct EngineConfig {
     pub rtc: Option<RtcSettings>,
     /// TLS on the listening port (`https://`, `wss://`); `None` serves plain HTTP.
     pub tls: Option<TlsIdentity>,
+    /// What the built-in Retell LLM responder says when Retell connects (empty: nothing).
+    pub begin_sentence: String,
     /// Where owner cores hand every call record change; `None` keeps records in memory only.
     pub records: Option<RecordSink>,
 }

@@ -73,6 +73,7 @@
 //!     rtc: Some(Default::default()),
 //!     tls: None,
 //!     records: None,
+//!     begin_sentence: String::new(),
 //! };
 //! let relay = shell::start(config, Hello).expect("relay starts");
 //! relay.wait().expect("clean exit");

@@ -73,6 +73,7 @@ impl Service {
             Route::TwilioStatus => respond(twilio::status(core, &self.config, request).await),
             Route::TwilioTranscription => respond(twilio::transcription(core, &self.config, request).await),
             Route::TwilioStream => twilio::stream(&self.config, request).map(Outcome::Upgrade),
+            Route::LlmSocket => session::llm_socket(request).map(Outcome::Upgrade),
             Route::Whip => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whip).await),
             Route::Whep => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whep).await),
             Route::RtcLeg => respond(rtc::delete(core, &self.config, request).await),

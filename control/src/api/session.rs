@@ -156,6 +156,19 @@ pub fn events(config: &ApiConfig, request: &Request) -> Result<Upgrade, ApiError
     Ok(Upgrade { kind: SocketKind::Events, session: Some(session), credential, accept, guard: None, reject: None })
 }
 
+/// `GET /llm-websocket/{call_id}`: Retell's custom-LLM socket, completed on the call's owner core
+/// (the API key, when one is configured, was checked with the head).
+///
+/// # Errors
+/// 400 for a bad call id or handshake, 426 for a plain GET.
+pub fn llm_socket(request: &Request) -> Result<Upgrade, ApiError> {
+    let segments = crate::router::segments(request.head.uri.path());
+    let call = params::session_id(&params::decode(segments.first().copied().unwrap_or_default()), "call_id")?;
+    let accept = super::twilio::accept(request)?;
+    let credential = relay_engine::core::Credential::Operator;
+    Ok(Upgrade { kind: SocketKind::Llm, session: Some(call), credential, accept, guard: None, reject: None })
+}
+
 /// Runs `command` on the owner core and renders its reply with `render` (message, data).
 async fn run(
     core: &CoreHandle,

@@ -5,6 +5,7 @@
 //! through [`CoreState::poll_output`]; nothing here touches a socket, a clock or another core.
 
 pub mod command;
+mod llm;
 mod realtime_agent;
 mod rtc;
 
@@ -176,6 +177,10 @@ pub struct CoreState {
     record_order: VecDeque<SessionId>,
     /// WebRTC, when enabled ([`CoreState::with_rtc`]).
     rtc: Option<rtc::RtcState>,
+    /// Retell LLM sockets (`/llm-websocket/{call_id}`).
+    llm: HashMap<ConnectionId, llm::LlmSocket>,
+    /// What the built-in Retell responder says first.
+    begin_sentence: String,
 }
 
 /// What a connection is to its session.
@@ -225,7 +230,16 @@ impl CoreState {
             records: HashMap::new(),
             record_order: VecDeque::new(),
             rtc: None,
+            llm: HashMap::new(),
+            begin_sentence: DEFAULT_BEGIN_SENTENCE.to_owned(),
         }
+    }
+
+    /// Sets what the built-in Retell responder says first (empty: nothing).
+    #[must_use]
+    pub fn with_begin_sentence(mut self, sentence: String) -> Self {
+        self.begin_sentence = sentence;
+        self
     }
 
     /// Runs a control command for `id`.
@@ -351,6 +365,9 @@ impl CoreState {
     /// a close frame). A caller that leaves ends its call; an agent that says goodbye ends the call
     /// once its audio has played; an agent that is lost is reported and the call goes on.
     pub fn handle_detach(&mut self, now: Now, conn: ConnectionId, peer_closed: bool) {
+        if self.llm_detach(conn) {
+            return;
+        }
         let Some((id, role)) = self.conns.get(&conn).cloned() else { return };
         match role {
             Role::Listener => {
@@ -638,6 +655,10 @@ impl CoreState {
                 }
             }
         }
+        let llm: Vec<ConnectionId> = self.llm.drain().map(|(c, _)| c).collect();
+        for conn in llm {
+            self.close(conn, 1001, "relay shutting down");
+        }
         let pending: Vec<ConnectionId> = self.conns.keys().copied().collect();
         for conn in pending {
             self.conns.remove(&conn);
@@ -762,7 +783,6 @@ impl CoreState {
     /// stream parameter, checked against the allow-list) or the default, unless the call already
     /// has an agent.
     fn dial_agent(&mut self, now: Now, id: &SessionId, requested: Option<&str>) {
-
         let has_agent = self.slots.get(id).and_then(|s| s.session.as_ref()).is_some_and(|s| s.agent != Agent::None);
         // A Twilio-protocol agent (the call's own, or the default) first, else the Realtime upstream.
         let target = match self.agents.resolve(requested) {
@@ -1079,6 +1099,9 @@ impl CoreState {
         self.outputs.push_back(Output::Close { conn, code, reason });
     }
 }
+
+/// What the built-in Retell responder says when Retell connects, unless configured otherwise.
+pub const DEFAULT_BEGIN_SENTENCE: &str = "Hello! How can I help you today?";
 
 /// How many times a wait for a call still being placed is extended by `pending_observer_timeout`.
 const MAX_WAIT_EXTENSIONS: u8 = 4;

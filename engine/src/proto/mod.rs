@@ -7,5 +7,6 @@ pub mod frontend;
 pub mod http;
 pub mod http_client;
 pub mod realtime;
+pub mod retell;
 pub mod twilio;
 pub mod ws;

@@ -41,6 +41,8 @@ pub(crate) struct CoreSetup {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Where call record changes go (see `EngineConfig::records`).
     pub(crate) records: Option<crate::config::RecordSink>,
+    /// The built-in Retell responder's first words.
+    pub(crate) begin_sentence: String,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
     pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
     pub(crate) global: Arc<Global>,
@@ -364,7 +366,7 @@ pub(crate) async fn run_core<S: ControlService>(
     }
     // SAFETY: the main thread bound this listening socket and gave up ownership with the OwnedFd.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
-    let mut state = CoreState::new(setup.limits.clone(), setup.agents);
+    let mut state = CoreState::new(setup.limits.clone(), setup.agents).with_begin_sentence(setup.begin_sentence);
     let mut udp = None;
     if let Some(rtc) = setup.rtc {
         let endpoint = crate::rtc::Endpoint::new(rtc.cert, rtc.candidate, setup.limits.rtc_peers_per_core);

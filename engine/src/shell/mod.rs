@@ -85,6 +85,8 @@ pub enum SocketKind {
     /// `/twilio/stream`: the caller's Media Stream. Its session is named by its `start` message,
     /// so the relay answers 101 at once and moves the socket once that message arrives.
     Caller,
+    /// `/llm-websocket/{call_id}`: Retell's custom-LLM socket for the call.
+    Llm,
 }
 
 /// An accepted WebSocket upgrade, completed on the session's owner core.
@@ -338,6 +340,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             listener: OwnedFd::from(listener),
             rtc: rtc_cores[index].take(),
             tls: tls.clone(),
+            begin_sentence: config.begin_sentence.clone(),
             records: config.records.clone(),
             mesh: mesh.clone(),
             replies: replies.clone(),

@@ -178,6 +178,8 @@ pub(crate) enum Feed {
     Caller,
     /// An agent leg the relay dialled.
     Agent,
+    /// Retell's custom-LLM socket.
+    Llm,
 }
 
 /// Completes a WebSocket on the session's owner core: attach (listeners) or open (callers), answer
@@ -223,6 +225,11 @@ pub(crate) async fn socket_task<S: ControlService>(
             outbox.set_media_leg();
             shared.drive(Some(&session), |state| state.handle_caller_open(&session, conn));
             (None, Feed::Caller)
+        }
+        SocketKind::Llm => {
+            // Queued now, written after the 101: the relay's config and begin sentence.
+            shared.drive(Some(&session), |state| state.handle_llm_open(now, &session, conn));
+            (None, Feed::Llm)
         }
     };
     let mut head = Vec::with_capacity(160);
@@ -295,6 +302,7 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
                         Feed::Listener => state.handle_listener_text(now, conn, &text),
                         Feed::Caller => state.handle_caller_frame(now, conn, &Bytes::from(text)),
                         Feed::Agent => state.handle_agent_frame(now, conn, &Bytes::from(text)),
+                        Feed::Llm => state.handle_llm_text(now, conn, &text),
                     });
                 }
                 Ok(Some(Incoming::Binary(_))) => {} // These protocols carry text only; binary is ignored.
