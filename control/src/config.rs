@@ -189,6 +189,11 @@ pub struct Config {
     #[arg(long, env = "RELAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// Upstream Retell custom-LLM server (`wss://host/llm-websocket`; the call id is appended):
+    /// `/llm-websocket/{call_id}` is forwarded there both ways instead of the built-in responder.
+    #[arg(long, env = "RELAY_LLM_UPSTREAM_URL")]
+    pub llm_upstream_url: Option<String>,
+
     /// What the built-in Retell custom-LLM responder (`/llm-websocket/{call_id}`) says first.
     #[arg(long, env = "RELAY_BEGIN_SENTENCE", default_value = relay_engine::core::DEFAULT_BEGIN_SENTENCE)]
     pub begin_sentence: String,
@@ -354,6 +359,9 @@ impl Config {
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             return Err("--api-key must not be empty".to_owned());
         }
+        if let Some(url) = self.llm_upstream_url.as_deref().filter(|u| !u.is_empty()) {
+            AgentUrl::parse(url).map_err(|e| format!("--llm-upstream-url: {e}"))?;
+        }
         if let Some(url) = self.openai_url.as_deref().filter(|u| !u.is_empty()) {
             AgentUrl::parse(url).map_err(|e| format!("--openai-url: {e}"))?;
         }
@@ -425,6 +433,7 @@ impl Config {
                 url,
                 api_key: self.openai_api_key.clone().filter(|k| !k.is_empty()).map(Secret::new),
             }),
+            llm_upstream: self.llm_upstream_url.as_deref().and_then(|u| AgentUrl::parse(u).ok()),
         };
         EngineConfig {
             listen: self.listen,

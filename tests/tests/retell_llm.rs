@@ -103,3 +103,31 @@ fn bad_input_and_credentials() {
     ws.send_json(&json!({"interaction_type": "ping_pong", "timestamp": 5}));
     assert_eq!(next(&mut ws)["timestamp"], 5, "still answering after bad input");
 }
+
+/// With `--llm-upstream-url` the socket is forwarded both ways to an upstream LLM server (dialled
+/// at `<url>/<call_id>`), and the relay still reads the transcripts on the way.
+#[test]
+fn forwarded_to_an_upstream_llm() {
+    let upstream = relay_tests::telephony::TwilioBot::start();
+    let relay = Relay::start(&["--llm-upstream-url", &upstream.url("/llm-websocket")]);
+    let call = "call-llm-up";
+    assert_eq!(relay.start_call(call, "tok").status, 200);
+    let events = relay_tests::telephony::Events::open(&relay, call, Some("tok"));
+    let mut ws = relay.ws(&format!("/llm-websocket/{call}"), &[]).expect("upgrade");
+    let up = upstream.ready(0);
+    assert_eq!(up.path, format!("/llm-websocket/{call}"));
+    up.send_json(&json!({"response_type": "config", "config": {"auto_reconnect": false, "call_details": false}}));
+    let config = next(&mut ws);
+    assert_eq!(config["config"]["auto_reconnect"], false, "the upstream's own config, not the relay's: {config}");
+    let turn = utterances(&[("user", "is anyone there")]);
+    ws.send_json(&json!({"interaction_type": "response_required", "response_id": 7, "transcript": turn}));
+    let got = up.wait_until("the turn at the upstream", |r| {
+        r.iter().filter_map(|a| a.json().cloned()).find(|v| v["interaction_type"] == "response_required")
+    });
+    assert_eq!(got["response_id"], 7);
+    up.send_json(&json!({"response_type": "response", "response_id": 7, "content": "Yes, hello!", "content_complete": true, "end_call": false}));
+    let (text, _) = answer(&mut ws, 7);
+    assert_eq!(text, "Yes, hello!");
+    let heard = events.wait_event_where("update", |d| d["transcript"][0]["content"] == "is anyone there");
+    assert_eq!(heard["transcript"][0]["role"], "user");
+}

@@ -179,6 +179,8 @@ pub struct CoreState {
     rtc: Option<rtc::RtcState>,
     /// Retell LLM sockets (`/llm-websocket/{call_id}`).
     llm: HashMap<ConnectionId, llm::LlmSocket>,
+    /// Upstream LLM sockets, and the Retell socket each serves.
+    llm_up: HashMap<ConnectionId, ConnectionId>,
     /// What the built-in Retell responder says first.
     begin_sentence: String,
 }
@@ -231,6 +233,7 @@ impl CoreState {
             record_order: VecDeque::new(),
             rtc: None,
             llm: HashMap::new(),
+            llm_up: HashMap::new(),
             begin_sentence: DEFAULT_BEGIN_SENTENCE.to_owned(),
         }
     }
@@ -482,6 +485,9 @@ impl CoreState {
     ///
     /// Returns false when its session is gone (the shell then closes the connection).
     pub fn handle_agent_open(&mut self, now: Now, conn: ConnectionId) -> bool {
+        if let Some(open) = self.llm_upstream_open(conn) {
+            return open;
+        }
         let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return false };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return false };
         let backlog = match &mut session.agent {
@@ -540,6 +546,9 @@ impl CoreState {
 
     /// A text frame from an agent leg: its `media`, `mark` and `clear` drive the caller's pacer.
     pub fn handle_agent_frame(&mut self, now: Now, conn: ConnectionId, frame: &Bytes) {
+        if self.llm_upstream_frame(conn, frame) {
+            return;
+        }
         let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
         if session.agent_protocol == AgentProtocol::Realtime {
@@ -570,6 +579,9 @@ impl CoreState {
 
     /// The agent leg `conn` failed to connect or closed: the call goes on without it.
     pub fn handle_agent_closed(&mut self, now: Now, conn: ConnectionId, reason: &str) {
+        if self.llm_detach(conn) {
+            return;
+        }
         let Some((id, Role::Agent)) = self.conns.remove(&conn) else { return };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
         if session.agent.conn() != Some(conn) {
@@ -654,6 +666,10 @@ impl CoreState {
                     self.close(l.conn, 1001, "relay shutting down");
                 }
             }
+        }
+        let upstream: Vec<ConnectionId> = self.llm_up.drain().map(|(c, _)| c).collect();
+        for conn in upstream {
+            self.close(conn, 1001, "relay shutting down");
         }
         let llm: Vec<ConnectionId> = self.llm.drain().map(|(c, _)| c).collect();
         for conn in llm {

@@ -35,6 +35,7 @@ impl Call {
             default_url: Some(AgentUrl::parse("ws://127.0.0.1:9/bot").expect("valid")),
             allow: vec![],
             realtime: None,
+            llm_upstream: None,
         })
     }
 
@@ -337,7 +338,8 @@ fn bad_messages_are_counted() {
 /// A per-call agent URL off the allow-list is refused with an error event; allowed ones are dialled.
 #[test]
 fn per_call_agent_urls_need_the_allow_list() {
-    let policy = AgentPolicy { default_url: None, allow: vec!["127.0.0.1:7000".into()], realtime: None };
+    let policy =
+        AgentPolicy { default_url: None, allow: vec!["127.0.0.1:7000".into()], realtime: None, llm_upstream: None };
     for (url, dialled) in [("ws://127.0.0.1:7000/bot", true), ("ws://10.0.0.1/bot", false)] {
         let mut c = Call::new(policy.clone());
         let id = SessionId::parse("CA1").expect("valid");

@@ -87,6 +87,8 @@ pub enum AgentProtocol {
     Twilio,
     /// The OpenAI Realtime API (or a compatible server).
     Realtime,
+    /// An upstream Retell custom-LLM server, fed what Retell sends on `/llm-websocket/{call_id}`.
+    RetellLlm,
 }
 
 /// An OpenAI-Realtime-compatible upstream: where, and the API key it takes.
@@ -116,6 +118,9 @@ pub struct AgentPolicy {
     pub allow: Vec<String>,
     /// The Realtime upstream, for calls with no Twilio-protocol agent.
     pub realtime: Option<RealtimeAgent>,
+    /// Upstream Retell custom-LLM server (`ws(s)://host/llm-websocket`; the call id is appended);
+    /// `None`: the built-in responder answers.
+    pub llm_upstream: Option<AgentUrl>,
 }
 
 impl AgentPolicy {
@@ -173,6 +178,7 @@ mod tests {
     fn policy() {
         let p = AgentPolicy {
             realtime: None,
+            llm_upstream: None,
             default_url: Some(AgentUrl::parse("ws://default:1/").expect("valid")),
             allow: vec!["bots.example".into(), "127.0.0.1:9000".into()],
         };
