@@ -60,7 +60,15 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     // Dropped on every way out of `run`, which commits what is queued (see `RecordStore::close`).
     let store = records::RecordStore::open(&config.data_dir, projects)?;
     engine.records = Some(store.sink());
-    let data_dir = probe::start(config.data_dir.clone(), Some((store.records(), store.stats())))
+    let upstreams = [
+        ("openai", &engine.agents.realtime.as_ref().map(|r| r.url.clone())),
+        ("agent", &engine.agents.default_url),
+        ("llm", &engine.agents.llm_upstream),
+    ]
+    .into_iter()
+    .filter_map(|(name, url)| url.as_ref().map(|u| probe::Upstream::new(name, u.host_header())))
+    .collect();
+    let data_dir = probe::start(config.data_dir.clone(), Some((store.records(), store.stats())), upstreams)
         .context("cannot start the data-dir probe")?;
     let service = api::Service::new(config.api(), data_dir, store.records());
     let relay = relay_engine::shell::start(engine, service)?;

@@ -12,11 +12,61 @@ use std::time::{Duration, Instant};
 /// How often the data directory is checked.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often configured upstreams (agent, Realtime, LLM) are checked for reachability.
+pub const UPSTREAM_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long one reachability check may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An upstream the relay dials, checked by a TCP connect from the probe thread.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The service's name in `/health/detailed` (`openai`, `agent`, `llm`).
+    pub name: &'static str,
+    /// `host:port` to connect to.
+    pub authority: String,
+    /// 0 unknown, 1 reachable, 2 unreachable.
+    state: std::sync::atomic::AtomicU8,
+    latency_us: AtomicU64,
+}
+
+impl Upstream {
+    /// An upstream named `name` at `authority` (`host:port`), not checked yet.
+    pub fn new(name: &'static str, authority: String) -> Self {
+        Self { name, authority, state: std::sync::atomic::AtomicU8::new(0), latency_us: AtomicU64::new(0) }
+    }
+
+    /// `up`, `down` or `unknown` (not checked yet), and the last connect's latency in ms.
+    pub fn status(&self) -> (&'static str, f64) {
+        let status = match self.state.load(Ordering::Relaxed) {
+            1 => "up",
+            2 => "down",
+            _ => "unknown",
+        };
+        (status, self.latency_us.load(Ordering::Relaxed) as f64 / 1000.0)
+    }
+
+    fn check(&self) {
+        use std::net::ToSocketAddrs;
+        let start = Instant::now();
+        let reachable = self
+            .authority
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .is_some_and(|addr| std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).is_ok());
+        self.latency_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.state.store(if reachable { 1 } else { 2 }, Ordering::Relaxed);
+    }
+}
+
 /// The last probe's result.
 #[derive(Debug, Default)]
 pub struct DataDirHealth {
     up: AtomicBool,
     latency_us: AtomicU64,
+    /// Configured upstreams and their reachability.
+    pub upstreams: Vec<Upstream>,
 }
 
 impl DataDirHealth {
@@ -55,13 +105,22 @@ pub type Records = (crate::records::Records, Arc<crate::records::StoreStats>);
 ///
 /// # Errors
 /// When the thread cannot be started.
-pub fn start(dir: PathBuf, records: Option<Records>) -> std::io::Result<Arc<DataDirHealth>> {
-    let health = Arc::new(DataDirHealth::default());
+pub fn start(dir: PathBuf, records: Option<Records>, upstreams: Vec<Upstream>) -> std::io::Result<Arc<DataDirHealth>> {
+    let health = Arc::new(DataDirHealth { upstreams, ..DataDirHealth::default() });
     health.probe(&dir, records.as_ref());
     let h = health.clone();
-    std::thread::Builder::new().name("data-dir-probe".into()).spawn(move || loop {
-        std::thread::sleep(INTERVAL);
-        h.probe(&dir, records.as_ref());
+    std::thread::Builder::new().name("data-dir-probe".into()).spawn(move || {
+        let mut last_upstream: Option<Instant> = None;
+        loop {
+            if last_upstream.is_none_or(|t| t.elapsed() >= UPSTREAM_INTERVAL) {
+                last_upstream = Some(Instant::now());
+                for u in &h.upstreams {
+                    u.check();
+                }
+            }
+            std::thread::sleep(INTERVAL);
+            h.probe(&dir, records.as_ref());
+        }
     })?;
     Ok(health)
 }

@@ -49,7 +49,9 @@ impl Service {
         let respond = |r: Result<Response<Bytes>, ApiError>| r.map(Outcome::Respond);
         match route {
             Route::Health => respond(Ok(ops::health(core))),
-            Route::HealthDetailed => respond(Ok(ops::health_detailed(core, &self.data_dir))),
+            Route::HealthDetailed => {
+                respond(Ok(ops::health_detailed(core, &self.data_dir, self.config.twilio.is_some())))
+            }
             Route::OpenApi => respond(Ok(openapi::openapi_json())),
             Route::Docs => respond(Ok(openapi::docs())),
             Route::StartCall => respond(session::start_call(core, request).await),

@@ -34,7 +34,7 @@ pub fn health(core: &CoreHandle) -> Response<Bytes> {
 
 /// `GET /health/detailed` (seed 003): services, memory, and sessions per core. 503 when the
 /// data directory or the records database is unusable.
-pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth) -> Response<Bytes> {
+pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_configured: bool) -> Response<Bytes> {
     let stats = core.stats();
     let active: usize = stats.iter().map(|s| s.sessions).sum();
     let (db_up, db_latency_ms) = data_dir.read();
@@ -49,7 +49,21 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth) -> Response<
                                 "decodeErrors": s.rtc.decode_errors } })
         })
         .collect();
-    let status = if db_up { "healthy" } else { "unhealthy" };
+    // An upstream that does not answer degrades the relay (calls that need it fail); an unusable
+    // database makes it unhealthy.
+    let upstream_down = data_dir.upstreams.iter().any(|u| u.status().0 == "down");
+    let status = match (db_up, upstream_down) {
+        (false, _) => "unhealthy",
+        (true, true) => "degraded",
+        (true, false) => "healthy",
+    };
+    let upstream = |name: &str| match data_dir.upstreams.iter().find(|u| u.name == name) {
+        Some(u) => {
+            let (status, latency) = u.status();
+            json!({ "status": status, "latency": (latency * 1000.0).round() / 1000.0 })
+        }
+        None => json!({ "status": "not_configured" }),
+    };
     let body = json!({
         "status": status,
         "timestamp": timestamp(),
@@ -58,8 +72,10 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth) -> Response<
                 "status": if db_up { "up" } else { "down" },
                 "latency": (db_latency_ms * 1000.0).round() / 1000.0,
             },
-            "openai": { "status": "not_configured" },
-            "twilio": { "status": "not_configured" },
+            "openai": upstream("openai"),
+            "agent": upstream("agent"),
+            "llm": upstream("llm"),
+            "twilio": { "status": if twilio_configured { "configured" } else { "not_configured" } },
             "server": {
                 "status": "up",
                 "uptime": core.uptime().as_secs(),
