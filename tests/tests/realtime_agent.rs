@@ -97,7 +97,7 @@ fn barge_in_clears_and_truncates() {
     assert!(caller.events_named("media").len() < 100, "most of the 3 s were never played");
 }
 
-/// Transcripts from the model feed frontends (`transcription`) and `/ws` (`update`).
+/// Transcripts from the model feed frontends (`transcription`), `/ws` (`update`) and the call record.
 #[test]
 fn transcripts_reach_listeners() {
     let server = TwilioBot::start();
@@ -129,4 +129,12 @@ fn transcripts_reach_listeners() {
     assert_eq!(said["transcript"][0]["role"], "agent", "{said}");
     let heard = events.wait_event_where("update", |d| d["transcript"][0]["content"] == "my pipe burst");
     assert_eq!(heard["transcript"][0]["role"], "user", "{heard}");
+    // And the call's record (written to the database within a second) holds them.
+    let preview = poll_until("the transcript in the call record", || {
+        let v = relay.get("/analytics/project/default/recent").json();
+        let call = v["calls"].as_array()?.iter().find(|c| c["callSid"] == call)?.clone();
+        let text = call["transcriptPreview"].as_str()?.to_owned();
+        text.contains("plumber").then_some(text)
+    });
+    assert!(preview.contains("my pipe burst"), "{preview}");
 }
