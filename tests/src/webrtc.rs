@@ -250,21 +250,26 @@ pub fn dominant_hz(pcm: &[i16], rate: u32) -> Option<f32> {
     let mut best = (0.0f64, 0.0f32);
     let mut f = 100.0f32;
     while f <= 3500.0 {
-        let w = std::f64::consts::TAU * f64::from(f) / f64::from(rate);
-        let c = 2.0 * w.cos();
-        let (mut s1, mut s2) = (0.0f64, 0.0f64);
-        for &v in x {
-            let s = f64::from(v) + c * s1 - s2;
-            s2 = s1;
-            s1 = s;
-        }
-        let power = s1 * s1 + s2 * s2 - c * s1 * s2;
+        let power = goertzel(x, rate, f64::from(f));
         if power > best.0 {
             best = (power, f);
         }
         f += 10.0;
     }
     Some(best.1)
+}
+
+/// The energy of `pcm` (at `rate`) at frequency `hz` (the Goertzel algorithm).
+pub fn goertzel(pcm: &[i16], rate: u32, hz: f64) -> f64 {
+    let w = std::f64::consts::TAU * hz / f64::from(rate);
+    let c = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &v in pcm {
+        let s = f64::from(v) + c * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    s1 * s1 + s2 * s2 - c * s1 * s2
 }
 
 /// Root-mean-square level of `pcm`, in sample units.

@@ -254,17 +254,9 @@ fn whep_listener_hears_the_mix() {
     );
 }
 
-/// Energy of `pcm` (48 kHz) at `hz` (Goertzel).
+/// Energy of `pcm` (48 kHz) at `hz`.
 fn band(pcm: &[i16], hz: f64) -> f64 {
-    let w = std::f64::consts::TAU * hz / 48_000.0;
-    let c = 2.0 * w.cos();
-    let (mut s1, mut s2) = (0.0f64, 0.0f64);
-    for &v in pcm {
-        let s = f64::from(v) + c * s1 - s2;
-        s2 = s1;
-        s1 = s;
-    }
-    s1 * s1 + s2 * s2 - c * s1 * s2
+    relay_tests::webrtc::goertzel(pcm, 48_000, hz)
 }
 
 /// Packets lost on the way in are concealed: the counters move and the caller's audio goes on.

@@ -830,13 +830,7 @@ impl CoreState {
         }
         let Some(slot) = self.slots.get_mut(id) else { return };
         let Some(session) = slot.session.as_mut() else { return };
-        let mut frontend_text = None;
-        for l in slot.listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
-            let text = frontend_text
-                .get_or_insert_with(|| frontend::audio(&media.payload, frontend::FrontendTrack::Inbound))
-                .clone();
-            self.outputs.push_back(Output::Send { conn: l.conn, text });
-        }
+        to_frontends(&mut self.outputs, &slot.listeners, &media.payload, frontend::FrontendTrack::Inbound);
         // PCM sinks (an agent peer, the WHEP mix) get the caller's audio in 20 ms frames.
         let pcm_sinks = matches!(session.agent, Agent::Peer(_)) || session.mixer.is_some();
         if pcm_sinks {
@@ -918,13 +912,7 @@ impl CoreState {
                     if let Some(conn) = caller_conn {
                         self.outputs.push_back(Output::Send { conn, text: twilio::media_out(stream_sid, &payload) });
                     }
-                    let mut shared = None;
-                    for l in slot.listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
-                        let text = shared
-                            .get_or_insert_with(|| frontend::audio(&payload, frontend::FrontendTrack::Outbound))
-                            .clone();
-                        self.outputs.push_back(Output::Send { conn: l.conn, text });
-                    }
+                    to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
                 }
                 pacer::Output::Clear => {
                     if let Some(conn) = caller_conn {
@@ -1170,6 +1158,20 @@ fn push_split(
         left -= PIECE_SAMPLES;
     }
     pacer.push_audio(now, payload.slice(offset..), u32::try_from(left).unwrap_or(u32::MAX))
+}
+
+/// One frame of `track` audio (base64 μ-law) to every connected frontend: encoded once, shared.
+fn to_frontends(
+    outputs: &mut VecDeque<Output>,
+    listeners: &[Listener],
+    payload: &[u8],
+    track: frontend::FrontendTrack,
+) {
+    let mut shared = None;
+    for l in listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
+        let text = shared.get_or_insert_with(|| frontend::audio(payload, track)).clone();
+        outputs.push_back(Output::Send { conn: l.conn, text });
+    }
 }
 
 fn authorizes(session: &Session, credential: &Credential) -> bool {

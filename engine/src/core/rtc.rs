@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::command::{CommandError, Reply, RtcOffer, RtcRole};
-use super::{authorizes, CoreState, ListenKind, Output};
+use super::{authorizes, to_frontends, CoreState, ListenKind, Output};
 use crate::id::{SessionId, StreamId};
 use crate::media::opus::OpusSettings;
 use crate::media::playout::PlayoutConfig;
@@ -343,12 +343,7 @@ impl CoreState {
             None
         };
         if let Some(payload) = &ulaw {
-            let mut shared = None;
-            for l in slot.listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
-                let text =
-                    shared.get_or_insert_with(|| frontend::audio(payload, frontend::FrontendTrack::Inbound)).clone();
-                self.outputs.push_back(Output::Send { conn: l.conn, text });
-            }
+            to_frontends(&mut self.outputs, &slot.listeners, payload, frontend::FrontendTrack::Inbound);
         }
         let hears = session.agent_hears_microphone();
         if bot && *session.source() == Source::Microphone {
@@ -389,13 +384,7 @@ impl CoreState {
                 if let Some((conn, stream_sid)) = caller {
                     self.outputs.push_back(Output::Send { conn, text: twilio::media_out(&stream_sid, &payload) });
                 }
-                let mut shared = None;
-                for l in slot.listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
-                    let text = shared
-                        .get_or_insert_with(|| frontend::audio(&payload, frontend::FrontendTrack::Outbound))
-                        .clone();
-                    self.outputs.push_back(Output::Send { conn: l.conn, text });
-                }
+                to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
             }
         }
         self.agent_pcm(now, id, frame);
