@@ -116,8 +116,14 @@ fn whip_contract() {
     assert_eq!(r.status, 200, "{}", r.text());
     caller.run(Duration::from_millis(300), Send::Nothing);
     assert!(caller.closed, "the peer is told its leg ended (DTLS close_notify)");
-    // The caller leaving ends the call, as a Twilio caller hanging up does.
+    // The caller leaving ends the call, as a Twilio caller hanging up does, and the call is
+    // recorded like a phone call.
     assert_error(&relay.get(&format!("/call-status?sessionId={id}")), 404);
+    let call = relay_tests::poll_until("the WebRTC call's record", || {
+        let v = relay.get("/analytics/project/default/recent").json();
+        v["calls"].as_array()?.iter().find(|c| c["callSid"] == id).cloned()
+    });
+    assert_eq!(call["status"], "completed", "{call}");
 }
 
 /// Runs `peers` (each with what it sends) for `duration` on their own threads while `control`

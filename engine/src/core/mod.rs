@@ -973,7 +973,7 @@ impl CoreState {
         let mut slot = self.slots.remove(id).expect("found above");
         let mut session = slot.session.take().expect("found above");
         self.stats.active_sessions -= 1;
-        if session.caller.is_some() {
+        if session.greeting().is_some() {
             if let Some(r) = self.records.get_mut(id) {
                 r.end_ms.get_or_insert(now.unix_ms);
                 if r.status == "in-progress" {

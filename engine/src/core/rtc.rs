@@ -242,6 +242,15 @@ impl CoreState {
                 custom_parameters: vec![("callSid".to_owned(), id.as_str().to_owned())],
                 media_format: twilio::MediaFormat::default(),
             });
+            // A WebRTC call has a record like a phone call: in progress from now.
+            let update = super::command::RecordUpdate { status: Some("in-progress".into()), ..Default::default() };
+            let record = self.update_record(now, &id, update);
+            if record.start_ms.is_none() {
+                if let Some(r) = self.records.get_mut(&id) {
+                    r.start_ms = Some(now.unix_ms);
+                }
+            }
+            self.emit_record(&id);
             self.broadcast(now, &id, RetellEvent::Update, json!({ "isConnected": true }));
             self.dial_agent(now, &id, None);
         }
