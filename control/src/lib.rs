@@ -25,6 +25,7 @@ pub mod config;
 pub mod cors;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod probe;
 pub mod records;
 pub mod router;
@@ -70,6 +71,7 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     .collect();
     let data_dir = probe::start(config.data_dir.clone(), Some((store.records(), store.stats())), upstreams)
         .context("cannot start the data-dir probe")?;
+    metrics::install();
     let service = api::Service::new(config.api(), data_dir, store.records());
     let relay = relay_engine::shell::start(engine, service)?;
     tracing::info!("relay listening on {scheme}://{} with {cores} cores", relay.local_addr());

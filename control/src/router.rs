@@ -11,6 +11,8 @@ pub enum Route {
     Health,
     /// `GET /health/detailed`.
     HealthDetailed,
+    /// `GET /metrics` (Prometheus text exposition).
+    Metrics,
     /// `POST /start-call`.
     StartCall,
     /// `POST /stop-call`.
@@ -89,6 +91,7 @@ const DELETE: &str = "DELETE, OPTIONS";
 static TABLE: &[Entry] = &[
     Entry { path: "/health", methods: &[(Method::GET, Route::Health)], allow: GET },
     Entry { path: "/health/detailed", methods: &[(Method::GET, Route::HealthDetailed)], allow: GET },
+    Entry { path: "/metrics", methods: &[(Method::GET, Route::Metrics)], allow: GET },
     Entry { path: "/start-call", methods: &[(Method::POST, Route::StartCall)], allow: POST },
     Entry { path: "/stop-call", methods: &[(Method::POST, Route::StopCall)], allow: POST },
     Entry { path: "/mute", methods: &[(Method::POST, Route::Mute)], allow: POST },

@@ -49,6 +49,14 @@ impl Service {
         let respond = |r: Result<Response<Bytes>, ApiError>| r.map(Outcome::Respond);
         match route {
             Route::Health => respond(Ok(ops::health(core))),
+            Route::Metrics => {
+                let mut r = Response::new(Bytes::from(crate::metrics::render(core)));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                respond(Ok(r))
+            }
             Route::HealthDetailed => {
                 respond(Ok(ops::health_detailed(core, &self.data_dir, self.config.twilio.is_some())))
             }
