@@ -194,6 +194,11 @@ pub struct Config {
     #[arg(long, env = "RELAY_LLM_UPSTREAM_URL")]
     pub llm_upstream_url: Option<String>,
 
+    /// How often `/health/detailed` checks that configured upstreams (agent, Realtime, LLM) accept
+    /// TCP connections (each check opens and closes one connection); 0 turns the checks off.
+    #[arg(long, env = "RELAY_UPSTREAM_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_check_interval: Duration,
+
     /// What the built-in Retell custom-LLM responder (`/llm-websocket/{call_id}`) says first.
     #[arg(long, env = "RELAY_BEGIN_SENTENCE", default_value = relay_engine::core::DEFAULT_BEGIN_SENTENCE)]
     pub begin_sentence: String,

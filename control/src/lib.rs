@@ -69,8 +69,13 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     .into_iter()
     .filter_map(|(name, url)| url.as_ref().map(|u| probe::Upstream::new(name, u.host_header())))
     .collect();
-    let data_dir = probe::start(config.data_dir.clone(), Some((store.records(), store.stats())), upstreams)
-        .context("cannot start the data-dir probe")?;
+    let data_dir = probe::start(
+        config.data_dir.clone(),
+        Some((store.records(), store.stats())),
+        upstreams,
+        config.upstream_check_interval,
+    )
+    .context("cannot start the data-dir probe")?;
     metrics::install();
     let service = api::Service::new(config.api(), data_dir, store.records());
     let relay = relay_engine::shell::start(engine, service)?;

@@ -12,9 +12,6 @@ use std::time::{Duration, Instant};
 /// How often the data directory is checked.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often configured upstreams (agent, Realtime, LLM) are checked for reachability.
-pub const UPSTREAM_INTERVAL: Duration = Duration::from_secs(10);
-
 /// How long one reachability check may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -36,12 +33,13 @@ impl Upstream {
         Self { name, authority, state: std::sync::atomic::AtomicU8::new(0), latency_us: AtomicU64::new(0) }
     }
 
-    /// `up`, `down` or `unknown` (not checked yet), and the last connect's latency in ms.
+    /// `up`, `down` or `unchecked` (not checked yet, or checks are off), and the last connect's
+    /// latency in ms.
     pub fn status(&self) -> (&'static str, f64) {
         let status = match self.state.load(Ordering::Relaxed) {
             1 => "up",
             2 => "down",
-            _ => "unknown",
+            _ => "unchecked",
         };
         (status, self.latency_us.load(Ordering::Relaxed) as f64 / 1000.0)
     }
@@ -105,14 +103,21 @@ pub type Records = (crate::records::Records, Arc<crate::records::StoreStats>);
 ///
 /// # Errors
 /// When the thread cannot be started.
-pub fn start(dir: PathBuf, records: Option<Records>, upstreams: Vec<Upstream>) -> std::io::Result<Arc<DataDirHealth>> {
+pub fn start(
+    dir: PathBuf,
+    records: Option<Records>,
+    upstreams: Vec<Upstream>,
+    upstream_interval: Duration,
+) -> std::io::Result<Arc<DataDirHealth>> {
+    // A zero interval turns the reachability checks off (upstreams then report `unchecked`).
+    let checking = !upstream_interval.is_zero();
     let health = Arc::new(DataDirHealth { upstreams, ..DataDirHealth::default() });
     health.probe(&dir, records.as_ref());
     let h = health.clone();
     std::thread::Builder::new().name("data-dir-probe".into()).spawn(move || {
         let mut last_upstream: Option<Instant> = None;
         loop {
-            if last_upstream.is_none_or(|t| t.elapsed() >= UPSTREAM_INTERVAL) {
+            if checking && last_upstream.is_none_or(|t| t.elapsed() >= upstream_interval) {
                 last_upstream = Some(Instant::now());
                 for u in &h.upstreams {
                     u.check();

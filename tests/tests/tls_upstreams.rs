@@ -102,7 +102,15 @@ fn wss_agent_trusted_through_ca_file() {
     let bot = TwilioBot::start();
     let front = TlsFront::start(bot_addr(&bot));
     let ca = front.ca_file().display().to_string();
-    let relay = Relay::start(&["--agent-url", &front.url("/wss-bot?x=1"), "--upstream-ca-file", &ca]);
+    // No reachability checks: the front counts every connection it sees.
+    let relay = Relay::start(&[
+        "--agent-url",
+        &front.url("/wss-bot?x=1"),
+        "--upstream-ca-file",
+        &ca,
+        "--upstream-check-interval",
+        "0s",
+    ]);
     let caller = TwilioCaller::start(&relay, "CA-wss", &[("lang", "en")]);
     let agent = bot.ready(0);
     assert_eq!(agent.path, "/wss-bot?x=1", "the relay asks for the URL's path over TLS");
@@ -123,7 +131,8 @@ fn wss_agent_trusted_through_ca_file() {
 fn wss_agent_untrusted_call_goes_on() {
     let bot = TwilioBot::start();
     let front = TlsFront::start(bot_addr(&bot));
-    let relay = Relay::start(&["--agent-url", &front.url("/wss-bot"), "--api-key", "k"]);
+    let relay =
+        Relay::start(&["--agent-url", &front.url("/wss-bot"), "--api-key", "k", "--upstream-check-interval", "0s"]);
     let id = "CA-wss-untrusted";
     let events = Events::open(&relay, id, Some("k"));
     let listener = Frontend::connect(&relay, id, "u", "&accessToken=k");
