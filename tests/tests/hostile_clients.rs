@@ -251,3 +251,71 @@ impl XorShift {
         self.0
     }
 }
+
+/// Thousands of idle sockets at once (the relay raises its open-file limit at start): service and
+/// sessions go on, and everything drains when they go.
+#[test]
+fn thousands_of_idle_sockets() {
+    let relay = Relay::start(&[]);
+    assert_success(&relay.start_call("crowd", "t"), "Call started successfully");
+    let idle: Vec<std::net::TcpStream> =
+        (0..3000).map(|_| std::net::TcpStream::connect(relay.addr()).expect("connect")).collect();
+    let mut events = relay.observe("crowd", "t");
+    assert_success(&relay.post("/mute", &json!({ "sessionId": "crowd" })), "Microphone muted");
+    let update = events.recv_json();
+    assert_eq!(update["eventType"], "update", "{update}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", relay.pid())).expect("limits");
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).expect("a file limit").to_owned();
+    let soft: u64 = open_files.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(soft >= 3000, "the relay's soft limit holds the crowd: {open_files}");
+    drop(idle);
+    poll_until("the idle sockets to drain", || {
+        let d = relay.detailed();
+        let open: u64 =
+            d["services"]["server"]["cores"].as_array()?.iter().map(|c| c["connections"].as_u64().unwrap_or(0)).sum();
+        (open <= 3).then_some(())
+    });
+}
+
+/// JSON nesting bombs and invalid UTF-8 in control bodies are 400s that cost nothing else.
+#[test]
+fn json_bombs_are_400() {
+    let relay = Relay::start(&[]);
+    assert_success(&relay.start_call("bombed", "t"), "Call started successfully");
+    let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+    let r = relay.request("POST", "/mute", &[("Content-Type", "application/json")], Some(&deep));
+    relay_tests::assert_error(&r, 400);
+    let nested = format!("{{\"sessionId\":\"bombed\",\"x\":{}1{}}}", "{\"a\":".repeat(5_000), "}".repeat(5_000));
+    let r = relay.request("POST", "/mute", &[("Content-Type", "application/json")], Some(&nested));
+    relay_tests::assert_error(&r, 400);
+    let mut conn = Conn::open(relay.addr());
+    let body = b"{\"sessionId\":\"\xff\xfe\"}";
+    let head = format!("POST /mute HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+    conn.write_raw(&[head.as_bytes(), body.as_slice()].concat()).expect("write");
+    let r = conn.read_response();
+    assert_eq!(r.status, 400, "invalid UTF-8: {}", r.text());
+    assert_success(&relay.get("/call-status?sessionId=bombed"), "Call status retrieved");
+}
+
+/// A ping flood from a client that never reads its pongs costs only that socket: other sockets of
+/// the session keep their events, and the relay stays healthy.
+#[test]
+fn ping_flood_costs_only_the_flooder() {
+    let relay = Relay::start(&[]);
+    assert_success(&relay.start_call("flood", "t"), "Call started successfully");
+    let mut calm = relay.observe("flood", "t");
+    let mut flooder =
+        RawWs::connect(relay.addr(), "/ws?sessionId=flood&accessToken=t", &[]).expect("upgrade the flooder");
+    let ping = encode_frame(true, 0x9, &[0u8; 100], Some([1, 2, 3, 4]));
+    let burst: Vec<u8> = std::iter::repeat_n(ping, 2_000).flatten().collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if flooder.send_raw(&burst).is_err() {
+            break; // The relay closed the flooder: fine.
+        }
+    }
+    assert_success(&relay.post("/mute", &json!({ "sessionId": "flood" })), "Microphone muted");
+    let update = calm.recv_json();
+    assert_eq!(update["eventType"], "update", "the calm socket still gets its events: {update}");
+    assert_eq!(relay.get("/health").status, 200);
+}

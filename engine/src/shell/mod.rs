@@ -295,6 +295,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         return Err(StartError::NoCores);
     }
     check_memlock()?;
+    raise_file_limit();
     check_io_uring()?;
     let listeners = bind_listeners(config.listen, config.cores)?;
     let local_addr =
@@ -440,6 +441,25 @@ fn check_memlock() -> Result<(), StartError> {
         }
     }
     Err(StartError::Memlock { need_kib: need / 1024, have_kib: lim.rlim_cur / 1024 })
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection, agent leg and WebRTC
+/// socket is a descriptor, and distributions start processes at 1024. Returns the limit in force.
+pub fn raise_file_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass; raising the soft limit up to the hard limit
+        // is always permitted.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return lim.rlim_max;
+        }
+    }
+    lim.rlim_cur
 }
 
 fn bind_listeners(addr: SocketAddr, cores: usize) -> Result<Vec<StdListener>, StartError> {
