@@ -229,3 +229,33 @@ fn shutdown_refuses_new_work() {
     assert_eq!(h.cmd("s", start("t")), Err(CommandError::ShuttingDown));
     assert_eq!(h.attach("s", 1, token("t")), Err(AttachError::ShuttingDown));
 }
+
+/// A session whose input panicked is discarded alone (what the shell's `drive` does after catching
+/// the panic): its sockets close with 1011, its counts are given back, and every other session and
+/// socket on the core goes on as before.
+#[test]
+fn a_panicked_session_is_dropped_alone() {
+    let mut h = Harness::new(Limits::default());
+    h.cmd("bad", start("t")).expect("start");
+    h.cmd("good", start("t")).expect("start");
+    h.attach("bad", 1, token("t")).expect("attach");
+    h.attach("bad", 2, token("t")).expect("attach");
+    h.attach("good", 3, token("t")).expect("attach");
+    h.drain();
+    assert_eq!(h.core.stats().active_sessions, 2);
+    assert_eq!(h.core.stats().observers, 3);
+    h.core.handle_panic(&sid("bad"));
+    let out = h.drain();
+    for conn in [1, 2] {
+        assert_eq!(Harness::events_for(&out, conn).1, Some(1011), "socket {conn} of the dropped session closes");
+    }
+    assert_eq!(Harness::events_for(&out, 3), (vec![], None), "the other session's socket is untouched");
+    assert_eq!(h.core.stats().active_sessions, 1);
+    assert_eq!(h.core.stats().observers, 1);
+    assert_eq!(h.cmd("bad", Command::CallStatus), Err(CommandError::NotFound));
+    assert!(matches!(h.cmd("good", Command::SetMicrophone(false)), Ok(Reply::Microphone { enabled: false })));
+    let (events, closed) = Harness::events_for(&h.drain(), 3);
+    assert_eq!((events, closed), (vec!["update".to_owned()], None), "the other session still gets its events");
+    // The id can be used again.
+    h.cmd("bad", start("t")).expect("a new session under the same id");
+}
