@@ -44,6 +44,11 @@ fn describe() {
     describe_counter!("relay_webrtc_late_total", "WebRTC packets that arrived after their frame played");
     describe_counter!("relay_webrtc_decode_errors_total", "WebRTC packets that could not be decoded");
     describe_gauge!("relay_uptime_seconds", "Seconds since the relay started");
+    metrics::describe_histogram!(
+        "relay_core_input_seconds",
+        metrics::Unit::Seconds,
+        "Time a core takes to handle one input (a frame, a datagram, a command, a timer) and apply its outputs"
+    );
 }
 
 /// The exposition text, with every core's counts as they are now.

@@ -25,4 +25,10 @@ fn exposition_counts_sessions_per_core() {
     assert_eq!(series(&text, "relay_sessions", 1), Some(1.0), "{text}");
     assert!(series(&text, "relay_webrtc_peers", 0).is_some(), "{text}");
     assert!(text.contains("relay_uptime_seconds"), "{text}");
+    // Every input a core handled is timed: the start-calls above at least.
+    let count = |core: usize| {
+        let prefix = format!("relay_core_input_seconds_count{{core=\"{core}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    assert!(count(0) >= 2.0 && count(1) >= 1.0, "{text}");
 }

@@ -20,7 +20,8 @@ pub enum Bound {
 /// epoch. `None` for anything else, or for a time before 1970.
 pub fn parse(s: &str, bound: Bound) -> Option<u64> {
     let s = s.trim();
-    let (date, rest) = if s.len() > 10 { s.split_at(10) } else { (s, "") };
+    // Checked: byte 10 of arbitrary input may fall inside a multi-byte character.
+    let (date, rest) = if s.len() > 10 { s.split_at_checked(10)? } else { (s, "") };
     let days = parse_date(date)?;
     let day_ms = u64::try_from(days).ok()?.checked_mul(DAY_MS)?;
     if rest.is_empty() {
@@ -107,6 +108,10 @@ fn split_zone(s: &str) -> Option<(&str, i64)> {
     let (time, zone) = s.split_at(at);
     let sign = if zone.starts_with('-') { -1 } else { 1 };
     let zone = &zone[1..];
+    // ASCII only, so that the byte slices below fall on character boundaries.
+    if !zone.is_ascii() {
+        return None;
+    }
     let (h, m) = match zone.len() {
         2 => (digits(zone)?, 0),
         4 => (digits(&zone[..2])?, digits(&zone[2..])?),
