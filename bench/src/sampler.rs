@@ -119,6 +119,8 @@ pub struct Usage {
     pub rss_mean_bytes: u64,
     /// Largest RSS in the window, bytes.
     pub rss_max_bytes: u64,
+    /// RSS at the window's first and last samples, bytes (a soak's memory is flat when they match).
+    pub rss_first_last: (u64, u64),
     /// Samples in the window.
     pub samples: usize,
     /// Busy fraction of the watched CPU over the window (everything on it, softirq included).
@@ -142,7 +144,8 @@ pub fn usage(samples: &[Sample], from: Instant, to: Instant) -> Usage {
         }
         _ => None,
     };
-    Usage { cores, rss_mean_bytes, rss_max_bytes, samples: window.len(), cpu_busy }
+    let rss_first_last = (first.rss_bytes, last.rss_bytes);
+    Usage { cores, rss_mean_bytes, rss_max_bytes, rss_first_last, samples: window.len(), cpu_busy }
 }
 
 /// Pins the calling thread (and threads it creates later) to `cpu`.

@@ -522,6 +522,12 @@ fn print_measurement(name: &str, m: &Measurement, load: LoadArgs) {
             per_call_mem,
             cpu_busy_note(u.cpu_busy)
         );
+        println!(
+            "server RSS over the steady state: {:.1} MiB first, {:.1} MiB last, {:.1} MiB at most",
+            u.rss_first_last.0 as f64 / 1048576.0,
+            u.rss_first_last.1 as f64 / 1048576.0,
+            u.rss_max_bytes as f64 / 1048576.0
+        );
     }
     let lag = r.send_lag.summary();
     println!(
@@ -581,6 +587,9 @@ fn write_outputs(out: &OutArgs, runs: &[(String, &Measurement)], load: LoadArgs)
                     "received_by_frontends": r.received_by_frontends,
                     "duplicates": r.duplicates, "reordered": r.reordered, "late": r.late, "late_sends": r.late_sends,
                     "server_cores": m.server.map(|u| u.cores), "server_rss_mean_bytes": m.server.map(|u| u.rss_mean_bytes),
+                    "server_rss_first_bytes": m.server.map(|u| u.rss_first_last.0),
+                    "server_rss_last_bytes": m.server.map(|u| u.rss_first_last.1),
+                    "server_rss_max_bytes": m.server.map(|u| u.rss_max_bytes),
                     "server_idle_rss_bytes": m.idle_rss, "bench_cores": m.bench_cores, "valid": m.valid(),
                     "server_cpu_busy": m.server.and_then(|u| u.cpu_busy), "bench_cpu_busy": m.bench_cpu_busy,
                 })
