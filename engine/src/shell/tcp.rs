@@ -174,15 +174,11 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
         };
         // A handler that panics (a bug) costs only its request: 500, and this connection closes.
         let handled = std::panic::AssertUnwindSafe(service.handle(&handle, Request { head, body, peer }));
-        let outcome = match futures::FutureExt::catch_unwind(handled).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                tracing::error!(core = shared.id.0, %peer, "a request handler panicked; answered 500");
-                let resp =
-                    service.error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &HeaderMap::new());
-                respond_and_close(&mut stream, &mut out, &resp, false).await;
-                return;
-            }
+        let Ok(outcome) = futures::FutureExt::catch_unwind(handled).await else {
+            tracing::error!(core = shared.id.0, %peer, "a request handler panicked; answered 500");
+            let resp = service.error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &HeaderMap::new());
+            respond_and_close(&mut stream, &mut out, &resp, false).await;
+            return;
         };
         match outcome {
             Outcome::Respond(resp) => {
