@@ -333,6 +333,13 @@ impl PlayoutBuffer {
         self.window_min_slack = Duration::MAX;
         self.window_frames = 0;
         let start_at = now.checked_add(self.config.target_delay).unwrap_or(now);
+        // A restart while playing never brings the next release forward: the stream never runs
+        // faster than real time, whatever its sequence numbers do.
+        let start_at = match self.state {
+            State::Playing { next_due } => start_at.max(next_due),
+            State::Buffering { start_at: earlier } => start_at.max(earlier),
+            State::Idle => start_at,
+        };
         self.state = State::Buffering { start_at };
     }
 
@@ -373,9 +380,11 @@ impl PlayoutBuffer {
     fn trim(&mut self, due: Instant) {
         let max_frames = (self.config.max_delay.as_millis() / FRAME.as_millis()).max(1) as u64;
         let depth = self.depth();
-        if depth > max_frames + 1 {
-            let target = self.target_frames() + 1;
-            self.skip_to(self.next_seq + (depth - target));
+        // A target above `max_delay` raises the ceiling to it (the operator asked for that delay).
+        let max_frames = max_frames.max(self.target_frames().saturating_add(1));
+        if depth > max_frames.saturating_add(1) {
+            let target = self.target_frames().saturating_add(1);
+            self.skip_to(self.next_seq + depth.saturating_sub(target));
         } else if self.window_frames >= SHRINK_WINDOW_FRAMES {
             let spare = self.config.target_delay.saturating_add(FRAME);
             if self.window_min_slack != Duration::MAX && self.window_min_slack >= spare {
@@ -488,6 +497,39 @@ mod tests {
         assert!((9..=11).contains(&wait(10)), "before: the target ({} ms)", wait(10));
         assert!(wait(30) >= 25, "after the late packet the delay grew ({} ms)", wait(30));
         assert!((9..=11).contains(&wait(150)), "later it is back at the target ({} ms)", wait(150));
+    }
+
+    /// A target delay above `max_delay` (an operator's `--playout-delay`) is honoured, and a burst
+    /// before the first release does not underflow the trim (found by fuzzing).
+    #[test]
+    fn target_above_max_delay() {
+        let t0 = origin();
+        let config = PlayoutConfig { target_delay: Duration::from_millis(300), ..PlayoutConfig::default() };
+        let mut p = PlayoutBuffer::new(config);
+        for seq in 0..15u16 {
+            p.push(t0, seq, pkt(seq));
+        }
+        assert!(drain(&mut p, at(t0, 299)).is_empty());
+        assert_eq!(drain(&mut p, at(t0, 300)).len(), 1, "the first frame after the 300 ms target");
+    }
+
+    /// A sender restart (a sequence jump) while playing never brings the next release forward: the
+    /// stream never plays faster than real time (found by fuzzing).
+    #[test]
+    fn resync_never_speeds_up() {
+        let t0 = origin();
+        let mut p = PlayoutBuffer::new(forty());
+        let mut released = 0;
+        for i in 0..10u16 {
+            p.push(at(t0, u64::from(i) * 20), i, pkt(i));
+            released += drain(&mut p, at(t0, u64::from(i) * 20)).len();
+        }
+        // A jump far ahead, pushed just after a release: the restart keeps the schedule.
+        p.push(at(t0, 181), 5000, pkt(5000));
+        for ms in 181..=400 {
+            released += drain(&mut p, at(t0, ms)).len();
+            assert!(released as u64 <= ms / 20 + 1, "{released} frames by {ms} ms");
+        }
     }
 
     /// In-order packets every 20 ms come out in order after the target delay, one per 20 ms.
