@@ -22,10 +22,22 @@ fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Installs the recorder (call once at startup, so describe() calls land in it).
+/// How often histogram samples are folded into their summaries. Until then each sample is held
+/// (the exporter's lock-free bucket), so without upkeep memory grows with every input a core times.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the recorder (call once at startup, so describe() calls land in it) and starts its
+/// upkeep thread.
 pub fn install() {
-    if handle().is_some() {
+    if let Some(handle) = handle() {
         describe();
+        let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+            std::thread::sleep(UPKEEP);
+            handle.run_upkeep();
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("metrics upkeep thread not started: {e}");
+        }
     }
 }
 
