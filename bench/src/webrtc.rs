@@ -84,8 +84,6 @@ const SPIN_BELOW: Duration = Duration::from_micros(15);
 const TIMER_SLACK: Duration = Duration::from_micros(1);
 /// The shared read buffer, bytes.
 const READ_BYTES: usize = 64 * 1024;
-/// Unsent bytes a caller socket may hold before the relay counts as not reading.
-const MAX_UNSENT_BYTES: usize = 1 << 20;
 
 /// What to run.
 #[derive(Debug, Clone, Copy)]
@@ -1000,46 +998,15 @@ fn open_caller(relay: SocketAddr, id: &str, stream_sid: &str) -> anyhow::Result<
 
 /// Sends what caller `c`'s codec has queued (token `token`).
 fn transmit(epoll: &Epoll, token: usize, c: &mut Caller) -> io::Result<()> {
-    let Some(bytes) = c.codec.poll_transmit() else { return Ok(()) };
-    if !c.unsent.is_empty() {
-        if c.unsent.len() + bytes.len() > MAX_UNSENT_BYTES {
-            return Err(io::Error::other("the relay is not reading"));
-        }
-        c.unsent.extend_from_slice(&bytes);
-        return Ok(());
+    match c.codec.poll_transmit() {
+        Some(bytes) => epoll::send_or_queue(epoll, token as u64, &mut c.stream, &mut c.unsent, &bytes),
+        None => Ok(()),
     }
-    let mut written = 0;
-    while written < bytes.len() {
-        match c.stream.write(&bytes[written..]) {
-            Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero)),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
-    }
-    if written < bytes.len() {
-        c.unsent.extend_from_slice(&bytes[written..]);
-        epoll.modify(c.stream.as_raw_fd(), token as u64, Interest::ReadWrite)?;
-    }
-    Ok(())
 }
 
 /// Writes what caller `c`'s socket pushed back earlier; stops watching for room once it is out.
 fn flush_unsent(epoll: &Epoll, token: usize, c: &mut Caller) -> io::Result<()> {
-    if c.unsent.is_empty() {
-        return Ok(());
-    }
-    let n = match c.stream.write(&c.unsent) {
-        Ok(n) => n,
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
-        Err(e) => return Err(e),
-    };
-    c.unsent.drain(..n);
-    if c.unsent.is_empty() {
-        epoll.modify(c.stream.as_raw_fd(), token as u64, Interest::Read)?;
-    }
-    Ok(())
+    epoll::flush_unsent(epoll, token as u64, &mut c.stream, &mut c.unsent)
 }
 
 /// `POST path` with an SDP body and a bearer token (blocking, with timeouts); the status and body.

@@ -146,6 +146,70 @@ pub(crate) fn set_timer_slack(slack: Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// Most bytes a socket may push back before its peer counts as not reading (a generator that
+/// buffered without bound would hide a stalled server).
+pub(crate) const MAX_UNSENT_BYTES: usize = 1 << 20;
+
+/// Writes `bytes` to a non-blocking `stream` now, or keeps what it will not take in `unsent` and
+/// watches it (registered as `token`) for room; bytes queue behind earlier unsent ones.
+///
+/// # Errors
+/// The socket's error; `WriteZero` when it takes nothing; `Other` once more than
+/// [`MAX_UNSENT_BYTES`] wait.
+pub(crate) fn send_or_queue(
+    epoll: &Epoll,
+    token: u64,
+    stream: &mut std::net::TcpStream,
+    unsent: &mut Vec<u8>,
+    bytes: &[u8],
+) -> io::Result<()> {
+    use std::io::{ErrorKind, Write as _};
+    if !unsent.is_empty() {
+        if unsent.len() + bytes.len() > MAX_UNSENT_BYTES {
+            return Err(io::Error::other("the peer is not reading"));
+        }
+        unsent.extend_from_slice(bytes);
+        return Ok(());
+    }
+    let mut written = 0;
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]) {
+            Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero)),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if written < bytes.len() {
+        unsent.extend_from_slice(&bytes[written..]);
+        epoll.modify(stream.as_raw_fd(), token, Interest::ReadWrite)?;
+    }
+    Ok(())
+}
+
+/// Writes what `stream` pushed back earlier (now that it reported room); stops watching for room
+/// once `unsent` is out.
+///
+/// # Errors
+/// The socket's error.
+pub(crate) fn flush_unsent(epoll: &Epoll, token: u64, stream: &mut std::net::TcpStream, unsent: &mut Vec<u8>) -> io::Result<()> {
+    use std::io::{ErrorKind, Write as _};
+    if unsent.is_empty() {
+        return Ok(());
+    }
+    let n = match stream.write(unsent) {
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
+        Err(e) => return Err(e),
+    };
+    unsent.drain(..n);
+    if unsent.is_empty() {
+        epoll.modify(stream.as_raw_fd(), token, Interest::Read)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -45,8 +45,6 @@ const OVERRUN: Duration = Duration::from_secs(5);
 const READ_BYTES: usize = 64 * 1024;
 /// Largest handshake head, bytes.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
-/// Unsent bytes a socket may hold before its peer counts as not reading, bytes.
-const MAX_UNSENT_BYTES: usize = 1 << 20;
 /// Readiness events taken per wait.
 const EVENTS_PER_WAIT: usize = 256;
 /// A wait shorter than this polls instead of sleeping: on the 2-vCPU guest a sleep and wake-up
@@ -691,45 +689,13 @@ impl Loop {
     /// Writes what the socket pushed back earlier; stops watching for room once it is all out.
     fn flush_unsent(&mut self, token: usize) -> io::Result<()> {
         let conn = self.conns[token].as_mut().expect("live");
-        if conn.unsent.is_empty() {
-            return Ok(());
-        }
-        let n = match conn.stream.write(&conn.unsent) {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
-            Err(e) => return Err(e),
-        };
-        conn.unsent.drain(..n);
-        if conn.unsent.is_empty() {
-            self.epoll.modify(conn.stream.as_raw_fd(), token as u64, Interest::Read)?;
-        }
-        Ok(())
+        super::epoll::flush_unsent(&self.epoll, token as u64, &mut conn.stream, &mut conn.unsent)
     }
 }
 
 /// Writes `bytes` now, or keeps what the socket will not take and watches for room.
 fn send(epoll: &Epoll, token: usize, conn: &mut Conn, bytes: &[u8]) -> io::Result<()> {
-    if !conn.unsent.is_empty() {
-        if conn.unsent.len() + bytes.len() > MAX_UNSENT_BYTES {
-            return Err(io::Error::other("the peer is not reading"));
-        }
-        conn.unsent.extend_from_slice(bytes);
-        return Ok(());
-    }
-    let mut written = 0;
-    while written < bytes.len() {
-        match conn.stream.write(&bytes[written..]) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
-    }
-    if written < bytes.len() {
-        conn.unsent.extend_from_slice(&bytes[written..]);
-        epoll.modify(conn.stream.as_raw_fd(), token as u64, Interest::ReadWrite)?;
-    }
-    Ok(())
+    super::epoll::send_or_queue(epoll, token as u64, &mut conn.stream, &mut conn.unsent, bytes)
 }
 
 /// Starts a non-blocking connect; completion (or failure) shows as writability.
