@@ -193,7 +193,12 @@ pub(crate) fn send_or_queue(
 ///
 /// # Errors
 /// The socket's error.
-pub(crate) fn flush_unsent(epoll: &Epoll, token: u64, stream: &mut std::net::TcpStream, unsent: &mut Vec<u8>) -> io::Result<()> {
+pub(crate) fn flush_unsent(
+    epoll: &Epoll,
+    token: u64,
+    stream: &mut std::net::TcpStream,
+    unsent: &mut Vec<u8>,
+) -> io::Result<()> {
     use std::io::{ErrorKind, Write as _};
     if unsent.is_empty() {
         return Ok(());
