@@ -1,14 +1,16 @@
 //! `GET /metrics`: Prometheus text exposition through the `metrics` crate.
 //!
 //! Invariant: nothing here runs on the media path. Cores keep their counts in plain integers and
-//! publish them to per-core atomics after each input (as they always have for `/health/detailed`);
-//! a scrape reads those atomics into the `metrics` recorder and renders it, so recording takes no
-//! lock on a core.
+//! publish them to per-core atomics after each input (queue depths on their 250 ms sweep); a
+//! scrape reads those atomics into the `metrics` recorder and renders it. The two histograms
+//! (`relay_core_input_seconds`, `relay_codec_seconds`) are recorded by the cores through handles
+//! made once per core, into the exporter's lock-free buckets. So recording takes no lock on a core.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use relay_engine::shell::CoreHandle;
+use relay_engine::core::LegKind;
+use relay_engine::shell::{CoreHandle, CoreStats};
 
 /// The process-wide recorder's render handle (installed once, on first use).
 fn handle() -> Option<&'static PrometheusHandle> {
@@ -42,11 +44,50 @@ pub fn install() {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!("relay_sessions", "Sessions a core holds now");
     describe_gauge!("relay_observers", "Event and frontend sockets attached to a core's sessions");
     describe_gauge!("relay_connections", "Open TCP connections a core serves");
-    describe_counter!("relay_dropped_frames_total", "Frames dropped because a socket's queue was full");
+    describe_counter!(
+        "relay_dropped_frames_total",
+        "Messages dropped because a socket's queue was full (or it was closing), by the socket's leg kind \
+         (leg=\"other\": sockets already detached, or messages their encoder refused)"
+    );
+    describe_counter!(
+        "relay_frames_in_total",
+        "Audio frames a core received, by leg kind (Twilio media messages, Realtime audio deltas, WebRTC RTP packets)"
+    );
+    describe_counter!(
+        "relay_frames_out_total",
+        "Audio frames a core sent, by leg kind; one per socket or peer (a frame for three frontends counts three)"
+    );
+    describe_counter!(
+        "relay_errors_total",
+        "Errors a core counted, by kind: protocol (malformed or out-of-order media-leg messages), pacer_full \
+         (agent audio refused by a full pacer queue), opus_decode, opus_encode, udp_send (datagrams the kernel refused)"
+    );
+    describe_gauge!(
+        "relay_pacer_queued_frames",
+        "Agent audio waiting in callers' pacers to be released toward them, in 20 ms frames (sampled every 250 ms)"
+    );
+    describe_gauge!(
+        "relay_agent_backlog_frames",
+        "Caller frames and key presses held for agents still being dialled (sampled every 250 ms)"
+    );
+    describe_gauge!(
+        "relay_playout_buffered_packets",
+        "WebRTC packets held in playout buffers for reordering and jitter (sampled every 250 ms)"
+    );
+    describe_gauge!(
+        "relay_mesh_pending_requests",
+        "Requests a core sent to other cores and still awaits replies for (sampled every 250 ms)"
+    );
+    describe_histogram!(
+        "relay_codec_seconds",
+        Unit::Seconds,
+        "Time of each codec call on a core, by op: opus_encode, opus_decode, resample (one 20 ms frame), \
+         ulaw_encode, ulaw_decode (G.711 only, not the base64 around it)"
+    );
     describe_counter!("relay_protocol_errors_total", "Malformed or out-of-order messages on media legs");
     describe_counter!("relay_pacer_drops_total", "Agent audio refused because a caller's pacer queue was full");
     describe_gauge!("relay_webrtc_peers", "WebRTC peers on a core");
@@ -56,9 +97,9 @@ fn describe() {
     describe_counter!("relay_webrtc_late_total", "WebRTC packets that arrived after their frame played");
     describe_counter!("relay_webrtc_decode_errors_total", "WebRTC packets that could not be decoded");
     describe_gauge!("relay_uptime_seconds", "Seconds since the relay started");
-    metrics::describe_histogram!(
+    describe_histogram!(
         "relay_core_input_seconds",
-        metrics::Unit::Seconds,
+        Unit::Seconds,
         "Time a core takes to handle one input (a frame, a datagram, a command, a timer) and apply its outputs"
     );
 }
@@ -71,7 +112,6 @@ pub fn render(core: &CoreHandle) -> String {
         metrics::gauge!("relay_sessions", "core" => c.clone()).set(s.sessions as f64);
         metrics::gauge!("relay_observers", "core" => c.clone()).set(s.observers as f64);
         metrics::gauge!("relay_connections", "core" => c.clone()).set(s.connections as f64);
-        metrics::counter!("relay_dropped_frames_total", "core" => c.clone()).absolute(s.dropped_frames);
         metrics::counter!("relay_protocol_errors_total", "core" => c.clone()).absolute(s.protocol_errors);
         metrics::counter!("relay_pacer_drops_total", "core" => c.clone()).absolute(s.pacer_drops);
         metrics::gauge!("relay_webrtc_peers", "core" => c.clone()).set(s.rtc.peers as f64);
@@ -79,8 +119,50 @@ pub fn render(core: &CoreHandle) -> String {
         metrics::counter!("relay_webrtc_concealed_total", "core" => c.clone()).absolute(s.rtc.concealed);
         metrics::counter!("relay_webrtc_fec_recovered_total", "core" => c.clone()).absolute(s.rtc.fec_recovered);
         metrics::counter!("relay_webrtc_late_total", "core" => c.clone()).absolute(s.rtc.late);
-        metrics::counter!("relay_webrtc_decode_errors_total", "core" => c).absolute(s.rtc.decode_errors);
+        metrics::counter!("relay_webrtc_decode_errors_total", "core" => c.clone()).absolute(s.rtc.decode_errors);
+        metrics::gauge!("relay_pacer_queued_frames", "core" => c.clone()).set(s.queues.pacer_frames as f64);
+        metrics::gauge!("relay_agent_backlog_frames", "core" => c.clone()).set(s.queues.agent_backlog as f64);
+        metrics::gauge!("relay_playout_buffered_packets", "core" => c.clone()).set(s.queues.playout_packets as f64);
+        metrics::gauge!("relay_mesh_pending_requests", "core" => c.clone()).set(s.mesh_pending as f64);
+        per_leg(&s, &c);
+        for (kind, count) in errors(&s) {
+            metrics::counter!("relay_errors_total", "core" => c.clone(), "kind" => kind).absolute(count);
+        }
     }
     metrics::gauge!("relay_uptime_seconds").set(core.uptime().as_secs_f64());
     handle.render()
+}
+
+/// A core's frames in and out and its socket drops, by leg kind (`core` is its label value).
+fn per_leg(s: &CoreStats, core: &str) {
+    for kind in LegKind::ALL {
+        let leg = kind.name();
+        if kind.receives_audio() {
+            let n = s.frames_in.get(kind);
+            metrics::counter!("relay_frames_in_total", "core" => core.to_owned(), "leg" => leg).absolute(n);
+        }
+        if kind.sends_audio() {
+            let n = s.frames_out.get(kind);
+            metrics::counter!("relay_frames_out_total", "core" => core.to_owned(), "leg" => leg).absolute(n);
+        }
+        if kind.is_socket() {
+            let n = s.dropped_by_leg.get(kind);
+            metrics::counter!("relay_dropped_frames_total", "core" => core.to_owned(), "leg" => leg).absolute(n);
+        }
+    }
+    // The total counts every drop; what no leg was known for goes under "other", so that the sum
+    // over `leg` stays the core's total.
+    let other = s.dropped_frames.saturating_sub(s.dropped_by_leg.total());
+    metrics::counter!("relay_dropped_frames_total", "core" => core.to_owned(), "leg" => "other").absolute(other);
+}
+
+/// A core's error counts by `kind` label.
+fn errors(s: &CoreStats) -> [(&'static str, u64); 5] {
+    [
+        ("protocol", s.protocol_errors),
+        ("pacer_full", s.pacer_drops),
+        ("opus_decode", s.rtc.decode_errors),
+        ("opus_encode", s.rtc.encode_errors),
+        ("udp_send", s.udp_send_errors),
+    ]
 }

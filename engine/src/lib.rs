@@ -30,6 +30,9 @@
 //!
 //! Wall time is read once per input, in the shell's clock module, and passed in as a
 //! [`time::Now`] (a monotonic instant for deadlines, Unix milliseconds for timestamps).
+//! Measurement is the one exception: a core times its codec calls through the
+//! [`session::media::CodecTimer`] the shell gives it ([`core::CoreState::with_codec_timer`]), whose
+//! clock is the shell's; no behaviour depends on what it measures, and without one nothing is timed.
 //!
 //! ## Errors and panics
 //!

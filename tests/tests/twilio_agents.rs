@@ -1,5 +1,5 @@
-//! Agent legs of Twilio calls: a bot that is down or never answers its handshake does not stop the
-//! call, and a per-call `agentUrl` is dialled only when its host is allow-listed.
+//! Agent legs of Twilio calls: a bot that is down, never answers its handshake or dies mid-call does
+//! not stop the call, and a per-call `agentUrl` is dialled only when its host is allow-listed.
 
 use relay_tests::telephony::{frames, unused_port, Events, Frontend, StalledBot, TwilioBot, TwilioCaller};
 use relay_tests::Relay;
@@ -43,6 +43,43 @@ fn agent_stalled_call_goes_on() {
     caller.send_audio(&more);
     let all = front.wait_audio("inbound", sent.len() + more.len());
     assert_eq!(all[sent.len()..], more[..], "audio still flows after the agent leg failed");
+    assert!(events.events().iter().all(|(t, _)| t != "call_ended"), "the call did not end");
+}
+
+/// A bot killed mid-call (its TCP connection dropped without a close frame, with audio still
+/// queued for the caller): the caller is told `clear` and stops hearing it, `/ws` gets an `error`
+/// naming the agent, and caller audio keeps reaching the frontend, frame for frame.
+#[test]
+fn agent_killed_mid_call_goes_on() {
+    let bot = TwilioBot::start();
+    let relay = Relay::start(&["--agent-url", &bot.url("/killed"), "--api-key", "k"]);
+    let id = "CA-killed";
+    let events = Events::open(&relay, id, Some("k"));
+    let front = Frontend::connect(&relay, id, "u", "&accessToken=k");
+    let caller = TwilioCaller::start(&relay, id, &[]);
+    let agent = bot.ready(0);
+    let before = frames(54, 0..10);
+    caller.send_audio(&before);
+    assert_eq!(agent.wait_media(before.len()), before, "the bot hears the caller");
+    // Five seconds of agent audio: most of it still in the caller's pacer when the bot dies.
+    agent.send_audio(&frames(55, 0..250));
+    caller.wait_media(5);
+    agent.abort();
+
+    let error = events.wait_event("error");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("agent"), "the error names the agent: {error}");
+    caller.wait_until("clear at the caller", |r| r.iter().find(|a| a.event() == Some("clear")).map(|_| ()));
+    let after = frames(56, 0..25);
+    caller.send_audio(&after);
+    let heard = front.wait_audio("inbound", before.len() + after.len());
+    assert_eq!(heard[..before.len()], before[..], "caller audio before the bot died");
+    assert_eq!(heard[before.len()..], after[..], "caller audio after the bot died, none lost");
+    let played = caller.media().len();
+    assert!(played < 250, "the dead bot's queued audio was dropped ({played} of 250 frames played)");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(caller.media().len(), played, "nothing more of the dead bot's audio reaches the caller");
+    assert!(!caller.ended(), "the caller's stream is still open");
     assert!(events.events().iter().all(|(t, _)| t != "call_ended"), "the call did not end");
 }
 

@@ -24,6 +24,7 @@ use crate::proto::events::{self, ClientMessage, RetellEvent};
 use crate::proto::{frontend, realtime, twilio};
 use crate::secret::Secret;
 use crate::session::agent::{AgentPolicy, AgentProtocol, AgentUrl};
+use crate::session::media::{CodecTimer, Timing};
 use crate::session::{Agent, Caller, Pending, Session, AGENT_BACKLOG};
 use crate::time::Now;
 use command::{Command, CommandError, Reply};
@@ -132,6 +133,104 @@ pub struct Stats {
     pub pacer_drops: u64,
     /// WebRTC counters.
     pub rtc: RtcStats,
+    /// Audio frames received, by the kind of leg they came from: Twilio `media` messages, Realtime
+    /// audio deltas, RTP packets of WebRTC legs.
+    pub frames_in: PerLeg,
+    /// Audio frames sent, by the kind of leg they went to: one per socket or peer (a frame that
+    /// goes to three frontends counts three).
+    pub frames_out: PerLeg,
+    /// Messages the shell could not queue for a socket (its queue was full, or it was closing), by
+    /// the socket's kind, as reported through [`CoreState::handle_send_dropped`].
+    pub dropped: PerLeg,
+}
+
+/// What kind of leg a socket or peer is to its call: the `leg` label of the per-leg metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LegKind {
+    /// A caller's Twilio Media Stream (`/twilio/stream`).
+    Caller,
+    /// A Twilio-protocol bot the relay dialled as the agent.
+    Bot,
+    /// An OpenAI-Realtime agent the relay dialled.
+    Realtime,
+    /// A WebRTC leg (WHIP caller, agent or custom stream; WHEP listener).
+    Webrtc,
+    /// A `/frontend-stream` listener.
+    Frontend,
+    /// A `/ws` event listener (audio only as raw agent samples, when the call asked for them).
+    Events,
+    /// Retell's custom-LLM socket (`/llm-websocket`) or the upstream LLM it is forwarded to: text only.
+    Retell,
+}
+
+impl LegKind {
+    /// Every kind, in the order of [`LegKind::index`].
+    pub const ALL: [Self; 7] =
+        [Self::Caller, Self::Bot, Self::Realtime, Self::Webrtc, Self::Frontend, Self::Events, Self::Retell];
+
+    /// The metric label (`leg`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Bot => "bot",
+            Self::Realtime => "realtime",
+            Self::Webrtc => "webrtc",
+            Self::Frontend => "frontend",
+            Self::Events => "events",
+            Self::Retell => "retell",
+        }
+    }
+
+    /// Position in [`LegKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether the relay receives audio on legs of this kind.
+    pub fn receives_audio(self) -> bool {
+        matches!(self, Self::Caller | Self::Bot | Self::Realtime | Self::Webrtc)
+    }
+
+    /// Whether the relay sends audio on legs of this kind.
+    pub fn sends_audio(self) -> bool {
+        !matches!(self, Self::Retell)
+    }
+
+    /// Whether legs of this kind are WebSockets (whose messages the shell queues, and may drop).
+    pub fn is_socket(self) -> bool {
+        !matches!(self, Self::Webrtc)
+    }
+}
+
+/// A count for each [`LegKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PerLeg(pub(crate) [u64; LegKind::ALL.len()]);
+
+impl PerLeg {
+    /// The count for `kind`.
+    pub fn get(&self, kind: LegKind) -> u64 {
+        self.0[kind.index()]
+    }
+
+    /// The sum over every kind.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    fn add(&mut self, kind: LegKind, n: u64) {
+        self.0[kind.index()] += n;
+    }
+}
+
+/// How much waits in a core's queues now ([`CoreState::queue_depths`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepths {
+    /// Agent audio in callers' pacers, not yet released toward them, in 20 ms frames (8 kHz).
+    pub pacer_frames: u64,
+    /// Caller frames and key presses held for agents still being dialled.
+    pub agent_backlog: u64,
+    /// WebRTC packets held in playout buffers (reordering and jitter absorption).
+    pub playout_packets: u64,
 }
 
 /// What a core's WebRTC legs saw of the audio they received.
@@ -149,6 +248,8 @@ pub struct RtcStats {
     pub late: u64,
     /// Packets that could not be decoded (concealed instead).
     pub decode_errors: u64,
+    /// Frames that could not be encoded toward a peer or the WHEP mix (not sent).
+    pub encode_errors: u64,
 }
 
 /// A core's sessions and their connections.
@@ -183,6 +284,8 @@ pub struct CoreState {
     llm_up: HashMap<ConnectionId, ConnectionId>,
     /// What the built-in Retell responder says first.
     begin_sentence: String,
+    /// Times codec calls for metrics ([`CoreState::with_codec_timer`]); none: nothing is timed.
+    codec_timer: Option<Box<dyn CodecTimer + Send>>,
 }
 
 /// What a connection is to its session.
@@ -235,7 +338,15 @@ impl CoreState {
             llm: HashMap::new(),
             llm_up: HashMap::new(),
             begin_sentence: DEFAULT_BEGIN_SENTENCE.to_owned(),
+            codec_timer: None,
         }
+    }
+
+    /// Times every codec call (Opus, resampling, μ-law) with `timer`.
+    #[must_use]
+    pub fn with_codec_timer(mut self, timer: Box<dyn CodecTimer + Send>) -> Self {
+        self.codec_timer = Some(timer);
+        self
     }
 
     /// Sets what the built-in Retell responder says first (empty: nothing).
@@ -471,7 +582,10 @@ impl CoreState {
         match (role, message) {
             (Role::CallerPending, twilio::Message::Connected) => {}
             (Role::CallerPending, twilio::Message::Start(start)) => self.caller_started(now, &id, conn, start),
-            (Role::Caller, twilio::Message::Media(media)) => self.route_caller_audio(now, &id, &media),
+            (Role::Caller, twilio::Message::Media(media)) => {
+                self.stats.frames_in.add(LegKind::Caller, 1);
+                self.route_caller_audio(now, &id, &media);
+            }
             (Role::Caller, twilio::Message::Dtmf(dtmf)) => self.route_dtmf(now, &id, dtmf.digit),
             (Role::Caller, twilio::Message::Stop(_)) => self.end(now, &id, "caller_hangup", 1000, "call ended"),
             // Marks we never sent, a second start, media before start, clear from the wrong side:
@@ -503,6 +617,7 @@ impl CoreState {
             self.send(conn, realtime::session_update());
             for item in backlog {
                 if let Pending::Media { payload, .. } = item {
+                    self.stats.frames_out.add(LegKind::Realtime, 1);
                     self.send(conn, realtime::append(&payload));
                 }
             }
@@ -514,29 +629,16 @@ impl CoreState {
         // What the caller said while the agent was being dialled follows, in order.
         for item in backlog {
             let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { break };
-            let text = match (item, &mut session.agent) {
-                (
-                    Pending::Media { payload, samples, chunk: c, timestamp_ms },
-                    Agent::Open { sequence, chunk, sent_samples, .. },
-                ) => {
-                    let t = twilio::media_msg(
-                        *sequence,
-                        &stream_sid,
-                        twilio::Track::Inbound,
-                        c.unwrap_or(*chunk),
-                        timestamp_ms.unwrap_or(*sent_samples / 8),
-                        &payload,
-                    );
-                    *sequence += 1;
-                    *chunk += 1;
-                    *sent_samples += samples as u64;
+            let text = match item {
+                Pending::Media { payload, samples, chunk, timestamp_ms } => {
+                    let Some((_, t)) = session.agent_media_msg(&payload, samples, chunk, timestamp_ms) else { break };
+                    self.stats.frames_out.add(LegKind::Bot, 1);
                     t
                 }
-                (Pending::Dtmf(digit), agent) => {
-                    let Some((_, sequence)) = agent.next_sequence() else { break };
+                Pending::Dtmf(digit) => {
+                    let Some((_, sequence)) = session.agent.next_sequence() else { break };
                     twilio::dtmf_msg(sequence, &stream_sid, digit)
                 }
-                _ => break,
             };
             self.send(conn, text);
         }
@@ -559,7 +661,10 @@ impl CoreState {
                 self.stats.protocol_errors += 1;
                 return;
             }
-            Ok(twilio::Message::Media(m)) => push_split(&mut session.pacer, now.instant, m.payload, m.samples),
+            Ok(twilio::Message::Media(m)) => {
+                self.stats.frames_in.add(LegKind::Bot, 1);
+                push_split(&mut session.pacer, now.instant, m.payload, m.samples)
+            }
             Ok(twilio::Message::Mark(m)) => session.pacer.push_mark(now.instant, m.name),
             Ok(twilio::Message::Clear) => {
                 session.pacer.handle_clear(now.instant);
@@ -722,6 +827,51 @@ impl CoreState {
         stats
     }
 
+    /// The shell could not queue a message for socket `conn` (its queue was full, or it was
+    /// closing): counted by the socket's leg kind ([`Stats::dropped`]).
+    pub fn handle_send_dropped(&mut self, conn: ConnectionId) {
+        if let Some(kind) = self.leg_kind(conn) {
+            self.stats.dropped.add(kind, 1);
+        }
+    }
+
+    /// What socket `conn` is to its call, if it is attached.
+    pub fn leg_kind(&self, conn: ConnectionId) -> Option<LegKind> {
+        if self.llm.contains_key(&conn) || self.llm_up.contains_key(&conn) {
+            return Some(LegKind::Retell);
+        }
+        let (id, role) = self.conns.get(&conn)?;
+        let slot = self.slots.get(id);
+        Some(match role {
+            Role::Caller | Role::CallerPending => LegKind::Caller,
+            Role::Agent => match slot.and_then(|s| s.session.as_ref()).map(|s| s.agent_protocol) {
+                Some(AgentProtocol::Realtime) => LegKind::Realtime,
+                _ => LegKind::Bot,
+            },
+            Role::Listener => match slot.and_then(|s| s.listeners.iter().find(|l| l.conn == conn)).map(|l| l.kind) {
+                Some(ListenKind::Frontend) => LegKind::Frontend,
+                _ => LegKind::Events,
+            },
+        })
+    }
+
+    /// How much waits in this core's queues now. Visits every session: for a periodic gauge, not
+    /// for every input.
+    pub fn queue_depths(&self) -> QueueDepths {
+        let mut depths = QueueDepths::default();
+        let mut pacer_samples = 0;
+        for session in self.slots.values().filter_map(|s| s.session.as_ref()) {
+            pacer_samples += session.pacer.queued_samples();
+            if let Agent::Connecting { backlog, .. } = &session.agent {
+                depths.agent_backlog += backlog.len() as u64;
+            }
+            let playout = session.legs.iter().filter_map(|l| l.inbound.as_ref()).map(|i| i.playout.buffered() as u64);
+            depths.playout_packets += playout.sum::<u64>();
+        }
+        depths.pacer_frames = pacer_samples / crate::session::media::FRAME_8K as u64;
+        depths
+    }
+
     /// The session a connection belongs to, if any.
     pub fn session_of(&self, conn: ConnectionId) -> Option<&SessionId> {
         self.conns.get(&conn).map(|(id, _)| id)
@@ -830,11 +980,13 @@ impl CoreState {
         }
         let Some(slot) = self.slots.get_mut(id) else { return };
         let Some(session) = slot.session.as_mut() else { return };
-        to_frontends(&mut self.outputs, &slot.listeners, &media.payload, frontend::FrontendTrack::Inbound);
+        let sent = to_frontends(&mut self.outputs, &slot.listeners, &media.payload, frontend::FrontendTrack::Inbound);
+        self.stats.frames_out.add(LegKind::Frontend, sent);
         // PCM sinks (an agent peer, the WHEP mix) get the caller's audio in 20 ms frames.
         let pcm_sinks = matches!(session.agent, Agent::Peer(_)) || session.mixer.is_some();
         if pcm_sinks {
-            if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(&media.payload) {
+            let timing = codec_timing(&self.codec_timer);
+            if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(&media.payload, timing) {
                 let frames = session.caller_framer.push(&pcm.samples);
                 let id = id.clone();
                 for frame in frames {
@@ -847,35 +999,12 @@ impl CoreState {
         if Self::custom_source_live(session) {
             return;
         }
-        let hears = session.agent_hears_microphone();
-        let stream_sid = session.stream_sid().unwrap_or_default().to_owned();
-        let payload = if hears { media.payload.clone() } else { twilio::silence_payload(media.samples) };
-        if let Agent::Connecting { backlog, .. } = &mut session.agent {
-            if backlog.len() >= AGENT_BACKLOG {
-                backlog.pop_front();
-            }
-            backlog.push_back(Pending::Media {
-                payload,
-                samples: media.samples,
-                chunk: media.chunk,
-                timestamp_ms: media.timestamp_ms,
-            });
-            return;
-        }
-        if let (Agent::Open { conn, .. }, AgentProtocol::Realtime) = (&session.agent, session.agent_protocol) {
-            self.outputs.push_back(Output::Send { conn: *conn, text: realtime::append(&payload) });
-            return;
-        }
-        if let Agent::Open { conn, sequence, chunk, sent_samples } = &mut session.agent {
-            let timestamp_ms = media.timestamp_ms.unwrap_or(*sent_samples / 8);
-            let chunk_no = media.chunk.unwrap_or(*chunk);
-            let text =
-                twilio::media_msg(*sequence, &stream_sid, twilio::Track::Inbound, chunk_no, timestamp_ms, &payload);
-            *sequence += 1;
-            *chunk += 1;
-            *sent_samples += media.samples as u64;
-            self.outputs.push_back(Output::Send { conn: *conn, text });
-        }
+        let payload = if session.agent_hears_microphone() {
+            media.payload.clone()
+        } else {
+            twilio::silence_payload(media.samples)
+        };
+        self.send_to_bot(id, payload, media.samples, media.chunk, media.timestamp_ms);
     }
 
     fn route_dtmf(&mut self, now: Now, id: &SessionId, digit: char) {
@@ -899,10 +1028,11 @@ impl CoreState {
         let Some(slot) = self.slots.get_mut(id) else { return };
         let Some(session) = slot.session.as_mut() else { return };
         let mut played = Vec::new();
+        let timing = codec_timing(&self.codec_timer);
         while let Some(output) = session.pacer.poll_output() {
             let caller_conn = session.caller.as_ref().map(|c| c.conn);
             if let pacer::Output::Transmit { payload, .. } = &output {
-                if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(payload) {
+                if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(payload, timing) {
                     played.extend(session.agent_framer.push(&pcm.samples));
                 }
             }
@@ -910,9 +1040,12 @@ impl CoreState {
             match output {
                 pacer::Output::Transmit { payload, .. } => {
                     if let Some(conn) = caller_conn {
+                        self.stats.frames_out.add(LegKind::Caller, 1);
                         self.outputs.push_back(Output::Send { conn, text: twilio::media_out(stream_sid, &payload) });
                     }
-                    to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
+                    let sent =
+                        to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
+                    self.stats.frames_out.add(LegKind::Frontend, sent);
                 }
                 pacer::Output::Clear => {
                     if let Some(conn) = caller_conn {
@@ -1161,17 +1294,27 @@ fn push_split(
 }
 
 /// One frame of `track` audio (base64 μ-law) to every connected frontend: encoded once, shared.
+/// Returns how many frontends it went to.
 fn to_frontends(
     outputs: &mut VecDeque<Output>,
     listeners: &[Listener],
     payload: &[u8],
     track: frontend::FrontendTrack,
-) {
+) -> u64 {
     let mut shared = None;
+    let mut sent = 0;
     for l in listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
         let text = shared.get_or_insert_with(|| frontend::audio(payload, track)).clone();
         outputs.push_back(Output::Send { conn: l.conn, text });
+        sent += 1;
     }
+    sent
+}
+
+/// The core's codec timer as the media code takes it (borrowing only that field, so the caller
+/// may hold a session mutably beside it).
+fn codec_timing(timer: &Option<Box<dyn CodecTimer + Send>>) -> Timing<'_> {
+    Timing::new(timer.as_deref().map(|t| t as &dyn CodecTimer))
 }
 
 fn authorizes(session: &Session, credential: &Credential) -> bool {

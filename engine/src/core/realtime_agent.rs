@@ -48,6 +48,7 @@ impl CoreState {
             return;
         };
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
+        self.stats.frames_in.add(super::LegKind::Realtime, 1);
         let queued = match &mut session.realtime.item {
             Some((item, n)) if *item == item_id => {
                 *n += samples as u64;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::command::{CommandError, Reply, RtcOffer, RtcRole};
-use super::{authorizes, to_frontends, CoreState, ListenKind, Output};
+use super::{authorizes, codec_timing, to_frontends, CoreState, LegKind, ListenKind, Output};
 use crate::id::{SessionId, StreamId};
 use crate::media::opus::OpusSettings;
 use crate::media::playout::PlayoutConfig;
@@ -263,6 +263,7 @@ impl CoreState {
         let Some(inbound) = leg.inbound.as_mut() else { return };
         // RTP sequence numbers are 16 bits on the wire; the playout buffer extends them itself.
         inbound.playout.push(now.instant, (seq & 0xffff) as u16, payload);
+        self.stats.frames_in.add(LegKind::Webrtc, 1);
         let first = !leg.heard;
         leg.heard = true;
         if first && leg.role == RtcRole::Agent {
@@ -277,6 +278,7 @@ impl CoreState {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let mut due = Vec::new();
         let counters = &mut self.stats.rtc;
+        let timing = codec_timing(&self.codec_timer);
         // Who hears each side at full band: WebRTC peers and the mix; phones need only 8 kHz.
         let mix = session.mixer.is_some();
         let agent_peer =
@@ -290,7 +292,7 @@ impl CoreState {
             };
             let Some(inbound) = leg.inbound.as_mut() else { continue };
             let errors = inbound.decode_errors;
-            while let Some(frame) = inbound.next_frame(now.instant, wideband) {
+            while let Some(frame) = inbound.next_frame(now.instant, wideband, timing) {
                 due.push((leg.peer, leg.role.clone(), frame));
             }
             let (was, is) = (inbound.reported, inbound.playout.stats());
@@ -310,13 +312,19 @@ impl CoreState {
             }
         }
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
-        let Some(packet) = session.mixer.as_mut().and_then(|m| m.tick(now.instant)) else { return };
+        let Some(mixer) = session.mixer.as_mut() else { return };
+        let errors = mixer.encode_errors();
+        let packet = mixer.tick(now.instant, codec_timing(&self.codec_timer));
+        self.stats.rtc.encode_errors += mixer.encode_errors() - errors;
+        let Some(packet) = packet else { return };
         let listeners: Vec<PeerId> =
             session.legs.iter().filter(|l| l.role == RtcRole::Listener && l.connected).map(|l| l.peer).collect();
         if let Some(rtc) = self.rtc.as_mut() {
             // One encode, shared by every listener.
             for peer in listeners {
-                rtc.endpoint.write_audio(now.instant, peer, &packet, WIRE_SAMPLES);
+                if rtc.endpoint.write_audio(now.instant, peer, &packet, WIRE_SAMPLES) {
+                    self.stats.frames_out.add(LegKind::Webrtc, 1);
+                }
             }
         }
     }
@@ -347,12 +355,14 @@ impl CoreState {
         let frontends = slot.listeners.iter().any(|l| l.active && l.kind == ListenKind::Frontend);
         let bot = matches!(session.agent, Agent::Open { .. } | Agent::Connecting { .. });
         let ulaw = if frontends || bot {
-            session.leg_mut(peer).and_then(|l| l.inbound.as_mut()).and_then(|i| i.to_ulaw(&frame))
+            let timing = codec_timing(&self.codec_timer);
+            session.leg_mut(peer).and_then(|l| l.inbound.as_mut()).and_then(|i| i.to_ulaw(&frame, timing))
         } else {
             None
         };
         if let Some(payload) = &ulaw {
-            to_frontends(&mut self.outputs, &slot.listeners, payload, frontend::FrontendTrack::Inbound);
+            let sent = to_frontends(&mut self.outputs, &slot.listeners, payload, frontend::FrontendTrack::Inbound);
+            self.stats.frames_out.add(LegKind::Frontend, sent);
         }
         let hears = session.agent_hears_microphone();
         if bot && *session.source() == Source::Microphone {
@@ -360,7 +370,7 @@ impl CoreState {
                 (true, Some(p)) => p,
                 _ => twilio::silence_payload(media::FRAME_8K),
             };
-            self.send_to_bot(id, payload, media::FRAME_8K);
+            self.send_to_bot(id, payload, media::FRAME_8K, None, None);
         }
         self.caller_pcm(now, id, frame);
     }
@@ -387,13 +397,17 @@ impl CoreState {
         let frontends = slot.listeners.iter().any(|l| l.active && l.kind == ListenKind::Frontend);
         let caller = session.caller.as_ref().map(|c| (c.conn, c.start.stream_sid.clone()));
         if frontends || caller.is_some() {
+            let timing = codec_timing(&self.codec_timer);
             if let Some(payload) =
-                session.leg_mut(peer).and_then(|l| l.inbound.as_mut()).and_then(|i| i.to_ulaw(&frame))
+                session.leg_mut(peer).and_then(|l| l.inbound.as_mut()).and_then(|i| i.to_ulaw(&frame, timing))
             {
                 if let Some((conn, stream_sid)) = caller {
+                    self.stats.frames_out.add(LegKind::Caller, 1);
                     self.outputs.push_back(Output::Send { conn, text: twilio::media_out(&stream_sid, &payload) });
                 }
-                to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
+                let sent =
+                    to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
+                self.stats.frames_out.add(LegKind::Frontend, sent);
             }
         }
         self.agent_pcm(now, id, frame);
@@ -410,17 +424,7 @@ impl CoreState {
         session.agent_heard_at = Some(now.instant);
         let raw = if session.emit_raw_audio_samples() {
             let rate = session.sample_rate();
-            let samples = if rate == frame.rate {
-                Some(frame.samples.clone())
-            } else {
-                if session.raw.as_ref().is_none_or(|r| r.from_rate() != frame.rate) {
-                    session.raw = crate::media::resample::Resampler::new(frame.rate, rate).ok();
-                }
-                session.raw.as_mut().and_then(|r| {
-                    let mut out = vec![0i16; r.output_len()];
-                    r.process(&frame.samples, &mut out).ok().map(|()| out)
-                })
-            };
+            let samples = media::resample(&mut session.raw, &frame, rate, codec_timing(&self.codec_timer));
             samples.map(|s| crate::media::pcm::to_f32_samples(&s))
         } else {
             None
@@ -447,10 +451,11 @@ impl CoreState {
             return;
         }
         if matches!(session.agent, Agent::Open { .. } | Agent::Connecting { .. }) {
+            let timing = codec_timing(&self.codec_timer);
             if let Some(payload) =
-                session.leg_mut(peer).and_then(|l| l.inbound.as_mut()).and_then(|i| i.to_ulaw(&frame))
+                session.leg_mut(peer).and_then(|l| l.inbound.as_mut()).and_then(|i| i.to_ulaw(&frame, timing))
             {
-                self.send_to_bot(id, payload, media::FRAME_8K);
+                self.send_to_bot(id, payload, media::FRAME_8K, None, None);
             }
         }
         self.send_to_agent_peer(now, id, &frame);
@@ -467,33 +472,34 @@ impl CoreState {
         }
     }
 
-    /// Sends base64 μ-law to the Twilio-protocol bot (or holds it while the bot is dialled).
-    pub(super) fn send_to_bot(&mut self, id: &SessionId, payload: Bytes, samples: usize) {
+    /// Sends base64 μ-law, `samples` long, to the agent leg the relay dialled (a Twilio-protocol
+    /// bot or a Realtime agent), or holds it while the agent is dialled. `chunk` and
+    /// `timestamp_ms` are a Twilio caller's own, kept toward a bot; without them the leg counts.
+    pub(super) fn send_to_bot(
+        &mut self,
+        id: &SessionId,
+        payload: Bytes,
+        samples: usize,
+        chunk: Option<u64>,
+        timestamp_ms: Option<u64>,
+    ) {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
-        let stream_sid = session.stream_sid().unwrap_or_default().to_owned();
         match &mut session.agent {
             Agent::Connecting { backlog, .. } => {
                 if backlog.len() >= AGENT_BACKLOG {
                     backlog.pop_front();
                 }
-                backlog.push_back(Pending::Media { payload, samples, chunk: None, timestamp_ms: None });
+                backlog.push_back(Pending::Media { payload, samples, chunk, timestamp_ms });
             }
             Agent::Open { conn, .. } if session.agent_protocol == crate::session::agent::AgentProtocol::Realtime => {
+                self.stats.frames_out.add(LegKind::Realtime, 1);
                 self.outputs.push_back(Output::Send { conn: *conn, text: crate::proto::realtime::append(&payload) });
             }
-            Agent::Open { conn, sequence, chunk, sent_samples } => {
-                let text = twilio::media_msg(
-                    *sequence,
-                    &stream_sid,
-                    twilio::Track::Inbound,
-                    *chunk,
-                    *sent_samples / 8,
-                    &payload,
-                );
-                *sequence += 1;
-                *chunk += 1;
-                *sent_samples += samples as u64;
-                self.outputs.push_back(Output::Send { conn: *conn, text });
+            Agent::Open { .. } => {
+                if let Some((conn, text)) = session.agent_media_msg(&payload, samples, chunk, timestamp_ms) {
+                    self.stats.frames_out.add(LegKind::Bot, 1);
+                    self.outputs.push_back(Output::Send { conn, text });
+                }
             }
             _ => {}
         }
@@ -512,9 +518,15 @@ impl CoreState {
         if !leg.connected {
             return;
         }
-        let Some(packet) = leg.outbound.as_mut().and_then(|o| o.encode(frame)) else { return };
+        let Some(outbound) = leg.outbound.as_mut() else { return };
+        let errors = outbound.encode_errors;
+        let packet = outbound.encode(frame, codec_timing(&self.codec_timer));
+        self.stats.rtc.encode_errors += outbound.encode_errors - errors;
+        let Some(packet) = packet else { return };
         if let Some(rtc) = self.rtc.as_mut() {
-            rtc.endpoint.write_audio(now.instant, peer, &packet, WIRE_SAMPLES);
+            if rtc.endpoint.write_audio(now.instant, peer, &packet, WIRE_SAMPLES) {
+                self.stats.frames_out.add(LegKind::Webrtc, 1);
+            }
         }
     }
 
@@ -526,6 +538,7 @@ impl CoreState {
             let text = text
                 .get_or_insert_with(|| events::retell_event(RetellEvent::Audio, json!(samples), now.unix_ms))
                 .clone();
+            self.stats.frames_out.add(LegKind::Events, 1);
             self.outputs.push_back(Output::Send { conn: l.conn, text });
         }
     }

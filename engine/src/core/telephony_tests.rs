@@ -649,3 +649,91 @@ fn record_changes_are_emitted_as_snapshots() {
     c.drain();
     assert!(records(&mut c).is_empty());
 }
+
+/// Frames are counted by leg kind both ways (one per socket they go to), queued agent audio shows
+/// in the pacer depth until it is released, and socket drops are counted by the socket's kind.
+#[test]
+fn frames_queues_and_drops_are_counted_by_leg() {
+    let mut c = Call::connected();
+    for i in 0..5u8 {
+        c.caller(&media(u64::from(i) + 2, &[i; 160]));
+    }
+    let s = c.core.stats();
+    assert_eq!(
+        (s.frames_in.get(LegKind::Caller), s.frames_out.get(LegKind::Bot), s.frames_out.get(LegKind::Frontend)),
+        (5, 5, 5)
+    );
+    for i in 0..50u8 {
+        c.bot(&twilio::media_out("MZ1", b64(&[i; 160]).as_bytes()));
+    }
+    let s = c.core.stats();
+    assert_eq!(s.frames_in.get(LegKind::Bot), 50);
+    let released = s.frames_out.get(LegKind::Caller);
+    assert!(released > 0 && released < 50, "the pacer releases a lead at once, not all: {released}");
+    assert_eq!(s.frames_out.get(LegKind::Frontend), 5 + released, "frontends hear agent audio as it is released");
+    assert_eq!(c.core.queue_depths().pacer_frames, 50 - released);
+    c.advance_to(2_000);
+    let s = c.core.stats();
+    assert_eq!((s.frames_out.get(LegKind::Caller), s.frames_out.get(LegKind::Frontend)), (50, 55));
+    assert_eq!(c.core.queue_depths(), QueueDepths::default());
+    assert_eq!((s.frames_in.get(LegKind::Webrtc), s.frames_out.get(LegKind::Webrtc)), (0, 0));
+
+    let agent = c.agent.expect("dialled");
+    for conn in [CALLER, agent, FRONTEND, EVENTS, EVENTS, ConnectionId(999)] {
+        c.core.handle_send_dropped(conn);
+    }
+    let d = c.core.stats().dropped;
+    let kinds = [LegKind::Caller, LegKind::Bot, LegKind::Frontend, LegKind::Events].map(|k| d.get(k));
+    assert_eq!(kinds, [1, 1, 1, 2], "an unknown socket is not counted");
+    assert_eq!(d.total(), 5);
+}
+
+/// Caller frames held while the agent is dialled count as backlog, and as sent once it opens.
+#[test]
+fn dialling_backlog_is_a_queue() {
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    for i in 0..3u8 {
+        c.caller(&media(u64::from(i) + 2, &[i; 160]));
+    }
+    assert_eq!(c.core.queue_depths().agent_backlog, 3);
+    assert_eq!(c.core.stats().frames_out.get(LegKind::Bot), 0, "held, not sent");
+    let agent = c.agent.expect("dialled");
+    assert_eq!(c.core.leg_kind(agent), Some(LegKind::Bot));
+    assert!(c.core.handle_agent_open(c.now(), agent));
+    c.drain();
+    assert_eq!(c.core.queue_depths().agent_backlog, 0);
+    assert_eq!(c.core.stats().frames_out.get(LegKind::Bot), 3);
+    assert_eq!(c.core.stats().frames_in.get(LegKind::Caller), 3);
+}
+
+/// A Realtime agent's legs are counted as `realtime`: caller audio held while dialling and sent
+/// after, and its audio deltas.
+#[test]
+fn realtime_frames_are_counted_as_realtime() {
+    let mut c = Call::new(AgentPolicy {
+        default_url: None,
+        allow: vec![],
+        realtime: Some(crate::session::agent::RealtimeAgent {
+            url: AgentUrl::parse("ws://127.0.0.1:9/v1/realtime").expect("valid"),
+            api_key: None,
+        }),
+        llm_upstream: None,
+    });
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    c.caller(&media(2, &[1; 160]));
+    let agent = c.agent.expect("dialled");
+    assert!(c.core.handle_agent_open(c.now(), agent));
+    c.drain();
+    c.caller(&media(3, &[2; 160]));
+    let delta = format!(r#"{{"type":"response.audio.delta","item_id":"i1","delta":"{}"}}"#, b64(&[3; 160]));
+    c.bot(&Utf8Bytes::from(delta));
+    let s = c.core.stats();
+    assert_eq!((s.frames_out.get(LegKind::Realtime), s.frames_in.get(LegKind::Realtime)), (2, 1));
+    assert_eq!((s.frames_out.get(LegKind::Bot), s.frames_in.get(LegKind::Bot)), (0, 0));
+    assert_eq!(c.core.leg_kind(agent), Some(LegKind::Realtime));
+}

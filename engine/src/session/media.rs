@@ -7,7 +7,11 @@
 //! encoded at the frame's own rate (libopus takes 8 kHz input directly, so telephony audio needs no
 //! resampler on its way to a browser).
 //!
-//! Invariant: pure state and arithmetic; no sockets, no clock.
+//! Codec calls are timed through a [`Timing`] the core passes in (the shell's [`CodecTimer`] reads
+//! the clock and records into per-core histograms; without one nothing is timed).
+//!
+//! Invariant: pure state and arithmetic; no sockets, and no clock but the one a [`CodecTimer`]
+//! brings.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -16,11 +20,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use crate::core::command::RtcRole;
-use crate::media::g711;
 use crate::media::opus::{OpusDecoder, OpusEncoder, OpusSettings};
 use crate::media::playout::{Playout, PlayoutBuffer, PlayoutConfig};
 use crate::media::resample::Resampler;
-use crate::media::SampleRate;
+use crate::media::{pcm, SampleRate};
 use crate::rtc::{Flow, PeerId};
 
 /// 20 ms at 48 kHz: Opus's frame on the wire.
@@ -46,19 +49,107 @@ impl Pcm {
     }
 }
 
+/// A codec operation whose time the core measures (`relay_codec_seconds{op}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CodecOp {
+    /// One Opus packet encoded (toward a WebRTC peer, or the WHEP mix).
+    OpusEncode,
+    /// One Opus frame decoded, concealed or recovered from FEC (from a WebRTC peer).
+    OpusDecode,
+    /// One 20 ms frame resampled.
+    Resample,
+    /// PCM encoded as μ-law (the G.711 table lookups, not the base64 around them).
+    UlawEncode,
+    /// μ-law decoded to PCM (likewise).
+    UlawDecode,
+}
+
+impl CodecOp {
+    /// Every operation, in the order of [`CodecOp::index`].
+    pub const ALL: [Self; 5] = [Self::OpusEncode, Self::OpusDecode, Self::Resample, Self::UlawEncode, Self::UlawDecode];
+
+    /// The metric label (`op`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpusEncode => "opus_encode",
+            Self::OpusDecode => "opus_decode",
+            Self::Resample => "resample",
+            Self::UlawEncode => "ulaw_encode",
+            Self::UlawDecode => "ulaw_decode",
+        }
+    }
+
+    /// Position in [`CodecOp::ALL`], for tables of per-op handles.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Where codec timings go: the shell implements it with a clock read and per-core histogram
+/// handles made once, so that timing a frame takes no lock and no lookup.
+pub trait CodecTimer {
+    /// A monotonic reading, taken just before a codec call.
+    fn start(&self) -> Instant;
+    /// Records codec call `op`, which began at `started` and has just returned.
+    fn finish(&self, op: CodecOp, started: Instant);
+}
+
+/// The core's codec timer for one call into the media code, or none (tests, fuzzing): nothing
+/// is timed then.
+#[derive(Clone, Copy, Default)]
+pub struct Timing<'a>(Option<&'a dyn CodecTimer>);
+
+impl<'a> Timing<'a> {
+    /// Times with `timer`, when there is one.
+    pub fn new(timer: Option<&'a dyn CodecTimer>) -> Self {
+        Self(timer)
+    }
+
+    /// Runs `f`, the codec call `op`, timed.
+    pub fn time<R>(self, op: CodecOp, f: impl FnOnce() -> R) -> R {
+        let Some(timer) = self.0 else { return f() };
+        let started = timer.start();
+        let result = f();
+        timer.finish(op, started);
+        result
+    }
+}
+
+impl std::fmt::Debug for Timing<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Timing").field(&self.0.is_some()).finish()
+    }
+}
+
 /// Base64 μ-law (Twilio's payload) → 8 kHz PCM; `None` when it is not valid base64.
-pub fn ulaw_b64_to_pcm(payload: &[u8]) -> Option<Pcm> {
+pub fn ulaw_b64_to_pcm(payload: &[u8], timing: Timing<'_>) -> Option<Pcm> {
     let codes = base64::engine::general_purpose::STANDARD.decode(payload).ok()?;
     let mut samples = vec![0; codes.len()];
-    g711::decode_into(&codes, &mut samples);
+    timing.time(CodecOp::UlawDecode, || pcm::ulaw_to_pcm(&codes, &mut samples));
     Some(Pcm { rate: SampleRate::Hz8000, samples })
 }
 
 /// 8 kHz PCM → base64 μ-law.
-pub fn pcm8_to_ulaw_b64(samples: &[i16]) -> Bytes {
+pub fn pcm8_to_ulaw_b64(samples: &[i16], timing: Timing<'_>) -> Bytes {
     let mut codes = vec![0; samples.len()];
-    g711::encode_into(samples, &mut codes);
+    timing.time(CodecOp::UlawEncode, || pcm::pcm_to_ulaw(samples, &mut codes));
     Bytes::from(base64::engine::general_purpose::STANDARD.encode(codes))
+}
+
+/// `frame`'s samples at rate `to`, through `slot`'s resampler, which is made on first use and
+/// made again when the rates change (a copy when `frame` is at `to` already); `None` when the
+/// resampler cannot be made or refuses the frame.
+pub fn resample(slot: &mut Option<Resampler>, frame: &Pcm, to: SampleRate, timing: Timing<'_>) -> Option<Vec<i16>> {
+    if frame.rate == to {
+        return Some(frame.samples.clone());
+    }
+    if slot.as_ref().is_none_or(|r| r.from_rate() != frame.rate || r.to_rate() != to) {
+        *slot = Resampler::new(frame.rate, to).ok();
+    }
+    let r = slot.as_mut()?;
+    let mut out = vec![0i16; r.output_len()];
+    timing.time(CodecOp::Resample, || r.process(&frame.samples, &mut out)).ok()?;
+    Some(out)
 }
 
 /// Audio received from a WebRTC peer: reordered and timed by a playout buffer, then decoded.
@@ -97,7 +188,7 @@ impl Inbound {
 
     /// The next frame due at `now`, decoded (a concealed frame when the packet is missing), at
     /// 48 kHz when `wideband`, else at 8 kHz.
-    pub fn next_frame(&mut self, now: Instant, wideband: bool) -> Option<Pcm> {
+    pub fn next_frame(&mut self, now: Instant, wideband: bool, timing: Timing<'_>) -> Option<Pcm> {
         let item = self.playout.poll(now)?;
         let rate = if wideband { SampleRate::Hz48000 } else { SampleRate::Hz8000 };
         if rate != self.rate {
@@ -110,41 +201,38 @@ impl Inbound {
         }
         let n = self.rate.hz() as usize / 50;
         let mut samples = vec![0i16; n];
-        let result = match &item {
-            Playout::Packet(p) => self.decoder.decode(p, &mut samples),
-            Playout::Fec(next) => self.decoder.decode_fec(next, &mut samples),
-            Playout::Conceal => self.decoder.conceal(&mut samples),
-        };
+        let decoder = &mut self.decoder;
+        let result = timing.time(CodecOp::OpusDecode, || match &item {
+            Playout::Packet(p) => decoder.decode(p, &mut samples),
+            Playout::Fec(next) => decoder.decode_fec(next, &mut samples),
+            Playout::Conceal => decoder.conceal(&mut samples),
+        });
         match result {
             Ok(got) if got == n => Some(Pcm { rate: self.rate, samples }),
             // A packet of another duration, or a broken one: conceal instead, counted.
             _ => {
                 self.decode_errors += 1;
                 samples.iter_mut().for_each(|s| *s = 0);
-                self.decoder.conceal(&mut samples).ok()?;
+                let decoder = &mut self.decoder;
+                timing.time(CodecOp::OpusDecode, || decoder.conceal(&mut samples)).ok()?;
                 Some(Pcm { rate: self.rate, samples })
             }
         }
     }
 
     /// `frame` (from this leg) as base64 μ-law, through this leg's resampler.
-    pub fn to_ulaw(&mut self, frame: &Pcm) -> Option<Bytes> {
-        to_ulaw(&mut self.down, frame)
+    pub fn to_ulaw(&mut self, frame: &Pcm, timing: Timing<'_>) -> Option<Bytes> {
+        to_ulaw(&mut self.down, frame, timing)
     }
 }
 
-/// `frame` as base64 μ-law: 8 kHz directly, other rates through `down` (made on first use).
-pub fn to_ulaw(down: &mut Option<Resampler>, frame: &Pcm) -> Option<Bytes> {
+/// `frame` as base64 μ-law: 8 kHz directly, other rates through `down` (see [`resample`]).
+pub fn to_ulaw(down: &mut Option<Resampler>, frame: &Pcm, timing: Timing<'_>) -> Option<Bytes> {
     if frame.rate == SampleRate::Hz8000 {
-        return Some(pcm8_to_ulaw_b64(&frame.samples));
+        return Some(pcm8_to_ulaw_b64(&frame.samples, timing));
     }
-    if down.as_ref().is_none_or(|r| r.from_rate() != frame.rate) {
-        *down = Resampler::new(frame.rate, SampleRate::Hz8000).ok();
-    }
-    let r = down.as_mut()?;
-    let mut out = vec![0i16; r.output_len()];
-    r.process(&frame.samples, &mut out).ok()?;
-    Some(pcm8_to_ulaw_b64(&out))
+    let out = resample(down, frame, SampleRate::Hz8000, timing)?;
+    Some(pcm8_to_ulaw_b64(&out, timing))
 }
 
 /// Opus toward one peer: an encoder at the rate of the audio it is fed (made again when that changes).
@@ -168,12 +256,12 @@ impl Outbound {
     }
 
     /// `frame` as one Opus packet.
-    pub fn encode(&mut self, frame: &Pcm) -> Option<Bytes> {
+    pub fn encode(&mut self, frame: &Pcm, timing: Timing<'_>) -> Option<Bytes> {
         if self.encoder.as_ref().is_none_or(|(rate, _)| *rate != frame.rate) {
             self.encoder = OpusEncoder::new(frame.rate.hz(), &self.settings).ok().map(|e| (frame.rate, e));
         }
         let (_, encoder) = self.encoder.as_mut()?;
-        match encoder.encode(&frame.samples) {
+        match timing.time(CodecOp::OpusEncode, || encoder.encode(&frame.samples)) {
             // With DTX, silence comes out as 1–2 byte packets that are not sent: the peer treats
             // the gap as silence (Opus's own comfort noise), which is what DTX saves bandwidth for.
             Ok(packet) if self.settings.dtx && crate::media::opus::is_dtx_packet(&packet) => None,
@@ -284,8 +372,13 @@ impl Mixer {
         self.next
     }
 
+    /// Mixes that failed to encode (not sent).
+    pub fn encode_errors(&self) -> u64 {
+        self.out.encode_errors
+    }
+
     /// The mix due at `now`, as one Opus packet, if anything was there to mix.
-    pub fn tick(&mut self, now: Instant) -> Option<Bytes> {
+    pub fn tick(&mut self, now: Instant, timing: Timing<'_>) -> Option<Bytes> {
         let due = self.next?;
         if now < due {
             return None;
@@ -312,22 +405,14 @@ impl Mixer {
             let frame = if frame.rate == rate {
                 frame
             } else {
-                let up = &mut self.up[i];
-                if up.as_ref().is_none_or(|r| r.from_rate() != frame.rate || r.to_rate() != rate) {
-                    *up = Resampler::new(frame.rate, rate).ok();
-                }
-                let Some(r) = up.as_mut() else { continue };
-                let mut out = vec![0i16; r.output_len()];
-                if r.process(&frame.samples, &mut out).is_err() {
-                    continue;
-                }
-                Pcm { rate, samples: out }
+                let Some(samples) = resample(&mut self.up[i], &frame, rate, timing) else { continue };
+                Pcm { rate, samples }
             };
             for (m, s) in mix.samples.iter_mut().zip(&frame.samples) {
                 *m = m.saturating_add(*s);
             }
         }
-        self.out.encode(&mix)
+        self.out.encode(&mix, timing)
     }
 }
 
@@ -357,5 +442,88 @@ impl Framer {
         }
         self.buf.drain(..start);
         frames
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// Records which codec calls were timed.
+    struct Recorder {
+        origin: Instant,
+        ops: RefCell<Vec<CodecOp>>,
+    }
+
+    impl Recorder {
+        fn new() -> Self {
+            #[allow(clippy::disallowed_methods)] // Any instant will do: the recorder ignores durations.
+            let origin = Instant::now();
+            Self { origin, ops: RefCell::new(Vec::new()) }
+        }
+    }
+
+    impl CodecTimer for Recorder {
+        fn start(&self) -> Instant {
+            self.origin
+        }
+
+        fn finish(&self, op: CodecOp, started: Instant) {
+            assert_eq!(started, self.origin, "finish gets what start gave");
+            self.ops.borrow_mut().push(op);
+        }
+    }
+
+    fn tone(rate: SampleRate) -> Pcm {
+        let n = rate.hz() as usize / 50;
+        Pcm { rate, samples: (0..n).map(|i| ((i as f32 * 0.1).sin() * 8000.0) as i16).collect() }
+    }
+
+    /// Each codec call is timed once under its own op, and only codec calls; no timer times nothing.
+    #[test]
+    fn codec_calls_are_timed_by_op() {
+        let recorder = Recorder::new();
+        let timing = Timing::new(Some(&recorder));
+        let mut down = None;
+        let ulaw = to_ulaw(&mut down, &tone(SampleRate::Hz48000), timing).expect("resampled and encoded");
+        assert_eq!(*recorder.ops.borrow(), [CodecOp::Resample, CodecOp::UlawEncode]);
+        let pcm = ulaw_b64_to_pcm(&ulaw, timing).expect("base64");
+        assert_eq!(pcm.samples.len(), FRAME_8K);
+        assert!(ulaw_b64_to_pcm(b"not base64!", timing).is_none());
+        let mut out = Outbound::new(OpusSettings::default());
+        assert!(out.encode(&pcm, timing).is_some());
+        assert_eq!(
+            *recorder.ops.borrow(),
+            [CodecOp::Resample, CodecOp::UlawEncode, CodecOp::UlawDecode, CodecOp::OpusEncode],
+            "a payload that is not base64 reaches no codec"
+        );
+        let untimed = to_ulaw(&mut None, &tone(SampleRate::Hz48000), Timing::default());
+        assert_eq!(untimed, Some(ulaw), "timing changes nothing");
+        assert_eq!(recorder.ops.borrow().len(), 4);
+        let names: Vec<&str> = CodecOp::ALL.iter().map(|op| op.name()).collect();
+        assert_eq!(names, ["opus_encode", "opus_decode", "resample", "ulaw_encode", "ulaw_decode"]);
+        assert!(CodecOp::ALL.iter().enumerate().all(|(i, op)| op.index() == i));
+    }
+
+    /// The shared resampler slot is made on first use, kept while the rates hold, made again when
+    /// they change; a frame already at the target rate is copied without one.
+    #[test]
+    fn resampler_slot_follows_the_rates() {
+        let mut slot = None;
+        let same = resample(&mut slot, &tone(SampleRate::Hz16000), SampleRate::Hz16000, Timing::default());
+        assert_eq!(same, Some(tone(SampleRate::Hz16000).samples));
+        assert!(slot.is_none());
+        let up = resample(&mut slot, &tone(SampleRate::Hz8000), SampleRate::Hz16000, Timing::default());
+        assert_eq!(up.map(|s| s.len()), Some(320));
+        let rates = slot.as_ref().map(|r| (r.from_rate(), r.to_rate()));
+        assert_eq!(rates, Some((SampleRate::Hz8000, SampleRate::Hz16000)));
+        let down = resample(&mut slot, &tone(SampleRate::Hz48000), SampleRate::Hz16000, Timing::default());
+        assert_eq!(down.map(|s| s.len()), Some(320));
+        let rates = slot.as_ref().map(|r| (r.from_rate(), r.to_rate()));
+        assert_eq!(rates, Some((SampleRate::Hz48000, SampleRate::Hz16000)));
+        let wrong = Pcm { rate: SampleRate::Hz8000, samples: vec![0; 10] };
+        assert_eq!(resample(&mut slot, &wrong, SampleRate::Hz16000, Timing::default()), None, "a short frame");
     }
 }

@@ -230,6 +230,35 @@ impl Session {
         self.caller.as_ref().map(|c| &c.start).or(self.rtc_greeting.as_ref())
     }
 
+    /// Caller audio (base64 μ-law, `samples` long) as the `media` message for an open
+    /// Twilio-protocol agent, and the agent's socket; the leg's numbering moves on. `chunk` and
+    /// `timestamp_ms` are the caller's own when it sent them, else the leg's counts. `None`
+    /// unless the agent is open.
+    pub fn agent_media_msg(
+        &mut self,
+        payload: &[u8],
+        samples: usize,
+        chunk: Option<u64>,
+        timestamp_ms: Option<u64>,
+    ) -> Option<(ConnectionId, tungstenite::Utf8Bytes)> {
+        // `stream_sid()` borrowed by field, so the agent can be updated beside it.
+        let greeting = self.caller.as_ref().map(|c| &c.start).or(self.rtc_greeting.as_ref());
+        let stream_sid = greeting.map_or("", |s| s.stream_sid.as_str());
+        let Agent::Open { conn, sequence, chunk: next_chunk, sent_samples } = &mut self.agent else { return None };
+        let text = twilio::media_msg(
+            *sequence,
+            stream_sid,
+            twilio::Track::Inbound,
+            chunk.unwrap_or(*next_chunk),
+            timestamp_ms.unwrap_or(*sent_samples / 8),
+            payload,
+        );
+        *sequence += 1;
+        *next_chunk += 1;
+        *sent_samples += samples as u64;
+        Some((*conn, text))
+    }
+
     /// The `call_started` event's data.
     pub fn started_event(&self) -> (RetellEvent, Value) {
         (

@@ -25,6 +25,7 @@ use crate::config::Limits;
 use crate::core::command::{Command, CommandError, Reply};
 use crate::core::{CoreState, Output};
 use crate::id::{core_for, ConnectionId, CoreId, SessionId};
+use crate::session::media::{CodecOp, CodecTimer};
 use crate::time::Now;
 
 /// Everything a core needs to start, handed over from the main thread.
@@ -175,6 +176,16 @@ impl CoreHandle {
                 protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
                 pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
                 rtc: g.rtc[i].load(),
+                frames_in: g.media[i].frames_in.load(),
+                frames_out: g.media[i].frames_out.load(),
+                dropped_by_leg: g.media[i].dropped.load(),
+                udp_send_errors: g.media[i].udp_send_errors.load(Ordering::Relaxed),
+                queues: crate::core::QueueDepths {
+                    pacer_frames: g.media[i].pacer_frames.load(Ordering::Relaxed),
+                    agent_backlog: g.media[i].agent_backlog.load(Ordering::Relaxed),
+                    playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
+                },
+                mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -222,7 +233,9 @@ impl CoreShared {
             }
         }
         while let Some(output) = state.poll_output() {
-            self.apply(output);
+            if let Some(conn) = self.apply(output) {
+                state.handle_send_dropped(conn);
+            }
         }
         if let Some(next) = state.poll_timeout() {
             if self.timer_armed.get().is_none_or(|armed| next < armed) {
@@ -237,7 +250,15 @@ impl CoreShared {
         self.global.protocol_errors[self.id.0].store(stats.protocol_errors, Ordering::Relaxed);
         self.global.pacer_drops[self.id.0].store(stats.pacer_drops, Ordering::Relaxed);
         self.global.rtc[self.id.0].store(&stats.rtc);
+        self.global.media[self.id.0].store_counts(&stats, self.udp_send_errors.get());
         result
+    }
+
+    /// Publishes the depths of this core's queues. Measuring them visits every session, so this
+    /// runs on the periodic sweep, not after every input.
+    fn publish_depths(&self) {
+        let depths = self.state.borrow().queue_depths();
+        self.global.media[self.id.0].store_depths(&depths, self.pending.borrow().len());
     }
 
     /// The session connection `conn` belongs to, to blame it if an input about `conn` panics.
@@ -318,13 +339,15 @@ impl CoreShared {
         }
     }
 
-    fn apply(&self, output: Output) {
+    /// Carries out `output`; returns the socket a message could not be queued for, if it was dropped.
+    fn apply(&self, output: Output) -> Option<ConnectionId> {
         let outboxes = self.outboxes.borrow();
         match output {
             Output::Send { conn, text } => {
                 if let Some(outbox) = outboxes.get(&conn) {
                     if !outbox.push(text, self.limits.ws_outbox_frames) {
                         self.dropped_frames.set(self.dropped_frames.get() + 1);
+                        return Some(conn);
                     }
                 }
             }
@@ -351,6 +374,30 @@ impl CoreShared {
                 }
             }
         }
+        None
+    }
+}
+
+/// Time of each codec call on a core (`relay_codec_seconds{core,op}`): one handle per operation,
+/// made once, so that timing a frame takes no lock and no registry lookup.
+struct CodecHistograms([metrics::Histogram; CodecOp::ALL.len()]);
+
+impl CodecHistograms {
+    fn new(core: CoreId) -> Self {
+        Self(
+            CodecOp::ALL
+                .map(|op| metrics::histogram!("relay_codec_seconds", "core" => core.0.to_string(), "op" => op.name())),
+        )
+    }
+}
+
+impl CodecTimer for CodecHistograms {
+    fn start(&self) -> std::time::Instant {
+        clock::instant()
+    }
+
+    fn finish(&self, op: CodecOp, started: std::time::Instant) {
+        self.0[op.index()].record(clock::instant().saturating_duration_since(started).as_secs_f64());
     }
 }
 
@@ -383,6 +430,7 @@ pub(crate) async fn run_core<S: ControlService>(
         state = state.with_rtc(endpoint, rtc.settings.opus, rtc.settings.playout);
         udp = Some(rtc.socket);
     }
+    state = state.with_codec_timer(Box::new(CodecHistograms::new(setup.id)));
     let shared = Rc::new(CoreShared {
         id: setup.id,
         cores: setup.cores,
@@ -504,6 +552,7 @@ async fn tick_task(shared: &Rc<CoreShared>) {
         if now.instant.saturating_duration_since(last_sweep) >= SWEEP {
             last_sweep = now.instant;
             shared.sweep(now.instant);
+            shared.publish_depths();
         }
         let due = shared.state.borrow().poll_timeout().is_some_and(|t| t <= now.instant);
         if due {

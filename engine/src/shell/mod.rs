@@ -18,7 +18,7 @@ mod ws;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use crate::config::EngineConfig;
-use crate::core::Credential;
+use crate::core::{Credential, LegKind, PerLeg, QueueDepths};
 use crate::id::{CoreId, SessionId};
 use crate::proto::http::RequestHead;
 
@@ -171,23 +171,25 @@ pub(crate) struct Global {
     /// Open connections per core.
     connections: Vec<AtomicUsize>,
     /// Frames dropped because a socket's queue was full, per core.
-    dropped_frames: Vec<std::sync::atomic::AtomicU64>,
+    dropped_frames: Vec<AtomicU64>,
     /// Protocol errors on media legs, per core.
-    protocol_errors: Vec<std::sync::atomic::AtomicU64>,
+    protocol_errors: Vec<AtomicU64>,
     /// Pacer refusals, per core.
-    pacer_drops: Vec<std::sync::atomic::AtomicU64>,
+    pacer_drops: Vec<AtomicU64>,
     /// WebRTC counters, per core.
     rtc: Vec<RtcGauges>,
+    /// Frames by leg kind, shell error counts and queue depths, per core.
+    media: Vec<MediaGauges>,
     started: Instant,
 }
 
 /// One core's WebRTC counters, shared.
 #[derive(Default)]
-pub(crate) struct RtcGauges([std::sync::atomic::AtomicU64; 6]);
+pub(crate) struct RtcGauges([AtomicU64; 7]);
 
 impl RtcGauges {
     pub(crate) fn store(&self, s: &crate::core::RtcStats) {
-        let values = [s.peers, s.lost, s.concealed, s.fec_recovered, s.late, s.decode_errors];
+        let values = [s.peers, s.lost, s.concealed, s.fec_recovered, s.late, s.decode_errors, s.encode_errors];
         for (gauge, value) in self.0.iter().zip(values) {
             gauge.store(value, Ordering::Relaxed);
         }
@@ -202,7 +204,58 @@ impl RtcGauges {
             fec_recovered: v[3],
             late: v[4],
             decode_errors: v[5],
+            encode_errors: v[6],
         }
+    }
+}
+
+/// A count per leg kind, shared.
+#[derive(Default)]
+pub(crate) struct LegGauges([AtomicU64; LegKind::ALL.len()]);
+
+impl LegGauges {
+    fn store(&self, counts: &PerLeg) {
+        for (gauge, value) in self.0.iter().zip(counts.0) {
+            gauge.store(value, Ordering::Relaxed);
+        }
+    }
+
+    fn load(&self) -> PerLeg {
+        PerLeg(self.0.each_ref().map(|g| g.load(Ordering::Relaxed)))
+    }
+}
+
+/// One core's frames by leg kind, shell error counts and queue depths, shared. Cache-line
+/// aligned, so cores publishing side by side do not write to one line.
+#[derive(Default)]
+#[repr(align(64))]
+pub(crate) struct MediaGauges {
+    frames_in: LegGauges,
+    frames_out: LegGauges,
+    dropped: LegGauges,
+    udp_send_errors: AtomicU64,
+    /// [`QueueDepths`] and the mesh requests awaiting replies, as of the core's last sweep.
+    pacer_frames: AtomicU64,
+    agent_backlog: AtomicU64,
+    playout_packets: AtomicU64,
+    mesh_pending: AtomicU64,
+}
+
+impl MediaGauges {
+    /// Publishes the counts a core keeps (after every input).
+    pub(crate) fn store_counts(&self, stats: &crate::core::Stats, udp_send_errors: u64) {
+        self.frames_in.store(&stats.frames_in);
+        self.frames_out.store(&stats.frames_out);
+        self.dropped.store(&stats.dropped);
+        self.udp_send_errors.store(udp_send_errors, Ordering::Relaxed);
+    }
+
+    /// Publishes queue depths (on the core's periodic sweep: measuring them visits every session).
+    pub(crate) fn store_depths(&self, depths: &QueueDepths, mesh_pending: usize) {
+        self.pacer_frames.store(depths.pacer_frames, Ordering::Relaxed);
+        self.agent_backlog.store(depths.agent_backlog, Ordering::Relaxed);
+        self.playout_packets.store(depths.playout_packets, Ordering::Relaxed);
+        self.mesh_pending.store(mesh_pending as u64, Ordering::Relaxed);
     }
 }
 
@@ -225,6 +278,19 @@ pub struct CoreStats {
     pub pacer_drops: u64,
     /// WebRTC peers and what their playout saw.
     pub rtc: crate::core::RtcStats,
+    /// Audio frames received, by the kind of leg they came from.
+    pub frames_in: PerLeg,
+    /// Audio frames sent, by the kind of leg they went to (one per socket or peer).
+    pub frames_out: PerLeg,
+    /// The part of `dropped_frames` whose socket's kind was known when it was dropped, by kind;
+    /// the rest concerned sockets already detached, or frames a socket's encoder refused.
+    pub dropped_by_leg: PerLeg,
+    /// Datagrams the kernel refused to send from the core's WebRTC socket.
+    pub udp_send_errors: u64,
+    /// What waited in the core's queues at its last sweep (every 250 ms).
+    pub queues: QueueDepths,
+    /// Requests this core sent to other cores and awaited replies for, at its last sweep.
+    pub mesh_pending: u64,
 }
 
 /// Asks a running relay to shut down gracefully; cheap to clone and `Send`.
@@ -319,10 +385,11 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         sessions: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         observers: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         connections: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
-        dropped_frames: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
-        protocol_errors: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
-        pacer_drops: (0..config.cores).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+        dropped_frames: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
+        protocol_errors: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
+        pacer_drops: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         rtc: (0..config.cores).map(|_| RtcGauges::default()).collect(),
+        media: (0..config.cores).map(|_| MediaGauges::default()).collect(),
         started: clock::now().instant,
     });
     let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.cores, config.limits.mesh_capacity);
