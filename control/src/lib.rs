@@ -77,7 +77,7 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     )
     .context("cannot start the data-dir probe")?;
     metrics::install();
-    let service = api::Service::new(config.api(), data_dir, store.records());
+    let service = api::Service::new(config.api(), data_dir, store.records(), store.stats());
     let relay = relay_engine::shell::start(engine, service)?;
     tracing::info!("relay listening on {scheme}://{} with {cores} cores", relay.local_addr());
     if !relay.rtc_addrs().is_empty() {

@@ -6,11 +6,14 @@
 //! (`relay_core_input_seconds`, `relay_codec_seconds`) are recorded by the cores through handles
 //! made once per core, into the exporter's lock-free buckets. So recording takes no lock on a core.
 
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use relay_engine::core::LegKind;
 use relay_engine::shell::{CoreHandle, CoreStats};
+
+use crate::records::StoreStats;
 
 /// The process-wide recorder's render handle (installed once, on first use).
 fn handle() -> Option<&'static PrometheusHandle> {
@@ -82,6 +85,17 @@ fn describe() {
         "relay_mesh_pending_requests",
         "Requests a core sent to other cores and still awaits replies for (sampled every 250 ms)"
     );
+    describe_gauge!(
+        "relay_socket_queued_frames",
+        "Frames waiting in a core's socket send queues for peers slower than their audio (sampled every 250 ms)"
+    );
+    describe_gauge!("relay_records_queued", "Call-record changes waiting for the records writer thread");
+    describe_counter!("relay_records_written_total", "Call records committed to the records database");
+    describe_counter!("relay_records_dropped_total", "Call-record changes dropped because the writer's queue was full");
+    describe_gauge!(
+        "relay_records_failing",
+        "1 while the records database's last commit failed (its changes are retried)"
+    );
     describe_histogram!(
         "relay_codec_seconds",
         Unit::Seconds,
@@ -105,7 +119,7 @@ fn describe() {
 }
 
 /// The exposition text, with every core's counts as they are now.
-pub fn render(core: &CoreHandle) -> String {
+pub fn render(core: &CoreHandle, records: &StoreStats) -> String {
     let Some(handle) = handle() else { return String::new() };
     for s in core.stats() {
         let c = s.core.0.to_string();
@@ -124,12 +138,17 @@ pub fn render(core: &CoreHandle) -> String {
         metrics::gauge!("relay_agent_backlog_frames", "core" => c.clone()).set(s.queues.agent_backlog as f64);
         metrics::gauge!("relay_playout_buffered_packets", "core" => c.clone()).set(s.queues.playout_packets as f64);
         metrics::gauge!("relay_mesh_pending_requests", "core" => c.clone()).set(s.mesh_pending as f64);
+        metrics::gauge!("relay_socket_queued_frames", "core" => c.clone()).set(s.outbox_frames as f64);
         per_leg(&s, &c);
         for (kind, count) in errors(&s) {
             metrics::counter!("relay_errors_total", "core" => c.clone(), "kind" => kind).absolute(count);
         }
     }
     metrics::gauge!("relay_uptime_seconds").set(core.uptime().as_secs_f64());
+    metrics::gauge!("relay_records_queued").set(records.queued.load(Ordering::Relaxed) as f64);
+    metrics::counter!("relay_records_written_total").absolute(records.written.load(Ordering::Relaxed));
+    metrics::counter!("relay_records_dropped_total").absolute(records.dropped.load(Ordering::Relaxed));
+    metrics::gauge!("relay_records_failing").set(f64::from(u8::from(records.failing.load(Ordering::Relaxed))));
     handle.render()
 }
 

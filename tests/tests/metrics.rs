@@ -21,6 +21,12 @@ fn labelled(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
 }
 
+/// Value of the unlabelled series `name` in an exposition.
+fn unlabelled(text: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
 /// `relay_frames_<dir>_total{core,leg}`, asserted present.
 fn frames_of(text: &str, dir: &str, core: &str, leg: &str) -> f64 {
     let name = format!("relay_frames_{dir}_total");
@@ -64,11 +70,20 @@ fn exposition_counts_sessions_per_core() {
         ("relay_agent_backlog_frames", "gauge"),
         ("relay_playout_buffered_packets", "gauge"),
         ("relay_mesh_pending_requests", "gauge"),
+        ("relay_socket_queued_frames", "gauge"),
+        ("relay_records_queued", "gauge"),
+        ("relay_records_written_total", "counter"),
+        ("relay_records_dropped_total", "counter"),
+        ("relay_records_failing", "gauge"),
     ] {
         assert!(text.contains(&format!("# HELP {name} ")), "{name} described:\n{text}");
         assert!(text.contains(&format!("# TYPE {name} {kind}")), "{name} is a {kind}:\n{text}");
     }
+    for name in ["relay_records_written_total", "relay_records_dropped_total", "relay_records_failing"] {
+        assert_eq!(unlabelled(&text, name), Some(0.0), "{name}:\n{text}");
+    }
     for core in ["0", "1"] {
+        assert_eq!(labelled(&text, "relay_socket_queued_frames", &[("core", core)]), Some(0.0), "{text}");
         for leg in ["caller", "bot", "realtime", "webrtc"] {
             assert_eq!(frames_of(&text, "in", core, leg), 0.0, "no audio yet");
         }
@@ -135,6 +150,18 @@ fn a_twilio_call_is_counted_by_leg() {
     poll_until("the pacer to drain", || {
         let text = relay.get("/metrics").text();
         labelled(&text, "relay_pacer_queued_frames", &[("core", &core)]).filter(|n| *n == 0.0)
+    });
+    // The call's record is committed within a second of its end, and nothing stays queued.
+    caller.stop();
+    poll_until("the call record written", || {
+        let text = relay.get("/metrics").text();
+        unlabelled(&text, "relay_records_written_total").filter(|n| *n >= 1.0).map(|_| text)
+    });
+    let text = relay.get("/metrics").text();
+    assert_eq!(unlabelled(&text, "relay_records_dropped_total"), Some(0.0), "{text}");
+    poll_until("the records queue to drain", || {
+        let text = relay.get("/metrics").text();
+        unlabelled(&text, "relay_records_queued").filter(|n| *n == 0.0)
     });
 }
 

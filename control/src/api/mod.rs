@@ -35,14 +35,21 @@ pub struct Service {
     data_dir: Arc<DataDirHealth>,
     users: Arc<UserLimits>,
     records: Records,
+    /// The records store's counters, for `/metrics`.
+    store_stats: Arc<crate::records::StoreStats>,
 }
 
 impl Service {
-    /// A service with `config`, reporting the data directory's health from `data_dir` and
-    /// answering analytics from `records`.
-    pub fn new(config: ApiConfig, data_dir: Arc<DataDirHealth>, records: Records) -> Self {
+    /// A service with `config`, reporting the data directory's health from `data_dir`,
+    /// answering analytics from `records` and exporting the store's counters (`store_stats`).
+    pub fn new(
+        config: ApiConfig,
+        data_dir: Arc<DataDirHealth>,
+        records: Records,
+        store_stats: Arc<crate::records::StoreStats>,
+    ) -> Self {
         let users = UserLimits::new(config.frontend_sockets_per_user, 5);
-        Self { config: Arc::new(config), data_dir, users, records }
+        Self { config: Arc::new(config), data_dir, users, records, store_stats }
     }
 
     async fn dispatch(&self, core: &CoreHandle, route: Route, request: &Request) -> Result<Outcome, ApiError> {
@@ -50,7 +57,7 @@ impl Service {
         match route {
             Route::Health => respond(Ok(ops::health(core))),
             Route::Metrics => {
-                let mut r = Response::new(Bytes::from(crate::metrics::render(core)));
+                let mut r = Response::new(Bytes::from(crate::metrics::render(core, &self.store_stats)));
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -215,6 +215,8 @@ pub struct StoreStats {
     pub dropped: AtomicU64,
     /// Records written (upserts committed).
     pub written: AtomicU64,
+    /// Changes queued for the writer thread and not yet taken by it.
+    pub queued: AtomicU64,
     /// Whether the last commit failed (the changes are kept and retried).
     pub failing: AtomicBool,
 }
@@ -271,15 +273,22 @@ impl RecordStore {
     pub fn sink(&self) -> RecordSink {
         let tx = self.tx.clone();
         let stats = self.stats.clone();
-        RecordSink::new(move |change| match tx.try_send(Message::Change(change)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                if stats.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!("call records queue is full: record changes are being dropped");
+        RecordSink::new(move |change| {
+            // Counted before the send, so that the writer never takes a change not yet counted.
+            stats.queued.fetch_add(1, Ordering::Relaxed);
+            match tx.try_send(Message::Change(change)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    if stats.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!("call records queue is full: record changes are being dropped");
+                    }
+                }
+                // Closed: the relay is past shutdown; nothing more is written.
+                Err(TrySendError::Disconnected(_)) => {
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            // Closed: the relay is past shutdown; nothing more is written.
-            Err(TrySendError::Disconnected(_)) => {}
         })
     }
 
@@ -361,6 +370,7 @@ impl Writer {
             };
             match message {
                 Some(Message::Change(change)) => {
+                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     oldest.get_or_insert_with(Instant::now);
                     self.pending.insert(change.id.as_str().to_owned(), change);
                 }
@@ -371,6 +381,7 @@ impl Writer {
                 Some(Message::Close(ack)) => {
                     // Changes sent before the close are all in the queue ahead of it.
                     while let Ok(Message::Change(change)) = rx.try_recv() {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         self.pending.insert(change.id.as_str().to_owned(), change);
                     }
                     let _ = ack.send(self.commit());

@@ -186,6 +186,7 @@ impl CoreHandle {
                     playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
                 },
                 mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
+                outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -278,9 +279,12 @@ impl CoreShared {
     /// Enforces every socket's liveness deadlines (see `Outbox::sweep`).
     fn sweep(&self, now: std::time::Instant) {
         let limits = &self.limits;
+        let mut queued = 0;
         for outbox in self.outboxes.borrow().values() {
             outbox.sweep(now, limits.ws_idle_timeout, limits.ws_ping_interval, limits.idle_timeout);
+            queued += outbox.queued() as u64;
         }
+        self.global.media[self.id.0].store_outbox_frames(queued);
     }
 
     pub(crate) fn next_connection(&self) -> ConnectionId {

@@ -239,6 +239,8 @@ pub(crate) struct MediaGauges {
     agent_backlog: AtomicU64,
     playout_packets: AtomicU64,
     mesh_pending: AtomicU64,
+    /// Frames waiting in the core's socket send queues, as of its last sweep.
+    outbox_frames: AtomicU64,
 }
 
 impl MediaGauges {
@@ -256,6 +258,11 @@ impl MediaGauges {
         self.agent_backlog.store(depths.agent_backlog, Ordering::Relaxed);
         self.playout_packets.store(depths.playout_packets, Ordering::Relaxed);
         self.mesh_pending.store(mesh_pending as u64, Ordering::Relaxed);
+    }
+
+    /// Publishes the frames waiting in the core's socket send queues (on its sweep).
+    pub(crate) fn store_outbox_frames(&self, frames: u64) {
+        self.outbox_frames.store(frames, Ordering::Relaxed);
     }
 }
 
@@ -291,6 +298,9 @@ pub struct CoreStats {
     pub queues: QueueDepths,
     /// Requests this core sent to other cores and awaited replies for, at its last sweep.
     pub mesh_pending: u64,
+    /// Frames waiting in the core's socket send queues (sockets slower than their audio), at its
+    /// last sweep.
+    pub outbox_frames: u64,
 }
 
 /// Asks a running relay to shut down gracefully; cheap to clone and `Send`.

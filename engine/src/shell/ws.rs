@@ -63,6 +63,11 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    /// Frames waiting for this socket's writer.
+    pub(crate) fn queued(&self) -> usize {
+        self.frames.borrow().len()
+    }
+
     pub(crate) fn new(now: Instant) -> Self {
         Self {
             frames: RefCell::new(VecDeque::new()),
