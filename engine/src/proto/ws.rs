@@ -12,7 +12,9 @@ use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
-use tungstenite::{Message, Utf8Bytes};
+use tungstenite::Message;
+/// The text type [`WsCodec`] takes and yields (tungstenite's, re-exported for its users).
+pub use tungstenite::Utf8Bytes;
 
 use crate::config::Limits;
 use crate::proto::http::{header_tokens, RequestHead};
