@@ -285,6 +285,9 @@ impl WsCodec {
     }
 }
 
+/// Input a socket's codec keeps between reads once all of it was taken; more is freed.
+const IDLE_INPUT_BYTES: usize = 8 * 1024;
+
 /// The codec's "socket": reads drain `input`, writes append to `output`.
 #[derive(Default)]
 struct MemIo {
@@ -312,7 +315,12 @@ impl Read for MemIo {
         buf[..n].copy_from_slice(&available[..n]);
         self.pos += n;
         if self.pos == self.input.len() {
-            self.input.clear();
+            // All taken: a buffer a burst made large is given back rather than kept per socket.
+            if self.input.capacity() > IDLE_INPUT_BYTES {
+                self.input = Vec::new();
+            } else {
+                self.input.clear();
+            }
             self.pos = 0;
         }
         Ok(n)
@@ -402,6 +410,24 @@ mod tests {
             let m = c.poll_incoming().expect("ok");
             assert_eq!(m.is_some(), i == frame.len() - 1);
         }
+    }
+
+    /// A burst of frames received at once is all delivered, and the large input buffer it needed
+    /// is given back once taken, so an idle socket does not keep it.
+    #[test]
+    fn burst_buffer_is_released() {
+        let frame = client_frame(0x1, true, &[b'a'; 300]);
+        let burst: Vec<u8> = frame.iter().copied().cycle().take(frame.len() * 100).collect();
+        let mut c = WsCodec::new_server(&Limits::default(), &[]);
+        c.handle_bytes(&burst);
+        assert!(c.io.input.capacity() >= burst.len());
+        let mut got = 0;
+        while let Some(m) = c.poll_incoming().expect("ok") {
+            assert_eq!(m, Incoming::Text("a".repeat(300).into()));
+            got += 1;
+        }
+        assert_eq!(got, 100);
+        assert!(c.io.input.capacity() <= IDLE_INPUT_BYTES, "kept {} bytes", c.io.input.capacity());
     }
 
     /// Oversized frames close with 1009, unmasked frames with 1002, bad UTF-8 with 1007.

@@ -29,7 +29,10 @@ pub(crate) struct Dial {
 
 pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, target: Dial) {
     let limits = &shared.limits;
-    let dialled = glommio::timer::timeout(limits.agent_connect_timeout, async { Ok(dial(conn, &target).await) }).await;
+    // Boxed: dialling (DNS, TCP, TLS handshake, upgrade) would otherwise size the leg's task for
+    // its whole life.
+    let dialled =
+        glommio::timer::timeout(limits.agent_connect_timeout, async { Ok(Box::pin(dial(conn, &target)).await) }).await;
     let (stream, fd, read_ahead) = match dialled {
         Ok(Ok(pair)) => pair,
         Ok(Err(reason)) => return fail(&shared, conn, &session, &reason),

@@ -62,6 +62,9 @@ pub(crate) struct CoreShared {
     /// Where call record changes go; the sink only queues them, never blocks (see its docs).
     records: Option<crate::config::RecordSink>,
     state: RefCell<CoreState>,
+    /// The one buffer every WebSocket reader on this core receives into: borrowed only inside a
+    /// single poll (the bytes go straight on to the socket's codec), so idle sockets hold none.
+    pub(crate) read_scratch: RefCell<Box<[u8]>>,
     mesh_tx: Senders<CoreMessage>,
     /// Replies travel on their own mesh, sized to the bound on outstanding requests, so a reply
     /// always has room and is never shed.
@@ -439,6 +442,7 @@ pub(crate) async fn run_core<S: ControlService>(
         id: setup.id,
         cores: setup.cores,
         state: RefCell::new(state),
+        read_scratch: RefCell::new(vec![0u8; limits_read_bytes(&setup.limits)].into_boxed_slice()),
         this: RefCell::new(std::rc::Weak::new()),
         timer_event: Event::new(),
         timer_armed: Cell::new(None),
@@ -563,4 +567,9 @@ async fn tick_task(shared: &Rc<CoreShared>) {
             shared.drive(None, |state| state.handle_timeout(now));
         }
     }
+}
+
+/// Size of a core's shared WebSocket receive buffer: one read's worth.
+fn limits_read_bytes(limits: &Limits) -> usize {
+    limits.ws_read_buffer_bytes.max(512)
 }

@@ -55,7 +55,8 @@ pub(crate) async fn accept_task<S: ControlService>(shared: Rc<CoreShared>, servi
                 None => Some(Stream::Plain(stream)),
                 // The handshake has the header timeout, like a request head.
                 Some(config) => {
-                    let handshake = async { Ok(TlsStream::accept(stream, config).await) };
+                    // Boxed: rustls's handshake state would otherwise size the task for its life.
+                    let handshake = async { Ok(Box::pin(TlsStream::accept(stream, config)).await) };
                     match glommio::timer::timeout(s.limits.header_timeout, handshake).await {
                         Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls))),
                         Ok(Err(e)) => {
@@ -173,7 +174,9 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
             (true, _) => Connection::Default,
         };
         // A handler that panics (a bug) costs only its request: 500, and this connection closes.
-        let handled = std::panic::AssertUnwindSafe(service.handle(&handle, Request { head, body, peer }));
+        // Boxed: the largest handler (one that calls an upstream) would otherwise size every
+        // connection's task, media sockets included, for their whole life.
+        let handled = std::panic::AssertUnwindSafe(Box::pin(service.handle(&handle, Request { head, body, peer })));
         let Ok(outcome) = futures::FutureExt::catch_unwind(handled).await else {
             tracing::error!(core = shared.id.0, %peer, "a request handler panicked; answered 500");
             let resp = service.error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &HeaderMap::new());
@@ -196,7 +199,8 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                 if !flush(&mut stream, &mut out, limits.idle_timeout).await {
                     return;
                 }
-                upgrade(shared, service, stream, buf, up).await;
+                // Boxed for the same reason: only upgraded sockets carry the upgrade's state.
+                Box::pin(upgrade(shared, service, stream, buf, up)).await;
                 return;
             }
         }
@@ -376,9 +380,13 @@ async fn read_more(
     deadline: Instant,
     idle: bool,
 ) -> Result<(), ReadEnd> {
-    let mut chunk = [0u8; READ_CHUNK];
+    // Read straight into `buf` (no buffer in this future: a connection's task holds its largest
+    // state for its whole life).
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
     let wait = deadline.saturating_duration_since(clock::now().instant);
-    let read = async { Ok::<_, ReadEnd>(stream.read(&mut chunk).await) };
+    let room = &mut buf[start..];
+    let read = async { Ok::<_, ReadEnd>(stream.read(room).await) };
     let timer = async {
         glommio::timer::sleep(wait).await;
         Err(ReadEnd::TimedOut)
@@ -393,12 +401,15 @@ async fn read_more(
         }
         Err(ReadEnd::Shutdown)
     };
-    match read.or(timer).or(shutdown).await? {
+    let outcome = read.or(timer).or(shutdown).await;
+    let filled = match &outcome {
+        Ok(Ok(n)) => *n,
+        _ => 0,
+    };
+    buf.truncate(start + filled);
+    match outcome? {
         Ok(0) => Err(ReadEnd::Eof),
-        Ok(n) => {
-            buf.extend_from_slice(&chunk[..n]);
-            Ok(())
-        }
+        Ok(_) => Ok(()),
         Err(_) => Err(ReadEnd::Failed),
     }
 }
@@ -433,7 +444,8 @@ pub(crate) async fn respond_and_close(
     }
     let _ = stream.shutdown_write().await;
     let mut drained = 0;
-    let mut chunk = [0u8; READ_CHUNK];
+    // On the heap: this future is part of every connection's task.
+    let mut chunk = vec![0u8; READ_CHUNK];
     let deadline = clock::now().instant + LINGER;
     while drained < LINGER_BYTES {
         let wait = deadline.saturating_duration_since(clock::now().instant);

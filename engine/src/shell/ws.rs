@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use http::StatusCode;
 use tungstenite::Utf8Bytes;
 
@@ -292,7 +292,6 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
     mut reader: futures_lite::io::ReadHalf<T>,
     feed: Feed,
 ) {
-    let mut chunk = vec![0u8; shared.limits.ws_read_buffer_bytes.max(512)];
     loop {
         // Frames already buffered (read-ahead, or several in one read) are handled first.
         loop {
@@ -328,10 +327,20 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
         if codec.borrow_mut().has_output() {
             outbox.event.notify(1); // Pongs the codec queued.
         }
-        match reader.read(&mut chunk).await {
+        // Received into the core's shared buffer within one poll and handed to the codec at once,
+        // so no socket keeps a receive buffer of its own while it waits.
+        let received = std::future::poll_fn(|cx| {
+            let mut scratch = shared.read_scratch.borrow_mut();
+            let polled = std::pin::Pin::new(&mut reader).poll_read(cx, &mut scratch);
+            if let std::task::Poll::Ready(Ok(n)) = polled {
+                codec.borrow_mut().handle_bytes(&scratch[..n]);
+            }
+            polled
+        })
+        .await;
+        match received {
             Ok(n) if n > 0 => {
                 outbox.last_rx.set(shared.coarse_now());
-                codec.borrow_mut().handle_bytes(&chunk[..n]);
             }
             _ => {
                 outbox.close(1000, "");
