@@ -111,8 +111,12 @@ pub struct Limits {
     pub ws_max_frame_bytes: usize,
     /// Largest reassembled WebSocket message, bytes; past it the socket closes with 1009.
     pub ws_max_message_bytes: usize,
-    /// Initial read buffer per WebSocket, bytes: small, because thousands of sockets are idle at once.
+    /// Read buffer each WebSocket's frame parser keeps, bytes: small, because thousands of sockets
+    /// are idle at once (it grows for a larger frame while one is parsed). Sockets receive into
+    /// one buffer per core ([`Self::ws_receive_bytes`]), not this one.
     pub ws_read_buffer_bytes: usize,
+    /// The per-core buffer WebSocket readers receive into, bytes: the most one read takes.
+    pub ws_receive_bytes: usize,
     /// Most bytes queued for a WebSocket that is not reading before the socket is closed.
     pub ws_max_write_buffer_bytes: usize,
     /// A WebSocket quiet this long gets a ping from the relay.
@@ -161,7 +165,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             ws_max_frame_bytes: 64 * 1024,
             ws_max_message_bytes: 256 * 1024,
-            ws_read_buffer_bytes: 4 * 1024,
+            ws_read_buffer_bytes: 1024,
+            ws_receive_bytes: 16 * 1024,
             ws_max_write_buffer_bytes: 1024 * 1024,
             ws_ping_interval: Duration::from_secs(20),
             ws_idle_timeout: Duration::from_secs(60),

@@ -571,5 +571,5 @@ async fn tick_task(shared: &Rc<CoreShared>) {
 
 /// Size of a core's shared WebSocket receive buffer: one read's worth.
 fn limits_read_bytes(limits: &Limits) -> usize {
-    limits.ws_read_buffer_bytes.max(512)
+    limits.ws_receive_bytes.max(512)
 }
