@@ -106,6 +106,9 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, ClientMessageError> {
         #[serde(borrow, rename = "type")]
         kind: Option<std::borrow::Cow<'a, str>>,
     }
+    if !super::is_json_object(text.as_bytes()) {
+        return Err(ClientMessageError("a message is a JSON object".to_owned()));
+    }
     let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| ClientMessageError(e.to_string()))?;
     Ok(match wire.kind.as_deref() {
         Some("ping") => ClientMessage::Ping,
@@ -144,6 +147,9 @@ mod tests {
         assert_eq!(parse_client(r#"{"type":"other","x":[1]}"#), Ok(ClientMessage::Other));
         assert_eq!(parse_client(r#"{}"#), Ok(ClientMessage::Other));
         assert!(parse_client("[1]").is_err());
+        assert!(parse_client(r#"["ping"]"#).is_err(), "an array is not a message, even one shaped like ping");
+        assert!(parse_client(r#" [" {"] "#).is_err(), "fuzz/artifacts-found/events_messages");
+        assert_eq!(parse_client(" \n{\"type\":\"ping\"}"), Ok(ClientMessage::Ping), "leading whitespace is JSON");
         assert!(parse_client("ping").is_err());
         assert!(parse_client(r#"{"type":5}"#).is_err());
     }

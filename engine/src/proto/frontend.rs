@@ -70,6 +70,9 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, ParseError> {
         #[serde(borrow)]
         user_id: Option<JsonStr<'a>>,
     }
+    if !super::is_json_object(text.as_bytes()) {
+        return Err(ParseError::Json("a message is a JSON object".to_owned()));
+    }
     let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
     if wire.event.as_ref().map(JsonStr::as_str) != Some("connect-twilio") {
         return Ok(ClientMessage::Other);
@@ -125,7 +128,9 @@ mod tests {
         );
         assert_eq!(parse_client(r#"{"event":"ping"}"#), Ok(ClientMessage::Other));
         assert_eq!(parse_client(r#"{}"#), Ok(ClientMessage::Other));
-        for bad in ["[1]", "\"connect-twilio\"", "null", "", "{", r#"{"event":5}"#] {
+        // An array is refused even when serde could read it as the message, fields by position.
+        for bad in ["[1]", "\"connect-twilio\"", "null", "", "{", r#"{"event":5}"#, r#"["connect-twilio","CA1","u1"]"#]
+        {
             assert!(matches!(parse_client(bad), Err(ParseError::Json(_))), "{bad}");
         }
     }

@@ -214,6 +214,9 @@ pub enum ParseError {
 /// # Errors
 /// [`ParseError`] for anything but a well-formed message within the bounds above.
 pub fn parse(frame: &Bytes) -> Result<Message, ParseError> {
+    if !super::is_json_object(frame) {
+        return Err(ParseError::Json("a message is a JSON object".to_owned()));
+    }
     let wire: Wire<'_> = serde_json::from_slice(frame).map_err(|e| ParseError::Json(e.to_string()))?;
     let event = wire.event.ok_or(ParseError::Missing("event"))?;
     let sequence = number(wire.sequence_number, "sequenceNumber")?;
@@ -1117,6 +1120,9 @@ mod tests {
             assert!(matches!(parse_str(text), Err(ParseError::Json(_))), "{text}");
         }
         assert!(matches!(parse(&Bytes::from_static(b"{\"event\":\"\xff\"}")), Err(ParseError::Json(_))));
+        // serde would read an array as the message struct, fields by position.
+        assert!(matches!(parse_str(r#"["connected"]"#), Err(ParseError::Json(_))));
+        assert!(matches!(parse_str(r#"["clear", 1]"#), Err(ParseError::Json(_))));
         assert_eq!(parse_str("{}"), Err(ParseError::Missing("event")));
         assert_eq!(parse_str(r#"{"event":"Media"}"#), Err(ParseError::UnknownEvent("Media".into())));
         let long = "é".repeat(100);
