@@ -55,8 +55,8 @@ fn describe() {
     describe_gauge!("relay_connections", "Open TCP connections a core serves");
     describe_counter!(
         "relay_dropped_frames_total",
-        "Messages dropped because a socket's queue was full (or it was closing), by the socket's leg kind \
-         (leg=\"other\": sockets already detached, or messages their encoder refused)"
+        "Messages dropped because a socket's queue was full, it was closing or its encoder refused them, by \
+         the socket's leg kind (leg=\"other\": sockets already detached from their call)"
     );
     describe_counter!(
         "relay_frames_in_total",
@@ -64,7 +64,8 @@ fn describe() {
     );
     describe_counter!(
         "relay_frames_out_total",
-        "Audio frames a core sent, by leg kind; one per socket or peer (a frame for three frontends counts three)"
+        "Audio frames a core queued for sending, by leg kind; one per socket or peer (a frame for three frontends \
+         counts three; those a socket then drops also count in relay_dropped_frames_total)"
     );
     describe_counter!(
         "relay_errors_total",
@@ -171,10 +172,10 @@ fn per_leg(s: &CoreStats, core: &str) {
             metrics::counter!("relay_dropped_frames_total", "core" => core.to_owned(), "leg" => leg).absolute(n);
         }
     }
-    // The total counts every drop; what no leg was known for goes under "other", so that the sum
-    // over `leg` stays the core's total.
-    let other = s.dropped_frames.saturating_sub(s.dropped_by_leg.total());
-    metrics::counter!("relay_dropped_frames_total", "core" => core.to_owned(), "leg" => "other").absolute(other);
+    // Drops for sockets already detached from their call: a counter of its own (not the total
+    // minus the rest, which a scrape between two stores would overshoot).
+    metrics::counter!("relay_dropped_frames_total", "core" => core.to_owned(), "leg" => "other")
+        .absolute(s.dropped_unattached);
 }
 
 /// A core's error counts by `kind` label.

@@ -139,9 +139,12 @@ pub struct Stats {
     /// Audio frames sent, by the kind of leg they went to: one per socket or peer (a frame that
     /// goes to three frontends counts three).
     pub frames_out: PerLeg,
-    /// Messages the shell could not queue for a socket (its queue was full, or it was closing), by
-    /// the socket's kind, as reported through [`CoreState::handle_send_dropped`].
+    /// Messages the shell could not queue for a socket (its queue was full, or it was closing) or
+    /// its encoder refused, by the socket's kind, as reported through
+    /// [`CoreState::handle_send_dropped`].
     pub dropped: PerLeg,
+    /// Such messages for a socket no longer attached to a call (its kind unknown).
+    pub dropped_unattached: u64,
 }
 
 /// What kind of leg a socket or peer is to its call: the `leg` label of the per-leg metrics.
@@ -827,11 +830,13 @@ impl CoreState {
         stats
     }
 
-    /// The shell could not queue a message for socket `conn` (its queue was full, or it was
-    /// closing): counted by the socket's leg kind ([`Stats::dropped`]).
-    pub fn handle_send_dropped(&mut self, conn: ConnectionId) {
-        if let Some(kind) = self.leg_kind(conn) {
-            self.stats.dropped.add(kind, 1);
+    /// The shell could not deliver `count` messages to socket `conn` (its queue was full, it was
+    /// closing, or its encoder refused them): counted by the socket's leg kind ([`Stats::dropped`]),
+    /// or as unattached when it is no longer part of a call.
+    pub fn handle_send_dropped(&mut self, conn: ConnectionId, count: u64) {
+        match self.leg_kind(conn) {
+            Some(kind) => self.stats.dropped.add(kind, count),
+            None => self.stats.dropped_unattached += count,
         }
     }
 

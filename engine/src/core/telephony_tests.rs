@@ -680,12 +680,15 @@ fn frames_queues_and_drops_are_counted_by_leg() {
 
     let agent = c.agent.expect("dialled");
     for conn in [CALLER, agent, FRONTEND, EVENTS, EVENTS, ConnectionId(999)] {
-        c.core.handle_send_dropped(conn);
+        c.core.handle_send_dropped(conn, 1);
     }
     let d = c.core.stats().dropped;
     let kinds = [LegKind::Caller, LegKind::Bot, LegKind::Frontend, LegKind::Events].map(|k| d.get(k));
-    assert_eq!(kinds, [1, 1, 1, 2], "an unknown socket is not counted");
+    assert_eq!(kinds, [1, 1, 1, 2], "an unknown socket is not counted by leg");
     assert_eq!(d.total(), 5);
+    assert_eq!(c.core.stats().dropped_unattached, 1, "but as unattached");
+    c.core.handle_send_dropped(FRONTEND, 3);
+    assert_eq!(c.core.stats().dropped.get(LegKind::Frontend), 4, "an encoder's refusals count at once");
 }
 
 /// Caller frames held while the agent is dialled count as backlog, and as sent once it opens.

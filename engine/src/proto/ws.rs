@@ -286,7 +286,7 @@ impl WsCodec {
 }
 
 /// Input a socket's codec keeps between reads once all of it was taken; more is freed.
-const IDLE_INPUT_BYTES: usize = 8 * 1024;
+const IDLE_INPUT_BYTES: usize = 2 * 1024;
 
 /// The codec's "socket": reads drain `input`, writes append to `output`.
 #[derive(Default)]

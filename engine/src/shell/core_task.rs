@@ -182,6 +182,7 @@ impl CoreHandle {
                 frames_in: g.media[i].frames_in.load(),
                 frames_out: g.media[i].frames_out.load(),
                 dropped_by_leg: g.media[i].dropped.load(),
+                dropped_unattached: g.media[i].dropped_unattached.load(Ordering::Relaxed),
                 udp_send_errors: g.media[i].udp_send_errors.load(Ordering::Relaxed),
                 queues: crate::core::QueueDepths {
                     pacer_frames: g.media[i].pacer_frames.load(Ordering::Relaxed),
@@ -238,7 +239,7 @@ impl CoreShared {
         }
         while let Some(output) = state.poll_output() {
             if let Some(conn) = self.apply(output) {
-                state.handle_send_dropped(conn);
+                state.handle_send_dropped(conn, 1);
             }
         }
         if let Some(next) = state.poll_timeout() {

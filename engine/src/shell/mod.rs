@@ -233,6 +233,7 @@ pub(crate) struct MediaGauges {
     frames_in: LegGauges,
     frames_out: LegGauges,
     dropped: LegGauges,
+    dropped_unattached: AtomicU64,
     udp_send_errors: AtomicU64,
     /// [`QueueDepths`] and the mesh requests awaiting replies, as of the core's last sweep.
     pacer_frames: AtomicU64,
@@ -249,6 +250,7 @@ impl MediaGauges {
         self.frames_in.store(&stats.frames_in);
         self.frames_out.store(&stats.frames_out);
         self.dropped.store(&stats.dropped);
+        self.dropped_unattached.store(stats.dropped_unattached, Ordering::Relaxed);
         self.udp_send_errors.store(udp_send_errors, Ordering::Relaxed);
     }
 
@@ -289,9 +291,10 @@ pub struct CoreStats {
     pub frames_in: PerLeg,
     /// Audio frames sent, by the kind of leg they went to (one per socket or peer).
     pub frames_out: PerLeg,
-    /// The part of `dropped_frames` whose socket's kind was known when it was dropped, by kind;
-    /// the rest concerned sockets already detached, or frames a socket's encoder refused.
+    /// `dropped_frames` by the kind of socket they were for (counted where they happen)...
     pub dropped_by_leg: PerLeg,
+    /// ...and those for sockets already detached from their call.
+    pub dropped_unattached: u64,
     /// Datagrams the kernel refused to send from the core's WebRTC socket.
     pub udp_send_errors: u64,
     /// What waited in the core's queues at its last sweep (every 250 ms).

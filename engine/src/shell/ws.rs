@@ -242,6 +242,8 @@ pub(crate) async fn socket_task<S: ControlService>(
         write_switching_protocols(&mut head, &accept);
     }
     let codec = WsCodec::new_server(&shared.limits, &read_ahead);
+    // The codec copied it; freed now rather than kept for the socket's whole life.
+    drop(read_ahead);
     run(&shared, conn, outbox, fd, stream, codec, head, greeting, feed).await;
     drop(guard);
 }
@@ -275,10 +277,15 @@ pub(crate) async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     let read = reader_task(shared, conn, &outbox, &codec, reader, feed);
     futures_lite::future::zip(write, read).await;
     shared.remove_outbox(conn);
-    shared.dropped_frames.set(shared.dropped_frames.get() + outbox.dropped.get());
+    let refused = outbox.dropped.get();
+    shared.dropped_frames.set(shared.dropped_frames.get() + refused);
     let blame = shared.session_of(conn);
     let now = shared.now();
     let peer_closed = outbox.peer_closed.get();
+    if refused > 0 {
+        // Counted by leg while the socket is still attached (before the detach below).
+        shared.drive(blame.as_ref(), |state| state.handle_send_dropped(conn, refused));
+    }
     shared.drive(blame.as_ref(), |state| state.handle_detach(now, conn, peer_closed));
 }
 
