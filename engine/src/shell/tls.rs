@@ -99,10 +99,19 @@ pub(crate) struct TlsStream {
     tls: rustls::Connection,
     /// Encrypted bytes produced by rustls, not yet accepted by the socket.
     out: Vec<u8>,
-    /// Scratch space for encrypted bytes read from the socket.
-    scratch: Box<[u8]>,
     /// Encrypted bytes read but not yet taken by rustls (it takes at most a few KiB per call).
     incoming: Vec<u8>,
+}
+
+/// Largest encrypted read, bytes: one TLS record and its header.
+const READ_BYTES: usize = 16 * 1024 + 64;
+/// Encrypted input a connection keeps between reads once rustls took all of it; more is freed.
+const IDLE_INCOMING_BYTES: usize = 2 * 1024;
+
+thread_local! {
+    /// Where every TLS connection on this thread (one core) receives encrypted bytes: used within
+    /// one poll and copied to the connection's `incoming` at once, so idle connections hold none.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; READ_BYTES].into_boxed_slice());
 }
 
 impl TlsStream {
@@ -134,12 +143,11 @@ impl TlsStream {
 
     /// A connection moved here: its socket, adopted, and its state.
     pub(crate) fn from_parts(tcp: TcpStream, state: TlsState) -> Self {
-        let scratch = vec![0u8; 16 * 1024].into_boxed_slice();
-        Self { tcp, tls: state.tls, out: Vec::new(), scratch, incoming: state.incoming }
+        Self { tcp, tls: state.tls, out: Vec::new(), incoming: state.incoming }
     }
 
     async fn handshake(mut tcp: TcpStream, mut tls: rustls::Connection) -> io::Result<Self> {
-        let mut scratch = vec![0u8; 16 * 1024].into_boxed_slice();
+        let mut scratch = vec![0u8; READ_BYTES].into_boxed_slice();
         while tls.is_handshaking() {
             while tls.wants_write() {
                 let mut records = Vec::new();
@@ -170,7 +178,7 @@ impl TlsStream {
             tls.write_tls(&mut records)?;
             tcp.write_all(&records).await?;
         }
-        Ok(Self { tcp, tls, out: Vec::new(), scratch, incoming: Vec::new() })
+        Ok(Self { tcp, tls, out: Vec::new(), incoming: Vec::new() })
     }
 
     /// Writes as much of `out` as the socket takes now; `Ready` once it is empty.
@@ -204,17 +212,27 @@ impl AsyncRead for TlsStream {
                 Err(e) => return Poll::Ready(Err(e)),
             }
             if this.incoming.is_empty() {
-                let n = ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut this.scratch))?;
+                let (tcp, incoming) = (&mut this.tcp, &mut this.incoming);
+                let n = ready!(SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let polled = Pin::new(tcp).poll_read(cx, &mut scratch);
+                    if let Poll::Ready(Ok(n)) = polled {
+                        incoming.extend_from_slice(&scratch[..n]);
+                    }
+                    polled
+                }))?;
                 if n == 0 {
                     return Poll::Ready(Ok(0));
                 }
-                this.incoming.extend_from_slice(&this.scratch[..n]);
             }
             // rustls takes a bounded amount per call; the rest stays in `incoming` for the next
             // turn of this loop, after the plaintext it produced has been read out.
             let mut rest: &[u8] = &this.incoming;
             let taken = this.tls.read_tls(&mut rest)?;
             this.incoming.drain(..taken);
+            if this.incoming.is_empty() && this.incoming.capacity() > IDLE_INCOMING_BYTES {
+                this.incoming = Vec::new();
+            }
             this.tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             // Alerts and key updates the peer's records call for go out with the next write.
             this.encrypt_pending()?;
