@@ -15,19 +15,28 @@ use relay_engine::shell::{CoreHandle, CoreStats};
 
 use crate::records::StoreStats;
 
+/// Bucket bounds of the time histograms (`relay_core_input_seconds`, `relay_codec_seconds`),
+/// seconds: 1 µs to 100 ms, three per decade.
+const TIME_BUCKETS: &[f64] =
+    &[1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1];
+
 /// The process-wide recorder's render handle (installed once, on first use).
 fn handle() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Histograms with fixed buckets, not summaries: a few counters per series whatever the
+            // load (a summary's quantile sketches held ~200 KiB per series), and Prometheus can sum
+            // them across cores and relays, which quantiles cannot be.
+            let builder = PrometheusBuilder::new().set_buckets(TIME_BUCKETS).expect("buckets are not empty");
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok().map(|()| handle)
         })
         .as_ref()
 }
 
-/// How often histogram samples are folded into their summaries. Until then each sample is held
+/// How often histogram samples are folded into their buckets. Until then each sample is held
 /// (the exporter's lock-free bucket), so without upkeep memory grows with every input a core times;
 /// with it, a second's samples are held (8 bytes each: ~1.6 KiB per Twilio call with a bot). The
 /// folding costs the same per sample whatever the interval.

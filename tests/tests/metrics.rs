@@ -60,6 +60,10 @@ fn exposition_counts_sessions_per_core() {
     // Every input a core handled is timed: the start-calls above at least.
     let count = |core: usize| series(&text, "relay_core_input_seconds_count", core).unwrap_or(0.0);
     assert!(count(0) >= 2.0 && count(1) >= 1.0, "{text}");
+    // Histograms with buckets (summable across cores), not summaries.
+    assert!(text.contains("# TYPE relay_core_input_seconds histogram"), "{text}");
+    let slowest = labelled(&text, "relay_core_input_seconds_bucket", &[("core", "0"), ("le", "+Inf")]);
+    assert_eq!(slowest, Some(count(0)), "the last bucket holds every input:\n{text}");
     // Every new family is described, typed and present for each core from the start.
     for (name, kind) in [
         ("relay_frames_in_total", "counter"),
