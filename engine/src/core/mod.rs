@@ -985,8 +985,13 @@ impl CoreState {
         }
         let Some(slot) = self.slots.get_mut(id) else { return };
         let Some(session) = slot.session.as_mut() else { return };
-        let sent = to_frontends(&mut self.outputs, &slot.listeners, &media.payload, frontend::FrontendTrack::Inbound);
-        self.stats.frames_out.add(LegKind::Frontend, sent);
+        to_frontends(
+            &mut self.outputs,
+            &mut self.stats.frames_out,
+            &slot.listeners,
+            &media.payload,
+            frontend::FrontendTrack::Inbound,
+        );
         // PCM sinks (an agent peer, the WHEP mix) get the caller's audio in 20 ms frames.
         let pcm_sinks = matches!(session.agent, Agent::Peer(_)) || session.mixer.is_some();
         if pcm_sinks {
@@ -1048,9 +1053,13 @@ impl CoreState {
                         self.stats.frames_out.add(LegKind::Caller, 1);
                         self.outputs.push_back(Output::Send { conn, text: twilio::media_out(stream_sid, &payload) });
                     }
-                    let sent =
-                        to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
-                    self.stats.frames_out.add(LegKind::Frontend, sent);
+                    to_frontends(
+                        &mut self.outputs,
+                        &mut self.stats.frames_out,
+                        &slot.listeners,
+                        &payload,
+                        frontend::FrontendTrack::Outbound,
+                    );
                 }
                 pacer::Output::Clear => {
                     if let Some(conn) = caller_conn {
@@ -1298,22 +1307,21 @@ fn push_split(
     pacer.push_audio(now, payload.slice(offset..), u32::try_from(left).unwrap_or(u32::MAX))
 }
 
-/// One frame of `track` audio (base64 μ-law) to every connected frontend: encoded once, shared.
-/// Returns how many frontends it went to.
+/// One frame of `track` audio (base64 μ-law) to every connected frontend: encoded once, shared,
+/// and counted in `frames_out`.
 fn to_frontends(
     outputs: &mut VecDeque<Output>,
+    frames_out: &mut PerLeg,
     listeners: &[Listener],
     payload: &[u8],
     track: frontend::FrontendTrack,
-) -> u64 {
+) {
     let mut shared = None;
-    let mut sent = 0;
     for l in listeners.iter().filter(|l| l.active && l.kind == ListenKind::Frontend) {
         let text = shared.get_or_insert_with(|| frontend::audio(payload, track)).clone();
         outputs.push_back(Output::Send { conn: l.conn, text });
-        sent += 1;
+        frames_out.add(LegKind::Frontend, 1);
     }
-    sent
 }
 
 /// The core's codec timer as the media code takes it (borrowing only that field, so the caller

@@ -361,8 +361,13 @@ impl CoreState {
             None
         };
         if let Some(payload) = &ulaw {
-            let sent = to_frontends(&mut self.outputs, &slot.listeners, payload, frontend::FrontendTrack::Inbound);
-            self.stats.frames_out.add(LegKind::Frontend, sent);
+            to_frontends(
+                &mut self.outputs,
+                &mut self.stats.frames_out,
+                &slot.listeners,
+                payload,
+                frontend::FrontendTrack::Inbound,
+            );
         }
         let hears = session.agent_hears_microphone();
         if bot && *session.source() == Source::Microphone {
@@ -405,9 +410,13 @@ impl CoreState {
                     self.stats.frames_out.add(LegKind::Caller, 1);
                     self.outputs.push_back(Output::Send { conn, text: twilio::media_out(&stream_sid, &payload) });
                 }
-                let sent =
-                    to_frontends(&mut self.outputs, &slot.listeners, &payload, frontend::FrontendTrack::Outbound);
-                self.stats.frames_out.add(LegKind::Frontend, sent);
+                to_frontends(
+                    &mut self.outputs,
+                    &mut self.stats.frames_out,
+                    &slot.listeners,
+                    &payload,
+                    frontend::FrontendTrack::Outbound,
+                );
             }
         }
         self.agent_pcm(now, id, frame);

@@ -11,6 +11,14 @@ pub mod retell;
 pub mod twilio;
 pub mod ws;
 
+/// Frees `buf`'s allocation when it is empty and holds more than `keep` bytes: a buffer a burst
+/// made large is given back rather than kept for the life of an idle connection.
+pub(crate) fn release_if_large(buf: &mut Vec<u8>, keep: usize) {
+    if buf.is_empty() && buf.capacity() > keep {
+        *buf = Vec::new();
+    }
+}
+
 /// Whether `text` holds a JSON object (its first non-whitespace byte is `{`). serde's derived
 /// structs also read a JSON array, fields by position (`["ping"]` as `{"type":"ping"}`), which
 /// none of these protocols allows; the parsers that read such structs check this first.

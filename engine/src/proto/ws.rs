@@ -316,11 +316,8 @@ impl Read for MemIo {
         self.pos += n;
         if self.pos == self.input.len() {
             // All taken: a buffer a burst made large is given back rather than kept per socket.
-            if self.input.capacity() > IDLE_INPUT_BYTES {
-                self.input = Vec::new();
-            } else {
-                self.input.clear();
-            }
+            self.input.clear();
+            super::release_if_large(&mut self.input, IDLE_INPUT_BYTES);
             self.pos = 0;
         }
         Ok(n)

@@ -89,8 +89,6 @@ pub(crate) struct CoreShared {
     pub(crate) shutdown_event: Event,
     /// Connections open on this core (HTTP and WebSocket).
     pub(crate) connections: Cell<usize>,
-    /// Frames dropped because an event socket's queue was full.
-    pub(crate) dropped_frames: Cell<u64>,
     /// The core's WebRTC socket (non-blocking): `drive` sends datagrams on it directly, as a UDP
     /// send never waits; one the kernel refuses is dropped, as the network may drop any datagram.
     udp: Option<std::net::UdpSocket>,
@@ -170,27 +168,31 @@ impl CoreHandle {
     pub fn stats(&self) -> Vec<CoreStats> {
         let g = &self.0.global;
         (0..self.0.cores)
-            .map(|i| CoreStats {
-                core: CoreId(i),
-                sessions: g.sessions[i].load(Ordering::Relaxed),
-                observers: g.observers[i].load(Ordering::Relaxed),
-                connections: g.connections[i].load(Ordering::Relaxed),
-                dropped_frames: g.dropped_frames[i].load(Ordering::Relaxed),
-                protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
-                pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
-                rtc: g.rtc[i].load(),
-                frames_in: g.media[i].frames_in.load(),
-                frames_out: g.media[i].frames_out.load(),
-                dropped_by_leg: g.media[i].dropped.load(),
-                dropped_unattached: g.media[i].dropped_unattached.load(Ordering::Relaxed),
-                udp_send_errors: g.media[i].udp_send_errors.load(Ordering::Relaxed),
-                queues: crate::core::QueueDepths {
-                    pacer_frames: g.media[i].pacer_frames.load(Ordering::Relaxed),
-                    agent_backlog: g.media[i].agent_backlog.load(Ordering::Relaxed),
-                    playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
-                },
-                mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
-                outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
+            .map(|i| {
+                let dropped_by_leg = g.media[i].dropped.load();
+                let dropped_unattached = g.media[i].dropped_unattached.load(Ordering::Relaxed);
+                CoreStats {
+                    core: CoreId(i),
+                    sessions: g.sessions[i].load(Ordering::Relaxed),
+                    observers: g.observers[i].load(Ordering::Relaxed),
+                    connections: g.connections[i].load(Ordering::Relaxed),
+                    protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
+                    pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
+                    rtc: g.rtc[i].load(),
+                    frames_in: g.media[i].frames_in.load(),
+                    frames_out: g.media[i].frames_out.load(),
+                    dropped_frames: dropped_by_leg.total() + dropped_unattached,
+                    dropped_by_leg,
+                    dropped_unattached,
+                    udp_send_errors: g.media[i].udp_send_errors.load(Ordering::Relaxed),
+                    queues: crate::core::QueueDepths {
+                        pacer_frames: g.media[i].pacer_frames.load(Ordering::Relaxed),
+                        agent_backlog: g.media[i].agent_backlog.load(Ordering::Relaxed),
+                        playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
+                    },
+                    mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
+                    outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
+                }
             })
             .collect()
     }
@@ -251,7 +253,6 @@ impl CoreShared {
         let stats = state.stats();
         self.global.sessions[self.id.0].store(stats.active_sessions, Ordering::Relaxed);
         self.global.observers[self.id.0].store(stats.observers, Ordering::Relaxed);
-        self.global.dropped_frames[self.id.0].store(self.dropped_frames.get(), Ordering::Relaxed);
         self.global.protocol_errors[self.id.0].store(stats.protocol_errors, Ordering::Relaxed);
         self.global.pacer_drops[self.id.0].store(stats.pacer_drops, Ordering::Relaxed);
         self.global.rtc[self.id.0].store(&stats.rtc);
@@ -354,7 +355,6 @@ impl CoreShared {
             Output::Send { conn, text } => {
                 if let Some(outbox) = outboxes.get(&conn) {
                     if !outbox.push(text, self.limits.ws_outbox_frames) {
-                        self.dropped_frames.set(self.dropped_frames.get() + 1);
                         return Some(conn);
                     }
                 }
@@ -462,7 +462,6 @@ pub(crate) async fn run_core<S: ControlService>(
         shutting_down: Cell::new(false),
         shutdown_event: Event::new(),
         connections: Cell::new(0),
-        dropped_frames: Cell::new(0),
         udp,
         udp_send_errors: Cell::new(0),
         input_time: metrics::histogram!("relay_core_input_seconds", "core" => setup.id.0.to_string()),

@@ -170,8 +170,6 @@ pub(crate) struct Global {
     observers: Vec<AtomicUsize>,
     /// Open connections per core.
     connections: Vec<AtomicUsize>,
-    /// Frames dropped because a socket's queue was full, per core.
-    dropped_frames: Vec<AtomicU64>,
     /// Protocol errors on media legs, per core.
     protocol_errors: Vec<AtomicU64>,
     /// Pacer refusals, per core.
@@ -279,7 +277,8 @@ pub struct CoreStats {
     pub observers: usize,
     /// Open TCP connections it serves.
     pub connections: usize,
-    /// Frames dropped because a socket's queue was full.
+    /// Messages dropped because a socket's queue was full, it was closing or its encoder refused
+    /// them: `dropped_by_leg` summed, plus `dropped_unattached`.
     pub dropped_frames: u64,
     /// Malformed or out-of-order messages received on media legs.
     pub protocol_errors: u64,
@@ -398,7 +397,6 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         sessions: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         observers: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         connections: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
-        dropped_frames: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         protocol_errors: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         pacer_drops: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         rtc: (0..config.cores).map(|_| RtcGauges::default()).collect(),

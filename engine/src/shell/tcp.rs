@@ -19,8 +19,8 @@ use super::tls::{Stream, TlsStream};
 use super::{clock, handoff, ws, ControlService, Outcome, Request, SocketKind};
 use crate::id::{core_for, SessionId};
 use crate::proto::http::{error_context, parse_head, write_response, Connection, Parse, CONTINUE};
-use crate::proto::twilio;
 use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
+use crate::proto::{release_if_large, twilio};
 use crate::secret::Secret;
 
 /// Bytes read from a socket at a time.
@@ -101,8 +101,8 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                     return;
                 }
                 if request_started.is_none() {
-                    release_if_large(&mut buf);
-                    release_if_large(&mut out);
+                    release_if_large(&mut buf, IDLE_BUFFER_BYTES);
+                    release_if_large(&mut out, IDLE_BUFFER_BYTES);
                 }
                 let deadline = match request_started {
                     Some(t) => t + limits.header_timeout,
@@ -362,12 +362,6 @@ async fn caller_session(
         let before = raw.len();
         read_more(shared, stream, &mut raw, deadline, false).await.map_err(|_| (1008, "no start message in time"))?;
         codec.handle_bytes(&raw[before..]);
-    }
-}
-
-fn release_if_large(buf: &mut Vec<u8>) {
-    if buf.is_empty() && buf.capacity() > IDLE_BUFFER_BYTES {
-        *buf = Vec::new();
     }
 }
 

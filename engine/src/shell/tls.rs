@@ -230,9 +230,7 @@ impl AsyncRead for TlsStream {
             let mut rest: &[u8] = &this.incoming;
             let taken = this.tls.read_tls(&mut rest)?;
             this.incoming.drain(..taken);
-            if this.incoming.is_empty() && this.incoming.capacity() > IDLE_INCOMING_BYTES {
-                this.incoming = Vec::new();
-            }
+            crate::proto::release_if_large(&mut this.incoming, IDLE_INCOMING_BYTES);
             this.tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             // Alerts and key updates the peer's records call for go out with the next write.
             this.encrypt_pending()?;

@@ -278,15 +278,16 @@ pub(crate) async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     futures_lite::future::zip(write, read).await;
     shared.remove_outbox(conn);
     let refused = outbox.dropped.get();
-    shared.dropped_frames.set(shared.dropped_frames.get() + refused);
     let blame = shared.session_of(conn);
     let now = shared.now();
     let peer_closed = outbox.peer_closed.get();
-    if refused > 0 {
-        // Counted by leg while the socket is still attached (before the detach below).
-        shared.drive(blame.as_ref(), |state| state.handle_send_dropped(conn, refused));
-    }
-    shared.drive(blame.as_ref(), |state| state.handle_detach(now, conn, peer_closed));
+    shared.drive(blame.as_ref(), |state| {
+        if refused > 0 {
+            // Counted by leg while the socket is still attached.
+            state.handle_send_dropped(conn, refused);
+        }
+        state.handle_detach(now, conn, peer_closed);
+    });
 }
 
 /// Feeds peer frames to the codec and the core until the peer closes, breaks the protocol, or the
