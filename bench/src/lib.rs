@@ -11,10 +11,12 @@
 //! `codec` measures the CPU cost and quality of the media building blocks (μ-law, Opus settings,
 //! resamplers) per 20 ms frame, single-threaded.
 //! The telephony load comes from one event-loop thread driving every socket (`--threads`: the
-//! original thread-per-socket generator, kept to compare against).
+//! original thread-per-socket generator, kept to compare against). With `--netns` a spawned server
+//! runs in a network namespace of its own, reached over a veth pair ([`netns`]).
 
 pub mod client;
 pub mod codec;
+pub mod netns;
 pub mod plot;
 pub mod sampler;
 pub mod stats;

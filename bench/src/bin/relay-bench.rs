@@ -1,7 +1,7 @@
 //! `relay-bench`: load scenarios against Relay or any server with the same API.
 //!
-//! Invariant: every loop is bounded in count and time; traffic goes only to loopback or the URL
-//! given.
+//! Invariant: every loop is bounded in count and time; traffic goes only to loopback, the URL
+//! given, or (with `--netns`) the veth pair to the namespace the bench made itself.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use relay_bench::client::Conn;
+use relay_bench::netns::Netns;
 use relay_bench::sampler::{Sampler, Usage};
 use relay_bench::stats::Summary;
-use relay_bench::target::Target;
+use relay_bench::target::{listen_arg, Target};
 use relay_bench::telephony::{Generator, Options, Report};
 use serde_json::json;
 use serde_json::Value;
@@ -199,9 +200,26 @@ struct LoadArgs {
     /// per CPU) instead of the event loop (one thread, ~550 calls per CPU); to compare generators.
     #[arg(long)]
     threads: bool,
+    /// Run the spawned server in a network namespace of its own, joined to the generator by a
+    /// veth pair with each end's receive processing steered to the receiving side's CPU (as a
+    /// NIC's would be), instead of loopback, where a sender pays for the receiver's TCP work.
+    /// Needs --server-cpu, --bench-cpu, root and iproute2.
+    #[arg(long)]
+    netns: bool,
 }
 
 impl LoadArgs {
+    /// The namespace for the server, when --netns asks for one.
+    fn net(&self) -> anyhow::Result<Option<Netns>> {
+        if !self.netns {
+            return Ok(None);
+        }
+        let (Some(server), Some(bench)) = (self.server_cpu, self.bench_cpu) else {
+            bail!("--netns needs --server-cpu and --bench-cpu");
+        };
+        Netns::create(server, bench).map(Some)
+    }
+
     fn generator(&self) -> Generator {
         if self.threads {
             Generator::Threads
@@ -226,7 +244,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Control { spawn, url, cores, sessions, clients, json } => {
             let target = match (spawn, url) {
-                (Some(bin), None) => Target::spawn(&bin, cores, &[], None)?,
+                (Some(bin), None) => Target::spawn(&bin, cores, &[], None, None)?,
                 (None, Some(url)) => Target::url(&url)?,
                 _ => bail!("give exactly one of --spawn or --url"),
             };
@@ -234,8 +252,9 @@ fn main() -> anyhow::Result<()> {
         }
         Scenario::Telephony { target, load, out } => {
             pin_bench(load)?;
-            let server = start_target(&target, load)?;
-            let m = measure(server.as_ref(), target.pid, load)?;
+            let net = load.net()?;
+            let server = start_target(&target, load, net.as_ref())?;
+            let m = measure(server.as_ref(), target.pid, load, net.as_ref())?;
             let name = match (&target.spawn_baseline, target.direct) {
                 (Some(_), _) => "baseline (Node.js ws)",
                 (None, true) => "direct (no relay)",
@@ -247,16 +266,16 @@ fn main() -> anyhow::Result<()> {
         }
         Scenario::Compare { relay, baseline, cores, load, out } => {
             pin_bench(load)?;
-            let floor = measure(None, None, load)?;
+            let net = load.net()?;
+            let net = net.as_ref();
+            let floor = measure(None, None, load, net)?;
             print_measurement("direct (no relay)", &floor, load);
-            let extra = vec!["--agent-allow".to_owned(), "127.0.0.1".to_owned()];
-            let r = Target::spawn(&relay, cores, &extra, load.server_cpu)?;
-            let relay_m = measure(Some(&r), None, load)?;
+            let r = Target::spawn(&relay, cores, &agent_allow(net), load.server_cpu, net)?;
+            let relay_m = measure(Some(&r), None, load, net)?;
             drop(r);
             print_measurement("relay", &relay_m, load);
-            let b =
-                Target::spawn_process(&baseline, &["--listen".to_owned(), "127.0.0.1:0".to_owned()], load.server_cpu)?;
-            let base_m = measure(Some(&b), None, load)?;
+            let b = Target::spawn_process(&baseline, &["--listen".to_owned(), listen_arg(net)], load.server_cpu, net)?;
+            let base_m = measure(Some(&b), None, load, net)?;
             drop(b);
             print_measurement("baseline (Node.js ws)", &base_m, load);
             print_ratios(&floor, &relay_m, &base_m, load);
@@ -293,7 +312,7 @@ fn main() -> anyhow::Result<()> {
             }
             let target = match &url {
                 Some(url) => Target::url(url)?,
-                None => Target::spawn(&spawn, cores, &relay_args, server_cpu)?,
+                None => Target::spawn(&spawn, cores, &relay_args, server_cpu, None)?,
             };
             let opts = relay_bench::webrtc::Options {
                 calls: calls.max(1),
@@ -330,11 +349,12 @@ fn main() -> anyhow::Result<()> {
         }
         Scenario::Ramp { target, from, step, to, load, out } => {
             pin_bench(load)?;
-            let server = start_target(&target, load)?;
+            let net = load.net()?;
+            let server = start_target(&target, load, net.as_ref())?;
             let mut steps = Vec::new();
             let mut calls = from.max(1);
             while calls <= to {
-                let m = measure(server.as_ref(), target.pid, LoadArgs { calls, ..load })?;
+                let m = measure(server.as_ref(), target.pid, LoadArgs { calls, ..load }, net.as_ref())?;
                 let up = m.report.uplink.summary();
                 println!(
                     "calls {calls:>5}: uplink p50 {:>7.0} µs p99 {:>8.0} µs p99.9 {:>8.0} µs; server {:>5.1} % of a core{}; lost {}; late sends {}; generator {:>3.0} %{}, send lag p99 {:.0} µs{}",
@@ -374,17 +394,21 @@ fn pin_bench(load: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_target(t: &TargetArgs, load: LoadArgs) -> anyhow::Result<Option<Target>> {
+/// The relay flag that lets it dial the bench's bot.
+fn agent_allow(net: Option<&Netns>) -> Vec<String> {
+    let ip = net.map_or_else(|| "127.0.0.1".to_owned(), |n| n.peer_ip.to_string());
+    vec!["--agent-allow".to_owned(), ip]
+}
+
+fn start_target(t: &TargetArgs, load: LoadArgs, net: Option<&Netns>) -> anyhow::Result<Option<Target>> {
     Ok(match (&t.spawn, &t.spawn_baseline, &t.url, t.direct) {
-        (Some(bin), None, None, false) => {
-            Some(Target::spawn(bin, t.cores, &["--agent-allow".into(), "127.0.0.1".into()], load.server_cpu)?)
-        }
+        (Some(bin), None, None, false) => Some(Target::spawn(bin, t.cores, &agent_allow(net), load.server_cpu, net)?),
         (None, Some(script), None, false) => {
-            Some(Target::spawn_process(script, &["--listen".into(), "127.0.0.1:0".into()], load.server_cpu)?)
+            Some(Target::spawn_process(script, &["--listen".into(), listen_arg(net)], load.server_cpu, net)?)
         }
-        (None, None, Some(url), false) => Some(Target::url(url)?),
+        (None, None, Some(url), false) if net.is_none() => Some(Target::url(url)?),
         (None, None, None, true) => None,
-        _ => bail!("give exactly one of --spawn, --spawn-baseline, --url or --direct"),
+        _ => bail!("give exactly one of --spawn, --spawn-baseline, --url or --direct (--netns: not with --url)"),
     })
 }
 
@@ -439,7 +463,12 @@ impl Measurement {
     }
 }
 
-fn measure(target: Option<&Target>, pid: Option<u32>, load: LoadArgs) -> anyhow::Result<Measurement> {
+fn measure(
+    target: Option<&Target>,
+    pid: Option<u32>,
+    load: LoadArgs,
+    net: Option<&Netns>,
+) -> anyhow::Result<Measurement> {
     let pid = pid.or_else(|| target.and_then(Target::pid));
     let idle_rss = pid.and_then(relay_bench::sampler::sample).map_or(0, |s| s.rss_bytes);
     // A spawned server's pinned CPU is watched only when the bench spawned it (a --pid may run anywhere).
@@ -454,6 +483,7 @@ fn measure(target: Option<&Target>, pid: Option<u32>, load: LoadArgs) -> anyhow:
         late_after: Duration::from_millis(load.late_ms),
         generator: load.generator(),
         cpu: load.bench_cpu,
+        bot_ip: net.map_or_else(|| std::net::Ipv4Addr::LOCALHOST.into(), |n| n.peer_ip),
     };
     let report = relay_bench::telephony::run(target.map(|t| t.addr), opts)?;
     let (from, to) = report.steady;
@@ -592,6 +622,7 @@ fn write_outputs(out: &OutArgs, runs: &[(String, &Measurement)], load: LoadArgs)
                     "server_rss_max_bytes": m.server.map(|u| u.rss_max_bytes),
                     "server_idle_rss_bytes": m.idle_rss, "bench_cores": m.bench_cores, "valid": m.valid(),
                     "server_cpu_busy": m.server.and_then(|u| u.cpu_busy), "bench_cpu_busy": m.bench_cpu_busy,
+                    "netns": load.netns,
                 })
             })
             .collect();

@@ -173,7 +173,7 @@ struct Loop {
 
 impl Loop {
     fn new(relay: Option<SocketAddr>, opts: Options) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("bind the bot")?;
+        let listener = TcpListener::bind((opts.bot_ip, 0)).context("bind the bot")?;
         listener.set_nonblocking(true)?;
         let bot_addr = listener.local_addr()?;
         let epoll = Epoll::new(EVENTS_PER_WAIT).context("epoll")?;

@@ -111,6 +111,9 @@ pub struct Options {
     pub generator: Generator,
     /// CPU the event-loop generator's thread is pinned to (`None`: wherever the process may run).
     pub cpu: Option<usize>,
+    /// The address the bot listens on (the relay dials it): loopback, or the generator's end of a
+    /// [`crate::netns::Netns`].
+    pub bot_ip: std::net::IpAddr,
 }
 
 /// Runs the scenario against `relay` (`None`: the callers talk to the bot directly, the no-relay
@@ -464,6 +467,7 @@ mod tests {
                 late_after: Duration::from_secs(60),
                 generator,
                 cpu: None,
+                bot_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             };
             let r = run(None, opts).expect("a direct run");
             assert_eq!(r.sent, 3 * 50, "{generator:?}");

@@ -29,7 +29,7 @@ struct Sends {
 
 /// Runs the scenario with a thread per socket.
 pub(super) fn run(relay: Option<SocketAddr>, opts: Options) -> anyhow::Result<Report> {
-    let bot = TcpListener::bind("127.0.0.1:0").context("bind the bot")?;
+    let bot = TcpListener::bind((opts.bot_ip, 0)).context("bind the bot")?;
     let bot_addr = bot.local_addr()?;
     let frames = frames(&opts);
     let schedule = Schedule { origin: Instant::now() + lead_in(&opts), calls: opts.calls, aligned: opts.aligned };
