@@ -10,8 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use relay_engine::core::LegKind;
-use relay_engine::shell::{CoreHandle, CoreStats};
+use relay_engine::shell::{CoreHandle, CoreStats, FrameDir};
 
 use crate::records::StoreStats;
 
@@ -165,26 +164,19 @@ pub fn render(core: &CoreHandle, records: &StoreStats) -> String {
 }
 
 /// A core's frames in and out and its socket drops, by leg kind (`core` is its label value).
+/// Drops for sockets already detached from their call have `leg="other"`: a counter of its own (not
+/// the total minus the rest, which a scrape between two stores would overshoot).
 fn per_leg(s: &CoreStats, core: &str) {
-    for kind in LegKind::ALL {
-        let leg = kind.name();
-        if kind.receives_audio() {
-            let n = s.frames_in.get(kind);
-            metrics::counter!("relay_frames_in_total", "core" => core.to_owned(), "leg" => leg).absolute(n);
-        }
-        if kind.sends_audio() {
-            let n = s.frames_out.get(kind);
-            metrics::counter!("relay_frames_out_total", "core" => core.to_owned(), "leg" => leg).absolute(n);
-        }
-        if kind.is_socket() {
-            let n = s.dropped_by_leg.get(kind);
-            metrics::counter!("relay_dropped_frames_total", "core" => core.to_owned(), "leg" => leg).absolute(n);
+    for (dir, leg, n) in s.leg_counts() {
+        let core = core.to_owned();
+        match dir {
+            FrameDir::In => metrics::counter!("relay_frames_in_total", "core" => core, "leg" => leg).absolute(n),
+            FrameDir::Out => metrics::counter!("relay_frames_out_total", "core" => core, "leg" => leg).absolute(n),
+            FrameDir::Dropped => {
+                metrics::counter!("relay_dropped_frames_total", "core" => core, "leg" => leg).absolute(n);
+            }
         }
     }
-    // Drops for sockets already detached from their call: a counter of its own (not the total
-    // minus the rest, which a scrape between two stores would overshoot).
-    metrics::counter!("relay_dropped_frames_total", "core" => core.to_owned(), "leg" => "other")
-        .absolute(s.dropped_unattached);
 }
 
 /// A core's error counts by `kind` label.

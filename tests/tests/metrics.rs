@@ -150,6 +150,15 @@ fn a_twilio_call_is_counted_by_leg() {
     assert_eq!(codec_calls(&text, &core, "opus_encode"), 0.0, "{text}");
     let dropped = labelled(&text, "relay_dropped_frames_total", &[("core", &core), ("leg", "caller")]);
     assert_eq!(dropped, Some(0.0), "{text}");
+    // /health/detailed shows the same counts for the call's core.
+    let detailed = relay.detailed();
+    let frames = &detailed["services"]["server"]["cores"][owner(id, relay.cores())]["frames"];
+    assert_eq!(frames["in"], json!({"caller": 50, "bot": 150, "realtime": 0, "webrtc": 0}), "{detailed}");
+    assert_eq!(frames["out"]["frontend"], 200, "{detailed}");
+    assert_eq!((&frames["out"]["caller"], &frames["out"]["bot"]), (&json!(150), &json!(50)), "{detailed}");
+    assert_eq!(frames["dropped"]["caller"], 0, "{detailed}");
+    assert_eq!(frames["dropped"]["other"], 0, "{detailed}");
+    assert!(frames["dropped"].get("webrtc").is_none(), "WebRTC legs have no socket queue: {detailed}");
     // Once played, nothing waits any more.
     poll_until("the pacer to drain", || {
         let text = relay.get("/metrics").text();

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use relay_engine::shell::CoreHandle;
+use relay_engine::shell::{CoreHandle, CoreStats};
 use serde_json::{json, Value};
 
 use crate::error::json_response;
@@ -46,7 +46,8 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
                     "protocolErrors": s.protocol_errors, "pacerDrops": s.pacer_drops,
                     "webrtc": { "peers": s.rtc.peers, "lost": s.rtc.lost, "concealed": s.rtc.concealed,
                                 "fecRecovered": s.rtc.fec_recovered, "late": s.rtc.late,
-                                "decodeErrors": s.rtc.decode_errors } })
+                                "decodeErrors": s.rtc.decode_errors },
+                    "frames": frames_by_leg(s) })
         })
         .collect();
     // An upstream that does not answer degrades the relay (calls that need it fail); an unusable
@@ -86,6 +87,16 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
         },
     });
     json_response(if db_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+/// `{"in": {leg: n}, "out": {…}, "dropped": {…, "other": n}}`: what `/metrics` exports as
+/// `relay_frames_in_total`, `relay_frames_out_total` and `relay_dropped_frames_total` for a core.
+fn frames_by_leg(s: &CoreStats) -> Value {
+    let mut out = json!({ "in": {}, "out": {}, "dropped": {} });
+    for (dir, leg, n) in s.leg_counts() {
+        out[dir.name()][leg] = json!(n);
+    }
+    out
 }
 
 /// Resident set size of this process, bytes (0 if /proc is unreadable).

@@ -305,6 +305,49 @@ pub struct CoreStats {
     pub outbox_frames: u64,
 }
 
+/// Which way a per-leg frame count goes ([`CoreStats::leg_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameDir {
+    /// Received from legs of the kind.
+    In,
+    /// Sent (queued) to legs of the kind.
+    Out,
+    /// Dropped on their way to legs of the kind.
+    Dropped,
+}
+
+impl FrameDir {
+    /// Its name in `/health/detailed` and in metric names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::In => "in",
+            Self::Out => "out",
+            Self::Dropped => "dropped",
+        }
+    }
+}
+
+impl CoreStats {
+    /// Every per-leg frame count that applies, as (direction, leg name, count): a kind appears only
+    /// in the directions it has (no audio comes from listeners, WebRTC has no socket queue to drop
+    /// from), and drops for sockets already detached from their call under the leg `other`.
+    pub fn leg_counts(&self) -> impl Iterator<Item = (FrameDir, &'static str, u64)> + '_ {
+        LegKind::ALL
+            .into_iter()
+            .flat_map(move |kind| {
+                [
+                    (kind.receives_audio(), FrameDir::In, &self.frames_in),
+                    (kind.sends_audio(), FrameDir::Out, &self.frames_out),
+                    (kind.is_socket(), FrameDir::Dropped, &self.dropped_by_leg),
+                ]
+                .into_iter()
+                .filter(|(applies, _, _)| *applies)
+                .map(move |(_, dir, counts)| (dir, kind.name(), counts.get(kind)))
+            })
+            .chain(std::iter::once((FrameDir::Dropped, "other", self.dropped_unattached)))
+    }
+}
+
 /// Asks a running relay to shut down gracefully; cheap to clone and `Send`.
 #[derive(Clone)]
 pub struct ShutdownHandle(Arc<Global>);
