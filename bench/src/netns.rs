@@ -46,11 +46,10 @@ impl Netns {
         run(&["ip", "-n", ns, "addr", "add", &format!("{server}/30"), "dev", &ns_end])?;
         run(&["ip", "-n", ns, "link", "set", &ns_end, "up"])?;
         run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        let mask = |cpu: usize| format!("{:x}", 1u128 << cpu.min(127));
-        std::fs::write(format!("/sys/class/net/{host_end}/queues/rx-0/rps_cpus"), mask(bench_cpu))
+        std::fs::write(format!("/sys/class/net/{host_end}/queues/rx-0/rps_cpus"), cpu_mask(bench_cpu))
             .context("steer the host end's receive queue (RPS)")?;
         // The namespace's own sysfs is mounted by `ip netns exec`.
-        let steer = format!("echo {} > /sys/class/net/{ns_end}/queues/rx-0/rps_cpus", mask(server_cpu));
+        let steer = format!("echo {} > /sys/class/net/{ns_end}/queues/rx-0/rps_cpus", cpu_mask(server_cpu));
         run(&["ip", "netns", "exec", ns, "sh", "-c", &steer])?;
         Ok(this)
     }
@@ -69,10 +68,30 @@ impl Drop for Netns {
     }
 }
 
+/// `cpu` as a sysfs CPU mask: hex in comma-separated 32-bit groups, most significant first.
+fn cpu_mask(cpu: usize) -> String {
+    let (word, bit) = (cpu / 32, cpu % 32);
+    (0..=word).rev().map(|w| format!("{:08x}", if w == word { 1u32 << bit } else { 0 })).collect::<Vec<_>>().join(",")
+}
+
 fn run(argv: &[&str]) -> anyhow::Result<()> {
     let status = Command::new(argv[0]).args(&argv[1..]).status().with_context(|| format!("run {}", argv.join(" ")))?;
     if !status.success() {
         bail!("`{}` failed ({status}); --netns needs root and iproute2", argv.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_mask;
+
+    #[test]
+    fn cpu_masks_are_grouped_by_32_bits() {
+        assert_eq!(cpu_mask(0), "00000001");
+        assert_eq!(cpu_mask(1), "00000002");
+        assert_eq!(cpu_mask(31), "80000000");
+        assert_eq!(cpu_mask(32), "00000001,00000000");
+        assert_eq!(cpu_mask(70), "00000040,00000000,00000000");
+    }
 }
