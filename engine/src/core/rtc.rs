@@ -313,9 +313,7 @@ impl CoreState {
         }
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let Some(mixer) = session.mixer.as_mut() else { return };
-        let errors = mixer.encode_errors();
-        let packet = mixer.tick(now.instant, codec_timing(&self.codec_timer));
-        self.stats.rtc.encode_errors += mixer.encode_errors() - errors;
+        let packet = mixer.tick(now.instant, codec_timing(&self.codec_timer), &mut self.stats.rtc.encode_errors);
         let Some(packet) = packet else { return };
         let listeners: Vec<PeerId> =
             session.legs.iter().filter(|l| l.role == RtcRole::Listener && l.connected).map(|l| l.peer).collect();
@@ -528,9 +526,7 @@ impl CoreState {
             return;
         }
         let Some(outbound) = leg.outbound.as_mut() else { return };
-        let errors = outbound.encode_errors;
-        let packet = outbound.encode(frame, codec_timing(&self.codec_timer));
-        self.stats.rtc.encode_errors += outbound.encode_errors - errors;
+        let packet = outbound.encode(frame, codec_timing(&self.codec_timer), &mut self.stats.rtc.encode_errors);
         let Some(packet) = packet else { return };
         if let Some(rtc) = self.rtc.as_mut() {
             if rtc.endpoint.write_audio(now.instant, peer, &packet, WIRE_SAMPLES) {

@@ -239,24 +239,22 @@ pub fn to_ulaw(down: &mut Option<Resampler>, frame: &Pcm, timing: Timing<'_>) ->
 pub struct Outbound {
     encoder: Option<(SampleRate, OpusEncoder)>,
     settings: OpusSettings,
-    /// Frames that failed to encode.
-    pub encode_errors: u64,
 }
 
 impl std::fmt::Debug for Outbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbound").field("encode_errors", &self.encode_errors).finish_non_exhaustive()
+        f.debug_struct("Outbound").field("rate", &self.encoder.as_ref().map(|(rate, _)| *rate)).finish_non_exhaustive()
     }
 }
 
 impl Outbound {
     /// An encoder-to-be with `settings`.
     pub fn new(settings: OpusSettings) -> Self {
-        Self { encoder: None, settings, encode_errors: 0 }
+        Self { encoder: None, settings }
     }
 
-    /// `frame` as one Opus packet.
-    pub fn encode(&mut self, frame: &Pcm, timing: Timing<'_>) -> Option<Bytes> {
+    /// `frame` as one Opus packet; a frame that fails to encode adds one to `errors`.
+    pub fn encode(&mut self, frame: &Pcm, timing: Timing<'_>, errors: &mut u64) -> Option<Bytes> {
         if self.encoder.as_ref().is_none_or(|(rate, _)| *rate != frame.rate) {
             self.encoder = OpusEncoder::new(frame.rate.hz(), &self.settings).ok().map(|e| (frame.rate, e));
         }
@@ -267,7 +265,7 @@ impl Outbound {
             Ok(packet) if self.settings.dtx && crate::media::opus::is_dtx_packet(&packet) => None,
             Ok(packet) => Some(packet),
             Err(_) => {
-                self.encode_errors += 1;
+                *errors += 1;
                 None
             }
         }
@@ -372,13 +370,9 @@ impl Mixer {
         self.next
     }
 
-    /// Mixes that failed to encode (not sent).
-    pub fn encode_errors(&self) -> u64 {
-        self.out.encode_errors
-    }
-
-    /// The mix due at `now`, as one Opus packet, if anything was there to mix.
-    pub fn tick(&mut self, now: Instant, timing: Timing<'_>) -> Option<Bytes> {
+    /// The mix due at `now`, as one Opus packet, if anything was there to mix; a mix that fails to
+    /// encode (not sent) adds one to `errors`.
+    pub fn tick(&mut self, now: Instant, timing: Timing<'_>, errors: &mut u64) -> Option<Bytes> {
         let due = self.next?;
         if now < due {
             return None;
@@ -412,7 +406,7 @@ impl Mixer {
                 *m = m.saturating_add(*s);
             }
         }
-        self.out.encode(&mix, timing)
+        self.out.encode(&mix, timing, errors)
     }
 }
 
@@ -493,7 +487,7 @@ mod tests {
         assert_eq!(pcm.samples.len(), FRAME_8K);
         assert!(ulaw_b64_to_pcm(b"not base64!", timing).is_none());
         let mut out = Outbound::new(OpusSettings::default());
-        assert!(out.encode(&pcm, timing).is_some());
+        assert!(out.encode(&pcm, timing, &mut 0).is_some());
         assert_eq!(
             *recorder.ops.borrow(),
             [CodecOp::Resample, CodecOp::UlawEncode, CodecOp::UlawDecode, CodecOp::OpusEncode],
