@@ -298,10 +298,12 @@ fn json_bombs_are_400() {
 }
 
 /// A ping flood from a client that never reads its pongs costs only that socket: other sockets of
-/// the session keep their events, and the relay stays healthy.
+/// the session keep their events, the relay stays healthy, and the pongs it cannot deliver are
+/// not kept without bound (the flooder is cut off past the write buffer limit, 1 MiB).
 #[test]
 fn ping_flood_costs_only_the_flooder() {
     let relay = Relay::start(&[]);
+    let rss_before = relay.rss_bytes();
     assert_success(&relay.start_call("flood", "t"), "Call started successfully");
     let mut calm = relay.observe("flood", "t");
     let mut flooder =
@@ -314,8 +316,31 @@ fn ping_flood_costs_only_the_flooder() {
             break; // The relay closed the flooder: fine.
         }
     }
+    let grown = relay.rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 16 << 20, "the flood grew the relay by {} MiB", grown >> 20);
     assert_success(&relay.post("/mute", &json!({ "sessionId": "flood" })), "Microphone muted");
     let update = calm.recv_json();
     assert_eq!(update["eventType"], "update", "the calm socket still gets its events: {update}");
     assert_eq!(relay.get("/health").status, 200);
+}
+
+/// Many pipelined requests for a large answer, from a client that reads none of them, do not make
+/// the relay hold every answer: they are written out as they are made, and wait in the socket.
+#[test]
+fn pipelined_large_answers_are_not_all_held() {
+    let relay = Relay::start(&[]);
+    let rss_before = relay.rss_bytes();
+    let mut conn = Conn::open(relay.addr());
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(400);
+    conn.write_raw(request.as_bytes()).expect("pipelined requests");
+    // One 4 KiB read holds ~100 of these requests: ~7 MiB of answers if all were held (they are
+    // made in well under a second).
+    // The relay writes until the socket is full, then waits.
+    thread::sleep(std::time::Duration::from_secs(2));
+    let grown = relay.rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 3 << 20, "unread answers grew the relay by {} KiB", grown >> 10);
+    assert_eq!(relay.get("/health").status, 200, "others are served meanwhile");
+    // Reading resumes the pipeline: the first answer is whole.
+    let first = conn.read_response();
+    assert_eq!(first.status, 200);
 }

@@ -144,3 +144,73 @@ fn wss_twilio_calls_on_two_cores() {
         assert!(heard, "the caller hears the bot over wss (call {call})");
     }
 }
+
+/// A TCP connection to `addr` whose receive buffer is set small before connecting, so that a large
+/// answer fills the path and the relay's writes must wait for the client to read.
+fn connect_small_window(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else { panic!("the test relay listens on IPv4") };
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let size: libc::c_int = 4096;
+        let len = size_of::<libc::c_int>() as libc::socklen_t;
+        assert_eq!(libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&raw const size).cast(), len), 0);
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let sin_len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::connect(fd, (&raw const sin).cast(), sin_len), 0, "connect");
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Twenty pipelined large answers over TLS, to a client with a small window that starts reading
+/// late, arrive whole and in order: each flush writes out the TLS records too, none is left in the
+/// relay's buffer waiting for another request.
+#[test]
+fn large_answers_to_a_slow_tls_reader_arrive_whole() {
+    const REQUESTS: usize = 20;
+    let cert = TestCert::localhost();
+    let relay = start(&cert, &[]);
+    let tcp = connect_small_window(relay.addr());
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(cert.client_config(), name).expect("client");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(REQUESTS);
+    tls.write_all(request.as_bytes()).expect("pipelined requests");
+    // Let the relay fill the small window and wait on the socket.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    for i in 0..REQUESTS {
+        let (head_len, length) = loop {
+            let text = String::from_utf8_lossy(&raw);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                    .and_then(|v| v.parse().ok())
+                    .expect("a Content-Length");
+                break (end + 4, length);
+            }
+            let n = tls.read(&mut chunk).unwrap_or_else(|e| panic!("answer {i} keeps coming: {e}"));
+            assert!(n > 0, "the relay closed a keep-alive connection");
+            raw.extend_from_slice(&chunk[..n]);
+        };
+        while raw.len() < head_len + length {
+            let n = tls.read(&mut chunk).unwrap_or_else(|e| panic!("the whole body of answer {i}: {e}"));
+            assert!(n > 0, "the relay closed a keep-alive connection mid-body");
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        let body: Value = serde_json::from_slice(&raw[head_len..head_len + length]).expect("the document parses");
+        assert!(body["paths"].is_object(), "an OpenAPI document");
+        raw.drain(..head_len + length);
+    }
+    assert!(raw.is_empty(), "nothing past the last answer");
+}

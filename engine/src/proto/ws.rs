@@ -210,6 +210,11 @@ impl WsCodec {
             match self.ctx.read(&mut self.io) {
                 Ok(Message::Text(t)) => return Ok(Some(Incoming::Text(t))),
                 Ok(Message::Binary(b)) => return Ok(Some(Incoming::Binary(b))),
+                Ok(Message::Ping(_)) if self.io.output.len() > self.max_write_buffer => {
+                    // Each ping's pong is queued in memory: a peer that sends pings but does not
+                    // read the pongs would grow the queue without bound.
+                    return Err(WsError::WriteBufferFull);
+                }
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
                 Ok(Message::Close(_)) => return Ok(Some(Incoming::Close)),
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -395,6 +400,25 @@ mod tests {
         assert_eq!(c.poll_incoming().expect("ok"), None);
         let out = c.poll_transmit().expect("pong queued");
         assert_eq!(out, vec![0x8a, 0x01, b'p']);
+    }
+
+    /// A peer that floods pings and reads none of the pongs is cut off once the pongs waiting
+    /// for it pass the write buffer limit: memory stays bounded.
+    #[test]
+    fn unread_pongs_are_bounded() {
+        let limits = Limits { ws_max_write_buffer_bytes: 4096, ..Limits::default() };
+        let mut c = WsCodec::new_server(&limits, &[]);
+        let ping = client_frame(0x9, true, &[b'p'; 100]);
+        let mut result = Ok(None);
+        for _ in 0..1000 {
+            c.handle_bytes(&ping);
+            result = c.poll_incoming();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(result, Err(WsError::WriteBufferFull)), "{result:?}");
+        assert!(c.io.output.len() <= 4096 + 2 * 102, "pongs held: {}", c.io.output.len());
     }
 
     /// Bytes split at every boundary still give the one message.

@@ -52,7 +52,7 @@ pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, sessi
     } else {
         shared.remove_outbox(conn);
         let mut stream = stream;
-        let _ = stream.close().await;
+        super::tcp::close(&mut stream).await;
     }
     shared.connection_closed();
 }

@@ -9,7 +9,6 @@ use std::rc::Rc;
 use glommio::channels::shared_channel::ConnectedReceiver;
 
 use super::core_task::CoreShared;
-use http::StatusCode;
 
 use super::tls::{Stream, TlsStream};
 use super::{handoff, tcp, ws, ControlService, Upgrade};
@@ -67,13 +66,11 @@ pub(crate) async fn receive_task<S: ControlService>(
                     None => Stream::Plain(tcp),
                 };
                 if shared.connections.get() >= shared.limits.connections_per_core {
-                    let resp = service.error_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "this relay core is at its connection limit",
-                        &http::HeaderMap::new(),
-                    );
+                    // A caller's socket was already answered 101: it gets a close frame, not HTTP.
+                    let (service, upgraded) = (service.clone(), h.upgraded);
                     glommio::spawn_local(async move {
-                        tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+                        let message = "this relay core is at its connection limit";
+                        tcp::refuse(&service, &mut stream, upgraded, message).await;
                     })
                     .detach();
                     continue;

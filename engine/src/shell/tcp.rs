@@ -28,6 +28,8 @@ const READ_CHUNK: usize = 4096;
 /// Buffer capacity an idle connection may keep; a larger one (left by a big request) is freed, so
 /// thousands of idle keep-alive connections cost little memory.
 const IDLE_BUFFER_BYTES: usize = 2 * READ_CHUNK;
+/// Answers to pipelined requests held before they are written (one answer may pass it).
+const PIPELINE_FLUSH_BYTES: usize = 64 * 1024;
 
 /// Accepts connections until cancelled at shutdown.
 pub(crate) async fn accept_task<S: ControlService>(shared: Rc<CoreShared>, service: Rc<S>, listener: TcpListener) {
@@ -188,11 +190,18 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                 let now = clock::now();
                 clock::with_http_date(now, |date| write_response(&mut out, &resp, connection, head_only, date));
                 if !keep_alive {
-                    let _ = flush(&mut stream, &mut out, limits.idle_timeout).await;
+                    // Lingering, as after an error: pipelined bytes we will not read must not make
+                    // the kernel reset the connection before the client has read this response.
+                    close_lingering(&mut stream, &mut out).await;
                     return;
                 }
-                // Pipelined requests already buffered are answered together in one write; yield
-                // between requests so one client's pipeline cannot starve the core.
+                // Pipelined requests already buffered are answered together in one write, up to
+                // PIPELINE_FLUSH_BYTES of answers: a client that pipelines many requests for large
+                // answers and reads none cannot make the relay hold them all. Yield between
+                // requests so one client's pipeline cannot starve the core.
+                if out.len() >= PIPELINE_FLUSH_BYTES && !flush(&mut stream, &mut out, limits.idle_timeout).await {
+                    return;
+                }
                 glommio::yield_if_needed().await;
             }
             Outcome::Upgrade(up) => {
@@ -226,7 +235,7 @@ async fn upgrade<S: ControlService>(
         codec.close(code, reason);
         out.extend(codec.poll_transmit().unwrap_or_default());
         let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
-        let _ = stream.close().await;
+        close(&mut stream).await;
         return;
     }
     let (session, read_ahead, upgraded) = if up.kind == SocketKind::Caller {
@@ -243,7 +252,7 @@ async fn upgrade<S: ControlService>(
                 if let Some(mut bytes) = codec.poll_transmit() {
                     let _ = flush(&mut stream, &mut bytes, Duration::from_secs(1)).await;
                 }
-                let _ = stream.close().await;
+                close(&mut stream).await;
                 return;
             }
         }
@@ -297,14 +306,19 @@ async fn upgrade<S: ControlService>(
 }
 
 /// Refuses a connection that could not be moved: 503 before the upgrade, close 1013 after it.
-async fn refuse<S: ControlService>(service: &Rc<S>, stream: &mut Stream, upgraded: bool, message: &'static str) {
+pub(crate) async fn refuse<S: ControlService>(
+    service: &Rc<S>,
+    stream: &mut Stream,
+    upgraded: bool,
+    message: &'static str,
+) {
     if upgraded {
         let mut codec = WsCodec::new_server(&crate::config::Limits::default(), &[]);
         codec.close(1013, message);
         if let Some(mut bytes) = codec.poll_transmit() {
             let _ = flush(stream, &mut bytes, Duration::from_secs(1)).await;
         }
-        let _ = stream.close().await;
+        close(stream).await;
     } else {
         let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, message, &HeaderMap::new());
         respond_and_close(stream, &mut Vec::new(), &resp, false).await;
@@ -413,9 +427,26 @@ pub(crate) async fn flush(stream: &mut Stream, out: &mut Vec<u8>, timeout: Durat
     if out.is_empty() {
         return true;
     }
-    let written = glommio::timer::timeout(timeout, async { Ok(stream.write_all(out).await) }).await;
+    // The flush matters for TLS: its last records may still wait in its buffer after `write_all`.
+    let written = glommio::timer::timeout(timeout, async {
+        Ok(async {
+            stream.write_all(out).await?;
+            stream.flush().await
+        }
+        .await)
+    })
+    .await;
     out.clear();
     matches!(written, Ok(Ok(())))
+}
+
+/// How long closing a connection may take (TLS's `close_notify` must reach the socket first): a
+/// peer that stopped reading cannot hold the task past it.
+const CLOSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// Closes `stream` (TLS: `close_notify`, then the TCP write side), giving up after [`CLOSE_WITHIN`].
+pub(crate) async fn close(stream: &mut Stream) {
+    let _ = glommio::timer::timeout(CLOSE_WITHIN, async { Ok(stream.close().await) }).await;
 }
 
 /// Sends `resp` (after anything already in `out`) and closes the connection.
@@ -429,14 +460,22 @@ pub(crate) async fn respond_and_close(
     resp: &http::Response<Bytes>,
     head_only: bool,
 ) {
-    const LINGER: Duration = Duration::from_secs(1);
-    const LINGER_BYTES: usize = 256 * 1024;
     let now = clock::now();
     clock::with_http_date(now, |date| write_response(out, resp, Connection::Close, head_only, date));
+    close_lingering(stream, out).await;
+}
+
+/// Writes out `out`, ends our side of the connection, and lingers (see [`respond_and_close`]).
+async fn close_lingering(stream: &mut Stream, out: &mut Vec<u8>) {
+    const LINGER: Duration = Duration::from_secs(1);
+    const LINGER_BYTES: usize = 256 * 1024;
     if !flush(stream, out, Duration::from_secs(5)).await {
         return;
     }
-    let _ = stream.shutdown_write().await;
+    let shut = glommio::timer::timeout(CLOSE_WITHIN, async { Ok(stream.shutdown_write().await) }).await;
+    if !matches!(shut, Ok(Ok(()))) {
+        return;
+    }
     let mut drained = 0;
     // On the heap: this future is part of every connection's task.
     let mut chunk = vec![0u8; READ_CHUNK];

@@ -91,6 +91,8 @@ pub(crate) struct TlsState {
     tls: rustls::Connection,
     /// Encrypted bytes read from the socket and not yet taken by rustls.
     incoming: Vec<u8>,
+    /// Encrypted bytes not yet written to the socket (empty when the caller flushed first).
+    out: Vec<u8>,
 }
 
 /// A TLS connection over TCP, either side.
@@ -136,14 +138,14 @@ impl TlsStream {
     }
 
     /// The state to move to another core, and the socket (whose descriptor moves separately).
-    /// Everything this side had to write was already flushed by the caller.
+    /// Records not yet written move too, and go out first on the new core.
     pub(crate) fn into_parts(self) -> (TcpStream, TlsState) {
-        (self.tcp, TlsState { tls: self.tls, incoming: self.incoming })
+        (self.tcp, TlsState { tls: self.tls, incoming: self.incoming, out: self.out })
     }
 
     /// A connection moved here: its socket, adopted, and its state.
     pub(crate) fn from_parts(tcp: TcpStream, state: TlsState) -> Self {
-        Self { tcp, tls: state.tls, out: Vec::new(), incoming: state.incoming }
+        Self { tcp, tls: state.tls, out: state.out, incoming: state.incoming }
     }
 
     async fn handshake(mut tcp: TcpStream, mut tls: rustls::Connection) -> io::Result<Self> {
