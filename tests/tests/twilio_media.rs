@@ -364,6 +364,31 @@ fn call_sid_query_is_the_fallback_key() {
     assert_eq!(status["isConnected"], true, "call-status: {status}");
 }
 
+/// A client written to seed 003 sends `start` flat (its fields beside `event`) and names the call
+/// only in `?callSid=`: the stream joins that call, and the bot is greeted with a Twilio `start`
+/// whose `callSid` is the call's.
+#[test]
+fn flat_start_named_by_the_query() {
+    let bot = TwilioBot::start();
+    let relay = Relay::start(&["--agent-url", &bot.url("/flat")]);
+    let id = "CA-flat";
+    let front = Frontend::connect(&relay, id, "watcher", "");
+    let peer = relay_tests::telephony::Peer::connect(relay.addr(), &format!("/twilio/stream?callSid={id}"), &[])
+        .expect("upgrade");
+    let caller = TwilioCaller::new(peer, "");
+    caller.peer().send_json(&connected_msg());
+    caller.peer().send_json(&json!({
+        "event": "start", "streamSid": "MZflat", "accountSid": "AC0123456789abcdef0123456789abcdef",
+        "tracks": ["inbound", "outbound"],
+    }));
+    let agent = bot.ready(0);
+    let start = &agent.events_named("start")[0].1;
+    assert_eq!(start["start"]["callSid"], id, "the bot's start names the call: {start}");
+    caller.send_audio(&frames(41, 0..5));
+    assert_eq!(agent.wait_media(5), frames(41, 0..5), "caller audio reaches the bot");
+    assert_eq!(front.wait_audio("inbound", 5), frames(41, 0..5), "the stream joined call {id}");
+}
+
 /// Opens `/twilio/stream` with `connected`, `start` (for `call_sid`, parameter `callSid` = `param`)
 /// and `frames` as media, all in the same write as the upgrade request.
 fn early_stream(relay: &Relay, path: &str, call_sid: &str, param: &str, frames: &[Vec<u8>]) -> RawWs {

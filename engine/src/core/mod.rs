@@ -907,7 +907,11 @@ impl CoreState {
         self.broadcast(now, id, event, data);
     }
 
-    fn caller_started(&mut self, now: Now, id: &SessionId, conn: ConnectionId, start: twilio::Start) {
+    fn caller_started(&mut self, now: Now, id: &SessionId, conn: ConnectionId, mut start: twilio::Start) {
+        if start.call_sid.is_empty() {
+            // Named by the stream's URL: the agent and the records see the call by that name.
+            start.call_sid = id.as_str().to_owned();
+        }
         let exists = self.slots.get(id).is_some_and(|s| s.session.is_some());
         if !exists {
             if self.shutting_down || self.stats.active_sessions >= self.limits.sessions_per_core {

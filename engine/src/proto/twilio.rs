@@ -69,7 +69,7 @@ pub struct Start {
     pub stream_sid: String,
     /// `start.accountSid`.
     pub account_sid: String,
-    /// `start.callSid`.
+    /// `start.callSid`; empty when the start had none (the call is then named by the stream's URL).
     pub call_sid: String,
     /// `start.tracks` as sent (`inbound`, `outbound`); at most [`MAX_TRACKS`].
     pub tracks: Vec<String>,
@@ -241,7 +241,20 @@ pub fn parse(frame: &Bytes) -> Result<Message, ParseError> {
         "clear" => Ok(Message::Clear),
         "connected" => Ok(Message::Connected),
         "start" => {
-            start(sequence, wire.start.ok_or(ParseError::Missing("start"))?, wire.stream_sid).map(Message::Start)
+            let body = match wire.start {
+                Some(body) => body,
+                // Flat: Twilio nests these in `start`; seed 003's clients send them beside `event`.
+                None if wire.account_sid.is_some() || wire.call_sid.is_some() => WireStart {
+                    account_sid: wire.account_sid,
+                    stream_sid: None,
+                    call_sid: wire.call_sid,
+                    tracks: wire.tracks,
+                    custom_parameters: wire.custom_parameters,
+                    media_format: wire.media_format,
+                },
+                None => return Err(ParseError::Missing("start")),
+            };
+            start(sequence, body, wire.stream_sid).map(Message::Start)
         }
         "dtmf" => {
             let dtmf = wire.dtmf.ok_or(ParseError::Missing("dtmf"))?;
@@ -577,6 +590,16 @@ struct Wire<'a> {
     mark: Option<WireMark<'a>>,
     #[serde(borrow)]
     stop: Option<WireStop<'a>>,
+    // A `start` written flat (its fields at the top level, as seed 003 documents it).
+    #[serde(borrow)]
+    account_sid: Option<JsonStr<'a>>,
+    #[serde(borrow)]
+    call_sid: Option<JsonStr<'a>>,
+    #[serde(borrow)]
+    tracks: Option<Vec<JsonStr<'a>>>,
+    custom_parameters: Option<Params>,
+    #[serde(borrow)]
+    media_format: Option<WireFormat<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -735,7 +758,8 @@ impl<'de> Deserialize<'de> for Params {
 fn start(sequence: Option<u64>, wire: WireStart<'_>, top_stream_sid: Option<JsonStr<'_>>) -> Result<Start, ParseError> {
     let stream_sid = wire.stream_sid.or(top_stream_sid).ok_or(ParseError::Missing("start.streamSid"))?;
     let account_sid = wire.account_sid.ok_or(ParseError::Missing("start.accountSid"))?;
-    let call_sid = wire.call_sid.ok_or(ParseError::Missing("start.callSid"))?;
+    // Empty when absent: the stream's URL (`?callSid=`) or its session names the call instead.
+    let call_sid = wire.call_sid.unwrap_or(JsonStr(Cow::Borrowed("")));
     let tracks = wire.tracks.unwrap_or_default();
     if tracks.len() > MAX_TRACKS {
         return Err(ParseError::TooLarge("start.tracks"));
@@ -955,6 +979,42 @@ mod tests {
         }
     }
 
+    /// A `start` written flat, as seed 003 documents it, parses like Twilio's nested one; a start
+    /// without `callSid` parses with an empty one (the stream's URL then names the call).
+    #[test]
+    fn flat_start_and_missing_call_sid() {
+        let flat = start_of(
+            r#"{"event":"start","streamSid":"MZ1","accountSid":"AC1","callSid":"CA1","tracks":["inbound","outbound"]}"#,
+        );
+        assert_eq!(
+            flat,
+            Start {
+                sequence: None,
+                stream_sid: "MZ1".into(),
+                account_sid: "AC1".into(),
+                call_sid: "CA1".into(),
+                tracks: vec!["inbound".into(), "outbound".into()],
+                custom_parameters: Vec::new(),
+                media_format: MediaFormat::default(),
+            }
+        );
+        let with_params =
+            start_of(r#"{"event":"start","streamSid":"M","accountSid":"A","customParameters":{"k":"v"}}"#);
+        assert_eq!(
+            (with_params.call_sid.as_str(), &with_params.custom_parameters[..]),
+            ("", &[("k".into(), "v".into())][..])
+        );
+        let nested = start_of(r#"{"event":"start","start":{"streamSid":"M","accountSid":"A"}}"#);
+        assert_eq!(nested.call_sid, "");
+        // The nested object wins when both are there.
+        let both = start_of(
+            r#"{"event":"start","callSid":"flat","start":{"streamSid":"M","accountSid":"A","callSid":"nested"}}"#,
+        );
+        assert_eq!(both.call_sid, "nested");
+        assert_eq!(parse_str(r#"{"event":"start","streamSid":"M"}"#), Err(ParseError::Missing("start")));
+        assert_eq!(parse_str(r#"{"event":"start","callSid":"C"}"#), Err(ParseError::Missing("start.streamSid")));
+    }
+
     /// Each of Twilio's documented examples parses to the values it carries.
     #[test]
     fn documented_examples_parse() {
@@ -1140,7 +1200,6 @@ mod tests {
             (r#"{"event":"start"}"#, "start"),
             (r#"{"event":"start","start":{"accountSid":"A","callSid":"C"}}"#, "start.streamSid"),
             (r#"{"event":"start","start":{"streamSid":"M","callSid":"C"}}"#, "start.accountSid"),
-            (r#"{"event":"start","start":{"streamSid":"M","accountSid":"A"}}"#, "start.callSid"),
         ];
         for (text, field) in missing {
             assert_eq!(parse_str(text), Err(ParseError::Missing(field)), "{text}");
