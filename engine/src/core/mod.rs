@@ -698,8 +698,10 @@ impl CoreState {
         let was_open = matches!(session.agent, Agent::Open { .. });
         session.agent = Agent::None;
         session.pacer.reset();
+        session.agent_framer.reset();
         session.armed = None;
         // The caller must not keep hearing a dead agent's buffered audio.
+        session.caller_owes_clear = false;
         if let (true, Some(caller)) = (was_open, &session.caller) {
             let (conn, text) = (caller.conn, twilio::clear_out(&caller.start.stream_sid));
             self.send(conn, text);
@@ -1045,11 +1047,21 @@ impl CoreState {
         let timing = codec_timing(&self.codec_timer);
         while let Some(output) = session.pacer.poll_output() {
             let caller_conn = session.caller.as_ref().map(|c| c.conn);
-            if let pacer::Output::Transmit { payload, .. } = &output {
-                if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(payload, timing) {
-                    played.extend(session.agent_framer.push(&pcm.samples));
+            let clear_caller = match &output {
+                pacer::Output::Transmit { payload, .. } => {
+                    if let Some(pcm) = crate::session::media::ulaw_b64_to_pcm(payload, timing) {
+                        played.extend(session.agent_framer.push(&pcm.samples));
+                    }
+                    session.caller_owes_clear |= caller_conn.is_some();
+                    false
                 }
-            }
+                pacer::Output::Clear => {
+                    // Audio framed but not yet 20 ms long was cut off by the barge-in too.
+                    session.agent_framer.reset();
+                    std::mem::take(&mut session.caller_owes_clear)
+                }
+                pacer::Output::MarkPlayed(_) => false,
+            };
             let stream_sid = session.stream_sid().unwrap_or_default();
             match output {
                 pacer::Output::Transmit { payload, .. } => {
@@ -1066,7 +1078,7 @@ impl CoreState {
                     );
                 }
                 pacer::Output::Clear => {
-                    if let Some(conn) = caller_conn {
+                    if let Some(conn) = caller_conn.filter(|_| clear_caller) {
                         self.outputs.push_back(Output::Send { conn, text: twilio::clear_out(stream_sid) });
                     }
                 }

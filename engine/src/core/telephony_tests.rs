@@ -266,6 +266,26 @@ fn clear_flushes_and_returns_marks() {
     assert_eq!(c.sent_to(CALLER).len(), before + 1, "nothing queued survives the clear");
 }
 
+/// A burst of agent clears with nothing played in between reaches the caller as one clear (a
+/// clear with nothing to interrupt is not sent), so it cannot fill the caller's queue with control
+/// messages; the next audio makes the next clear due again.
+#[test]
+fn repeated_clears_reach_the_caller_once() {
+    let mut c = Call::connected();
+    c.bot(&twilio::clear_out("MZ1"));
+    assert!(c.sent_to(CALLER).iter().all(|v| v["event"] != "clear"), "nothing played yet: nothing to clear");
+    c.bot(&twilio::media_out("MZ1", b64(&[1; 160]).as_bytes()));
+    for _ in 0..1000 {
+        c.bot(&twilio::clear_out("MZ1"));
+    }
+    let clears = |c: &Call| c.sent_to(CALLER).iter().filter(|v| v["event"] == "clear").count();
+    assert_eq!(clears(&c), 1);
+    assert_eq!(c.closed(CALLER), None, "the caller's leg stays open");
+    c.bot(&twilio::media_out("MZ1", b64(&[2; 160]).as_bytes()));
+    c.bot(&twilio::clear_out("MZ1"));
+    assert_eq!(clears(&c), 2, "audio since the last clear: the clear goes out");
+}
+
 /// DTMF reaches the agent as Twilio's dtmf message and event listeners as an update.
 #[test]
 fn dtmf_reaches_agent_and_listeners() {

@@ -437,6 +437,11 @@ impl Framer {
         self.buf.drain(..start);
         frames
     }
+
+    /// Drops the part frame waiting (audio that was cut off, as by a barge-in).
+    pub fn reset(&mut self) {
+        self.buf.clear();
+    }
 }
 
 #[cfg(test)]
@@ -444,6 +449,20 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
+
+    /// A framer cuts any chunk sizes into 20 ms frames, and a reset drops the part frame waiting,
+    /// so audio cut off by a barge-in is not glued to the next utterance.
+    #[test]
+    fn framer_frames_and_resets() {
+        let mut f = Framer::new(SampleRate::Hz8000);
+        let frames = f.push(&[1i16; 240]);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].samples, vec![1i16; 160]);
+        f.reset();
+        let frames = f.push(&[2i16; 160]);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].samples, vec![2i16; 160], "none of the 80 samples before the reset");
+    }
 
     /// Records which codec calls were timed.
     struct Recorder {

@@ -138,6 +138,10 @@ pub struct Session {
     pub caller_framer: media::Framer,
     /// 20 ms framing of the agent's telephony audio, for PCM sinks and the VAD.
     pub agent_framer: media::Framer,
+    /// Audio went to the Twilio caller since its last `clear`: the next clear must reach it (one
+    /// with nothing to interrupt is not sent, so an agent's burst of clears costs the caller's
+    /// queue nothing).
+    pub caller_owes_clear: bool,
     /// Agent audio → the session's `sampleRate`, for raw samples on `/ws`.
     pub raw: Option<crate::media::resample::Resampler>,
     /// What the agent leg speaks (set when it is dialled).
@@ -182,6 +186,7 @@ impl Session {
             vad: crate::media::vad::Vad::new(),
             caller_framer: media::Framer::new(SampleRate::Hz8000),
             agent_framer: media::Framer::new(SampleRate::Hz8000),
+            caller_owes_clear: false,
             raw: None,
             rtc_greeting: None,
             agent_protocol: agent::AgentProtocol::Twilio,
