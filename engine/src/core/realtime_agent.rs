@@ -71,6 +71,11 @@ impl CoreState {
     /// The caller started talking over the agent: what has not played is dropped (`clear` toward
     /// a Twilio caller) and the model is told how much of its item the caller really heard.
     fn realtime_barge_in(&mut self, now: Now, id: &SessionId, conn: ConnectionId) {
+        // Marks that played by now but that no timer has reported yet count as heard.
+        if let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) {
+            session.pacer.handle_timeout(now.instant);
+        }
+        self.drain_pacer(now, id);
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let item = session.realtime.item.take();
         let heard = session.realtime.heard.take();

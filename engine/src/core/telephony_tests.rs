@@ -760,3 +760,39 @@ fn realtime_frames_are_counted_as_realtime() {
     assert_eq!((s.frames_out.get(LegKind::Bot), s.frames_in.get(LegKind::Bot)), (0, 0));
     assert_eq!(c.core.leg_kind(agent), Some(LegKind::Realtime));
 }
+
+/// A Realtime barge-in truncates the item at what the caller heard by the barge-in's time, even
+/// when the marks that played since the last timer were not yet reported.
+#[test]
+fn realtime_barge_in_counts_marks_played_before_it() {
+    let mut c = Call::new(AgentPolicy {
+        default_url: None,
+        allow: vec![],
+        realtime: Some(crate::session::agent::RealtimeAgent {
+            url: AgentUrl::parse("ws://127.0.0.1:9/v1/realtime").expect("valid"),
+            api_key: None,
+        }),
+        llm_upstream: None,
+    });
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let agent = c.agent.expect("dialled");
+    assert!(c.core.handle_agent_open(c.now(), agent));
+    c.drain();
+    // One second of the model's audio at once, 20 ms per delta.
+    for _ in 0..50 {
+        let delta = format!(r#"{{"type":"response.audio.delta","item_id":"i1","delta":"{}"}}"#, b64(&[3; 160]));
+        c.bot(&Utf8Bytes::from(delta));
+    }
+    // Timers release and report on time up to 150 ms; at 300 ms, before the timers due since
+    // have run, the caller talks over it (by then 300 ms were released and played).
+    c.advance_to(150);
+    c.ms = 300;
+    c.bot(&Utf8Bytes::from(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":300,"item_id":"u1"}"#));
+    let truncate =
+        c.sent_to(agent).into_iter().find(|v| v["type"] == "conversation.item.truncate").expect("a truncate");
+    assert_eq!(truncate["item_id"], "i1");
+    let ms = truncate["audio_end_ms"].as_u64().expect("audio_end_ms");
+    assert!((280..=300).contains(&ms), "heard {ms} ms of 300");
+}
