@@ -612,7 +612,15 @@ impl CoreState {
             _ => return false,
         };
         let Some(greeting) = session.greeting() else { return false };
-        let start = twilio::start_msg(1, &greeting.params());
+        // The session's bearer token and the relay's stream signature are the relay's, not the
+        // agent's: every other parameter reaches it as Twilio would pass it on.
+        let forwarded: Vec<(String, String)> = greeting
+            .custom_parameters
+            .iter()
+            .filter(|(k, _)| !RELAY_PRIVATE_PARAMETERS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        let start = twilio::start_msg(1, &twilio::StartParams { custom_parameters: &forwarded, ..greeting.params() });
         let stream_sid = greeting.stream_sid.clone();
         session.agent = Agent::Open { conn, sequence: 2, chunk: 1, sent_samples: 0 };
         if session.agent_protocol == AgentProtocol::Realtime {
@@ -1269,6 +1277,10 @@ impl CoreState {
 
 /// What the built-in Retell responder says when Retell connects, unless configured otherwise.
 pub const DEFAULT_BEGIN_SENTENCE: &str = "Hello! How can I help you today?";
+
+/// Custom parameters of a caller's `start` that are not passed on to its agent: the session's
+/// bearer token (`accessToken`) and the relay's stream signature (`relaySig`).
+const RELAY_PRIVATE_PARAMETERS: [&str; 2] = ["accessToken", "relaySig"];
 
 /// How many times a wait for a call still being placed is extended by `pending_observer_timeout`.
 const MAX_WAIT_EXTENSIONS: u8 = 4;

@@ -796,3 +796,23 @@ fn realtime_barge_in_counts_marks_played_before_it() {
     let ms = truncate["audio_end_ms"].as_u64().expect("audio_end_ms");
     assert!((280..=300).contains(&ms), "heard {ms} ms of 300");
 }
+
+/// The agent is greeted with the caller's custom parameters except the relay's own: the
+/// session's bearer token and the stream signature.
+#[test]
+fn agent_start_omits_the_relay_parameters() {
+    let mut c = Call::with_bot();
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    let mut s = start("CA1");
+    s.custom_parameters.push(("accessToken".into(), "secret-token".into()));
+    s.custom_parameters.push(("relaySig".into(), "sig".into()));
+    s.custom_parameters.push(("lang".into(), "fr".into()));
+    c.caller(&twilio::start_msg(1, &s.params()));
+    let agent = c.agent.expect("dialled");
+    assert!(c.core.handle_agent_open(c.now(), agent));
+    c.drain();
+    let start = c.sent_to(agent).into_iter().find(|v| v["event"] == "start").expect("the agent's start");
+    let params = &start["start"]["customParameters"];
+    assert_eq!(params, &serde_json::json!({"callSid": "CA1", "lang": "fr"}), "{start}");
+}
