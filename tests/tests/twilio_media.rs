@@ -364,6 +364,23 @@ fn call_sid_query_is_the_fallback_key() {
     assert_eq!(status["isConnected"], true, "call-status: {status}");
 }
 
+/// A stream that ends before its `start` gets the close a WebSocket peer expects: its own close
+/// code echoed when it closed, 1009 when it sent a frame past the size limit.
+#[test]
+fn streams_closed_before_start_get_the_right_close_code() {
+    let relay = Relay::start(&[]);
+    let mut closing = RawWs::connect(relay.addr(), "/twilio/stream", &[]).expect("upgrade");
+    let close_frame = encode_frame(true, 0x8, &[0x0f, 0xa0], Some([1, 2, 3, 4])); // 4000
+    closing.send_raw(&close_frame).expect("a close frame");
+    let mut seen = Vec::new();
+    assert_eq!(closing.read_until_close(&mut seen), Some(4000), "the peer's code echoed");
+    let mut big = RawWs::connect(relay.addr(), "/twilio/stream", &[]).expect("upgrade");
+    let huge = vec![b'x'; 2 << 20];
+    let _ = big.send_raw(&encode_frame(true, 0x1, &huge, Some([1, 2, 3, 4])));
+    let mut seen = Vec::new();
+    assert_eq!(big.read_until_close(&mut seen), Some(1009), "a frame past the limit");
+}
+
 /// A client written to seed 003 sends `start` flat (its fields beside `event`) and names the call
 /// only in `?callSid=`: the stream joins that call, and the bot is greeted with a Twilio `start`
 /// whose `callSid` is the call's.

@@ -246,12 +246,8 @@ async fn upgrade<S: ControlService>(
         }
         match caller_session(shared, &mut stream, read_ahead, up.session.clone()).await {
             Ok((session, raw)) => (session, raw, true),
-            Err((code, reason)) => {
-                let mut codec = WsCodec::new_server(&shared.limits, &[]);
-                codec.close(code, reason);
-                if let Some(mut bytes) = codec.poll_transmit() {
-                    let _ = flush(&mut stream, &mut bytes, Duration::from_secs(1)).await;
-                }
+            Err(mut close_frame) => {
+                let _ = flush(&mut stream, &mut close_frame, Duration::from_secs(1)).await;
                 close(&mut stream).await;
                 return;
             }
@@ -330,16 +326,36 @@ pub(crate) async fn refuse<S: ControlService>(
 /// byte read since the 101, for the owner core to replay.
 ///
 /// # Errors
-/// The close code and reason when no usable `start` arrives within the limits.
+/// The close frame to send when no usable `start` arrives within the limits: the codec's own
+/// answer when the peer closed (its code echoed) or broke the protocol, else the relay's reason.
 async fn caller_session(
     shared: &CoreShared,
     stream: &mut Stream,
     read_ahead: Vec<u8>,
     fallback: Option<SessionId>,
-) -> Result<(SessionId, Vec<u8>), (u16, &'static str)> {
-    let limits = &shared.limits;
+) -> Result<(SessionId, Vec<u8>), Vec<u8>> {
     let mut raw = read_ahead;
-    let mut codec = WsCodec::new_server(limits, &raw);
+    let mut codec = WsCodec::new_server(&shared.limits, &raw);
+    match read_start(shared, stream, &mut raw, &mut codec, fallback).await {
+        Ok(id) => Ok((id, raw)),
+        Err(refusal) => {
+            if let Some((code, reason)) = refusal {
+                codec.close(code, reason);
+            }
+            Err(codec.poll_transmit().unwrap_or_default())
+        }
+    }
+}
+
+/// [`caller_session`]'s reading: `Err(None)` when the codec already queued its close frame.
+async fn read_start(
+    shared: &CoreShared,
+    stream: &mut Stream,
+    raw: &mut Vec<u8>,
+    codec: &mut WsCodec,
+    fallback: Option<SessionId>,
+) -> Result<SessionId, Option<(u16, &'static str)>> {
+    let limits = &shared.limits;
     let deadline = clock::now().instant + limits.header_timeout;
     loop {
         loop {
@@ -349,32 +365,35 @@ async fn caller_session(
                         let named = start.custom_parameter("callSid").filter(|s| !s.is_empty()).map(str::to_owned);
                         let key = named.or_else(|| (!start.call_sid.is_empty()).then(|| start.call_sid.clone()));
                         let id = match key {
-                            Some(k) => {
-                                SessionId::parse(&k).map_err(|_| (1008, "the stream's callSid is not a valid id"))?
-                            }
-                            None => fallback.clone().ok_or((1008, "the stream's start names no callSid"))?,
+                            Some(k) => SessionId::parse(&k)
+                                .map_err(|_| Some((1008, "the stream's callSid is not a valid id")))?,
+                            None => fallback.clone().ok_or(Some((1008, "the stream's start names no callSid")))?,
                         };
                         if let Some(stream_key) = &shared.stream_key {
                             let expected = Secret::new(twilio::stream_signature(stream_key, id.as_str()));
                             if !start.custom_parameter("relaySig").is_some_and(|s| expected.matches(s)) {
-                                return Err((1008, "this stream was not started by the relay's TwiML for this call"));
+                                return Err(Some((
+                                    1008,
+                                    "this stream was not started by the relay's TwiML for this call",
+                                )));
                             }
                         }
-                        return Ok((id, raw));
+                        return Ok(id);
                     }
                 }
                 Ok(Some(Incoming::Binary(_))) => {}
-                Ok(Some(Incoming::Close)) | Err(_) => return Err((1002, "stream ended before start")),
+                // The codec queued the answer: the peer's own close code echoed, or 1002/1007/1009.
+                Ok(Some(Incoming::Close)) | Err(_) => return Err(None),
                 Ok(None) => break,
             }
         }
         // A real `connected` + `start` is a few KiB even with long parameters (an outbound call's
         // prompt and first message); 64 KiB leaves room for media sent early, and no more.
         if raw.len() > 64 * 1024 {
-            return Err((1008, "no start message within the size limit"));
+            return Err(Some((1008, "no start message within the size limit")));
         }
         let before = raw.len();
-        read_more(shared, stream, &mut raw, deadline, false).await.map_err(|_| (1008, "no start message in time"))?;
+        read_more(shared, stream, raw, deadline, false).await.map_err(|_| Some((1008, "no start message in time")))?;
         codec.handle_bytes(&raw[before..]);
     }
 }
