@@ -622,7 +622,7 @@ impl CoreState {
             .collect();
         let start = twilio::start_msg(1, &twilio::StartParams { custom_parameters: &forwarded, ..greeting.params() });
         let stream_sid = greeting.stream_sid.clone();
-        session.agent = Agent::Open { conn, sequence: 2, chunk: 1, sent_samples: 0 };
+        session.agent = Agent::Open { conn, sequence: 2, chunk: 1, next_at: 0 };
         if session.agent_protocol == AgentProtocol::Realtime {
             // A Realtime session is configured, then hears what the caller said meanwhile.
             self.send(conn, realtime::session_update());

@@ -83,8 +83,9 @@ pub enum Agent {
         sequence: u64,
         /// Next `chunk` number toward the agent.
         chunk: u64,
-        /// Caller audio sent to the agent so far, samples (for `timestamp`).
-        sent_samples: u64,
+        /// Where the next `media` toward the agent starts at the earliest, in 8 kHz samples
+        /// since the stream began (its `timestamp` × 8): timestamps never go back.
+        next_at: u64,
     },
 }
 
@@ -237,8 +238,9 @@ impl Session {
 
     /// Caller audio (base64 μ-law, `samples` long) as the `media` message for an open
     /// Twilio-protocol agent, and the agent's socket; the leg's numbering moves on. `chunk` and
-    /// `timestamp_ms` are the caller's own when it sent them, else the leg's counts. `None`
-    /// unless the agent is open.
+    /// `timestamp_ms` are the caller's own when it sent them (so its gaps show), else the leg's
+    /// counts; either way they only go forward, whatever mix of sources feeds the agent (the
+    /// caller, a custom stream, a WebRTC caller). `None` unless the agent is open.
     pub fn agent_media_msg(
         &mut self,
         payload: &[u8],
@@ -249,18 +251,14 @@ impl Session {
         // `stream_sid()` borrowed by field, so the agent can be updated beside it.
         let greeting = self.caller.as_ref().map(|c| &c.start).or(self.rtc_greeting.as_ref());
         let stream_sid = greeting.map_or("", |s| s.stream_sid.as_str());
-        let Agent::Open { conn, sequence, chunk: next_chunk, sent_samples } = &mut self.agent else { return None };
-        let text = twilio::media_msg(
-            *sequence,
-            stream_sid,
-            twilio::Track::Inbound,
-            chunk.unwrap_or(*next_chunk),
-            timestamp_ms.unwrap_or(*sent_samples / 8),
-            payload,
-        );
+        let Agent::Open { conn, sequence, chunk: next_chunk, next_at } = &mut self.agent else { return None };
+        let chunk = chunk.map_or(*next_chunk, |c| c.max(*next_chunk));
+        let floor_ms = next_at.div_ceil(8);
+        let timestamp_ms = timestamp_ms.map_or(floor_ms, |t| t.max(floor_ms));
+        let text = twilio::media_msg(*sequence, stream_sid, twilio::Track::Inbound, chunk, timestamp_ms, payload);
         *sequence += 1;
-        *next_chunk += 1;
-        *sent_samples += samples as u64;
+        *next_chunk = chunk + 1;
+        *next_at = timestamp_ms * 8 + samples as u64;
         Some((*conn, text))
     }
 
@@ -406,5 +404,24 @@ mod tests {
         assert!(Session::from_stream(id.clone(), &start).access_token().is_none());
         start.custom_parameters.push(("accessToken".into(), "abc".into()));
         assert!(Session::from_stream(id, &start).access_token().is_some_and(|t| t.matches("abc")));
+    }
+
+    /// `chunk` and `timestamp` toward the agent keep the caller's own numbers (and their gaps) but
+    /// never go back when other sources (a custom stream, a WebRTC caller) feed the agent between.
+    #[test]
+    fn agent_numbering_only_goes_forward() {
+        let mut s = session();
+        s.agent = Agent::Open { conn: ConnectionId(1), sequence: 2, chunk: 1, next_at: 0 };
+        let sent = |s: &mut Session, chunk: Option<u64>, ts: Option<u64>| {
+            let (_, text) = s.agent_media_msg(b"AAAA", 160, chunk, ts).expect("open agent");
+            let v: Value = serde_json::from_str(&text).expect("json");
+            let num = |f: &str| v["media"][f].as_str().and_then(|n| n.parse::<u64>().ok()).expect("a number");
+            (num("chunk"), num("timestamp"))
+        };
+        assert_eq!(sent(&mut s, None, None), (1, 0), "the leg's own count");
+        assert_eq!(sent(&mut s, Some(300), Some(6000)), (300, 6000), "the caller's, gap and all");
+        assert_eq!(sent(&mut s, None, None), (301, 6020), "a custom stream's frame follows on");
+        assert_eq!(sent(&mut s, Some(251), Some(5000)), (302, 6040), "never back");
+        assert_eq!(sent(&mut s, Some(400), Some(8000)), (400, 8000));
     }
 }
