@@ -34,8 +34,13 @@ const MAX_PROJECT_BYTES: usize = 128;
 pub async fn overview(core: &CoreHandle, records: &Records, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let project = project_id(request)?;
     let query = request.head.uri.query();
-    let end = date(query, "endDate", Bound::End)?.unwrap_or_else(now_ms);
-    let start = date(query, "startDate", Bound::Start)?.unwrap_or_else(|| end.saturating_sub(DEFAULT_DAYS * DAY_MS));
+    let start = date(query, "startDate", Bound::Start)?;
+    // Without an end, the range runs to now (or is empty, when it starts later than now).
+    let end = match date(query, "endDate", Bound::End)? {
+        Some(end) => end,
+        None => start.map_or_else(now_ms, |s| s.max(now_ms())),
+    };
+    let start = start.unwrap_or_else(|| end.saturating_sub(DEFAULT_DAYS * DAY_MS));
     check_order(start, end)?;
     let calls = {
         let (records, project) = (records.clone(), project.clone());
@@ -55,8 +60,15 @@ pub async fn recent(core: &CoreHandle, records: &Records, request: &Request) -> 
     let project = project_id(request)?;
     let limit = match params::query(request.head.uri.query(), "limit") {
         None => DEFAULT_LIMIT,
-        Some(s) => match s.trim().parse::<u64>() {
-            Ok(n) if n > 0 => usize::try_from(n).unwrap_or(MAX_LIMIT).min(MAX_LIMIT),
+        // Any positive integer, however long: past MAX_LIMIT it is clamped, as documented.
+        Some(s) => match s.trim() {
+            digits
+                if !digits.is_empty()
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && digits.bytes().any(|b| b != b'0') =>
+            {
+                digits.parse::<usize>().unwrap_or(MAX_LIMIT).min(MAX_LIMIT)
+            }
             _ => return Err(ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}"))),
         },
     };

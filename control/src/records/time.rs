@@ -15,10 +15,18 @@ pub enum Bound {
     End,
 }
 
+/// The last millisecond of 9999-12-31 UTC: the latest time RFC 3339 (and [`format`]) can write.
+pub const MAX_MS: u64 = 253_402_300_799_999;
+
 /// Parses an ISO 8601 date (`2025-01-15`) or date-time (`2025-01-15T10:30:00Z`,
 /// `2025-01-15T10:30:00.123+02:00`, `2025-01-15 10:30`; no zone means UTC) into ms since the
-/// epoch. `None` for anything else, or for a time before 1970.
+/// epoch. `None` for anything else, or for a time before 1970 or after [`MAX_MS`] (an offset can
+/// push 9999-12-31 past it).
 pub fn parse(s: &str, bound: Bound) -> Option<u64> {
+    parse_any(s, bound).filter(|ms| *ms <= MAX_MS)
+}
+
+fn parse_any(s: &str, bound: Bound) -> Option<u64> {
     let s = s.trim();
     // Checked: byte 10 of arbitrary input may fall inside a multi-byte character.
     let (date, rest) = if s.len() > 10 { s.split_at_checked(10)? } else { (s, "") };
@@ -37,8 +45,10 @@ pub fn parse(s: &str, bound: Bound) -> Option<u64> {
     u64::try_from(total).ok()
 }
 
-/// `ms` as RFC 3339 in UTC, with milliseconds only when there are any (`2025-01-15T10:30:00Z`).
+/// `ms` as RFC 3339 in UTC, with milliseconds only when there are any (`2025-01-15T10:30:00Z`);
+/// times past [`MAX_MS`] are written as it.
 pub fn format(ms: u64) -> String {
+    let ms = ms.min(MAX_MS);
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     if ms % 1000 == 0 {
         humantime::format_rfc3339_seconds(at).to_string()
@@ -169,6 +179,17 @@ mod tests {
 
     /// Dates, date-times with and without zones and fractions parse to the right instant;
     /// everything malformed is refused.
+    /// The latest writable time parses and formats; an offset that pushes 9999-12-31 past it is
+    /// refused (formatting it panicked), and formatting clamps rather than panics.
+    #[test]
+    fn year_9999_is_the_limit() {
+        assert_eq!(parse("9999-12-31", Bound::End), Some(MAX_MS));
+        assert_eq!(format(MAX_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(parse("9999-12-31T23:59:59-00:01", Bound::Start), None);
+        assert_eq!(parse("9999-12-31T23:59:59+00:01", Bound::Start), Some(MAX_MS - 60_999));
+        assert_eq!(format(u64::MAX), "9999-12-31T23:59:59.999Z");
+    }
+
     #[test]
     fn parses_iso_8601() {
         let jan15 = 1_736_899_200_000; // 2025-01-15T00:00:00Z
