@@ -215,6 +215,8 @@ pub const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Remote addresses one peer may be reached from (ICE may try a few).
 const REMOTES_PER_PEER: usize = 4;
+/// The soonest a peer's timer is re-armed after `now` (str0m may ask to be polled again at once).
+const MIN_REARM: Duration = Duration::from_millis(1);
 
 /// Opus's RTP clock.
 const OPUS_HZ: u64 = 48_000;
@@ -367,7 +369,14 @@ impl Endpoint {
         }
         if p.rtc.handle_input(input).is_err() {
             self.stats.refused += 1;
-        } else if !p.remotes.contains(&source) && stun::kind(data) == stun::Kind::Stun {
+        } else if let Some(i) = p.remotes.iter().position(|a| *a == source) {
+            // Seen again (media or a check): the most recently used, so the last to make room for
+            // a new path; the path in use is never the one evicted.
+            if i + 1 < p.remotes.len() {
+                let again = p.remotes.remove(i);
+                p.remotes.push(again);
+            }
+        } else if stun::kind(data) == stun::Kind::Stun {
             if p.remotes.len() >= REMOTES_PER_PEER {
                 let old = p.remotes.remove(0);
                 self.by_addr.remove(&old);
@@ -492,8 +501,9 @@ impl Endpoint {
                         closed = Some("connection closed");
                         break;
                     }
-                    // A peer still connecting wakes at its deadline at the latest.
-                    let at = deadline.map_or(at, |d| at.min(d)).max(now);
+                    // A peer still connecting wakes at its deadline at the latest; "again now" is
+                    // a millisecond on, so one call of `handle_timeout` (fixed `now`) always ends.
+                    let at = deadline.map_or(at, |d| at.min(d)).max(now + MIN_REARM);
                     if p.armed != Some(at) {
                         p.armed = Some(at);
                         self.timers.push(Reverse((at, id)));

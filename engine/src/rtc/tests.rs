@@ -82,6 +82,60 @@ fn connects_and_carries_audio() {
     assert_eq!(ep.stats().peers, 0);
 }
 
+/// A peer checking from more addresses than the relay keeps (4) loses the least recently used
+/// one, never the path it keeps using: its media still arrives.
+#[test]
+fn busy_path_survives_new_addresses() {
+    let mut now = origin();
+    let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
+    let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
+    let (peer, answer, _) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+    c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
+    let mut check = None;
+    let mut connected = false;
+    for _ in 0..2000 {
+        loop {
+            match c.poll_output().expect("client output") {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => {
+                    let data: Vec<u8> = t.contents.into();
+                    if stun::kind(&data) == stun::Kind::Stun {
+                        check = Some(data.clone());
+                    }
+                    ep.handle_datagram(now, caddr, &data);
+                }
+                Output::Event(_) => {}
+            }
+        }
+        while let Some(d) = ep.poll_transmit() {
+            let r = Receive::new(Protocol::Udp, relay, caddr, &d.data).expect("datagram");
+            c.handle_input(Input::Receive(now, r)).expect("client input");
+        }
+        while let Some(e) = ep.poll_event() {
+            connected |= e == PeerEvent::Connected(peer);
+        }
+        if connected && check.is_some() {
+            break;
+        }
+        now += Duration::from_millis(5);
+        c.handle_input(Input::Timeout(now)).expect("client timeout");
+        ep.handle_timeout(now);
+    }
+    assert!(connected, "connected");
+    let check = check.expect("a connectivity check");
+    let other = |i: u16| SocketAddr::from(([127, 0, 0, 1], 6000 + i));
+    // Three more paths, then the one in use checks again, then a fourth new path.
+    for i in 0..3 {
+        ep.handle_datagram(now, other(i), &check);
+    }
+    ep.handle_datagram(now, caddr, &check);
+    ep.handle_datagram(now, other(3), &check);
+    assert_eq!(ep.by_addr.get(&caddr), Some(&peer), "the path in use is still bound");
+    assert_eq!(ep.by_addr.get(&other(0)), None, "the least recently used one made room");
+    assert_eq!(ep.by_addr.get(&other(3)), Some(&peer));
+}
+
 /// Offers that cannot work are refused with the reason; the core's peer limit holds.
 #[test]
 fn refusals() {
