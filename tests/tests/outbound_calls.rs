@@ -311,6 +311,32 @@ fn status_callbacks_update_the_record() {
     assert_error(&relay.get("/call-status?callSid=CA11111111111111111111111111111111&user_id=bea"), 404);
 }
 
+/// After a restart, a late status callback makes the call's record again on its core, without the
+/// user who placed it: the stored record still says whose call it is, so another user gets 404.
+#[test]
+fn a_record_made_again_after_a_restart_keeps_its_owner() {
+    let twilio = TwilioRest::start();
+    let port = unused_port().port();
+    let listen = format!("127.0.0.1:{port}");
+    let public = format!("http://localhost:{port}");
+    let dir = relay_tests::temp_dir("owner-restart");
+    let dir_arg = dir.to_str().expect("utf-8 temp path").to_owned();
+    let extra = ["--listen", listen.as_str(), "--public-url", public.as_str(), "--data-dir", dir_arg.as_str()];
+    let mut relay = start_relay(&twilio, &extra);
+    initiate(&relay, "bea", NUMBER);
+    let call = twilio.next_call();
+    assert_eq!(call.status_callback("ringing", None).status, 200);
+    let status = relay.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+
+    let relay = start_relay(&twilio, &extra);
+    assert_eq!(call.status_callback("completed", Some(3)).status, 200, "a late callback after the restart");
+    assert_error(&relay.get(&format!("/call-status?callSid={}&user_id=mallory", call.sid)), 404);
+    let resp = relay.post("/end-call", &json!({"callSid": call.sid, "user_id": "mallory"}));
+    assert_error(&resp, 404);
+    assert_eq!(call_status(&relay, &call.sid, "bea")["status"], "completed", "its owner still sees it");
+}
+
 /// `relay` started with the stand-in's Twilio flags plus `extra`.
 fn start_relay(twilio: &TwilioRest, extra: &[&str]) -> Relay {
     let args = twilio.relay_args();

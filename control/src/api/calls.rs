@@ -19,6 +19,7 @@ use super::params::{self, Body};
 use crate::config::{ApiConfig, TwilioAccount};
 use crate::error::{json_response, ApiError};
 use crate::limits::UserLimits;
+use crate::records::Records;
 
 /// How long a Twilio REST request may take.
 const TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,13 +114,18 @@ pub async fn outbound_call(
 /// # Errors
 /// 400 for missing fields, 404 for a call this user did not initiate, 503 without Twilio
 /// credentials, 502 when Twilio refuses.
-pub async fn end_call(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
+pub async fn end_call(
+    core: &CoreHandle,
+    config: &ApiConfig,
+    records: &Records,
+    request: &Request,
+) -> Result<Response<Bytes>, ApiError> {
     let body = Body::parse(&request.body)?;
     let (Ok(call_sid), Ok(user_id)) = (body.string("callSid"), body.string("user_id")) else {
         return Err(ApiError::bad_request("callSid and user_id are required"));
     };
     let id = params::session_id(call_sid, "callSid")?;
-    owned_record(core, &id, user_id).await?;
+    owned_record(core, records, &id, user_id).await?;
     let account = twilio_account(config)?;
     let url = format!("{}/2010-04-01/Accounts/{}/Calls/{}.json", account.api_base, account.sid, id);
     twilio_post(core, &account, url, &[("Status", "completed".to_owned())]).await.map_err(TwilioError::into_api)?;
@@ -133,13 +139,13 @@ pub async fn end_call(core: &CoreHandle, config: &ApiConfig, request: &Request) 
 ///
 /// # Errors
 /// 400 for missing ids, 404 for an unknown call or another user's call.
-pub async fn call_status(core: &CoreHandle, request: &Request) -> Result<Response<Bytes>, ApiError> {
+pub async fn call_status(core: &CoreHandle, records: &Records, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let query = request.head.uri.query();
     let id = params::query_session(query, "callSid")?;
     let user = params::query(query, "user_id")
         .filter(|u| !u.is_empty())
         .ok_or_else(|| ApiError::bad_request("query parameter user_id is required"))?;
-    let r = owned_record(core, &id, &user).await?;
+    let r = owned_record(core, records, &id, &user).await?;
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let body = json!({
         "success": true,
@@ -167,12 +173,36 @@ pub async fn record(core: &CoreHandle, id: &SessionId, update: RecordUpdate) -> 
 }
 
 /// The record of `id` when `user` may see it: their own outbound call, or an inbound call (no user).
-async fn owned_record(core: &CoreHandle, id: &SessionId, user: &str) -> Result<CallRecord, ApiError> {
+///
+/// A record the owner core holds without a user may have been made again by a late status
+/// callback after the original left memory (a restart, or the per-core cap): the stored record
+/// then says whose call it is.
+async fn owned_record(
+    core: &CoreHandle,
+    records: &Records,
+    id: &SessionId,
+    user: &str,
+) -> Result<CallRecord, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, format!("call {id} not found"));
-    match core.dispatch(id.clone(), Command::ReadRecord).await {
-        Ok(Reply::Record(r)) if r.user_id.as_deref().is_none_or(|u| u == user) => Ok(*r),
-        Ok(_) | Err(CommandError::NotFound) => Err(not_found()),
-        Err(e) => Err(ApiError::from_command(&e, id.as_str())),
+    let r = match core.dispatch(id.clone(), Command::ReadRecord).await {
+        Ok(Reply::Record(r)) => *r,
+        Ok(_) | Err(CommandError::NotFound) => return Err(not_found()),
+        Err(e) => return Err(ApiError::from_command(&e, id.as_str())),
+    };
+    let owner = match &r.user_id {
+        Some(owner) => Some(owner.clone()),
+        None => {
+            let (records, key) = (records.clone(), id.as_str().to_owned());
+            let stored = core.blocking(move || records.get(&key)).await.map_err(|e| {
+                tracing::error!(error = %e, "records database read failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the call records database could not be read")
+            })?;
+            stored.and_then(|c| c.user_id)
+        }
+    };
+    match owner {
+        Some(owner) if owner != user => Err(not_found()),
+        _ => Ok(r),
     }
 }
 

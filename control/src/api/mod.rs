@@ -79,11 +79,11 @@ impl Service {
                 if params::query(request.head.uri.query(), "sessionId").is_none()
                     && params::query(request.head.uri.query(), "callSid").is_some() =>
             {
-                respond(calls::call_status(core, request).await)
+                respond(calls::call_status(core, &self.records, request).await)
             }
             Route::CallStatus => respond(session::call_status(core, request).await),
             Route::OutboundCall => respond(calls::outbound_call(core, &self.config, &self.users, request).await),
-            Route::EndCall => respond(calls::end_call(core, &self.config, request).await),
+            Route::EndCall => respond(calls::end_call(core, &self.config, &self.records, request).await),
             Route::TrackStatus => respond(session::track_status(core, request).await),
             Route::Events => session::events(&self.config, request).map(Outcome::Upgrade),
             Route::TwilioVoice => respond(twilio::voice(core, &self.config, request).await),
