@@ -15,7 +15,7 @@ pub enum Bound {
     End,
 }
 
-/// The last millisecond of 9999-12-31 UTC: the latest time RFC 3339 (and [`format`]) can write.
+/// The last millisecond of 9999-12-31 UTC: the latest time RFC 3339 (and [`format()`]) can write.
 pub const MAX_MS: u64 = 253_402_300_799_999;
 
 /// Parses an ISO 8601 date (`2025-01-15`) or date-time (`2025-01-15T10:30:00Z`,
