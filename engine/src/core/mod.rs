@@ -1072,19 +1072,13 @@ impl CoreState {
             };
             let stream_sid = session.stream_sid().unwrap_or_default();
             match output {
-                pacer::Output::Transmit { payload, .. } => {
-                    if let Some(conn) = caller_conn {
-                        self.stats.frames_out.add(LegKind::Caller, 1);
-                        self.outputs.push_back(Output::Send { conn, text: twilio::media_out(stream_sid, &payload) });
-                    }
-                    to_frontends(
-                        &mut self.outputs,
-                        &mut self.stats.frames_out,
-                        &slot.listeners,
-                        &payload,
-                        frontend::FrontendTrack::Outbound,
-                    );
-                }
+                pacer::Output::Transmit { payload, .. } => agent_audio_out(
+                    &mut self.outputs,
+                    &mut self.stats.frames_out,
+                    caller_conn.map(|conn| (conn, stream_sid)),
+                    &slot.listeners,
+                    &payload,
+                ),
                 pacer::Output::Clear => {
                     if let Some(conn) = caller_conn.filter(|_| clear_caller) {
                         self.outputs.push_back(Output::Send { conn, text: twilio::clear_out(stream_sid) });
@@ -1350,6 +1344,22 @@ fn to_frontends(
         outputs.push_back(Output::Send { conn: l.conn, text });
         frames_out.add(LegKind::Frontend, 1);
     }
+}
+
+/// One frame of agent audio (base64 μ-law) to the Twilio caller, when there is one, and to every
+/// frontend as the outbound track; each counted in `frames_out`.
+fn agent_audio_out(
+    outputs: &mut VecDeque<Output>,
+    frames_out: &mut PerLeg,
+    caller: Option<(ConnectionId, &str)>,
+    listeners: &[Listener],
+    payload: &[u8],
+) {
+    if let Some((conn, stream_sid)) = caller {
+        frames_out.add(LegKind::Caller, 1);
+        outputs.push_back(Output::Send { conn, text: twilio::media_out(stream_sid, payload) });
+    }
+    to_frontends(outputs, frames_out, listeners, payload, frontend::FrontendTrack::Outbound);
 }
 
 /// The core's codec timer as the media code takes it (borrowing only that field, so the caller

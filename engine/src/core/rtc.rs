@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::command::{CommandError, Reply, RtcOffer, RtcRole};
-use super::{authorizes, codec_timing, to_frontends, CoreState, LegKind, ListenKind, Output};
+use super::{agent_audio_out, authorizes, codec_timing, to_frontends, CoreState, LegKind, ListenKind, Output};
 use crate::id::{SessionId, StreamId};
 use crate::media::opus::OpusSettings;
 use crate::media::playout::PlayoutConfig;
@@ -404,16 +404,12 @@ impl CoreState {
             if let Some(payload) =
                 session.leg_mut(peer).and_then(|l| l.inbound.as_mut()).and_then(|i| i.to_ulaw(&frame, timing))
             {
-                if let Some((conn, stream_sid)) = caller {
-                    self.stats.frames_out.add(LegKind::Caller, 1);
-                    self.outputs.push_back(Output::Send { conn, text: twilio::media_out(&stream_sid, &payload) });
-                }
-                to_frontends(
+                agent_audio_out(
                     &mut self.outputs,
                     &mut self.stats.frames_out,
+                    caller.as_ref().map(|(conn, sid)| (*conn, sid.as_str())),
                     &slot.listeners,
                     &payload,
-                    frontend::FrontendTrack::Outbound,
                 );
             }
         }
