@@ -39,6 +39,18 @@ impl Call {
         })
     }
 
+    fn with_realtime() -> Self {
+        Self::new(AgentPolicy {
+            default_url: None,
+            allow: vec![],
+            realtime: Some(crate::session::agent::RealtimeAgent {
+                url: AgentUrl::parse("ws://127.0.0.1:9/v1/realtime").expect("valid"),
+                api_key: None,
+            }),
+            llm_upstream: None,
+        })
+    }
+
     fn now(&self) -> Now {
         Now { instant: self.t0 + Duration::from_millis(self.ms), unix_ms: 1_700_000_000_000 + self.ms }
     }
@@ -736,15 +748,7 @@ fn dialling_backlog_is_a_queue() {
 /// after, and its audio deltas.
 #[test]
 fn realtime_frames_are_counted_as_realtime() {
-    let mut c = Call::new(AgentPolicy {
-        default_url: None,
-        allow: vec![],
-        realtime: Some(crate::session::agent::RealtimeAgent {
-            url: AgentUrl::parse("ws://127.0.0.1:9/v1/realtime").expect("valid"),
-            api_key: None,
-        }),
-        llm_upstream: None,
-    });
+    let mut c = Call::with_realtime();
     let id = SessionId::parse("CA1").expect("valid");
     c.core.handle_caller_open(&id, CALLER);
     c.caller(&twilio::start_msg(1, &start("CA1").params()));
@@ -765,15 +769,7 @@ fn realtime_frames_are_counted_as_realtime() {
 /// when the marks that played since the last timer were not yet reported.
 #[test]
 fn realtime_barge_in_counts_marks_played_before_it() {
-    let mut c = Call::new(AgentPolicy {
-        default_url: None,
-        allow: vec![],
-        realtime: Some(crate::session::agent::RealtimeAgent {
-            url: AgentUrl::parse("ws://127.0.0.1:9/v1/realtime").expect("valid"),
-            api_key: None,
-        }),
-        llm_upstream: None,
-    });
+    let mut c = Call::with_realtime();
     let id = SessionId::parse("CA1").expect("valid");
     c.core.handle_caller_open(&id, CALLER);
     c.caller(&twilio::start_msg(1, &start("CA1").params()));

@@ -25,105 +25,119 @@ fn client(dir: Direction, now: Instant) -> (Rtc, String, str0m::change::SdpPendi
     (rtc, offer.to_sdp_string(), pending, addr)
 }
 
+/// The relay's endpoint and a str0m client peer, joined by datagrams carried in memory.
+struct Link {
+    now: Instant,
+    relay: SocketAddr,
+    ep: Endpoint,
+    c: Rtc,
+    caddr: SocketAddr,
+    peer: PeerId,
+}
+
+impl Link {
+    /// Client offer → relay answer (returned) → client accepts it.
+    fn new() -> (Self, String, Flow) {
+        let now = origin();
+        let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
+        let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
+        let (peer, answer, flow) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+        c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
+        (Self { now, relay, ep, c, caddr, peer }, answer, flow)
+    }
+
+    /// One round at the current time: the client's datagrams to the relay (each also given to
+    /// `sent`), the relay's back; returns the client's events and the relay's peer events.
+    fn round(&mut self, mut sent: impl FnMut(&[u8])) -> (Vec<Event>, Vec<PeerEvent>) {
+        let mut client_events = Vec::new();
+        loop {
+            match self.c.poll_output().expect("client output") {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => {
+                    let data: Vec<u8> = t.contents.into();
+                    sent(&data);
+                    self.ep.handle_datagram(self.now, self.caddr, &data);
+                }
+                Output::Event(e) => client_events.push(e),
+            }
+        }
+        while let Some(d) = self.ep.poll_transmit() {
+            assert_eq!(d.to, self.caddr);
+            let r = Receive::new(Protocol::Udp, self.relay, self.caddr, &d.data).expect("datagram");
+            self.c.handle_input(Input::Receive(self.now, r)).expect("client input");
+        }
+        (client_events, std::iter::from_fn(|| self.ep.poll_event()).collect())
+    }
+
+    /// Moves time on 5 ms for both sides.
+    fn tick(&mut self) {
+        self.now += Duration::from_millis(5);
+        self.c.handle_input(Input::Timeout(self.now)).expect("client timeout");
+        self.ep.handle_timeout(self.now);
+    }
+}
+
 /// Offer → answer → ICE and DTLS over in-memory datagrams → audio both ways.
 #[test]
 fn connects_and_carries_audio() {
-    let mut now = origin();
-    let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
-    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
-    let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
-    let (peer, answer, flow) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+    let (mut link, answer, flow) = Link::new();
+    let relay = link.relay;
     assert_eq!(flow, Flow { receives: true, sends: true });
     assert!(answer.contains("a=ice-lite"), "{answer}");
     assert!(answer.contains(&format!("{} {}", relay.ip(), relay.port())), "the answer names the candidate: {answer}");
-    c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
+    let peer = link.peer;
     let mut connected = false;
     let mut client_connected = false;
     let mut heard = 0;
     for _ in 0..2000 {
-        // Client → relay.
-        loop {
-            match c.poll_output().expect("client output") {
-                Output::Timeout(_) => break,
-                Output::Transmit(t) => {
-                    let data: Vec<u8> = t.contents.into();
-                    ep.handle_datagram(now, caddr, &data);
-                }
-                Output::Event(Event::Connected) => client_connected = true,
-                Output::Event(Event::MediaData(_)) => heard += 1,
-                Output::Event(_) => {}
+        let (client_events, events) = link.round(|_| {});
+        for e in client_events {
+            match e {
+                Event::Connected => client_connected = true,
+                Event::MediaData(_) => heard += 1,
+                _ => {}
             }
         }
-        // Relay → client.
-        while let Some(d) = ep.poll_transmit() {
-            assert_eq!(d.to, caddr);
-            let r = Receive::new(Protocol::Udp, relay, caddr, &d.data).expect("datagram");
-            c.handle_input(Input::Receive(now, r)).expect("client input");
-        }
-        while let Some(e) = ep.poll_event() {
-            if e == PeerEvent::Connected(peer) {
-                connected = true;
-            }
-        }
+        connected |= events.contains(&PeerEvent::Connected(peer));
         if connected && client_connected {
-            assert!(ep.write_audio(now, peer, &[0xf8, 0xff, 0xfe], 960));
+            assert!(link.ep.write_audio(link.now, peer, &[0xf8, 0xff, 0xfe], 960));
             if heard > 5 {
                 break;
             }
         }
-        now += Duration::from_millis(5);
-        c.handle_input(Input::Timeout(now)).expect("client timeout");
-        ep.handle_timeout(now);
+        link.tick();
     }
     assert!(connected && client_connected, "both sides connected");
     assert!(heard > 5, "the client heard the relay's audio ({heard} frames)");
-    assert_eq!(ep.stats().unmatched, 0);
-    ep.close(peer);
-    assert_eq!(ep.stats().peers, 0);
+    assert_eq!(link.ep.stats().unmatched, 0);
+    link.ep.close(peer);
+    assert_eq!(link.ep.stats().peers, 0);
 }
 
 /// A peer checking from more addresses than the relay keeps (4) loses the least recently used
 /// one, never the path it keeps using: its media still arrives.
 #[test]
 fn busy_path_survives_new_addresses() {
-    let mut now = origin();
-    let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
-    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
-    let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
-    let (peer, answer, _) = ep.accept(now, &offer, Want::Receive).expect("accepted");
-    c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
+    let (mut link, _, _) = Link::new();
+    let (peer, caddr) = (link.peer, link.caddr);
     let mut check = None;
     let mut connected = false;
     for _ in 0..2000 {
-        loop {
-            match c.poll_output().expect("client output") {
-                Output::Timeout(_) => break,
-                Output::Transmit(t) => {
-                    let data: Vec<u8> = t.contents.into();
-                    if stun::kind(&data) == stun::Kind::Stun {
-                        check = Some(data.clone());
-                    }
-                    ep.handle_datagram(now, caddr, &data);
-                }
-                Output::Event(_) => {}
+        let (_, events) = link.round(|data| {
+            if stun::kind(data) == stun::Kind::Stun {
+                check = Some(data.to_vec());
             }
-        }
-        while let Some(d) = ep.poll_transmit() {
-            let r = Receive::new(Protocol::Udp, relay, caddr, &d.data).expect("datagram");
-            c.handle_input(Input::Receive(now, r)).expect("client input");
-        }
-        while let Some(e) = ep.poll_event() {
-            connected |= e == PeerEvent::Connected(peer);
-        }
+        });
+        connected |= events.contains(&PeerEvent::Connected(peer));
         if connected && check.is_some() {
             break;
         }
-        now += Duration::from_millis(5);
-        c.handle_input(Input::Timeout(now)).expect("client timeout");
-        ep.handle_timeout(now);
+        link.tick();
     }
     assert!(connected, "connected");
     let check = check.expect("a connectivity check");
+    let (now, ep) = (link.now, &mut link.ep);
     let other = |i: u16| SocketAddr::from(([127, 0, 0, 1], 6000 + i));
     // Three more paths, then the one in use checks again, then a fourth new path.
     for i in 0..3 {
