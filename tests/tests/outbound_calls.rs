@@ -277,9 +277,7 @@ fn unreachable_twilio_is_502() {
 #[test]
 fn status_callbacks_update_the_record() {
     let twilio = TwilioRest::start();
-    let port = unused_port().port();
-    let listen = format!("127.0.0.1:{port}");
-    let public = format!("http://localhost:{port}");
+    let (listen, public) = public_address();
     let relay = start_relay(&twilio, &["--listen", &listen, "--public-url", &public]);
     let user = "bea";
     initiate(&relay, user, NUMBER);
@@ -316,9 +314,7 @@ fn status_callbacks_update_the_record() {
 #[test]
 fn a_record_made_again_after_a_restart_keeps_its_owner() {
     let twilio = TwilioRest::start();
-    let port = unused_port().port();
-    let listen = format!("127.0.0.1:{port}");
-    let public = format!("http://localhost:{port}");
+    let (listen, public) = public_address();
     let dir = relay_tests::temp_dir("owner-restart");
     let dir_arg = dir.to_str().expect("utf-8 temp path").to_owned();
     let extra = ["--listen", listen.as_str(), "--public-url", public.as_str(), "--data-dir", dir_arg.as_str()];
@@ -335,6 +331,13 @@ fn a_record_made_again_after_a_restart_keeps_its_owner() {
     let resp = relay.post("/end-call", &json!({"callSid": call.sid, "user_id": "mallory"}));
     assert_error(&resp, 404);
     assert_eq!(call_status(&relay, &call.sid, "bea")["status"], "completed", "its owner still sees it");
+}
+
+/// A free loopback port as `--listen` and the `--public-url` naming it: callbacks are signed over
+/// the public URL, so it must be known before the relay starts.
+fn public_address() -> (String, String) {
+    let port = unused_port().port();
+    (format!("127.0.0.1:{port}"), format!("http://localhost:{port}"))
 }
 
 /// `relay` started with the stand-in's Twilio flags plus `extra`.
