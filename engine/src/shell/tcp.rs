@@ -231,11 +231,8 @@ async fn upgrade<S: ControlService>(
     if let Some((code, reason)) = up.reject {
         let mut out = Vec::new();
         write_switching_protocols(&mut out, &up.accept);
-        let mut codec = WsCodec::new_server(&shared.limits, &[]);
-        codec.close(code, reason);
-        out.extend(codec.poll_transmit().unwrap_or_default());
-        let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
-        close(&mut stream).await;
+        out.extend(close_frame(code, reason));
+        send_and_close(&mut stream, out).await;
         return;
     }
     let (session, read_ahead, upgraded) = if up.kind == SocketKind::Caller {
@@ -246,9 +243,8 @@ async fn upgrade<S: ControlService>(
         }
         match caller_session(shared, &mut stream, read_ahead, up.session.clone()).await {
             Ok((session, raw)) => (session, raw, true),
-            Err(mut close_frame) => {
-                let _ = flush(&mut stream, &mut close_frame, Duration::from_secs(1)).await;
-                close(&mut stream).await;
+            Err(close) => {
+                send_and_close(&mut stream, close).await;
                 return;
             }
         }
@@ -309,16 +305,24 @@ pub(crate) async fn refuse<S: ControlService>(
     message: &'static str,
 ) {
     if upgraded {
-        let mut codec = WsCodec::new_server(&crate::config::Limits::default(), &[]);
-        codec.close(1013, message);
-        if let Some(mut bytes) = codec.poll_transmit() {
-            let _ = flush(stream, &mut bytes, Duration::from_secs(1)).await;
-        }
-        close(stream).await;
+        send_and_close(stream, close_frame(1013, message)).await;
     } else {
         let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, message, &HeaderMap::new());
         respond_and_close(stream, &mut Vec::new(), &resp, false).await;
     }
+}
+
+/// A WebSocket close frame from the server, encoded.
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut codec = WsCodec::new_server(&crate::config::Limits::default(), &[]);
+    codec.close(code, reason);
+    codec.poll_transmit().unwrap_or_default()
+}
+
+/// Writes `bytes` (a close frame, perhaps after a 101) within a second, then closes the connection.
+async fn send_and_close(stream: &mut Stream, mut bytes: Vec<u8>) {
+    let _ = flush(stream, &mut bytes, Duration::from_secs(1)).await;
+    close(stream).await;
 }
 
 /// Reads a caller's stream until its `start` message and returns the session it names
