@@ -590,7 +590,8 @@ struct Wire<'a> {
     mark: Option<WireMark<'a>>,
     #[serde(borrow)]
     stop: Option<WireStop<'a>>,
-    // A `start` written flat (its fields at the top level, as seed 003 documents it).
+    // A `start` written flat (its fields at the top level, as seed 003 documents it): `WireStart`'s
+    // fields again rather than `#[serde(flatten)]`, which would buffer every message (media too).
     #[serde(borrow)]
     account_sid: Option<JsonStr<'a>>,
     #[serde(borrow)]
