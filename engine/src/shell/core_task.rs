@@ -168,31 +168,26 @@ impl CoreHandle {
     pub fn stats(&self) -> Vec<CoreStats> {
         let g = &self.0.global;
         (0..self.0.cores)
-            .map(|i| {
-                let dropped_by_leg = g.media[i].dropped.load();
-                let dropped_unattached = g.media[i].dropped_unattached.load(Ordering::Relaxed);
-                CoreStats {
-                    core: CoreId(i),
-                    sessions: g.sessions[i].load(Ordering::Relaxed),
-                    observers: g.observers[i].load(Ordering::Relaxed),
-                    connections: g.connections[i].load(Ordering::Relaxed),
-                    protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
-                    pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
-                    rtc: g.rtc[i].load(),
-                    frames_in: g.media[i].frames_in.load(),
-                    frames_out: g.media[i].frames_out.load(),
-                    dropped_frames: dropped_by_leg.total() + dropped_unattached,
-                    dropped_by_leg,
-                    dropped_unattached,
-                    udp_send_errors: g.media[i].udp_send_errors.load(Ordering::Relaxed),
-                    queues: crate::core::QueueDepths {
-                        pacer_frames: g.media[i].pacer_frames.load(Ordering::Relaxed),
-                        agent_backlog: g.media[i].agent_backlog.load(Ordering::Relaxed),
-                        playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
-                    },
-                    mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
-                    outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
-                }
+            .map(|i| CoreStats {
+                core: CoreId(i),
+                sessions: g.sessions[i].load(Ordering::Relaxed),
+                observers: g.observers[i].load(Ordering::Relaxed),
+                connections: g.connections[i].load(Ordering::Relaxed),
+                protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
+                pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
+                rtc: g.rtc[i].load(),
+                frames_in: g.media[i].frames_in.load(),
+                frames_out: g.media[i].frames_out.load(),
+                dropped_by_leg: g.media[i].dropped.load(),
+                dropped_unattached: g.media[i].dropped_unattached.load(Ordering::Relaxed),
+                udp_send_errors: g.media[i].udp_send_errors.load(Ordering::Relaxed),
+                queues: crate::core::QueueDepths {
+                    pacer_frames: g.media[i].pacer_frames.load(Ordering::Relaxed),
+                    agent_backlog: g.media[i].agent_backlog.load(Ordering::Relaxed),
+                    playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
+                },
+                mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
+                outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
             })
             .collect()
     }

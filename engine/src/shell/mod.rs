@@ -277,9 +277,6 @@ pub struct CoreStats {
     pub observers: usize,
     /// Open TCP connections it serves.
     pub connections: usize,
-    /// Messages dropped because a socket's queue was full, it was closing or its encoder refused
-    /// them: `dropped_by_leg` summed, plus `dropped_unattached`.
-    pub dropped_frames: u64,
     /// Malformed or out-of-order messages received on media legs.
     pub protocol_errors: u64,
     /// Agent audio refused because a caller's pacer queue was full.
@@ -290,7 +287,8 @@ pub struct CoreStats {
     pub frames_in: PerLeg,
     /// Audio frames sent, by the kind of leg they went to (one per socket or peer).
     pub frames_out: PerLeg,
-    /// `dropped_frames` by the kind of socket they were for (counted where they happen)...
+    /// Messages dropped because a socket's queue was full, it was closing or its encoder refused
+    /// them, by the kind of socket they were for (counted where they happen)...
     pub dropped_by_leg: PerLeg,
     /// ...and those for sockets already detached from their call.
     pub dropped_unattached: u64,
@@ -328,6 +326,12 @@ impl FrameDir {
 }
 
 impl CoreStats {
+    /// Every message dropped on its way to a socket: `dropped_by_leg` summed, plus
+    /// `dropped_unattached`.
+    pub fn dropped_frames(&self) -> u64 {
+        self.dropped_by_leg.total() + self.dropped_unattached
+    }
+
     /// Every per-leg frame count that applies, as (direction, leg name, count): a kind appears only
     /// in the directions it has (no audio comes from listeners, WebRTC has no socket queue to drop
     /// from), and drops for sockets already detached from their call under the leg `other`.
