@@ -133,7 +133,8 @@ fn check_order(start: u64, end: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn db_error(e: crate::records::Error) -> ApiError {
+/// A records database failure as the API answers it (500), logged.
+pub(super) fn db_error(e: crate::records::Error) -> ApiError {
     tracing::error!("cannot read call records: {e}");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "call records cannot be read right now")
 }

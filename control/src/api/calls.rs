@@ -193,10 +193,7 @@ async fn owned_record(
         Some(owner) => Some(owner.clone()),
         None => {
             let (records, key) = (records.clone(), id.as_str().to_owned());
-            let stored = core.blocking(move || records.get(&key)).await.map_err(|e| {
-                tracing::error!(error = %e, "records database read failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the call records database could not be read")
-            })?;
+            let stored = core.blocking(move || records.get(&key)).await.map_err(super::analytics::db_error)?;
             stored.and_then(|c| c.user_id)
         }
     };
