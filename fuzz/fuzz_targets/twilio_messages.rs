@@ -1,7 +1,8 @@
 //! Twilio Media Streams frames (caller streams and agent bots both send them): `parse` never
 //! panics; a parsed `media` payload is base64 of exactly `samples` bytes; `base64_samples` agrees
 //! with a real base64 decoder; `media`, `mark` and `start` messages built by the writers parse back
-//! to what was written (or, past a bound, to `TooLarge`).
+//! to what was written (or, past a bound, to `TooLarge`); every parsed `start` is one
+//! `names_start` recognises.
 #![no_main]
 
 use arbitrary::Unstructured;
@@ -14,12 +15,16 @@ use relay_engine::proto::twilio::{self, Message, ParseError, Track};
 fuzz_target!(|data: &[u8]| {
     // The input as a frame.
     let frame = Bytes::copy_from_slice(data);
-    if let Ok(Message::Media(m)) = twilio::parse(&frame) {
+    let parsed = twilio::parse(&frame);
+    if let Ok(Message::Media(m)) = &parsed {
         assert_eq!(
             twilio::base64_samples(&m.payload),
             Some(m.samples),
             "a parsed payload is base64 of `samples` bytes"
         );
+    }
+    if let Ok(Message::Start(_)) = &parsed {
+        assert!(twilio::names_start(data), "a parsed start names itself a start");
     }
 
     // The input as a payload: counted without decoding, exactly as the base64 crate decodes.

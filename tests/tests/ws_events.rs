@@ -26,12 +26,15 @@ fn token_in_query_is_accepted() {
     assert_eq!(ws.recv_json()["type"], "connection_established");
 }
 
-/// For an active session, a missing or wrong token is refused with 401 before any upgrade.
+/// For an active session, a wrong token is refused with 401 before any upgrade, and on a relay
+/// with an API key so is a missing one.
 #[test]
 fn bad_credentials_for_active_session_are_401() {
+    let keyed = Relay::start(&["--api-key", "the-key"]);
+    assert_success(&keyed.start_call("a", "right"), "Call started successfully");
+    assert_eq!(keyed.ws("/ws?sessionId=a", &[]).err(), Some(401));
     let relay = Relay::start(&[]);
     assert_success(&relay.start_call("a", "right"), "Call started successfully");
-    assert_eq!(relay.ws("/ws?sessionId=a", &[]).err(), Some(401));
     assert_eq!(relay.ws("/ws?sessionId=a", &[("Authorization", "Bearer wrong")]).err(), Some(401));
     assert_eq!(relay.ws("/ws?sessionId=a&accessToken=wrong", &[]).err(), Some(401));
     assert_eq!(relay.ws("/ws?sessionId=a", &[("Authorization", "Bearer righ")]).err(), Some(401));
@@ -41,11 +44,40 @@ fn bad_credentials_for_active_session_are_401() {
     assert_eq!(data["hasWebSocket"], false);
 }
 
-/// For a session that has not started, a socket without any token is refused with 401.
+/// On a relay with an API key, a socket without any credential for a session that has not started
+/// is refused with 401.
 #[test]
-fn missing_token_for_unstarted_session_is_401() {
-    let relay = Relay::start(&[]);
+fn missing_token_for_unstarted_session_is_401_with_a_key() {
+    let relay = Relay::start(&["--api-key", "the-key"]);
     assert_eq!(relay.ws("/ws?sessionId=later", &[]).err(), Some(401));
+}
+
+/// Seeds 000/001's own web page works against a default (keyless) relay: it opens
+/// `ws://HOST/ws?sessionId=web-session-<ms>` with no token before `/start-call`, then starts the
+/// call with the seed's body and drives it, and its socket sees each event.
+#[test]
+fn seed_page_flow_needs_no_token_on_a_keyless_relay() {
+    let relay = Relay::start(&[]);
+    let id = "web-session-1765145700123";
+    // What a browser sends for `new WebSocket(`ws://localhost:8080/ws?sessionId=${sessionId}`)`
+    // from a page opened as a file: no credential, `Origin: null`.
+    let mut ws = relay.ws(&format!("/ws?sessionId={id}"), &[("Origin", "null")]).expect("the seed page's socket opens");
+    let greeting = ws.recv_json();
+    assert_eq!(greeting["type"], "connection_established", "{greeting}");
+    assert_eq!(greeting["sessionId"], id, "{greeting}");
+    let body = json!({"sessionId": id, "accessToken": "demo-token", "sampleRate": 16000, "emitRawAudioSamples": true});
+    assert_success(&relay.post("/start-call", &body), "Call started successfully");
+    assert_eq!(ws.expect_event("call_started")["sessionId"], id);
+    assert_success(&relay.post("/mute", &json!({"sessionId": id})), "Microphone muted");
+    assert_eq!(ws.expect_event("update"), json!({"microphoneEnabled": false}));
+    // A second tab of the page, once the call runs, gets in the same way.
+    let mut late = relay.ws(&format!("/ws?sessionId={id}"), &[("Origin", "null")]).expect("a later socket opens");
+    assert_eq!(late.recv_json()["type"], "connection_established");
+    assert_success(&relay.post("/stop-call", &json!({"sessionId": id})), "Call stopped successfully");
+    assert_eq!(ws.expect_event("call_ended")["sessionId"], id);
+    // The same page against a relay with an API key is refused, before and after the start.
+    let keyed = Relay::start(&["--api-key", "the-key"]);
+    assert_eq!(keyed.ws(&format!("/ws?sessionId={id}"), &[("Origin", "null")]).err(), Some(401));
 }
 
 /// `/call-status` says `hasWebSocket` while a socket is attached, and not after it closes.
@@ -303,21 +335,6 @@ fn observer_limit_counts_waiting_sockets() {
     let _a = relay.observe("soon", "t");
     let _b = relay.observe("soon", "t");
     assert_eq!(relay.ws("/ws?sessionId=soon&accessToken=t", &[]).err(), Some(429));
-}
-
-/// Binary messages from a client are ignored; the socket keeps working.
-#[test]
-fn binary_messages_are_ignored() {
-    let relay = Relay::start(&[]);
-    assert_success(&relay.start_call("bin", "t"), "Call started successfully");
-    let mut ws = RawWs::connect(relay.addr(), "/ws?sessionId=bin", &[("Authorization", "Bearer t")]).expect("upgrade");
-    ws.read_frame().expect("greeting frame");
-    ws.send_frame(true, 2, &[0, 1, 2, 255]).expect("binary frame");
-    ws.send_frame(true, 1, b"{\"type\":\"ping\"}").expect("ping message");
-    let frame = ws.read_frame().expect("a reply");
-    assert_eq!(frame.opcode, 1);
-    let v: serde_json::Value = serde_json::from_slice(&frame.payload).expect("JSON");
-    assert_eq!(v["type"], "pong");
 }
 
 /// Browser-style upgrade headers (`Connection: keep-alive, Upgrade`, any letter case) are accepted.

@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use relay_engine::core::command::{Command, Reply, StartCall};
+use relay_engine::core::Credential;
 use relay_engine::id::SessionId;
 use relay_engine::media::SampleRate;
 use relay_engine::secret::Secret;
@@ -146,13 +147,21 @@ pub async fn track_status(core: &CoreHandle, request: &Request) -> Result<Respon
 
 /// `GET /ws?sessionId=`: validates the upgrade; the engine completes it on the owner core.
 ///
+/// On a relay without an API key the socket needs no token, as the seeds' servers did: their web
+/// page opens `ws://HOST/ws?sessionId=X` before `/start-call`, and a browser's WebSocket cannot send
+/// headers. Every other control endpoint of such a relay is open too, so a token would guard nothing
+/// they do not already give away. A token that is presented is still checked.
+///
 /// # Errors
 /// 400 for a bad id or handshake, 401 without a credential when an API key is configured, 426
 /// for a plain GET or an unsupported version.
 pub fn events(config: &ApiConfig, request: &Request) -> Result<Upgrade, ApiError> {
     let session = params::query_session(request.head.uri.query(), "sessionId")?;
     let accept = super::twilio::accept(request)?;
-    let credential = super::twilio::listener_credential(config, request)?;
+    let credential = match super::twilio::listener_credential(config, request)? {
+        Credential::Anonymous if config.api_key.is_none() => Credential::Operator,
+        presented => presented,
+    };
     Ok(Upgrade { kind: SocketKind::Events, session: Some(session), credential, accept, guard: None, reject: None })
 }
 
@@ -165,7 +174,7 @@ pub fn llm_socket(request: &Request) -> Result<Upgrade, ApiError> {
     let segments = crate::router::segments(request.head.uri.path());
     let call = params::session_id(&params::decode(segments.first().copied().unwrap_or_default()), "call_id")?;
     let accept = super::twilio::accept(request)?;
-    let credential = relay_engine::core::Credential::Operator;
+    let credential = Credential::Operator;
     Ok(Upgrade { kind: SocketKind::Llm, session: Some(call), credential, accept, guard: None, reject: None })
 }
 

@@ -278,6 +278,18 @@ pub fn parse(frame: &Bytes) -> Result<Message, ParseError> {
     }
 }
 
+/// Whether `frame` is a JSON object whose `event` is `start`, whatever else it holds: tells a
+/// `start` that [`parse`] refused (a field over its bound, a wrong type) from other messages.
+pub fn names_start(frame: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct EventOnly<'a> {
+        #[serde(borrow)]
+        event: Option<JsonStr<'a>>,
+    }
+    super::is_json_object(frame)
+        && serde_json::from_slice::<EventOnly<'_>>(frame).is_ok_and(|w| w.event.is_some_and(|e| e.as_str() == "start"))
+}
+
 /// Decoded length of a base64 `payload` (standard alphabet, padded or not), without decoding it.
 ///
 /// Returns `None` unless `payload` is what base64's `STANDARD` or `STANDARD_NO_PAD` engines
@@ -940,6 +952,22 @@ mod tests {
     use base64::Engine as _;
     use proptest::prelude::*;
     use serde_json::{json, Value};
+
+    /// A `start` that `parse` refuses (a field past its bound, a wrong type) is still known as a
+    /// start; other messages and non-JSON are not.
+    #[test]
+    fn names_start_tells_refused_starts_from_other_messages() {
+        let long = "C".repeat(MAX_SID_BYTES + 1);
+        let start = json!({"callSid": long, "streamSid": "MZ1", "accountSid": "AC1", "tracks": ["inbound"]});
+        let oversized = json!({"event": "start", "start": start}).to_string();
+        assert_eq!(parse_str(&oversized), Err(ParseError::TooLarge("start.callSid")));
+        assert!(names_start(oversized.as_bytes()));
+        assert!(names_start(br#"{"start": 5, "event": "start"}"#));
+        assert!(!names_start(br#"{"event": "media", "media": {"payload": ""}}"#));
+        assert!(!names_start(br#"{"event": "connected"}"#));
+        assert!(!names_start(b"start"));
+        assert!(!names_start(br#"["event", "start"]"#));
+    }
 
     /// Parses a string frame.
     fn parse_str(text: &str) -> Result<Message, ParseError> {

@@ -4,6 +4,7 @@
 //! Invariant: a connection costs only itself: every read and write has a deadline, every buffer a
 //! limit, and an error closes this connection alone.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use http::{HeaderMap, Method, StatusCode};
 use super::core_task::{CoreHandle, CoreShared};
 use super::mesh::{CoreMessage, Handoff};
 use super::tls::{Stream, TlsStream};
+use super::ws::BINARY_REFUSED;
 use super::{clock, handoff, ws, ControlService, Outcome, Request, SocketKind};
 use crate::id::{core_for, SessionId};
 use crate::proto::http::{error_context, parse_head, write_response, Connection, Parse, CONTINUE};
@@ -313,6 +315,18 @@ pub(crate) async fn refuse<S: ControlService>(
 }
 
 /// A WebSocket close frame from the server, encoded.
+/// `reason` cut to what a close frame can carry (123 bytes of UTF-8, RFC 6455 §5.5.1).
+fn close_reason(mut reason: String) -> Cow<'static, str> {
+    if reason.len() > 123 {
+        let mut end = 123;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    Cow::Owned(reason)
+}
+
 fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let mut codec = WsCodec::new_server(&crate::config::Limits::default(), &[]);
     codec.close(code, reason);
@@ -344,7 +358,7 @@ async fn caller_session(
         Ok(id) => Ok((id, raw)),
         Err(refusal) => {
             if let Some((code, reason)) = refusal {
-                codec.close(code, reason);
+                codec.close(code, &reason);
             }
             Err(codec.poll_transmit().unwrap_or_default())
         }
@@ -358,34 +372,46 @@ async fn read_start(
     raw: &mut Vec<u8>,
     codec: &mut WsCodec,
     fallback: Option<SessionId>,
-) -> Result<SessionId, Option<(u16, &'static str)>> {
+) -> Result<SessionId, Option<(u16, Cow<'static, str>)>> {
     let limits = &shared.limits;
     let deadline = clock::now().instant + limits.header_timeout;
     loop {
         loop {
             match codec.poll_incoming() {
                 Ok(Some(Incoming::Text(text))) => {
-                    if let Ok(twilio::Message::Start(start)) = twilio::parse(&Bytes::from(text)) {
+                    let frame = Bytes::from(text);
+                    let parsed = twilio::parse(&frame);
+                    if let Err(e) = &parsed {
+                        // A `start` that cannot be used will not be followed by a better one:
+                        // refuse the stream now, saying why, rather than wait out the deadline.
+                        if twilio::names_start(&frame) {
+                            return Err(Some((1008, close_reason(format!("invalid start: {e}")))));
+                        }
+                    }
+                    if let Ok(twilio::Message::Start(start)) = parsed {
                         let named = start.custom_parameter("callSid").filter(|s| !s.is_empty()).map(str::to_owned);
                         let key = named.or_else(|| (!start.call_sid.is_empty()).then(|| start.call_sid.clone()));
                         let id = match key {
                             Some(k) => SessionId::parse(&k)
-                                .map_err(|_| Some((1008, "the stream's callSid is not a valid id")))?,
-                            None => fallback.clone().ok_or(Some((1008, "the stream's start names no callSid")))?,
+                                .map_err(|_| Some((1008, "the stream's callSid is not a valid id".into())))?,
+                            None => fallback
+                                .clone()
+                                .ok_or_else(|| Some((1008, "the stream's start names no callSid".into())))?,
                         };
                         if let Some(stream_key) = &shared.stream_key {
                             let expected = Secret::new(twilio::stream_signature(stream_key, id.as_str()));
                             if !start.custom_parameter("relaySig").is_some_and(|s| expected.matches(s)) {
                                 return Err(Some((
                                     1008,
-                                    "this stream was not started by the relay's TwiML for this call",
+                                    "this stream was not started by the relay's TwiML for this call".into(),
                                 )));
                             }
                         }
                         return Ok(id);
                     }
                 }
-                Ok(Some(Incoming::Binary(_))) => {}
+                // Media Streams carry text frames only (RFC 6455 §7.4.1: 1003, data it cannot accept).
+                Ok(Some(Incoming::Binary(_))) => return Err(Some((1003, BINARY_REFUSED.into()))),
                 // The codec queued the answer: the peer's own close code echoed, or 1002/1007/1009.
                 Ok(Some(Incoming::Close)) | Err(_) => return Err(None),
                 Ok(None) => break,
@@ -394,10 +420,12 @@ async fn read_start(
         // A real `connected` + `start` is a few KiB even with long parameters (an outbound call's
         // prompt and first message); 64 KiB leaves room for media sent early, and no more.
         if raw.len() > 64 * 1024 {
-            return Err(Some((1008, "no start message within the size limit")));
+            return Err(Some((1008, "no start message within the size limit".into())));
         }
         let before = raw.len();
-        read_more(shared, stream, raw, deadline, false).await.map_err(|_| Some((1008, "no start message in time")))?;
+        read_more(shared, stream, raw, deadline, false)
+            .await
+            .map_err(|_| Some((1008, "no start message in time".into())))?;
         codec.handle_bytes(&raw[before..]);
     }
 }

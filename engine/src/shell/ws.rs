@@ -174,6 +174,9 @@ impl Outbox {
     }
 }
 
+/// The close reason for a binary frame on a socket whose protocol carries text only.
+pub(crate) const BINARY_REFUSED: &str = "this socket carries text frames only";
+
 /// Which core input a socket's text frames feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Feed {
@@ -317,7 +320,14 @@ async fn reader_task<T: AsyncRead + AsyncWrite + Unpin>(
                         Feed::Llm => state.handle_llm_text(now, conn, &text),
                     });
                 }
-                Ok(Some(Incoming::Binary(_))) => {} // These protocols carry text only; binary is ignored.
+                // Agents' protocols are text too; a stray binary frame from a bot is ignored rather
+                // than cost the call its agent.
+                Ok(Some(Incoming::Binary(_))) if feed == Feed::Agent => {}
+                // The sockets the relay serves carry text only: a binary frame is data the protocol
+                // cannot carry (RFC 6455 §7.4.1: 1003), and costs only the socket that sent it.
+                Ok(Some(Incoming::Binary(_))) => {
+                    outbox.close(1003, BINARY_REFUSED);
+                }
                 Ok(Some(Incoming::Close)) => {
                     // A close the peer started (not its answer to ours); the codec queued the
                     // answering close frame, which the writer sends before it ends.
