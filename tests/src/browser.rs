@@ -1,4 +1,5 @@
-//! Headless Chromium for the end-to-end WebRTC tests: serves `tests/browser/webrtc.html` from a
+//! Headless Chromium for the end-to-end browser tests: serves `tests/browser/webrtc.html` (or the
+//! seeds' own web client, `tests/browser/seed.html`) from a
 //! tiny loopback HTTP server, opens it in a fresh headless Chromium and returns the JSON result the
 //! page reports (WHIP/WHEP statuses, ICE state, energy of the audio it heard).
 //!
@@ -21,6 +22,10 @@ use serde_json::Value;
 
 /// The test page, compiled in so the harness needs no path at run time.
 pub const PAGE: &str = include_str!("../browser/webrtc.html");
+
+/// Seed 000's web client, as the seed wrote it but for its address, plus a driver that presses its
+/// buttons and reports what it shows.
+pub const SEED_PAGE: &str = include_str!("../browser/seed.html");
 
 /// Chromium's command line (besides `--user-data-dir` and the URL), each flag with its reason.
 pub const CHROMIUM_FLAGS: &[&str] = &[
@@ -103,6 +108,15 @@ pub fn chromium_path() -> Option<PathBuf> {
 
 /// Opens `webrtc.html?<query>` in a fresh headless Chromium and returns the JSON the page reports.
 ///
+/// # Errors
+/// As [`run_named_page`].
+pub fn run_page(query: &str, timeout: Duration) -> Result<Value, String> {
+    run_named_page("webrtc.html", query, timeout)
+}
+
+/// Opens `<page>?<query>` (`webrtc.html` or `seed.html`) in a fresh headless Chromium and returns
+/// the JSON the page reports.
+///
 /// The page's `results` parameter is added (pointing at this harness), and `deadlineMs` too unless
 /// `query` has one, so the page reports partial results shortly before `timeout`.
 ///
@@ -112,7 +126,7 @@ pub fn chromium_path() -> Option<PathBuf> {
 /// # Errors
 /// When Chromium is not installed or does not start, exits before reporting, the page reports
 /// nothing within `timeout`, or its report is not JSON; the message carries Chromium's stderr tail.
-pub fn run_page(query: &str, timeout: Duration) -> Result<Value, String> {
+pub fn run_named_page(page: &str, query: &str, timeout: Duration) -> Result<Value, String> {
     let chromium = chromium_path().ok_or("chromium not found: run scripts/deps-browser or set CHROMIUM_BIN")?;
     let server = PageServer::start().map_err(|e| format!("page server: {e}"))?;
     let mut query = query.trim_start_matches('?').to_owned();
@@ -120,7 +134,7 @@ pub fn run_page(query: &str, timeout: Duration) -> Result<Value, String> {
         let page_deadline = timeout.saturating_sub(PAGE_MARGIN).max(timeout / 2);
         query.push_str(&format!("&deadlineMs={}", page_deadline.as_millis()));
     }
-    let url = server.page_url(&query);
+    let url = server.url_of(page, &query);
 
     let mut browser = Browser::launch(&chromium, &url)?;
     let deadline = Instant::now() + timeout;
@@ -148,7 +162,8 @@ pub fn run_page(query: &str, timeout: Duration) -> Result<Value, String> {
     Ok(result)
 }
 
-/// A loopback HTTP/1.1 server on its own thread: `GET /webrtc.html` serves [`PAGE`], `POST /result`
+/// A loopback HTTP/1.1 server on its own thread: `GET /webrtc.html` serves [`PAGE`] (and
+/// `/seed.html` [`SEED_PAGE`]), `POST /result`
 /// collects a result body, `OPTIONS` answers CORS preflights; everything carries
 /// `Access-Control-Allow-Origin: *` and `Connection: close`.
 pub struct PageServer {
@@ -199,9 +214,14 @@ impl PageServer {
 
     /// `http://<addr>/webrtc.html?<query>&results=<this server's /result>`.
     pub fn page_url(&self, query: &str) -> String {
+        self.url_of("webrtc.html", query)
+    }
+
+    /// `http://<addr>/<page>?<query>&results=<this server's /result>`.
+    pub fn url_of(&self, page: &str, query: &str) -> String {
         let results = format!("http%3A%2F%2F{}%2Fresult", self.addr);
         let sep = if query.is_empty() { "" } else { "&" };
-        format!("http://{}/webrtc.html?{query}{sep}results={results}", self.addr)
+        format!("http://{}/{page}?{query}{sep}results={results}", self.addr)
     }
 
     /// The first result body posted and not yet taken, if any.
@@ -359,6 +379,7 @@ fn serve(stream: TcpStream, results_tx: &mpsc::Sender<String>) -> io::Result<()>
     let path = target.split('?').next().unwrap_or("");
     let (status, content_type, body): (&str, &str, &[u8]) = match (method, path) {
         ("GET", "/webrtc.html") => ("200 OK", "text/html; charset=utf-8", PAGE.as_bytes()),
+        ("GET", "/seed.html") => ("200 OK", "text/html; charset=utf-8", SEED_PAGE.as_bytes()),
         ("POST", "/result") if content_length <= MAX_BODY_BYTES => {
             let mut body = vec![0; content_length];
             reader.read_exact(&mut body)?;

@@ -1,6 +1,6 @@
 //! End to end with a real browser: headless Chromium (installed by `scripts/deps-browser`, which
 //! the test command runs) publishes its fake microphone over WHIP and plays the session over WHEP;
-//! the page measures the audio energy that arrives.
+//! the page measures the audio energy that arrives. And the seeds' own web client drives a call.
 
 use std::time::Duration;
 
@@ -53,4 +53,25 @@ fn chromium_publishes_over_whip_and_plays_over_whep() {
         .collect();
     let loud = heard.iter().filter(|&&c| relay_tests::telephony::unulaw(c).unsigned_abs() > 2000).count();
     assert!(loud > 400, "the caller hears the browser's microphone ({loud} loud samples of {})", heard.len());
+}
+
+/// Seed 000's own web page, served from another origin with no token anywhere, drives a call on a
+/// default relay: its `/ws` socket opens (a browser WebSocket cannot send headers), its
+/// cross-origin `fetch`es pass CORS, and the events of its start, mute and unmute reach the page.
+#[test]
+fn seed_web_client_drives_a_call_on_a_default_relay() {
+    chromium();
+    let relay = Relay::start(&[]);
+    let query = format!("relay={}", relay.addr());
+    let r = browser::run_named_page("seed.html", &query, Duration::from_secs(30)).expect("page result");
+    assert_eq!(r["error"], serde_json::Value::Null, "{r:#}");
+    let events = r["events"].as_str().unwrap_or_default();
+    assert!(events.contains("connection_established"), "{r:#}");
+    assert!(events.contains(r#""microphoneEnabled":false"#), "{r:#}");
+    assert!(events.contains(r#""microphoneEnabled":true"#), "{r:#}");
+    let status = r["status"].as_str().unwrap_or_default();
+    assert!(status.contains("Call stopped successfully"), "{r:#}");
+    let id = r["sessionId"].as_str().expect("the page's session id");
+    assert!(id.starts_with("web-session-"), "{r:#}");
+    assert_eq!(relay.get(&format!("/call-status?sessionId={id}")).status, 404, "the call ended");
 }
