@@ -153,9 +153,7 @@ impl ControlService for Service {
                     let mut response = cors::options(&self.config.cors, &head.headers, allow);
                     // RFC 5789 §3.1: a resource that takes PATCH says which bodies.
                     if allow.contains("PATCH") && path != "*" {
-                        response
-                            .headers_mut()
-                            .insert(rtc::ACCEPT_PATCH, http::HeaderValue::from_static(rtc::SDPFRAG));
+                        response.headers_mut().insert(rtc::ACCEPT_PATCH, http::HeaderValue::from_static(rtc::SDPFRAG));
                     }
                     Outcome::Respond(response)
                 }

@@ -153,7 +153,8 @@ pub async fn patch(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
             "a PATCH on a WebRTC leg must be sent with Content-Type: application/trickle-ice-sdpfrag",
         ));
     }
-    let text = std::str::from_utf8(&request.body).map_err(|_| ApiError::bad_request("the SDP fragment is not UTF-8"))?;
+    let text =
+        std::str::from_utf8(&request.body).map_err(|_| ApiError::bad_request("the SDP fragment is not UTF-8"))?;
     let fragment = IceFragment::parse(text).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let if_match = if_match(&request.head.headers)?;
     let credential = media_credential(config, request)?;

@@ -484,7 +484,10 @@ impl Endpoint {
     ) -> Result<IceUpdate, IceError> {
         let p = self.peers.get_mut(&peer).ok_or(IceError::Gone)?;
         if let Some(mid) = fragment.mids.iter().find(|m| !p.mids.contains(m)) {
-            return Err(IceError::Mismatch(format!("the fragment names mid {}, which this session does not have", short(mid))));
+            return Err(IceError::Mismatch(format!(
+                "the fragment names mid {}, which this session does not have",
+                short(mid)
+            )));
         }
         let restart = match (&fragment.ufrag, &fragment.pwd, &p.remote) {
             (Some(u), pwd, Some((ru, rp))) if u == ru => {
@@ -771,7 +774,8 @@ fn restart_fragment(answer: &str, ufrag: &str, pwd: &str) -> String {
             break;
         }
     }
-    let candidates: Vec<&str> = answer.lines().filter_map(|l| l.trim().strip_prefix("a=")).filter(|a| a.starts_with("candidate:")).collect();
+    let candidates: Vec<&str> =
+        answer.lines().filter_map(|l| l.trim().strip_prefix("a=")).filter(|a| a.starts_with("candidate:")).collect();
     let sections: Vec<(&str, &str)> = section.iter().map(|(m, mid)| (m.as_str(), mid.as_str())).collect();
     sdpfrag::restart_answer(ufrag, pwd, &sections, &candidates)
 }

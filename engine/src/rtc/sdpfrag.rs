@@ -85,7 +85,9 @@ pub enum FragmentError {
         why: &'static str,
     },
     /// An `a=ice-ufrag` or `a=ice-pwd` of the wrong length or characters (RFC 8839 §5.4).
-    #[error("the SDP fragment's {what} is not valid (RFC 8839: ufrag 4-256, pwd 22-256 characters of A-Z a-z 0-9 + /)")]
+    #[error(
+        "the SDP fragment's {what} is not valid (RFC 8839: ufrag 4-256, pwd 22-256 characters of A-Z a-z 0-9 + /)"
+    )]
     BadCredential {
         /// `a=ice-ufrag` or `a=ice-pwd`.
         what: &'static str,
@@ -128,7 +130,10 @@ impl IceFragment {
             any = true;
             if let Some(m) = l.strip_prefix("m=") {
                 if m.split(' ').filter(|f| !f.is_empty()).count() < 4 {
-                    return Err(FragmentError::BadSection { line, why: "an m= line has media, port, proto and formats" });
+                    return Err(FragmentError::BadSection {
+                        line,
+                        why: "an m= line has media, port, proto and formats",
+                    });
                 }
                 in_section = true;
                 continue;
@@ -188,12 +193,7 @@ fn ice_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'+' || c == b'/'
 }
 
-fn set_credential(
-    slot: &mut Option<String>,
-    value: &str,
-    what: &'static str,
-    min: usize,
-) -> Result<(), FragmentError> {
+fn set_credential(slot: &mut Option<String>, value: &str, what: &'static str, min: usize) -> Result<(), FragmentError> {
     if !(min..=256).contains(&value.len()) || !value.bytes().all(ice_char) {
         return Err(FragmentError::BadCredential { what });
     }
@@ -340,10 +340,7 @@ mod tests {
         let long = format!("a=x:{}", "y".repeat(MAX_LINE_BYTES));
         assert_eq!(IceFragment::parse(&long), Err(FragmentError::LineTooLong { line: 1, limit: MAX_LINE_BYTES }));
         let candidates = "a=candidate:1 1 udp 1 192.0.2.1 5000 typ host\n".repeat(MAX_CANDIDATES + 1);
-        assert_eq!(
-            IceFragment::parse(&candidates),
-            Err(FragmentError::TooManyCandidates { limit: MAX_CANDIDATES })
-        );
+        assert_eq!(IceFragment::parse(&candidates), Err(FragmentError::TooManyCandidates { limit: MAX_CANDIDATES }));
     }
 
     /// The restart answer names the new credentials once and every section's candidates.

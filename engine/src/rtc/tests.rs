@@ -211,7 +211,8 @@ fn spares() {
 fn fragment_of(sdp: &str, candidates: &[&str]) -> sdpfrag::IceFragment {
     let (ufrag, pwd) = remote_credentials(sdp).expect("credentials");
     let mid = sdp.lines().find_map(|l| l.strip_prefix("a=mid:")).expect("a mid");
-    let mut text = format!("a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:{mid}\r\n");
+    let mut text =
+        format!("a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:{mid}\r\n");
     for c in candidates {
         text.push_str(&format!("a={c}\r\n"));
     }

@@ -92,7 +92,8 @@ pub fn without_candidates(sdp: &str) -> String {
 
 /// An RFC 8840 fragment: credentials, one section by `mid`, `candidates`, end-of-candidates.
 pub fn fragment(ufrag: &str, pwd: &str, mid: &str, candidates: &[String]) -> String {
-    let mut text = format!("a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:{mid}\r\n");
+    let mut text =
+        format!("a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:{mid}\r\n");
     for c in candidates {
         text.push_str(&format!("a={c}\r\n"));
     }
