@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use relay_engine::core::command::{Command, IfMatch, Reply, RtcOffer, RtcPatch, RtcRole};
+use relay_engine::core::command::{Command, IceRestart, IfMatch, Reply, RtcOffer, RtcPatch, RtcRole};
 use relay_engine::core::Credential;
 use relay_engine::rtc::sdpfrag::IceFragment;
 use relay_engine::shell::{CoreHandle, Request};
@@ -167,7 +167,7 @@ pub async fn patch(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
-        Ok(Reply::RtcPatched { restart: Some((fragment, etag)) }) => {
+        Ok(Reply::RtcPatched { restart: Some(IceRestart { fragment, etag }) }) => {
             let mut r = Response::new(Bytes::from(fragment));
             let headers = r.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(SDPFRAG));

@@ -92,6 +92,15 @@ pub struct RtcPatch {
     pub credential: crate::core::Credential,
 }
 
+/// The relay's side of an ICE restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceRestart {
+    /// Its answer fragment (`application/trickle-ice-sdpfrag`): new credentials, its candidate.
+    pub fragment: String,
+    /// The new ICE session's entity-tag (the `ETag` later `PATCH`es must match).
+    pub etag: String,
+}
+
 /// An `If-Match` precondition (RFC 9110 §13.1.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IfMatch {
@@ -289,9 +298,8 @@ pub enum Reply {
     },
     /// A trickle-ICE `PATCH` was applied.
     RtcPatched {
-        /// The answer fragment and the new ICE session's entity-tag when it was an ICE restart;
-        /// `None` when candidates were only added.
-        restart: Option<(String, String)>,
+        /// What an ICE restart answered; `None` when candidates were only added.
+        restart: Option<IceRestart>,
     },
     /// The WebRTC leg is gone.
     RtcEnded,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use serde_json::json;
 
-use super::command::{CommandError, Reply, RtcOffer, RtcPatch, RtcRole};
+use super::command::{CommandError, IceRestart, Reply, RtcOffer, RtcPatch, RtcRole};
 use super::{agent_audio_out, authorizes, codec_timing, to_frontends, CoreState, LegKind, ListenKind, Output};
 use crate::id::{SessionId, StreamId};
 use crate::media::opus::OpusSettings;
@@ -149,7 +149,7 @@ impl CoreState {
         let restart = match update {
             Ok(IceUpdate::Trickled) => None,
             Ok(IceUpdate::Restarted { fragment }) => {
-                Some((fragment, rtc.endpoint.ice_tag(peer).unwrap_or_default().to_owned()))
+                Some(IceRestart { fragment, etag: rtc.endpoint.ice_tag(peer).unwrap_or_default().to_owned() })
             }
             Err(e) => {
                 self.drain_rtc_events(now);

@@ -38,11 +38,16 @@ struct Link {
 impl Link {
     /// Client offer → relay answer (returned) → client accepts it.
     fn new() -> (Self, String, Flow) {
+        Self::with(Direction::SendRecv, Want::Receive)
+    }
+
+    /// The same with a client whose audio flows `dir`, for an endpoint that wants `want`.
+    fn with(dir: Direction, want: Want) -> (Self, String, Flow) {
         let now = origin();
         let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
         let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
-        let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
-        let (peer, answer, flow) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+        let (mut c, offer, pending, caddr) = client(dir, now);
+        let (peer, answer, flow) = ep.accept(now, &offer, want).expect("accepted");
         c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
         (Self { now, relay, ep, c, caddr, peer }, answer, flow)
     }
@@ -267,7 +272,21 @@ fn trickled_candidates_are_taken() {
 /// new ufrag only, and audio keeps flowing once the client switches.
 #[test]
 fn ice_restart_keeps_the_call() {
-    let (mut link, answer, _) = Link::new();
+    let (link, answer, _) = Link::new();
+    restart_keeps_the_call(link, &answer);
+}
+
+/// The same for a WHEP listener (a receive-only client): its offer re-applied is still accepted.
+#[test]
+fn ice_restart_keeps_a_listener() {
+    let (link, answer, flow) = Link::with(Direction::RecvOnly, Want::Send);
+    assert_eq!(flow, Flow { receives: false, sends: true });
+    restart_keeps_the_call(link, &answer);
+}
+
+/// Connects `link`, restarts ICE from the client through a fragment, applies the relay's answer
+/// fragment on the client, and checks the call goes on over the new credentials.
+fn restart_keeps_the_call(mut link: Link, answer: &str) {
     let peer = link.peer;
     assert!(run_until_heard(&mut link, 5, |_| {}), "connected before the restart");
     let old = link.ep.ice_tag(peer).expect("a tag").to_owned();
@@ -290,7 +309,7 @@ fn ice_restart_keeps_the_call() {
     assert_eq!(reply.candidates.len(), 1, "the relay's one candidate");
     // The client applies the fragment as its new remote description.
     let pwd = reply.pwd.as_deref().expect("a pwd");
-    let restarted = with_credentials(&answer, Some((&new, pwd)));
+    let restarted = with_credentials(answer, Some((&new, pwd)));
     link.c
         .sdp_api()
         .accept_answer(pending, SdpAnswer::from_sdp_string(&restarted).expect("sdp"))
