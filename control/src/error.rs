@@ -74,6 +74,9 @@ impl ApiError {
             CommandError::Conflict(_) => StatusCode::CONFLICT,
             CommandError::BadOffer(_) => StatusCode::BAD_REQUEST,
             CommandError::LegNotFound => StatusCode::NOT_FOUND,
+            CommandError::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
+            CommandError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            CommandError::BadFragment(_) => StatusCode::BAD_REQUEST,
             CommandError::Limit(_) | CommandError::RtcDisabled => StatusCode::SERVICE_UNAVAILABLE,
         };
         let message = match error {

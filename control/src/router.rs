@@ -53,6 +53,9 @@ pub enum Route {
     Whep,
     /// `DELETE /whip/{sessionId}/{leg}` or `/whep/{sessionId}/{leg}`: end a WebRTC leg.
     RtcLeg,
+    /// `PATCH /whip/{sessionId}/{leg}` or `/whep/{sessionId}/{leg}`: trickled ICE candidates or an
+    /// ICE restart (RFC 9725 §4.3).
+    RtcIce,
     /// `GET /analytics/project/{projectId}`: a project's call analytics (seed 003).
     Analytics,
     /// `GET /analytics/project/{projectId}/recent`: its most recent calls.
@@ -82,11 +85,12 @@ struct Entry {
 }
 
 /// Every method the relay serves somewhere (the answer to `OPTIONS *`).
-pub const ALL_METHODS: &str = "GET, HEAD, POST, DELETE, OPTIONS";
+pub const ALL_METHODS: &str = "GET, HEAD, POST, PATCH, DELETE, OPTIONS";
 
 const GET: &str = "GET, HEAD, OPTIONS";
 const POST: &str = "POST, OPTIONS";
-const DELETE: &str = "DELETE, OPTIONS";
+/// A WHIP/WHEP leg's resource (RFC 9725's session URL).
+const LEG: &str = "PATCH, DELETE, OPTIONS";
 
 static TABLE: &[Entry] = &[
     Entry { path: "/health", methods: &[(Method::GET, Route::Health)], allow: GET },
@@ -139,12 +143,20 @@ static PATTERNS: &[(&str, usize, Entry)] = &[
     (
         "/whip/",
         2,
-        Entry { path: "/whip/{sessionId}/{leg}", methods: &[(Method::DELETE, Route::RtcLeg)], allow: DELETE },
+        Entry {
+            path: "/whip/{sessionId}/{leg}",
+            methods: &[(Method::PATCH, Route::RtcIce), (Method::DELETE, Route::RtcLeg)],
+            allow: LEG,
+        },
     ),
     (
         "/whep/",
         2,
-        Entry { path: "/whep/{sessionId}/{leg}", methods: &[(Method::DELETE, Route::RtcLeg)], allow: DELETE },
+        Entry {
+            path: "/whep/{sessionId}/{leg}",
+            methods: &[(Method::PATCH, Route::RtcIce), (Method::DELETE, Route::RtcLeg)],
+            allow: LEG,
+        },
     ),
     (
         "/analytics/project/",
@@ -216,6 +228,23 @@ pub fn segments(path: &str) -> Vec<&str> {
 mod tests {
     use super::*;
 
+    /// A WHIP or WHEP leg's resource takes PATCH (trickle ICE, ICE restart) and DELETE; the offer
+    /// endpoint only POST, so PATCH there is a 405 naming POST.
+    #[test]
+    fn leg_resources() {
+        for prefix in ["/whip", "/whep"] {
+            assert_eq!(route(&Method::PATCH, &format!("{prefix}/s1/7")), Ok(Route::RtcIce));
+            assert_eq!(route(&Method::DELETE, &format!("{prefix}/s1/7/")), Ok(Route::RtcLeg));
+            assert_eq!(
+                route(&Method::GET, &format!("{prefix}/s1/7")),
+                Err(Miss::MethodNotAllowed("PATCH, DELETE, OPTIONS"))
+            );
+            assert_eq!(route(&Method::PATCH, &format!("{prefix}/s1")), Err(Miss::MethodNotAllowed("POST, OPTIONS")));
+            assert_eq!(allow(&format!("{prefix}/s1/7")), Some("PATCH, DELETE, OPTIONS"));
+        }
+        assert!(ALL_METHODS.contains("PATCH"));
+    }
+
     /// Each documented endpoint routes; HEAD follows GET; wrong methods list the right ones.
     #[test]
     fn table() {
@@ -234,7 +263,7 @@ mod tests {
         assert_eq!(route(&Method::POST, "/whip/s1"), Ok(Route::Whip));
         assert_eq!(route(&Method::POST, "/whep/s1/"), Ok(Route::Whep));
         assert_eq!(route(&Method::DELETE, "/whip/s1/7"), Ok(Route::RtcLeg));
-        assert_eq!(route(&Method::PATCH, "/whip/s1/7"), Err(Miss::MethodNotAllowed("DELETE, OPTIONS")));
+        assert_eq!(route(&Method::PATCH, "/whip/s1/7"), Ok(Route::RtcIce));
         assert_eq!(route(&Method::GET, "/whip/s1"), Err(Miss::MethodNotAllowed("POST, OPTIONS")));
         assert_eq!(route(&Method::POST, "/whip/"), Err(Miss::NotFound));
         assert_eq!(route(&Method::POST, "/whip//x"), Err(Miss::NotFound));
@@ -249,6 +278,7 @@ mod tests {
         assert_eq!(route(&Method::GET, "/analytics/project/p/recent/x"), Err(Miss::NotFound));
         assert_eq!(route(&Method::POST, "/analytics/project/p"), Err(Miss::MethodNotAllowed("GET, HEAD, OPTIONS")));
         assert_eq!(allow("/mute"), Some("POST, OPTIONS"));
+        assert_eq!(allow("/whep/s1/7"), Some("PATCH, DELETE, OPTIONS"));
         assert_eq!(allow("/x"), None);
     }
 }

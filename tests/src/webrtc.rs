@@ -16,6 +16,8 @@ use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 
+pub mod ice;
+
 /// 20 ms at 48 kHz.
 pub const FRAME: usize = 960;
 

@@ -43,7 +43,7 @@ fn document_matches_the_router() {
         let refusal = only_405(op);
         let path = example_path(template);
         if refusal {
-            // A documented refusal (PATCH on a WebRTC leg): the path exists, the method does not.
+            // A documented refusal (answered only with 405): the path exists, the method does not.
             assert!(!routed.contains(&(normalize(template), method.clone())), "{method} {template} is refused");
             assert!(routed.iter().any(|(p, _)| *p == normalize(template)), "{template} exists for some method");
         } else {

@@ -106,7 +106,8 @@ fn whip_contract() {
     assert_error(&offer(&relay, &format!("/whip/{id}?role=caller"), "tok", again.offer()), 409);
     let status = relay.get(&format!("/call-status?sessionId={id}")).json();
     assert_eq!(status["data"]["isConnected"], true, "a connected WHIP caller is the session's caller");
-    assert_error(&relay.request("PATCH", &location, &[("Authorization", "Bearer tok")], Some("")), 405);
+    // PATCH takes trickle-ICE fragments only (tests/trickle_ice.rs has the rest of its contract).
+    assert_error(&relay.request("PATCH", &location, &[("Authorization", "Bearer tok")], Some("")), 415);
     assert_error(&relay.request("DELETE", &location, &[("Authorization", "Bearer nope")], None), 401);
     assert_error(
         &relay.request("DELETE", &format!("/whip/{id}/999999"), &[("Authorization", "Bearer tok")], None),

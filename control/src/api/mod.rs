@@ -94,6 +94,7 @@ impl Service {
             Route::Whip => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whip).await),
             Route::Whep => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whep).await),
             Route::RtcLeg => respond(rtc::delete(core, &self.config, request).await),
+            Route::RtcIce => respond(rtc::patch(core, &self.config, request).await),
             Route::Analytics => respond(analytics::overview(core, &self.records, request).await),
             Route::AnalyticsRecent => respond(analytics::recent(core, &self.records, request).await),
             Route::AnalyticsStatistics => respond(analytics::statistics(core, &self.records, request).await),
@@ -133,6 +134,7 @@ impl Service {
                 | Route::Whip
                 | Route::Whep
                 | Route::RtcLeg
+                | Route::RtcIce
         ) || (twilio && self.config.twilio_auth_token.is_some());
         if !open && !auth::has_api_key(self.config.api_key.as_ref(), &head.headers) {
             return Err(ApiError::unauthorized("a valid API key is required: send Authorization: Bearer <key>"));
@@ -147,7 +149,14 @@ impl ControlService for Service {
         let path = head.uri.path();
         let mut outcome = if head.method == Method::OPTIONS {
             match router::allow(path).or_else(|| (path == "*").then_some(router::ALL_METHODS)) {
-                Some(allow) => Outcome::Respond(cors::options(&self.config.cors, &head.headers, allow)),
+                Some(allow) => {
+                    let mut response = cors::options(&self.config.cors, &head.headers, allow);
+                    // RFC 5789 §3.1: a resource that takes PATCH says which bodies.
+                    if allow.contains("PATCH") && path != "*" {
+                        response.headers_mut().insert(rtc::ACCEPT_PATCH, http::HeaderValue::from_static(rtc::SDPFRAG));
+                    }
+                    Outcome::Respond(response)
+                }
                 None => Outcome::Respond(ApiError::no_route(&head.method, path).into_response()),
             }
         } else {

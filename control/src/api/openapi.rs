@@ -210,7 +210,7 @@ mod tests {
             assert!(paths[endpoint.path][&key].is_object(), "{} {} is documented", endpoint.method, endpoint.path);
         }
         assert!(paths["/openapi.json"]["get"].is_object());
-        assert!(paths["/whip/{sessionId}/{leg}"]["patch"].is_object(), "the 405 is documented");
+        assert!(paths["/whip/{sessionId}/{leg}"]["patch"].is_object(), "trickle ICE is documented");
         let source: Value = serde_json::from_str(SOURCE).expect("valid JSON");
         let total = |d: &Value| {
             d["paths"].as_object().expect("paths").values().map(|i| i.as_object().expect("item").len()).sum::<usize>()

@@ -31,6 +31,9 @@ pub enum Command {
     Transcript(Box<Transcript>),
     /// A WebRTC peer's SDP offer (WHIP publishes, WHEP listens): a new leg and its answer.
     RtcOffer(Box<RtcOffer>),
+    /// Trickled candidates or an ICE restart for a WebRTC leg (`PATCH` on its WHIP/WHEP resource,
+    /// RFC 9725 §4.3).
+    RtcPatch(Box<RtcPatch>),
     /// End the WebRTC leg `leg` (`DELETE` on its WHIP/WHEP resource).
     RtcEnd {
         /// The leg, as its resource URL names it.
@@ -74,6 +77,48 @@ pub struct RtcOffer {
     pub sdp: String,
     /// What the request presented (`Authorization: Bearer`).
     pub credential: crate::core::Credential,
+}
+
+/// A trickle-ICE `PATCH` on a leg's resource.
+#[derive(Debug, Clone)]
+pub struct RtcPatch {
+    /// The leg, as its resource URL names it.
+    pub leg: u64,
+    /// The `application/trickle-ice-sdpfrag` body, parsed.
+    pub fragment: crate::rtc::sdpfrag::IceFragment,
+    /// The request's `If-Match` (RFC 9725 §4.3.1 requires one; `None` is answered 428).
+    pub if_match: Option<IfMatch>,
+    /// What the request presented (`Authorization: Bearer`).
+    pub credential: crate::core::Credential,
+}
+
+/// The relay's side of an ICE restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceRestart {
+    /// Its answer fragment (`application/trickle-ice-sdpfrag`): new credentials, its candidate.
+    pub fragment: String,
+    /// The new ICE session's entity-tag (the `ETag` later `PATCH`es must match).
+    pub etag: String,
+}
+
+/// An `If-Match` precondition (RFC 9110 §13.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `*`: any current ICE session.
+    Any,
+    /// These strong entity-tags' opaque values (weak tags never match, so they are not kept).
+    Tags(Vec<String>),
+}
+
+impl IfMatch {
+    /// Whether the precondition holds for a resource whose current entity-tag is `current`
+    /// (strong comparison).
+    pub fn matches(&self, current: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Tags(tags) => tags.iter().any(|t| t == current),
+        }
+    }
 }
 
 /// Who said a transcribed utterance.
@@ -248,6 +293,13 @@ pub enum Reply {
         leg: u64,
         /// The SDP answer.
         sdp: String,
+        /// The entity-tag of its ICE session (the `ETag` a `PATCH` must match).
+        etag: String,
+    },
+    /// A trickle-ICE `PATCH` was applied.
+    RtcPatched {
+        /// What an ICE restart answered; `None` when candidates were only added.
+        restart: Option<IceRestart>,
     },
     /// The WebRTC leg is gone.
     RtcEnded,
@@ -322,6 +374,16 @@ pub enum CommandError {
     /// The session has no WebRTC leg with this id.
     #[error("no such WebRTC leg in this session")]
     LegNotFound,
+    /// A trickle-ICE `PATCH` without `If-Match` (RFC 9725 §4.3.1).
+    #[error("send If-Match with the ETag of the ICE session (or * for an ICE restart)")]
+    PreconditionRequired,
+    /// A trickle-ICE `PATCH` whose `If-Match` names another ICE session (an ICE restart came
+    /// between).
+    #[error("If-Match does not match the ETag of the leg's ICE session")]
+    PreconditionFailed,
+    /// A trickle-ICE fragment that does not fit the leg's session.
+    #[error("{0}")]
+    BadFragment(String),
     /// A bound on what one session or core may hold was reached.
     #[error("{0}")]
     Limit(String),

@@ -376,6 +376,7 @@ impl CoreState {
             Command::Transcript(t) => return self.transcript(now, id, *t),
             Command::RtcOffer(offer) => return self.rtc_offer(now, id, *offer),
             Command::RtcEnd { leg, credential } => return self.rtc_end(now, id, leg, &credential),
+            Command::RtcPatch(patch) => return self.rtc_patch(now, id, &patch),
             _ => {}
         }
         if let Command::Start(start) = command {
@@ -400,6 +401,7 @@ impl CoreState {
             | Command::ReadRecord
             | Command::Transcript(_)
             | Command::RtcOffer(_)
+            | Command::RtcPatch(_)
             | Command::RtcEnd { .. } => {
                 unreachable!("handled above")
             }

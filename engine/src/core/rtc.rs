@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use serde_json::json;
 
-use super::command::{CommandError, Reply, RtcOffer, RtcRole};
+use super::command::{CommandError, IceRestart, Reply, RtcOffer, RtcPatch, RtcRole};
 use super::{agent_audio_out, authorizes, codec_timing, to_frontends, CoreState, LegKind, ListenKind, Output};
 use crate::id::{SessionId, StreamId};
 use crate::media::opus::OpusSettings;
@@ -17,7 +17,7 @@ use crate::media::playout::PlayoutConfig;
 use crate::media::vad::VadEvent;
 use crate::proto::events::{self, RetellEvent};
 use crate::proto::{frontend, twilio};
-use crate::rtc::{Endpoint, OfferError, PeerEvent, PeerId, Want};
+use crate::rtc::{Endpoint, IceError, IceUpdate, OfferError, PeerEvent, PeerId, Want};
 use crate::session::media::{self, Mixer, Pcm, RtcLeg, Side};
 use crate::session::{Agent, Pending, Source, AGENT_BACKLOG};
 use crate::time::Now;
@@ -119,8 +119,45 @@ impl CoreState {
             session.mixer = Some(Mixer::new(rtc.opus));
         }
         session.legs.push(RtcLeg::new(peer, offer.role, flow, rtc.opus, rtc.playout));
+        let etag = rtc.endpoint.ice_tag(peer).unwrap_or_default().to_owned();
         self.drain_rtc_events(now);
-        Ok(Reply::RtcAnswer { leg: peer.0, sdp })
+        Ok(Reply::RtcAnswer { leg: peer.0, sdp, etag })
+    }
+
+    /// `PATCH` on a leg's resource: trickled candidates (204) or an ICE restart (200 with the
+    /// answer fragment), after the token, the leg and `If-Match` are checked in that order.
+    pub(super) fn rtc_patch(&mut self, now: Now, id: &SessionId, patch: &RtcPatch) -> Result<Reply, CommandError> {
+        let session = self.slots.get(id).and_then(|s| s.session.as_ref()).ok_or(CommandError::NotFound)?;
+        if !authorizes(session, &patch.credential) {
+            return Err(CommandError::Unauthorized);
+        }
+        let peer = PeerId(patch.leg);
+        if !session.legs.iter().any(|l| l.peer == peer) {
+            return Err(CommandError::LegNotFound);
+        }
+        let rtc = self.rtc.as_mut().ok_or(CommandError::RtcDisabled)?;
+        let current = rtc.endpoint.ice_tag(peer).ok_or(CommandError::LegNotFound)?;
+        match &patch.if_match {
+            None => return Err(CommandError::PreconditionRequired),
+            Some(p) if !p.matches(current) => return Err(CommandError::PreconditionFailed),
+            Some(_) => {}
+        }
+        let update = rtc.endpoint.handle_ice_fragment(now.instant, peer, &patch.fragment).map_err(|e| match e {
+            IceError::Gone => CommandError::LegNotFound,
+            e => CommandError::BadFragment(e.to_string()),
+        });
+        let restart = match update {
+            Ok(IceUpdate::Trickled) => None,
+            Ok(IceUpdate::Restarted { fragment }) => {
+                Some(IceRestart { fragment, etag: rtc.endpoint.ice_tag(peer).unwrap_or_default().to_owned() })
+            }
+            Err(e) => {
+                self.drain_rtc_events(now);
+                return Err(e);
+            }
+        };
+        self.drain_rtc_events(now);
+        Ok(Reply::RtcPatched { restart })
     }
 
     /// `DELETE` on a leg's resource.

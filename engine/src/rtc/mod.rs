@@ -5,10 +5,13 @@
 //! peer in O(1): STUN binding requests by the ufrag in their `USERNAME` (each peer gets random ICE
 //! credentials, so the ufrag is also unguessable), everything else by the remote address a valid
 //! request came from. The str0m drive loop is followed exactly: every input to a peer is followed
-//! by a full drain of its output.
+//! by a full drain of its output. Trickled candidates and ICE restarts (WHIP/WHEP `PATCH`) arrive as
+//! [`sdpfrag::IceFragment`]s: a restart re-applies the peer's own offer with its new credentials,
+//! which is how str0m restarts ICE on the answering side, and the ufrag demultiplexing follows.
 //!
 //! Invariant: sans-IO (no sockets, no clock); str0m types stay inside this module.
 
+pub mod sdpfrag;
 pub mod stun;
 
 use std::cmp::Reverse;
@@ -138,6 +141,32 @@ pub enum OfferError {
     Internal(&'static str),
 }
 
+/// What a trickle-ICE fragment did to a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IceUpdate {
+    /// Candidates were added to the ICE session in use.
+    Trickled,
+    /// ICE restarted: the relay's answer fragment with its new credentials and candidate.
+    Restarted {
+        /// `application/trickle-ice-sdpfrag` text.
+        fragment: String,
+    },
+}
+
+/// Why a trickle-ICE fragment was refused (the ICE session in use is kept).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IceError {
+    /// The peer is gone.
+    #[error("the WebRTC leg is gone")]
+    Gone,
+    /// The fragment does not fit the peer's session.
+    #[error("{0}")]
+    Mismatch(String),
+    /// str0m refused the restart.
+    #[error("the ICE restart could not be applied: {0}")]
+    Refused(String),
+}
+
 /// How a peer's audio flows, from the relay's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
@@ -190,11 +219,22 @@ pub struct EndpointStats {
     pub unmatched: u64,
     /// Datagrams a peer refused (str0m error on input).
     pub refused: u64,
+    /// Trickled candidates the relay could not use (mDNS names, unknown transports), skipped.
+    pub skipped_candidates: u64,
 }
 
 struct Peer {
     rtc: Rtc,
+    /// The relay's ICE ufrag for this peer (the demultiplexing key; also the ICE session's
+    /// entity-tag, which changes with it on a restart).
     ufrag: String,
+    /// The peer's offer with its current ICE credentials and no candidates: an ICE restart
+    /// re-applies it with the new ones (bounded by the HTTP body limit of the offer).
+    offer: String,
+    /// The peer's current ICE credentials (ufrag, pwd) from its offer or its last restart.
+    remote: Option<(String, String)>,
+    /// The `a=mid` values of the offer's sections (a trickled fragment may name only these).
+    mids: Vec<String>,
     /// The audio section and its Opus payload type.
     mid: Mid,
     pt: Pt,
@@ -290,6 +330,10 @@ impl Endpoint {
             return Err(OfferError::TooManyPeers { limit: self.max_peers });
         }
         let offered_audio = offer.lines().any(|l| l.trim_start().starts_with("m=audio "));
+        let remote = remote_credentials(offer);
+        let mids: Vec<String> =
+            offer.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")).map(str::to_owned).take(16).collect();
+        let stored = with_credentials(offer, None);
         let offer = SdpOffer::from_sdp_string(offer).map_err(|e| OfferError::Malformed(short(&e.to_string())))?;
         // A spare built earlier off the core, else one built now (a burst beyond the spares).
         let Prepared { mut rtc, ufrag } = self.spares.pop().unwrap_or_else(|| Prepared::new(&self.cert, now));
@@ -324,6 +368,9 @@ impl Endpoint {
             Peer {
                 rtc,
                 ufrag,
+                offer: stored,
+                remote,
+                mids,
                 mid,
                 pt,
                 flow,
@@ -411,6 +458,78 @@ impl Endpoint {
             }
             self.drive(id, now);
         }
+    }
+
+    /// The entity-tag of `peer`'s ICE session (RFC 9725 §4.3.1): its local ufrag, which is
+    /// random per peer and new after each restart.
+    pub fn ice_tag(&self, peer: PeerId) -> Option<&str> {
+        self.peers.get(&peer).map(|p| p.ufrag.as_str())
+    }
+
+    /// Applies a trickle-ICE fragment a client `PATCH`ed for `peer`: with the peer's current
+    /// credentials (or none) its candidates are added; with a new ufrag and pwd it is an ICE
+    /// restart: the relay takes new credentials of its own, answers them, and from then on
+    /// routes binding requests by the new ufrag only. Candidates the relay cannot use (mDNS
+    /// names, unknown transports) are skipped, as RFC 8839 lets an agent do.
+    ///
+    /// # Errors
+    /// [`IceError`] when the peer is gone, the fragment names a section the peer does not have,
+    /// changes the password without the ufrag, or str0m refuses the restart; the ICE session in
+    /// use is then kept, as RFC 9725 §4.3.3 asks.
+    pub fn handle_ice_fragment(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        fragment: &sdpfrag::IceFragment,
+    ) -> Result<IceUpdate, IceError> {
+        let p = self.peers.get_mut(&peer).ok_or(IceError::Gone)?;
+        if let Some(mid) = fragment.mids.iter().find(|m| !p.mids.contains(m)) {
+            return Err(IceError::Mismatch(format!(
+                "the fragment names mid {}, which this session does not have",
+                short(mid)
+            )));
+        }
+        let restart = match (&fragment.ufrag, &fragment.pwd, &p.remote) {
+            (Some(u), pwd, Some((ru, rp))) if u == ru => {
+                if pwd.as_ref().is_some_and(|w| w != rp) {
+                    return Err(IceError::Mismatch("a=ice-pwd changed without a new a=ice-ufrag".to_owned()));
+                }
+                None
+            }
+            (Some(u), Some(w), _) => Some((u.clone(), w.clone())),
+            (Some(_), None, _) => {
+                return Err(IceError::Mismatch("an ICE restart (a new a=ice-ufrag) needs its a=ice-pwd".to_owned()))
+            }
+            (None, _, _) => None,
+        };
+        let update = match restart {
+            None => IceUpdate::Trickled,
+            Some(creds) => {
+                let offer = with_credentials(&p.offer, Some((&creds.0, &creds.1)));
+                let parsed = SdpOffer::from_sdp_string(&offer).map_err(|e| IceError::Refused(short(&e.to_string())))?;
+                let answer = p.rtc.sdp_api().accept_offer(parsed);
+                // Whatever str0m did, the demultiplexing follows the credentials it now has.
+                let local = p.rtc.direct_api().local_ice_credentials();
+                if local.ufrag != p.ufrag {
+                    let old = std::mem::replace(&mut p.ufrag, local.ufrag.clone());
+                    self.by_ufrag.remove(&old);
+                    self.by_ufrag.insert(local.ufrag.clone(), peer);
+                }
+                let answer = answer.map_err(|e| IceError::Refused(short(&e.to_string())))?.to_sdp_string();
+                p.offer = offer;
+                p.remote = Some(creds);
+                IceUpdate::Restarted { fragment: restart_fragment(&answer, &local.ufrag, &local.pass) }
+            }
+        };
+        let p = self.peers.get_mut(&peer).ok_or(IceError::Gone)?;
+        for line in &fragment.candidates {
+            match Candidate::from_sdp_string(line) {
+                Ok(c) => p.rtc.add_remote_candidate(c),
+                Err(_) => self.stats.skipped_candidates += 1,
+            }
+        }
+        self.drive(peer, now);
+        Ok(update)
     }
 
     /// Sends one Opus packet of `samples` (at 48 kHz) to `peer`. Returns false when the peer cannot
@@ -614,6 +733,51 @@ fn answered_audio(sdp: &str) -> Answered {
     } else {
         Answered::NoAudio
     }
+}
+
+/// The first `a=ice-ufrag` and `a=ice-pwd` of an SDP description.
+fn remote_credentials(sdp: &str) -> Option<(String, String)> {
+    let find = |prefix: &str| sdp.lines().find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned));
+    Some((find("a=ice-ufrag:")?, find("a=ice-pwd:")?))
+}
+
+/// `sdp` without its candidates (str0m keeps those it was given), with every `a=ice-ufrag` and
+/// `a=ice-pwd` replaced by `creds` when given.
+fn with_credentials(sdp: &str, creds: Option<(&str, &str)>) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        }
+        match creds {
+            Some((ufrag, _)) if line.starts_with("a=ice-ufrag:") => out.push_str(&format!("a=ice-ufrag:{ufrag}")),
+            Some((_, pwd)) if line.starts_with("a=ice-pwd:") => out.push_str(&format!("a=ice-pwd:{pwd}")),
+            _ => out.push_str(line),
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The answer fragment of an ICE restart from the full answer str0m made: the new credentials,
+/// the first accepted section (the BUNDLE tag) with its mid, and the relay's candidates.
+fn restart_fragment(answer: &str, ufrag: &str, pwd: &str) -> String {
+    let mut section = None;
+    for s in answer.split("\nm=").skip(1) {
+        let mut lines = s.lines().map(str::trim);
+        let Some(m) = lines.next() else { continue };
+        if m.split_whitespace().nth(1) == Some("0") {
+            continue;
+        }
+        if let Some(mid) = lines.find_map(|l| l.strip_prefix("a=mid:")) {
+            section = Some((format!("m={m}"), mid.to_owned()));
+            break;
+        }
+    }
+    let candidates: Vec<&str> =
+        answer.lines().filter_map(|l| l.trim().strip_prefix("a=")).filter(|a| a.starts_with("candidate:")).collect();
+    let sections: Vec<(&str, &str)> = section.iter().map(|(m, mid)| (m.as_str(), mid.as_str())).collect();
+    sdpfrag::restart_answer(ufrag, pwd, &sections, &candidates)
 }
 
 fn duration_to_rtp(d: Duration) -> u64 {

@@ -38,11 +38,16 @@ struct Link {
 impl Link {
     /// Client offer → relay answer (returned) → client accepts it.
     fn new() -> (Self, String, Flow) {
+        Self::with(Direction::SendRecv, Want::Receive)
+    }
+
+    /// The same with a client whose audio flows `dir`, for an endpoint that wants `want`.
+    fn with(dir: Direction, want: Want) -> (Self, String, Flow) {
         let now = origin();
         let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
         let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
-        let (mut c, offer, pending, caddr) = client(Direction::SendRecv, now);
-        let (peer, answer, flow) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+        let (mut c, offer, pending, caddr) = client(dir, now);
+        let (peer, answer, flow) = ep.accept(now, &offer, want).expect("accepted");
         c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
         (Self { now, relay, ep, c, caddr, peer }, answer, flow)
     }
@@ -204,4 +209,139 @@ fn spares() {
     let (_, answer, _) = ep.accept(now + Duration::from_secs(1), &offer, Want::Receive).expect("accepted");
     assert!(answer.contains("a=ice-lite"));
     assert!(ep.wants_spare(), "one was used");
+}
+
+/// The trickle-ICE fragment a client would PATCH for its current ICE state: its credentials from
+/// `sdp` (its offer), the first section's mid, and `candidates`.
+fn fragment_of(sdp: &str, candidates: &[&str]) -> sdpfrag::IceFragment {
+    let (ufrag, pwd) = remote_credentials(sdp).expect("credentials");
+    let mid = sdp.lines().find_map(|l| l.strip_prefix("a=mid:")).expect("a mid");
+    let mut text =
+        format!("a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:{mid}\r\n");
+    for c in candidates {
+        text.push_str(&format!("a={c}\r\n"));
+    }
+    text.push_str("a=end-of-candidates\r\n");
+    sdpfrag::IceFragment::parse(&text).expect("fragment")
+}
+
+/// Rounds until the relay reports the peer connected and the client has heard `frames` of the
+/// relay's audio; returns whether both happened.
+fn run_until_heard(link: &mut Link, frames: usize, mut sent: impl FnMut(&[u8])) -> bool {
+    let peer = link.peer;
+    let (mut connected, mut heard) = (link.ep.peers.get(&peer).is_some_and(|p| p.connected), 0);
+    for _ in 0..2000 {
+        let (client_events, events) = link.round(&mut sent);
+        heard += client_events.iter().filter(|e| matches!(e, Event::MediaData(_))).count();
+        connected |= events.contains(&PeerEvent::Connected(peer));
+        if connected && link.ep.write_audio(link.now, peer, &[0xf8, 0xff, 0xfe], 960) && heard >= frames {
+            return true;
+        }
+        link.tick();
+    }
+    false
+}
+
+/// A client that offered no candidates trickles them: the fragment is taken (unusable mDNS
+/// candidates skipped and counted) and the call connects.
+#[test]
+fn trickled_candidates_are_taken() {
+    let now = origin();
+    let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
+    let caddr: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+    let mut c = Rtc::builder().build(now);
+    let mut api = c.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, pending) = api.apply().expect("offer");
+    let offer = offer.to_sdp_string();
+    assert!(!offer.contains("a=candidate"), "nothing gathered yet: {offer}");
+    let (peer, answer, _) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+    c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
+    let host = Candidate::host(caddr, Protocol::Udp).expect("candidate");
+    c.add_local_candidate(host.clone());
+    let line = host.to_sdp_string();
+    let fragment = fragment_of(&offer, &[&line, "candidate:2 1 udp 1 f00d.local 5001 typ host"]);
+    assert_eq!(ep.handle_ice_fragment(now, peer, &fragment), Ok(IceUpdate::Trickled));
+    assert_eq!(ep.stats().skipped_candidates, 1, "the mDNS name is skipped");
+    let mut link = Link { now, relay, ep, c, caddr, peer };
+    assert!(run_until_heard(&mut link, 5, |_| {}), "connected after trickling");
+}
+
+/// An ICE restart mid-call: the relay answers new credentials and its candidate, routes by the
+/// new ufrag only, and audio keeps flowing once the client switches.
+#[test]
+fn ice_restart_keeps_the_call() {
+    let (link, answer, _) = Link::new();
+    restart_keeps_the_call(link, &answer);
+}
+
+/// The same for a WHEP listener (a receive-only client): its offer re-applied is still accepted.
+#[test]
+fn ice_restart_keeps_a_listener() {
+    let (link, answer, flow) = Link::with(Direction::RecvOnly, Want::Send);
+    assert_eq!(flow, Flow { receives: false, sends: true });
+    restart_keeps_the_call(link, &answer);
+}
+
+/// Connects `link`, restarts ICE from the client through a fragment, applies the relay's answer
+/// fragment on the client, and checks the call goes on over the new credentials.
+fn restart_keeps_the_call(mut link: Link, answer: &str) {
+    let peer = link.peer;
+    assert!(run_until_heard(&mut link, 5, |_| {}), "connected before the restart");
+    let old = link.ep.ice_tag(peer).expect("a tag").to_owned();
+    let mut api = link.c.sdp_api();
+    let creds = api.ice_restart(true);
+    let (offer, pending) = api.apply().expect("a restart offer");
+    let fragment = fragment_of(&offer.to_sdp_string(), &[]);
+    assert_eq!(fragment.ufrag.as_deref(), Some(creds.ufrag.as_str()));
+    let IceUpdate::Restarted { fragment: reply } =
+        link.ep.handle_ice_fragment(link.now, peer, &fragment).expect("restarted")
+    else {
+        panic!("a new ufrag is a restart");
+    };
+    let new = link.ep.ice_tag(peer).expect("a tag").to_owned();
+    assert_ne!(old, new, "a new ICE session, a new tag");
+    assert_eq!(link.ep.by_ufrag.get(&new), Some(&peer));
+    assert_eq!(link.ep.by_ufrag.get(&old), None, "the old ufrag is forgotten");
+    let reply = sdpfrag::IceFragment::parse(&reply).expect("our fragment parses");
+    assert_eq!(reply.ufrag.as_deref(), Some(new.as_str()));
+    assert_eq!(reply.candidates.len(), 1, "the relay's one candidate");
+    // The client applies the fragment as its new remote description.
+    let pwd = reply.pwd.as_deref().expect("a pwd");
+    let restarted = with_credentials(answer, Some((&new, pwd)));
+    link.c
+        .sdp_api()
+        .accept_answer(pending, SdpAnswer::from_sdp_string(&restarted).expect("sdp"))
+        .expect("the restart answer");
+    link.c.add_remote_candidate(Candidate::from_sdp_string(&reply.candidates[0]).expect("candidate"));
+    let mut checks = 0;
+    let counted = |d: &[u8]| {
+        if stun::kind(d) == stun::Kind::Stun && stun::request_ufrag(d) == Some(new.as_str()) {
+            checks += 1;
+        }
+    };
+    assert!(run_until_heard(&mut link, 50, counted), "audio continues after the restart");
+    assert!(checks > 0, "the client checks with the new credentials");
+    assert_eq!(link.ep.stats().peers, 1, "the call was not lost");
+    // The same fragment again is a trickle in the new session.
+    assert_eq!(link.ep.handle_ice_fragment(link.now, peer, &fragment), Ok(IceUpdate::Trickled));
+}
+
+/// Fragments that do not fit the session are refused and change nothing.
+#[test]
+fn fragment_refusals() {
+    let (mut link, _, _) = Link::new();
+    let (peer, now) = (link.peer, link.now);
+    let offer_creds = link.ep.peers.get(&peer).and_then(|p| p.remote.clone()).expect("remote credentials");
+    let tag = link.ep.ice_tag(peer).expect("tag").to_owned();
+    let parse = |t: &str| sdpfrag::IceFragment::parse(t).expect("parses");
+    let unknown_mid = parse("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:nope\r\n");
+    assert!(matches!(link.ep.handle_ice_fragment(now, peer, &unknown_mid), Err(IceError::Mismatch(_))));
+    let pwd_only = parse(&format!("a=ice-ufrag:{}\r\na=ice-pwd:{}\r\n", offer_creds.0, "x".repeat(22)));
+    assert!(matches!(link.ep.handle_ice_fragment(now, peer, &pwd_only), Err(IceError::Mismatch(_))));
+    let no_pwd = parse("a=ice-ufrag:brandnew\r\n");
+    assert!(matches!(link.ep.handle_ice_fragment(now, peer, &no_pwd), Err(IceError::Mismatch(_))));
+    assert_eq!(link.ep.handle_ice_fragment(now, PeerId(999), &no_pwd), Err(IceError::Gone));
+    assert_eq!(link.ep.ice_tag(peer), Some(tag.as_str()), "the ICE session in use is kept");
 }
