@@ -501,13 +501,16 @@ mod tests {
     fn long_and_short_packets() {
         for ms in [10usize, 40, 60] {
             let n48 = ms * 48;
-            let mut enc = Encoder::new(audiopus::SampleRate::Hz48000, Channels::Mono, Application::Voip).expect("encoder");
+            let mut enc =
+                Encoder::new(audiopus::SampleRate::Hz48000, Channels::Mono, Application::Voip).expect("encoder");
             enc.set_inband_fec(true).expect("fec");
             enc.set_packet_loss_perc(20).expect("loss");
             let packets: Vec<Vec<u8>> = (0..2000 / ms)
                 .map(|k| {
                     let pcm: Vec<i16> = (0..n48)
-                        .map(|i| ((((k * n48 + i) as f64) * 440.0 / 48_000.0 * std::f64::consts::TAU).sin() * 8000.0) as i16)
+                        .map(|i| {
+                            ((((k * n48 + i) as f64) * 440.0 / 48_000.0 * std::f64::consts::TAU).sin() * 8000.0) as i16
+                        })
                         .collect();
                     let mut out = vec![0u8; MAX_PACKET_BYTES * 3];
                     let len = enc.encode(&pcm, &mut out).expect("encode");

@@ -307,8 +307,7 @@ impl PlayoutBuffer {
         }
         let covered = self.owed + i64::from(FRAME_SAMPLES) <= 0;
         if self.held.is_empty() && !covered {
-            let quiet =
-                self.last_arrival.is_none_or(|t| now.saturating_duration_since(t) >= self.config.idle_after);
+            let quiet = self.last_arrival.is_none_or(|t| now.saturating_duration_since(t) >= self.config.idle_after);
             if quiet {
                 self.state = State::Idle;
                 return None;
@@ -1060,7 +1059,10 @@ mod tests {
         // concealed once, and the next packet plays at its own time, not late.
         let mut p = PlayoutBuffer::new(PlayoutConfig::default());
         p.push(t0, 0, big, pkt(0));
-        assert_eq!(pieces(&mut p, at(t0, 110)), vec![Playout::Packet { payload: pkt(0), samples: big }, conceal(), conceal(), conceal()]);
+        assert_eq!(
+            pieces(&mut p, at(t0, 110)),
+            vec![Playout::Packet { payload: pkt(0), samples: big }, conceal(), conceal(), conceal()]
+        );
         p.push(at(t0, 120), 2 * big, big, pkt(2));
         p.push(at(t0, 180), 3 * big, big, pkt(3));
         let want = |seq: u16| Playout::Packet { payload: pkt(seq), samples: big };

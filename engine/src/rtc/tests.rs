@@ -256,7 +256,9 @@ fn sixty_ms_packets_are_heard_whole() {
         }
         if connected && sent < 25 && next_send.is_none_or(|t| link.now >= t) {
             let pcm: Vec<i16> = (0..2880u64)
-                .map(|i| ((((sent * 2880 + i) as f64) * 440.0 / 48_000.0 * std::f64::consts::TAU).sin() * 8000.0) as i16)
+                .map(|i| {
+                    ((((sent * 2880 + i) as f64) * 440.0 / 48_000.0 * std::f64::consts::TAU).sin() * 8000.0) as i16
+                })
                 .collect();
             let mut out = vec![0u8; 4000];
             let n = enc.encode(&pcm, &mut out).expect("encode");

@@ -612,6 +612,81 @@ mod tests {
         assert!(CodecOp::ALL.iter().enumerate().all(|(i, op)| op.index() == i));
     }
 
+    /// Opus packets of `ms` each of a 440 Hz tone at 48 kHz, made by libopus directly.
+    fn opus_tone(ms: usize, count: usize) -> Vec<Bytes> {
+        let mut enc = audiopus::coder::Encoder::new(
+            audiopus::SampleRate::Hz48000,
+            audiopus::Channels::Mono,
+            audiopus::Application::Voip,
+        )
+        .expect("encoder");
+        enc.set_inband_fec(true).expect("fec");
+        enc.set_packet_loss_perc(20).expect("loss hint");
+        let n = ms * 48;
+        (0..count)
+            .map(|k| {
+                let pcm: Vec<i16> = (0..n)
+                    .map(|i| ((((k * n + i) as f64) * 440.0 / 48_000.0 * std::f64::consts::TAU).sin() * 8000.0) as i16)
+                    .collect();
+                let mut out = vec![0u8; 4000];
+                let len = enc.encode(&pcm, &mut out).expect("encode");
+                Bytes::copy_from_slice(&out[..len])
+            })
+            .collect()
+    }
+
+    /// A leg's inbound path turns packets of 10, 40 and 60 ms into whole 20 ms frames of the tone,
+    /// one per 20 ms, at 8 and 48 kHz, with nothing concealed; a lost packet is concealed for its
+    /// length and the frames go on without a gap in their timing.
+    #[test]
+    fn any_packet_duration_makes_whole_frames() {
+        for ms in [10usize, 40, 60] {
+            for (wideband, n) in [(false, FRAME_8K), (true, FRAME_48K)] {
+                for lose in [None, Some(20usize)] {
+                    #[allow(clippy::disallowed_methods)] // The virtual clock's origin.
+                    let t0 = Instant::now();
+                    let mut inbound = Inbound::new(PlayoutConfig::default()).expect("decoder");
+                    let packets = opus_tone(ms, 2400 / ms);
+                    let mut frames = Vec::new();
+                    let mut next = 0;
+                    for t in 0..2500u64 {
+                        let now = t0 + Duration::from_millis(t);
+                        // Packet k arrives at k × ms.
+                        while next < packets.len() && (next * ms) as u64 <= t {
+                            if lose != Some(next) {
+                                inbound.push(now, (next * ms * 48) as u32, packets[next].clone());
+                            }
+                            next += 1;
+                        }
+                        while let Some(f) = inbound.next_frame(now, wideband, Timing::default()) {
+                            frames.push((t, f));
+                        }
+                        if frames.len() == 100 {
+                            break;
+                        }
+                    }
+                    let what = format!("{ms} ms, {n} samples a frame, lost {lose:?}");
+                    assert_eq!(frames.len(), 100, "{what}: 2 s of frames");
+                    assert!(frames.windows(2).all(|w| w[1].0 - w[0].0 == 20), "{what}: one every 20 ms");
+                    assert!(frames.iter().all(|(_, f)| f.samples.len() == n), "{what}: whole frames");
+                    let s = inbound.playout.stats();
+                    assert_eq!(inbound.decode_errors, 0, "{what}");
+                    let lost_ms = lose.map_or(0, |_| ms as u64);
+                    assert_eq!(s.late, 0, "{what}: {s:?}");
+                    assert!((s.concealed + s.fec_recovered) * 20 >= lost_ms, "{what}: the loss is concealed: {s:?}");
+                    if lose.is_none() {
+                        assert_eq!((s.concealed, s.lost), (0, 0), "{what}: {s:?}");
+                        let loud = frames.iter().skip(3).all(|(_, f)| {
+                            let e = f.samples.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n as f64;
+                            e.sqrt() > 3000.0
+                        });
+                        assert!(loud, "{what}: every frame carries the tone");
+                    }
+                }
+            }
+        }
+    }
+
     /// The shared resampler slot is made on first use, kept while the rates hold, made again when
     /// they change; a frame already at the target rate is copied without one.
     #[test]
