@@ -279,12 +279,9 @@ impl PlayoutBuffer {
                 return;
             }
         }
-        let at = match self.held.binary_search_by_key(&ts, |h| h.ts) {
-            Ok(_) => {
-                self.stats.duplicates += 1;
-                return;
-            }
-            Err(at) => at,
+        let Err(at) = self.held.binary_search_by_key(&ts, |h| h.ts) else {
+            self.stats.duplicates += 1;
+            return;
         };
         self.held.insert(at, Held { ts, samples, payload, arrived: now });
         self.highest = self.highest.max(ts);
