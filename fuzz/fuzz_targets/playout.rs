@@ -1,8 +1,9 @@
 //! The playout (jitter) buffer of a WebRTC leg, driven by fuzzer-chosen packet arrivals (any
-//! sequence numbers: reordered, duplicated, late, wrapping, jumping), polls and clock steps, with a
-//! fuzzer-chosen configuration: never panics (time may even step back); while time only moves
-//! forward it never releases more than one frame per 20 ms since the first packet, plus one; no
-//! packet is played twice; every packet is accounted for.
+//! timestamps and durations: reordered, duplicated, late, overlapping, wrapping, jumping), polls
+//! and clock steps, with a fuzzer-chosen configuration: never panics (time may even step back);
+//! while time only moves forward it never releases more than one frame per 20 ms since the first
+//! packet, plus one; the audio released before each frame covers every frame so far, and runs at
+//! most one packet ahead; no packet is played twice; every packet is accounted for.
 #![no_main]
 
 use std::collections::HashSet;
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use relay_engine::media::playout::{Playout, PlayoutBuffer, PlayoutConfig};
+use relay_engine::media::playout::{Playout, PlayoutBuffer, PlayoutConfig, FRAME_SAMPLES, MAX_PACKET_SAMPLES};
+
+/// Opus's packet durations at 48 kHz (2.5 to 120 ms).
+const SIZES: [u32; 9] = [120, 240, 480, 960, 1920, 2880, 3840, 4800, 5760];
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -24,18 +28,18 @@ struct Input {
     /// Idle timeout, in 10 ms steps.
     idle_after: u8,
     resync_frames: u8,
-    /// The first sequence number.
-    start: u16,
+    /// The first timestamp.
+    start: u32,
     steps: Vec<Step>,
 }
 
 #[derive(Arbitrary, Debug)]
 enum Step {
-    /// The clock moves `gap_ms`, then the next packet of the schedule arrives, `offset` away
-    /// from its place.
-    Push { gap_ms: u8, offset: i8 },
-    /// The clock moves `gap_ms`, then a packet with any sequence number arrives.
-    PushAny { gap_ms: u8, seq: u16 },
+    /// The clock moves `gap_ms`, then the next packet of the schedule arrives, `offset` frames
+    /// away from its place, its duration chosen by `size` (a standard Opus duration, or any).
+    Push { gap_ms: u8, offset: i8, size: u16 },
+    /// The clock moves `gap_ms`, then a packet with any timestamp and duration arrives.
+    PushAny { gap_ms: u8, ts: u32, samples: u32 },
     /// The clock moves `gap_ms`, then everything due is polled.
     Poll { gap_ms: u8 },
     /// A long stall (`tens_ms` × 10 ms), then everything due is polled.
@@ -68,27 +72,30 @@ fuzz_target!(|input: Input| {
     let mut monotonic = true;
     let mut first_push: Option<u64> = None;
     let (mut next, mut id) = (input.start, 0u32);
-    let mut released = 0u64;
+    let (mut frames, mut pieces, mut audio) = (0u64, 0u64, 0u64);
     let mut played = HashSet::new();
     for step in input.steps.into_iter().take(2000) {
-        let mut push = |now_ms: u64, seq: u16, p: &mut PlayoutBuffer| {
+        let mut push = |now_ms: u64, ts: u32, samples: u32, p: &mut PlayoutBuffer| {
             first_push.get_or_insert(now_ms);
-            // Payload: a unique id, then the sequence number.
-            let mut b = id.to_be_bytes().to_vec();
-            b.extend_from_slice(&seq.to_be_bytes());
+            // Payload: a unique id.
+            let b = id.to_be_bytes().to_vec();
+            // Sequence numbers in push order: a timestamp gap with none missing is a pause.
+            let seq = id as u16;
             id += 1;
-            p.push(t0 + Duration::from_millis(now_ms), seq, Bytes::from(b));
+            p.push(t0 + Duration::from_millis(now_ms), seq, ts, samples, Bytes::from(b));
         };
         let poll_after = match step {
-            Step::Push { gap_ms, offset } => {
+            Step::Push { gap_ms, offset, size } => {
                 now_ms += u64::from(gap_ms);
-                push(now_ms, next.wrapping_add(offset as u16), &mut p);
-                next = next.wrapping_add(1);
+                let samples = SIZES.get(usize::from(size)).copied().unwrap_or(u32::from(size));
+                let ts = next.wrapping_add((i32::from(offset) * FRAME_SAMPLES as i32) as u32);
+                push(now_ms, ts, samples, &mut p);
+                next = next.wrapping_add(samples);
                 false
             }
-            Step::PushAny { gap_ms, seq } => {
+            Step::PushAny { gap_ms, ts, samples } => {
                 now_ms += u64::from(gap_ms);
-                push(now_ms, seq, &mut p);
+                push(now_ms, ts, samples, &mut p);
                 false
             }
             Step::Poll { gap_ms } => {
@@ -109,23 +116,37 @@ fuzz_target!(|input: Input| {
             let now = t0 + Duration::from_millis(now_ms);
             let mut guard = 0;
             while let Some(out) = p.poll(now) {
-                released += 1;
                 guard += 1;
                 assert!(guard <= 100_000, "poll never runs dry");
-                if monotonic {
-                    // A resync never brings the next release forward (it once did: the
-                    // regression corpus is fuzz/corpus/playout/crash-*).
-                    let elapsed = now_ms - first_push.unwrap_or(now_ms);
-                    assert!(
-                        released <= elapsed / 20 + 1,
-                        "{released} frames released {elapsed} ms after the first packet"
-                    );
-                }
-                if let Playout::Packet(b) = out {
-                    let pid = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-                    assert!(played.insert(pid), "packet {pid} played twice");
+                match out {
+                    Playout::Frame => {
+                        frames += 1;
+                        if monotonic {
+                            // A resync never brings the next release forward (it once did: the
+                            // regression corpus is fuzz/corpus/playout/crash-*).
+                            let elapsed = now_ms - first_push.unwrap_or(now_ms);
+                            assert!(
+                                frames <= elapsed / 20 + 1,
+                                "{frames} frames released {elapsed} ms after the first packet"
+                            );
+                        }
+                        assert!(audio >= frames * u64::from(FRAME_SAMPLES), "frame {frames} not covered: {audio}");
+                    }
+                    Playout::Packet { payload, samples } => {
+                        pieces += 1;
+                        audio += u64::from(samples);
+                        let pid = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                        assert!(played.insert(pid), "packet {pid} played twice");
+                    }
+                    Playout::Fec { samples, .. } | Playout::Conceal { samples } => {
+                        assert!(samples > 0 && samples <= FRAME_SAMPLES, "a piece of {samples}");
+                        pieces += 1;
+                        audio += u64::from(samples);
+                    }
                 }
             }
+            let ahead = u64::from(MAX_PACKET_SAMPLES);
+            assert!(audio < frames * u64::from(FRAME_SAMPLES) + ahead, "{audio} released for {frames} frames");
         }
         assert!(p.buffered() <= capacity);
         if let Some(at) = p.poll_timeout() {
@@ -136,5 +157,5 @@ fuzz_target!(|input: Input| {
     let s = p.stats();
     assert_eq!(s.played, played.len() as u64);
     assert_eq!(s.received, s.played + s.late + s.duplicates + s.overflow_dropped + p.buffered() as u64, "{s:?}");
-    assert_eq!(s.concealed + s.fec_recovered + s.played, released, "{s:?}");
+    assert_eq!(s.concealed + s.fec_recovered + s.played, pieces, "{s:?}");
 });

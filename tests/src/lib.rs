@@ -24,6 +24,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 pub mod browser;
+pub mod ptime;
 pub mod telephony;
 pub mod twilio_rest;
 pub mod webrtc;

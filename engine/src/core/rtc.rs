@@ -249,7 +249,7 @@ impl CoreState {
         while let Some(event) = self.rtc.as_mut().and_then(|r| r.endpoint.poll_event()) {
             match event {
                 PeerEvent::Connected(peer) => self.peer_connected(now, peer),
-                PeerEvent::Audio { peer, seq, payload, .. } => self.peer_audio(now, peer, seq, payload),
+                PeerEvent::Audio { peer, seq, rtp_time, payload } => self.peer_audio(now, peer, seq, rtp_time, payload),
                 PeerEvent::Closed { peer, reason } => self.remove_leg(now, peer, reason),
             }
         }
@@ -293,13 +293,14 @@ impl CoreState {
         }
     }
 
-    fn peer_audio(&mut self, now: Now, peer: PeerId, seq: u64, payload: Bytes) {
+    fn peer_audio(&mut self, now: Now, peer: PeerId, seq: u64, rtp_time: u64, payload: Bytes) {
         let Some(id) = self.session_of_peer(peer) else { return };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
         let Some(leg) = session.leg_mut(peer) else { return };
         let Some(inbound) = leg.inbound.as_mut() else { return };
-        // RTP sequence numbers are 16 bits on the wire; the playout buffer extends them itself.
-        inbound.playout.push(now.instant, (seq & 0xffff) as u16, payload);
+        // RTP timestamps are 32 bits on the wire and sequence numbers 16; the playout buffer
+        // extends the one and only compares the other with its predecessor.
+        inbound.push(now.instant, (seq & 0xffff) as u16, (rtp_time & 0xffff_ffff) as u32, payload);
         self.stats.frames_in.add(LegKind::Webrtc, 1);
         let first = !leg.heard;
         leg.heard = true;
@@ -328,7 +329,6 @@ impl CoreState {
                 RtcRole::Listener => false,
             };
             let Some(inbound) = leg.inbound.as_mut() else { continue };
-            let errors = inbound.decode_errors;
             while let Some(frame) = inbound.next_frame(now.instant, wideband, timing) {
                 due.push((leg.peer, leg.role.clone(), frame));
             }
@@ -337,7 +337,8 @@ impl CoreState {
             counters.concealed += is.concealed - was.concealed;
             counters.fec_recovered += is.fec_recovered - was.fec_recovered;
             counters.late += is.late - was.late;
-            counters.decode_errors += inbound.decode_errors - errors;
+            counters.decode_errors += inbound.decode_errors - inbound.reported_errors;
+            inbound.reported_errors = inbound.decode_errors;
             inbound.reported = is;
         }
         for (peer, role, frame) in due {

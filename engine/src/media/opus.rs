@@ -1,5 +1,6 @@
-//! Opus for WebRTC legs: a mono VoIP encoder and decoder over libopus (`audiopus`), one 20 ms
-//! frame per call, with packet-loss concealment and in-band FEC recovery.
+//! Opus for WebRTC legs: a mono VoIP encoder over libopus (`audiopus`) making 20 ms packets, and a
+//! decoder taking packets of any duration (2.5 to 120 ms, RFC 7587), with packet-loss concealment
+//! and in-band FEC recovery sized to the gap.
 //!
 //! On the wire an Opus stream always runs at the 48 kHz RTP clock (RFC 7587), whatever rate the
 //! codec works at inside: an [`OpusEncoder`] fed 8 kHz PCM still produces a valid 48 kHz-clock
@@ -7,7 +8,8 @@
 //! from any Opus packet, so a μ-law ⇄ Opus leg needs no separate resampler.
 //!
 //! Invariant: no I/O, no clock; every buffer is sized at construction (a packet is at most
-//! [`MAX_PACKET_BYTES`]); packets longer than 20 ms and malformed packets are errors, never panics.
+//! [`MAX_PACKET_BYTES`] per frame, [`MAX_PACKET_SAMPLES`] long); malformed packets and room too
+//! small for a packet are errors, never panics.
 
 use audiopus::coder::{Decoder, Encoder};
 use audiopus::{Application, Channels, Signal};
@@ -17,8 +19,12 @@ use bytes::Bytes;
 /// buffer has exactly this size.
 pub const MAX_PACKET_BYTES: usize = 1275;
 
-/// Samples of one 20 ms frame at the 48 kHz RTP clock: the RTP timestamp step per packet.
+/// Samples of one 20 ms frame at the 48 kHz RTP clock: the RTP timestamp step per packet Relay
+/// sends.
 pub const RTP_SAMPLES_PER_FRAME: u32 = 960;
+
+/// The longest Opus packet, 120 ms, in samples at 48 kHz (RFC 6716 §3.2.5).
+pub const MAX_PACKET_SAMPLES: u32 = 5760;
 
 /// How the encoder trades CPU, bandwidth and loss resilience.
 ///
@@ -69,23 +75,25 @@ pub enum CodecError {
     /// [`OpusSettings::bitrate_bps`] outside 6000..=510000.
     #[error("Opus bitrate {0} bit/s is out of range 6000..=510000")]
     InvalidBitrate(u32),
-    /// PCM given to encode, or room given to decode, is not exactly one 20 ms frame.
-    #[error("expected one 20 ms frame of {expected} samples, got {actual}")]
+    /// PCM given to encode is not exactly one 20 ms frame, or the room given to decode a packet
+    /// is shorter than the packet.
+    #[error("expected {expected} samples, got {actual}")]
     FrameSize {
-        /// Samples in 20 ms at the coder's rate.
+        /// Samples needed: 20 ms at the encoder's rate, or the packet's duration at the decoder's.
         expected: usize,
         /// Samples given.
         actual: usize,
     },
+    /// Audio to conceal or recover is not a whole number of 2.5 ms steps up to 120 ms (what
+    /// libopus can conceal).
+    #[error("cannot conceal {0} samples: a multiple of 2.5 ms, at most 120 ms, is needed")]
+    ConcealSize(usize),
     /// A zero-length packet (libopus reads it as loss; we make the caller say so).
     #[error("empty Opus packet")]
     EmptyPacket,
     /// A packet longer than any valid Opus packet.
     #[error("Opus packet of {0} bytes exceeds the 1275-byte maximum")]
     PacketTooLong(usize),
-    /// The packet decodes to more than one 20 ms frame (Relay's legs use 20 ms ptime).
-    #[error("Opus packet holds {0} samples at 48 kHz; at most 960 (20 ms) are accepted")]
-    PacketDuration(usize),
     /// The packet's table of contents or frame lengths are inconsistent.
     #[error("malformed Opus packet")]
     InvalidPacket,
@@ -195,11 +203,23 @@ impl OpusEncoder {
     }
 }
 
-/// Mono Opus decoder producing 20 ms frames of 16-bit PCM at any of the four rates.
+/// The duration of an Opus `packet` in samples at 48 kHz, read from its TOC byte and frame count
+/// (RFC 6716 §3.1): 120 (2.5 ms) to [`MAX_PACKET_SAMPLES`] (120 ms).
+///
+/// # Errors
+///
+/// [`CodecError::EmptyPacket`], [`CodecError::PacketTooLong`], [`CodecError::InvalidPacket`].
+pub fn packet_samples(packet: &[u8]) -> Result<u32, CodecError> {
+    check_packet(packet)
+}
+
+/// Mono Opus decoder producing 16-bit PCM at any of the four rates, from packets of any duration.
 pub struct OpusDecoder {
     inner: Decoder,
-    /// Samples per 20 ms at the output rate; the size every `out` must have.
+    /// Samples per 20 ms at the output rate.
     frame_samples: usize,
+    /// Output rate in Hz.
+    rate_hz: u32,
 }
 
 impl std::fmt::Debug for OpusDecoder {
@@ -217,7 +237,11 @@ impl OpusDecoder {
     /// [`CodecError::UnsupportedRate`], or [`CodecError::Library`] if libopus refuses.
     pub fn new(output_rate_hz: u32) -> Result<Self, CodecError> {
         let rate = opus_rate(output_rate_hz)?;
-        Ok(Self { inner: Decoder::new(rate, Channels::Mono)?, frame_samples: frame_samples(output_rate_hz) })
+        Ok(Self {
+            inner: Decoder::new(rate, Channels::Mono)?,
+            frame_samples: frame_samples(output_rate_hz),
+            rate_hz: output_rate_hz,
+        })
     }
 
     /// Samples per 20 ms frame at the output rate.
@@ -225,46 +249,71 @@ impl OpusDecoder {
         self.frame_samples
     }
 
-    /// Decodes `packet` into `out` (exactly one 20 ms frame long) and returns the samples written:
-    /// the whole frame for a 20 ms packet, fewer for a 2.5–10 ms one.
-    ///
-    /// # Errors
-    ///
-    /// [`CodecError::FrameSize`], [`CodecError::EmptyPacket`], [`CodecError::PacketTooLong`],
-    /// [`CodecError::PacketDuration`] for packets over 20 ms, [`CodecError::InvalidPacket`].
-    pub fn decode(&mut self, packet: &[u8], out: &mut [i16]) -> Result<usize, CodecError> {
-        self.check_out(out)?;
-        check_packet(packet)?;
-        Ok(self.inner.decode(Some(packet), out, false)?)
+    /// Output rate in Hz.
+    pub fn rate_hz(&self) -> u32 {
+        self.rate_hz
     }
 
-    /// Conceals one lost 20 ms frame (libopus PLC: extrapolated from the last frames, fading to
-    /// silence over repeated losses) into `out` and returns the samples written.
+    /// Samples at the output rate in `samples_48k` samples of the 48 kHz RTP clock (rounded down).
+    pub fn samples_at_rate(&self, samples_48k: u32) -> usize {
+        (u64::from(samples_48k) * u64::from(self.rate_hz) / 48_000) as usize
+    }
+
+    /// Samples at the output rate of 2.5 ms: the step every concealed or recovered length is a
+    /// multiple of.
+    pub fn conceal_step(&self) -> usize {
+        self.rate_hz as usize / 400
+    }
+
+    /// Decodes `packet` (any duration, 2.5 to 120 ms) into the start of `out`, which must have
+    /// room for all of it, and returns the samples written: the packet's duration at the output
+    /// rate.
     ///
     /// # Errors
     ///
-    /// [`CodecError::FrameSize`], or [`CodecError::Library`].
+    /// [`CodecError::FrameSize`] when `out` is shorter than the packet, [`CodecError::EmptyPacket`],
+    /// [`CodecError::PacketTooLong`], [`CodecError::InvalidPacket`].
+    pub fn decode(&mut self, packet: &[u8], out: &mut [i16]) -> Result<usize, CodecError> {
+        let needed = self.samples_at_rate(check_packet(packet)?);
+        if out.len() < needed {
+            return Err(CodecError::FrameSize { expected: needed, actual: out.len() });
+        }
+        // libopus takes the room as the most it may write; more than 120 ms is never used.
+        let room = out.len().min(self.samples_at_rate(MAX_PACKET_SAMPLES));
+        Ok(self.inner.decode(Some(packet), &mut out[..room], false)?)
+    }
+
+    /// Conceals `out.len()` lost samples (a multiple of 2.5 ms, at most 120 ms; libopus PLC:
+    /// extrapolated from the last frames, fading to silence over repeated losses) into `out` and
+    /// returns the samples written.
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::ConcealSize`], or [`CodecError::Library`].
     pub fn conceal(&mut self, out: &mut [i16]) -> Result<usize, CodecError> {
-        self.check_out(out)?;
+        self.check_conceal(out)?;
         Ok(self.inner.decode(None::<&[u8]>, out, false)?)
     }
 
-    /// Recovers the lost 20 ms frame *before* `next_packet` from `next_packet`'s in-band FEC into
-    /// `out`; if that packet carries no FEC data libopus conceals instead. Decode `next_packet`
-    /// itself with [`Self::decode`] afterwards, as usual.
+    /// Recovers the `out.len()` lost samples *before* `next_packet` (a multiple of 2.5 ms, at most
+    /// 120 ms) into `out`: libopus conceals all but the last frame's worth and recovers that from
+    /// `next_packet`'s in-band FEC (or conceals it too when the packet carries none). Decode
+    /// `next_packet` itself with [`Self::decode`] afterwards, as usual.
     ///
     /// # Errors
     ///
-    /// As [`Self::decode`].
+    /// [`CodecError::ConcealSize`], [`CodecError::EmptyPacket`], [`CodecError::PacketTooLong`],
+    /// [`CodecError::InvalidPacket`].
     pub fn decode_fec(&mut self, next_packet: &[u8], out: &mut [i16]) -> Result<usize, CodecError> {
-        self.check_out(out)?;
+        self.check_conceal(out)?;
         check_packet(next_packet)?;
         Ok(self.inner.decode(Some(next_packet), out, true)?)
     }
 
-    fn check_out(&self, out: &[i16]) -> Result<(), CodecError> {
-        if out.len() != self.frame_samples {
-            return Err(CodecError::FrameSize { expected: self.frame_samples, actual: out.len() });
+    fn check_conceal(&self, out: &[i16]) -> Result<(), CodecError> {
+        let step = self.conceal_step();
+        if out.is_empty() || out.len() % step != 0 || out.len() > self.samples_at_rate(MAX_PACKET_SAMPLES) {
+            return Err(CodecError::ConcealSize(out.len()));
         }
         Ok(())
     }
@@ -282,27 +331,26 @@ fn encode_frame(inner: &Encoder, frame_samples: usize, pcm: &[i16], out: &mut [u
     Ok(inner.encode(pcm, &mut out[..cap])?)
 }
 
-/// Rejects packets that are empty, oversized, malformed or longer than 20 ms before libopus sees
-/// them, so a 60 ms packet is an error rather than a buffer-too-small surprise.
-fn check_packet(packet: &[u8]) -> Result<(), CodecError> {
+/// Rejects packets that are empty, oversized or malformed before libopus sees them, and returns
+/// a valid packet's duration in samples at 48 kHz.
+fn check_packet(packet: &[u8]) -> Result<u32, CodecError> {
     if packet.is_empty() {
         return Err(CodecError::EmptyPacket);
     }
-    // Multi-frame packets of 20 ms total fit in 1275 bytes per frame; 1275 × 8 is a loose
-    // bound that only rejects what no encoder produces.
+    // A packet holds at most 48 frames (120 ms of 2.5 ms frames) of at most 1275 bytes, but
+    // encoders spend far less; 1275 × 8 is a loose bound that only rejects what no encoder
+    // produces.
     if packet.len() > MAX_PACKET_BYTES * 8 {
         return Err(CodecError::PacketTooLong(packet.len()));
     }
     // audiopus casts libopus's i32 result to usize, so its negative error codes arrive as huge
     // values; the largest valid answer is 120 ms = 5760 samples.
     let samples = audiopus::packet::nb_samples(packet, audiopus::SampleRate::Hz48000)?;
-    if samples == 0 || samples > 5760 {
+    if samples == 0 || samples > MAX_PACKET_SAMPLES as usize {
         return Err(CodecError::InvalidPacket);
     }
-    if samples > RTP_SAMPLES_PER_FRAME as usize {
-        return Err(CodecError::PacketDuration(samples));
-    }
-    Ok(())
+    // At most 5760, so lossless.
+    Ok(samples as u32)
 }
 
 fn opus_rate(hz: u32) -> Result<audiopus::SampleRate, CodecError> {
@@ -392,7 +440,8 @@ mod tests {
         }
     }
 
-    /// Wrong frame sizes are errors on both sides.
+    /// Wrong frame sizes are errors on both sides: the encoder takes exactly 20 ms, the decoder
+    /// needs room for the whole packet, and concealment comes in 2.5 ms steps up to 120 ms.
     #[test]
     fn frame_sizes() {
         let mut enc = OpusEncoder::new(16000, &OpusSettings::default()).expect("encoder");
@@ -403,8 +452,13 @@ mod tests {
         let mut dec = OpusDecoder::new(8000).expect("decoder");
         let mut short = [0i16; 159];
         assert_eq!(dec.decode(&packet, &mut short).err(), Some(CodecError::FrameSize { expected: 160, actual: 159 }));
-        assert!(dec.conceal(&mut [0; 161]).is_err());
+        assert_eq!(dec.decode(&packet, &mut [0; 1000]), Ok(160), "more room than the packet is fine");
+        assert_eq!(dec.conceal(&mut [0; 161]), Err(CodecError::ConcealSize(161)));
+        assert_eq!(dec.conceal(&mut [0; 20]), Ok(20), "2.5 ms");
+        assert_eq!(dec.conceal(&mut [0; 960]), Ok(960), "120 ms");
+        assert_eq!(dec.conceal(&mut [0; 980]), Err(CodecError::ConcealSize(980)));
         assert!(dec.decode_fec(&packet, &mut [0; 0]).is_err());
+        assert_eq!(dec.decode_fec(&packet, &mut [0; 80]), Ok(80), "10 ms recovered");
         let mut buf = [0u8; 0];
         assert!(enc.encode_into(&[0; 320], &mut buf).is_err());
         let mut buf = [0u8; MAX_PACKET_BYTES];
@@ -412,27 +466,80 @@ mod tests {
         assert!((1..=MAX_PACKET_BYTES).contains(&n));
     }
 
-    /// Packets longer than 20 ms are refused, as are empty and malformed ones.
+    /// Empty and malformed packets are refused, and so is room shorter than the packet; every
+    /// standard duration is read from the TOC.
     #[test]
     fn bad_packets() {
         let mut dec = OpusDecoder::new(48000).expect("decoder");
         let mut out = vec![0i16; 960];
         assert_eq!(dec.decode(&[], &mut out), Err(CodecError::EmptyPacket));
-        // TOC config 3 = SILK NB 60 ms, code 0: one 60 ms frame.
-        assert_eq!(dec.decode(&[3 << 3, 0, 0], &mut out), Err(CodecError::PacketDuration(2880)));
+        // TOC config 3 = SILK NB 60 ms, code 0: one 60 ms frame, longer than the room given.
+        assert_eq!(dec.decode(&[3 << 3, 0, 0], &mut out), Err(CodecError::FrameSize { expected: 2880, actual: 960 }));
+        assert_eq!(packet_samples(&[3 << 3, 0, 0]), Ok(2880));
         // TOC config 1 (SILK NB 20 ms), code 3 with 6 frames = 120 ms.
-        assert_eq!(dec.decode(&[(1 << 3) | 3, 6, 0, 0], &mut out), Err(CodecError::PacketDuration(5760)));
+        assert_eq!(packet_samples(&[(1 << 3) | 3, 6, 0, 0]), Ok(5760));
+        // Code 3 with 7 frames of 20 ms = 140 ms: over the maximum.
+        assert_eq!(packet_samples(&[(1 << 3) | 3, 7, 0, 0]), Err(CodecError::InvalidPacket));
         // Code 3 with a frame count of 0 is invalid (RFC 6716 R5).
         assert_eq!(dec.decode(&[(1 << 3) | 3, 0], &mut out), Err(CodecError::InvalidPacket));
         // Code 2 (two 10 ms frames of config 0) whose first frame length runs past the end.
         assert_eq!(dec.decode(&[2, 200, 1], &mut out), Err(CodecError::InvalidPacket));
-        // Code 2 (two 20 ms frames) is 40 ms, too long.
-        assert_eq!(dec.decode(&[(1 << 3) | 2, 1, 0, 0], &mut out), Err(CodecError::PacketDuration(1920)));
+        // Code 2 (two 20 ms frames) is 40 ms.
+        assert_eq!(packet_samples(&[(1 << 3) | 2, 1, 0, 0]), Ok(1920));
+        // CELT FB 2.5 ms (config 28).
+        assert_eq!(packet_samples(&[28 << 3]), Ok(120));
         assert_eq!(dec.decode(&vec![0u8; 20_000], &mut out), Err(CodecError::PacketTooLong(20_000)));
-        assert_eq!(dec.decode_fec(&[3 << 3, 0], &mut out), Err(CodecError::PacketDuration(2880)));
-        // 10 ms packets (TOC config 0) are fine and fill half the frame.
+        assert_eq!(packet_samples(&[]), Err(CodecError::EmptyPacket));
+        // 10 ms packets (TOC config 0) fill half the frame.
         let ten_ms = dec.decode(&[0], &mut out).expect("a TOC-only 10 ms packet is valid");
         assert_eq!(ten_ms, 480);
+    }
+
+    /// 10, 40 and 60 ms packets of a tone decode whole, at every output rate, to the tone's energy,
+    /// and a lost 60 ms packet is concealed and recovered for exactly its length.
+    #[test]
+    fn long_and_short_packets() {
+        for ms in [10usize, 40, 60] {
+            let n48 = ms * 48;
+            let mut enc =
+                Encoder::new(audiopus::SampleRate::Hz48000, Channels::Mono, Application::Voip).expect("encoder");
+            enc.set_inband_fec(true).expect("fec");
+            enc.set_packet_loss_perc(20).expect("loss");
+            let packets: Vec<Vec<u8>> = (0..2000 / ms)
+                .map(|k| {
+                    let pcm: Vec<i16> = (0..n48)
+                        .map(|i| {
+                            ((((k * n48 + i) as f64) * 440.0 / 48_000.0 * std::f64::consts::TAU).sin() * 8000.0) as i16
+                        })
+                        .collect();
+                    let mut out = vec![0u8; MAX_PACKET_BYTES * 3];
+                    let len = enc.encode(&pcm, &mut out).expect("encode");
+                    out.truncate(len);
+                    out
+                })
+                .collect();
+            for rate in [8000u32, 48000] {
+                let mut dec = OpusDecoder::new(rate).expect("decoder");
+                let mut out = vec![0i16; dec.samples_at_rate(MAX_PACKET_SAMPLES)];
+                let mut e = 0.0;
+                for (k, p) in packets.iter().enumerate() {
+                    assert_eq!(packet_samples(p), Ok(n48 as u32));
+                    let got = dec.decode(p, &mut out).expect("decode");
+                    assert_eq!(got, dec.samples_at_rate(n48 as u32), "{ms} ms at {rate} Hz");
+                    if k >= 5 {
+                        e += energy(&out[..got]) / (packets.len() - 5) as f64;
+                    }
+                }
+                assert!((0.5 * 32e6..2.0 * 32e6).contains(&e), "{ms} ms at {rate} Hz: energy {e}");
+                // One packet lost: conceal all but its last 20 ms, recover that from the next.
+                let lost = dec.samples_at_rate(n48 as u32);
+                let frame = dec.frame_samples();
+                if lost > frame {
+                    assert_eq!(dec.conceal(&mut out[..lost - frame]), Ok(lost - frame));
+                }
+                assert_eq!(dec.decode_fec(&packets[1], &mut out[..lost.min(frame)]), Ok(lost.min(frame)));
+            }
+        }
     }
 
     /// Concealment yields a full frame that continues a tone, then fades over repeated losses.
@@ -533,26 +640,27 @@ mod tests {
             "unsupported sample rate 44100 Hz: Opus legs run at 8000, 16000, 24000 or 48000 Hz"
         );
         assert_eq!(
-            CodecError::PacketDuration(2880).to_string(),
-            "Opus packet holds 2880 samples at 48 kHz; at most 960 (20 ms) are accepted"
+            CodecError::ConcealSize(161).to_string(),
+            "cannot conceal 161 samples: a multiple of 2.5 ms, at most 120 ms, is needed"
         );
-        assert_eq!(
-            CodecError::FrameSize { expected: 160, actual: 3 }.to_string(),
-            "expected one 20 ms frame of 160 samples, got 3"
-        );
+        assert_eq!(CodecError::FrameSize { expected: 160, actual: 3 }.to_string(), "expected 160 samples, got 3");
     }
 
     proptest! {
-        /// Arbitrary bytes never panic the decoder; they decode to at most one frame or fail.
+        /// Arbitrary bytes never panic the decoder; they decode to at most the room given (and
+        /// the duration their TOC says) or fail.
         #[test]
-        fn arbitrary_packets(packet in proptest::collection::vec(any::<u8>(), 0..1500), fec in any::<bool>()) {
+        fn arbitrary_packets(packet in proptest::collection::vec(any::<u8>(), 0..1500), fec in any::<bool>(), room in 0usize..1000) {
             let mut dec = OpusDecoder::new(8000).expect("decoder");
-            let mut out = [0i16; 160];
+            let mut out = vec![0i16; room];
             let r = if fec { dec.decode_fec(&packet, &mut out) } else { dec.decode(&packet, &mut out) };
             if let Ok(n) = r {
-                prop_assert!(n <= 160);
+                prop_assert!(n <= room);
+                if !fec {
+                    prop_assert_eq!(Ok(n), packet_samples(&packet).map(|s| dec.samples_at_rate(s)));
+                }
             }
-            prop_assert_eq!(dec.conceal(&mut out), Ok(160));
+            prop_assert_eq!(dec.conceal(&mut [0; 160]), Ok(160));
         }
 
         /// Arbitrary PCM always encodes to a packet the decoder accepts.

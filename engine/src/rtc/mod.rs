@@ -351,6 +351,8 @@ impl Endpoint {
             Answered::NoAudio if offered_audio => return Err(OfferError::UnsupportedCodec),
             Answered::NoAudio => return Err(OfferError::NoAudio),
         };
+        // The answer says what Relay sends (20 ms packets) and what it takes (any Opus duration).
+        let answer = with_ptime(&answer, &mid);
         let flow = Flow {
             receives: matches!(direction, Direction::RecvOnly | Direction::SendRecv),
             sends: matches!(direction, Direction::SendOnly | Direction::SendRecv),
@@ -778,6 +780,39 @@ fn restart_fragment(answer: &str, ufrag: &str, pwd: &str) -> String {
         answer.lines().filter_map(|l| l.trim().strip_prefix("a=")).filter(|a| a.starts_with("candidate:")).collect();
     let sections: Vec<(&str, &str)> = section.iter().map(|(m, mid)| (m.as_str(), mid.as_str())).collect();
     sdpfrag::restart_answer(ufrag, pwd, &sections, &candidates)
+}
+
+/// `sdp` with `a=ptime:20` and `a=maxptime:120` added to the audio section of `mid` (unless it
+/// states them already): Relay sends 20 ms Opus packets, and its playout takes any Opus packet
+/// duration up to 120 ms (RFC 7587 §7).
+fn with_ptime(sdp: &str, mid: &str) -> String {
+    let mut out = String::with_capacity(sdp.len() + 40);
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, out: &mut String| {
+        let ours = section.first().is_some_and(|m| m.starts_with("m=audio "))
+            && section.iter().any(|l| l.strip_prefix("a=mid:") == Some(mid));
+        for line in section.iter() {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+        if ours {
+            for (name, line) in [("a=ptime:", "a=ptime:20"), ("a=maxptime:", "a=maxptime:120")] {
+                if !section.iter().any(|l| l.starts_with(name)) {
+                    out.push_str(line);
+                    out.push_str("\r\n");
+                }
+            }
+        }
+        section.clear();
+    };
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            flush(&mut section, &mut out);
+        }
+        section.push(line);
+    }
+    flush(&mut section, &mut out);
+    out
 }
 
 fn duration_to_rtp(d: Duration) -> u64 {

@@ -1,5 +1,6 @@
 //! A session's WebRTC legs and the audio state between its legs' formats: per leg a playout
-//! buffer and Opus decoder (audio in) and an Opus encoder (audio out); per session the WHEP mix.
+//! buffer and Opus decoder (audio in, packets of any duration cut into 20 ms frames) and an Opus
+//! encoder (audio out, 20 ms packets); per session the WHEP mix.
 //!
 //! Formats: Twilio legs carry base64 μ-law at 8 kHz; WebRTC legs carry Opus, decoded here at
 //! 48 kHz. A frame is converted only toward the sinks that need another format, once per frame:
@@ -20,8 +21,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 
 use crate::core::command::RtcRole;
-use crate::media::opus::{OpusDecoder, OpusEncoder, OpusSettings};
-use crate::media::playout::{Playout, PlayoutBuffer, PlayoutConfig};
+use crate::media::opus::{self, OpusDecoder, OpusEncoder, OpusSettings, MAX_PACKET_SAMPLES};
+use crate::media::playout::{Playout, PlayoutBuffer, PlayoutConfig, PlayoutStats};
 use crate::media::resample::Resampler;
 use crate::media::{pcm, SampleRate};
 use crate::rtc::{Flow, PeerId};
@@ -152,9 +153,10 @@ pub fn resample(slot: &mut Option<Resampler>, frame: &Pcm, to: SampleRate, timin
     Some(out)
 }
 
-/// Audio received from a WebRTC peer: reordered and timed by a playout buffer, then decoded.
+/// Audio received from a WebRTC peer: reordered and timed by a playout buffer, decoded (packets
+/// of any duration, RFC 7587), and cut into 20 ms frames.
 pub struct Inbound {
-    /// Reorders, absorbs jitter, decides where concealment goes.
+    /// Reorders, absorbs jitter, decides where concealment goes and how long it is.
     pub playout: PlayoutBuffer,
     /// Decodes at 48 kHz while a WebRTC peer or the mix hears this leg, else straight to 8 kHz
     /// (cheaper, and no resampler delay on the way to a phone).
@@ -162,11 +164,24 @@ pub struct Inbound {
     rate: SampleRate,
     /// 48 → 8 kHz, made when a μ-law sink first needs this leg's audio.
     down: Option<Resampler>,
-    /// Packets that failed to decode.
+    /// Decoded audio not yet released as frames, at `rate`: the rest of a packet longer than a
+    /// frame (two frames of a 60 ms packet), or the start of a frame made of shorter packets.
+    /// Its capacity, a longest packet plus two frames, is reserved at construction and never
+    /// exceeded (the oldest samples go first).
+    pending: Vec<i16>,
+    /// Where each piece is decoded before it joins `pending`: room for a longest packet at 48 kHz,
+    /// never reallocated.
+    scratch: Box<[i16]>,
+    /// Packets that failed to decode (or whose duration could not be read).
     pub decode_errors: u64,
+    /// `decode_errors` as last reported to the core.
+    pub reported_errors: u64,
     /// The playout counters as last reported to the core (the core adds only what changed).
-    pub reported: crate::media::playout::PlayoutStats,
+    pub reported: PlayoutStats,
 }
+
+/// Room in [`Inbound`]'s pending queue, in samples at 48 kHz: a longest packet plus two frames.
+const PENDING_48K: usize = MAX_PACKET_SAMPLES as usize + 2 * FRAME_48K;
 
 impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -175,21 +190,36 @@ impl std::fmt::Debug for Inbound {
 }
 
 impl Inbound {
-    fn new(playout: PlayoutConfig) -> Option<Self> {
+    /// A leg's inbound audio path with playout buffer `playout`; `None` if libopus refuses to make
+    /// a decoder.
+    pub fn new(playout: PlayoutConfig) -> Option<Self> {
         Some(Self {
             playout: PlayoutBuffer::new(playout),
             decoder: OpusDecoder::new(8_000).ok()?,
             rate: SampleRate::Hz8000,
             down: None,
+            pending: Vec::with_capacity(PENDING_48K),
+            scratch: vec![0; MAX_PACKET_SAMPLES as usize].into_boxed_slice(),
             decode_errors: 0,
-            reported: crate::media::playout::PlayoutStats::default(),
+            reported_errors: 0,
+            reported: PlayoutStats::default(),
         })
     }
 
-    /// The next frame due at `now`, decoded (a concealed frame when the packet is missing), at
+    /// Takes in an Opus packet with RTP sequence number `seq` and timestamp `rtp_time` that arrived
+    /// at `now`; its duration is read from its TOC (the SDP's `ptime` is not trusted). A packet
+    /// whose duration cannot be read is counted in `decode_errors` and dropped (its time is
+    /// concealed as a gap).
+    pub fn push(&mut self, now: Instant, seq: u16, rtp_time: u32, payload: Bytes) {
+        match opus::packet_samples(&payload) {
+            Ok(samples) => self.playout.push(now, seq, rtp_time, samples, payload),
+            Err(_) => self.decode_errors += 1,
+        }
+    }
+
+    /// The next 20 ms frame due at `now`, decoded (concealed where packets are missing), at
     /// 48 kHz when `wideband`, else at 8 kHz.
     pub fn next_frame(&mut self, now: Instant, wideband: bool, timing: Timing<'_>) -> Option<Pcm> {
-        let item = self.playout.poll(now)?;
         let rate = if wideband { SampleRate::Hz48000 } else { SampleRate::Hz8000 };
         if rate != self.rate {
             // A sink that needs the other rate joined or left: a new decoder (a glitch-free
@@ -197,25 +227,36 @@ impl Inbound {
             if let Ok(d) = OpusDecoder::new(rate.hz()) {
                 self.decoder = d;
                 self.rate = rate;
+                self.pending.clear();
             }
         }
-        let n = self.rate.hz() as usize / 50;
-        let mut samples = vec![0i16; n];
-        let decoder = &mut self.decoder;
-        let result = timing.time(CodecOp::OpusDecode, || match &item {
-            Playout::Packet(p) => decoder.decode(p, &mut samples),
-            Playout::Fec(next) => decoder.decode_fec(next, &mut samples),
-            Playout::Conceal => decoder.conceal(&mut samples),
-        });
-        match result {
-            Ok(got) if got == n => Some(Pcm { rate: self.rate, samples }),
-            // A packet of another duration, or a broken one: conceal instead, counted.
-            _ => {
-                self.decode_errors += 1;
-                samples.iter_mut().for_each(|s| *s = 0);
-                let decoder = &mut self.decoder;
-                timing.time(CodecOp::OpusDecode, || decoder.conceal(&mut samples)).ok()?;
-                Some(Pcm { rate: self.rate, samples })
+        loop {
+            match self.playout.poll(now)? {
+                Playout::Frame => return Some(self.take_frame(timing)),
+                Playout::Packet { payload, samples } => {
+                    let (decoder, scratch) = (&mut self.decoder, &mut self.scratch);
+                    match timing.time(CodecOp::OpusDecode, || decoder.decode(&payload, scratch)) {
+                        Ok(n) => append(&mut self.pending, &self.scratch[..n], self.rate),
+                        // A broken packet: its time is concealed instead, counted.
+                        Err(_) => {
+                            self.decode_errors += 1;
+                            let n = self.decoder.samples_at_rate(samples);
+                            self.conceal(n, timing);
+                        }
+                    }
+                }
+                Playout::Fec { next, samples } => {
+                    let n = self.whole_steps(samples);
+                    let (decoder, scratch) = (&mut self.decoder, &mut self.scratch[..n]);
+                    match timing.time(CodecOp::OpusDecode, || decoder.decode_fec(&next, scratch)) {
+                        Ok(n) => append(&mut self.pending, &self.scratch[..n], self.rate),
+                        Err(_) => self.conceal(n, timing),
+                    }
+                }
+                Playout::Conceal { samples } => {
+                    let n = self.whole_steps(samples);
+                    self.conceal(n, timing);
+                }
             }
         }
     }
@@ -224,6 +265,58 @@ impl Inbound {
     pub fn to_ulaw(&mut self, frame: &Pcm, timing: Timing<'_>) -> Option<Bytes> {
         to_ulaw(&mut self.down, frame, timing)
     }
+
+    /// The first 20 ms of the pending audio as a frame; a shortfall (concealment rounded to
+    /// libopus's 2.5 ms steps, a decoder just replaced) is concealed first.
+    fn take_frame(&mut self, timing: Timing<'_>) -> Pcm {
+        let n = self.decoder.frame_samples();
+        if self.pending.len() < n {
+            let step = self.decoder.conceal_step();
+            let short = (n - self.pending.len()).div_ceil(step) * step;
+            self.conceal(short, timing);
+            // A failed concealment leaves silence.
+            self.pending.resize(self.pending.len().max(n), 0);
+        }
+        let samples = self.pending[..n].to_vec();
+        self.pending.drain(..n);
+        Pcm { rate: self.rate, samples }
+    }
+
+    /// `samples` at 48 kHz as a length at the decoder's rate, rounded to libopus's 2.5 ms steps
+    /// and capped at 20 ms (no piece but a packet is longer).
+    fn whole_steps(&self, samples: u32) -> usize {
+        let step = self.decoder.conceal_step();
+        let n = self.decoder.samples_at_rate(samples);
+        ((n + step / 2) / step * step).min(self.decoder.frame_samples())
+    }
+
+    /// Conceals `n` samples (a multiple of 2.5 ms, at most 120 ms) into the pending audio.
+    fn conceal(&mut self, n: usize, timing: Timing<'_>) {
+        if n == 0 {
+            return;
+        }
+        let n = n.min(self.scratch.len());
+        let (decoder, scratch) = (&mut self.decoder, &mut self.scratch[..n]);
+        match timing.time(CodecOp::OpusDecode, || decoder.conceal(scratch)) {
+            Ok(got) => append(&mut self.pending, &self.scratch[..got], self.rate),
+            Err(_) => {
+                self.scratch[..n].fill(0);
+                append(&mut self.pending, &self.scratch[..n], self.rate);
+            }
+        }
+    }
+}
+
+/// Appends `samples` to `pending`, dropping its oldest samples first if it would pass its room
+/// (a longest packet plus two frames at `rate`).
+fn append(pending: &mut Vec<i16>, samples: &[i16], rate: SampleRate) {
+    let room = PENDING_48K * rate.hz() as usize / 48_000;
+    let over = (pending.len() + samples.len()).saturating_sub(room);
+    if over > 0 {
+        pending.drain(..over.min(pending.len()));
+    }
+    let take = samples.len().min(room);
+    pending.extend_from_slice(&samples[samples.len() - take..]);
 }
 
 /// `frame` as base64 μ-law: 8 kHz directly, other rates through `down` (see [`resample`]).
@@ -262,7 +355,7 @@ impl Outbound {
         match timing.time(CodecOp::OpusEncode, || encoder.encode(&frame.samples)) {
             // With DTX, silence comes out as 1–2 byte packets that are not sent: the peer treats
             // the gap as silence (Opus's own comfort noise), which is what DTX saves bandwidth for.
-            Ok(packet) if self.settings.dtx && crate::media::opus::is_dtx_packet(&packet) => None,
+            Ok(packet) if self.settings.dtx && opus::is_dtx_packet(&packet) => None,
             Ok(packet) => Some(packet),
             Err(_) => {
                 *errors += 1;
@@ -518,6 +611,81 @@ mod tests {
         let names: Vec<&str> = CodecOp::ALL.iter().map(|op| op.name()).collect();
         assert_eq!(names, ["opus_encode", "opus_decode", "resample", "ulaw_encode", "ulaw_decode"]);
         assert!(CodecOp::ALL.iter().enumerate().all(|(i, op)| op.index() == i));
+    }
+
+    /// Opus packets of `ms` each of a 440 Hz tone at 48 kHz, made by libopus directly.
+    fn opus_tone(ms: usize, count: usize) -> Vec<Bytes> {
+        let mut enc = audiopus::coder::Encoder::new(
+            audiopus::SampleRate::Hz48000,
+            audiopus::Channels::Mono,
+            audiopus::Application::Voip,
+        )
+        .expect("encoder");
+        enc.set_inband_fec(true).expect("fec");
+        enc.set_packet_loss_perc(20).expect("loss hint");
+        let n = ms * 48;
+        (0..count)
+            .map(|k| {
+                let pcm: Vec<i16> = (0..n)
+                    .map(|i| ((((k * n + i) as f64) * 440.0 / 48_000.0 * std::f64::consts::TAU).sin() * 8000.0) as i16)
+                    .collect();
+                let mut out = vec![0u8; 4000];
+                let len = enc.encode(&pcm, &mut out).expect("encode");
+                Bytes::copy_from_slice(&out[..len])
+            })
+            .collect()
+    }
+
+    /// A leg's inbound path turns packets of 10, 40 and 60 ms into whole 20 ms frames of the tone,
+    /// one per 20 ms, at 8 and 48 kHz, with nothing concealed; a lost packet is concealed for its
+    /// length and the frames go on without a gap in their timing.
+    #[test]
+    fn any_packet_duration_makes_whole_frames() {
+        for ms in [10usize, 40, 60] {
+            for (wideband, n) in [(false, FRAME_8K), (true, FRAME_48K)] {
+                for lose in [None, Some(20usize)] {
+                    #[allow(clippy::disallowed_methods)] // The virtual clock's origin.
+                    let t0 = Instant::now();
+                    let mut inbound = Inbound::new(PlayoutConfig::default()).expect("decoder");
+                    let packets = opus_tone(ms, 2400 / ms);
+                    let mut frames = Vec::new();
+                    let mut next = 0;
+                    for t in 0..2500u64 {
+                        let now = t0 + Duration::from_millis(t);
+                        // Packet k arrives at k × ms.
+                        while next < packets.len() && (next * ms) as u64 <= t {
+                            if lose != Some(next) {
+                                inbound.push(now, next as u16, (next * ms * 48) as u32, packets[next].clone());
+                            }
+                            next += 1;
+                        }
+                        while let Some(f) = inbound.next_frame(now, wideband, Timing::default()) {
+                            frames.push((t, f));
+                        }
+                        if frames.len() == 100 {
+                            break;
+                        }
+                    }
+                    let what = format!("{ms} ms, {n} samples a frame, lost {lose:?}");
+                    assert_eq!(frames.len(), 100, "{what}: 2 s of frames");
+                    assert!(frames.windows(2).all(|w| w[1].0 - w[0].0 == 20), "{what}: one every 20 ms");
+                    assert!(frames.iter().all(|(_, f)| f.samples.len() == n), "{what}: whole frames");
+                    let s = inbound.playout.stats();
+                    assert_eq!(inbound.decode_errors, 0, "{what}");
+                    let lost_ms = lose.map_or(0, |_| ms as u64);
+                    assert_eq!(s.late, 0, "{what}: {s:?}");
+                    assert!((s.concealed + s.fec_recovered) * 20 >= lost_ms, "{what}: the loss is concealed: {s:?}");
+                    if lose.is_none() {
+                        assert_eq!((s.concealed, s.lost), (0, 0), "{what}: {s:?}");
+                        let loud = frames.iter().skip(3).all(|(_, f)| {
+                            let e = f.samples.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n as f64;
+                            e.sqrt() > 3000.0
+                        });
+                        assert!(loud, "{what}: every frame carries the tone");
+                    }
+                }
+            }
+        }
     }
 
     /// The shared resampler slot is made on first use, kept while the rates hold, made again when
