@@ -151,6 +151,20 @@ impl ChunkedDecoder {
         self.decoded
     }
 
+    /// Whether the last (zero-size) chunk has been read: the whole body is decoded, and only the
+    /// trailer section and the final CRLF (or nothing) remain.
+    pub fn last_chunk_seen(&self) -> bool {
+        matches!(
+            self.state,
+            State::TrailerStart
+                | State::TrailerName
+                | State::TrailerValue
+                | State::TrailerLf
+                | State::EndLf
+                | State::Done
+        )
+    }
+
     /// Decodes `input`, appending body bytes to `body`. Chunk sizes, extensions, CRLFs and
     /// trailers may be split anywhere across calls.
     ///
