@@ -292,6 +292,31 @@ fn malformed_chunks_are_400_and_close() {
     assert_eq!(relay.get("/health").status, 200);
 }
 
+/// A chunked body's trailer section is held to the head's limits: more fields than
+/// `--max-headers`, or more bytes than `--max-head-bytes`, is 431 and the connection closes.
+#[test]
+fn chunked_trailers_are_bounded() {
+    let relay = Relay::start(&["--max-headers", "8", "--max-head-bytes", "1024"]);
+    let many: String = (0..9).map(|i| format!("X-T{i}: v\r\n")).collect();
+    let long = format!("X-Long: {}\r\n", "v".repeat(1100));
+    for trailers in [many, long] {
+        let mut conn = Conn::open(relay.addr());
+        let request = format!(
+            "POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n{trailers}\r\n"
+        );
+        conn.write_raw(request.as_bytes()).expect("write");
+        assert_error(&conn.read_response(), 431);
+        assert!(conn.closed_by_server(), "closed after the 431");
+    }
+    let few: String = (0..3).map(|i| format!("X-T{i}: v\r\n")).collect();
+    let body = json!({"sessionId": "trailers", "accessToken": "t"}).to_string();
+    let request = format!(
+        "POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n{few}\r\n",
+        body.len()
+    );
+    assert_success(&raw_request(&relay, request.as_bytes()), "Call started successfully");
+}
+
 /// `Content-Length` and `Transfer-Encoding` together (a smuggling attempt) are 400 and close,
 /// whichever comes first, and the body is not taken as a request.
 #[test]
