@@ -139,15 +139,17 @@ fn configured_cors_echoes_listed_origins() {
     }
 }
 
-/// Errors the relay finds in the head itself (body over the limit 413, `Transfer-Encoding` 501,
-/// an unknown `Expect` 417) carry CORS headers for an allowed origin, so a browser sees the
-/// status rather than a CORS failure; a disallowed origin still gets none.
+/// Errors the relay finds in the head itself (body over the limit 413, a transfer coding other
+/// than chunked 501, an unknown `Expect` 417) or in a chunked body (a chunk past the limit 413)
+/// carry CORS headers for an allowed origin, so a browser sees the status rather than a CORS
+/// failure; a disallowed origin still gets none.
 #[test]
 fn head_errors_carry_cors_headers() {
     let relay = Relay::start(&["--cors-origins", "https://a.example", "--max-body-bytes", "1024"]);
     let heads = [
         ("Content-Length: 5000\r\n", 413),
-        ("Transfer-Encoding: chunked\r\n", 501),
+        ("Transfer-Encoding: gzip, chunked\r\n", 501),
+        ("Transfer-Encoding: chunked\r\n\r\n800", 413),
         ("Expect: 200-ok\r\nContent-Length: 2\r\n", 417),
     ];
     for (extra, status) in heads {

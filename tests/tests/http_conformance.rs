@@ -213,18 +213,158 @@ fn oversized_body_is_413_before_reading_it() {
     );
 }
 
-/// `Transfer-Encoding: chunked` bodies are refused with 501.
+/// A `Transfer-Encoding: chunked` body (sizes in any case, extensions, a trailer) is decoded and
+/// handled like the same body sent with `Content-Length`, even split into tiny writes; the request
+/// pipelined after it is answered too.
 #[test]
-fn chunked_body_is_501() {
+fn chunked_body_is_decoded() {
     let relay = Relay::start(&[]);
+    let body = json!({"sessionId": "chunky", "accessToken": "t"}).to_string();
+    let (a, b) = body.split_at(7);
+    let mut bytes = format!(
+        "POST /start-call HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:X};name=value;quoted=\"a;b\"\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nX-Checksum: none\r\n\r\n",
+        a.len(),
+        b.len()
+    )
+    .into_bytes();
+    bytes.extend(format_request("GET", "/call-status?sessionId=chunky", "x", &[], None));
+    let mut conn = Conn::open(relay.addr());
+    for piece in bytes.chunks(3) {
+        conn.write_raw(piece).expect("write a piece");
+    }
+    let data = assert_success(&conn.read_response(), "Call started successfully");
+    assert_eq!(data["sessionId"], "chunky");
+    assert_success(&conn.read_response(), "Call status retrieved");
+}
+
+/// A chunked body is held to `--max-body-bytes` by its decoded size: 413 (and close) past it,
+/// accepted at it however many bytes its chunk lines add.
+#[test]
+fn chunked_body_over_the_limit_is_413() {
+    let relay = Relay::start(&["--max-body-bytes", "100"]);
+    let big = json!({"sessionId": "big", "accessToken": "x".repeat(200)}).to_string();
+    let mut conn = Conn::open(relay.addr());
+    let head = "POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    conn.write_raw(format!("{head}{:x}\r\n{big}\r\n0\r\n\r\n", big.len()).as_bytes()).expect("write");
+    assert_error(&conn.read_response(), 413);
+    assert!(conn.closed_by_server(), "closed after the 413");
+
+    let small = json!({"sessionId": "small", "accessToken": "t"}).to_string();
+    let mut chunked = String::from(head);
+    for byte in small.chars() {
+        chunked.push_str(&format!("1;pad=padding\r\n{byte}\r\n"));
+    }
+    chunked.push_str("0\r\n\r\n");
+    assert!(chunked.len() > 300, "the encoded body is longer than the limit");
+    let resp = raw_request(&relay, chunked.as_bytes());
+    assert_success(&resp, "Call started successfully");
+    assert_eq!(relay.active_sessions(), 1, "only the small body started a call");
+}
+
+/// Malformed chunked framing (a size that is not hex, negative, past 64 bits, data longer than its
+/// size, a bare LF, an endless size line or trailer) is answered 400 and the connection closes.
+#[test]
+fn malformed_chunks_are_400_and_close() {
+    let relay = Relay::start(&[]);
+    let long_extension = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(10_000));
+    let cases: [&str; 9] = [
+        "zz\r\nhello\r\n0\r\n\r\n",
+        "-5\r\nhello\r\n0\r\n\r\n",
+        "0x5\r\nhello\r\n0\r\n\r\n",
+        "1ffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+        "10000000000000000\r\nhello\r\n0\r\n\r\n",
+        "3\r\nhello\r\n0\r\n\r\n",
+        "5\nhello\r\n0\r\n\r\n",
+        "\r\nhello\r\n0\r\n\r\n",
+        &long_extension,
+    ];
+    for chunks in cases {
+        let mut conn = Conn::open(relay.addr());
+        let request = format!("POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}");
+        conn.write_raw(request.as_bytes()).expect("write");
+        let resp = conn.read_response();
+        assert_error(&resp, 400);
+        assert_eq!(resp.header("connection"), Some("close"), "{chunks:.40?}");
+        assert!(conn.closed_by_server(), "{chunks:.40?}: closed after the 400");
+    }
+    assert_eq!(relay.active_sessions(), 0);
+    assert_eq!(relay.get("/health").status, 200);
+}
+
+/// A chunked body's trailer section is held to the head's limits: more fields than
+/// `--max-headers`, or more bytes than `--max-head-bytes`, is 431 and the connection closes.
+#[test]
+fn chunked_trailers_are_bounded() {
+    let relay = Relay::start(&["--max-headers", "8", "--max-head-bytes", "1024"]);
+    let many: String = (0..9).map(|i| format!("X-T{i}: v\r\n")).collect();
+    let long = format!("X-Long: {}\r\n", "v".repeat(1100));
+    for trailers in [many, long] {
+        let mut conn = Conn::open(relay.addr());
+        let request = format!(
+            "POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n{trailers}\r\n"
+        );
+        conn.write_raw(request.as_bytes()).expect("write");
+        assert_error(&conn.read_response(), 431);
+        assert!(conn.closed_by_server(), "closed after the 431");
+    }
+    let few: String = (0..3).map(|i| format!("X-T{i}: v\r\n")).collect();
+    let body = json!({"sessionId": "trailers", "accessToken": "t"}).to_string();
+    let request = format!(
+        "POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n{few}\r\n",
+        body.len()
+    );
+    assert_success(&raw_request(&relay, request.as_bytes()), "Call started successfully");
+}
+
+/// `Content-Length` and `Transfer-Encoding` together (a smuggling attempt) are 400 and close,
+/// whichever comes first, and the body is not taken as a request.
+#[test]
+fn content_length_with_transfer_encoding_is_400() {
+    let relay = Relay::start(&[]);
+    let smuggled = "GET /no-such-path HTTP/1.1\r\nHost: x\r\n\r\n";
+    for headers in
+        ["Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "Transfer-Encoding: chunked\r\nContent-Length: 40\r\n"]
+    {
+        let mut conn = Conn::open(relay.addr());
+        let request = format!("POST /start-call HTTP/1.1\r\nHost: x\r\n{headers}\r\n0\r\n\r\n{smuggled}");
+        conn.write_raw(request.as_bytes()).expect("write");
+        assert_error(&conn.read_response(), 400);
+        assert!(conn.closed_by_server(), "{headers:?}: closed, nothing else answered");
+    }
+}
+
+/// A transfer coding other than chunked (alone, or before chunked) is 501 and the connection
+/// closes; chunked on an HTTP/1.0 request is 400.
+#[test]
+fn other_transfer_codings_are_501() {
+    let relay = Relay::start(&[]);
+    for coding in ["gzip", "gzip, chunked", "identity", "chunked;x=1"] {
+        let mut conn = Conn::open(relay.addr());
+        let request = format!("POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n0\r\n\r\n");
+        conn.write_raw(request.as_bytes()).expect("write");
+        assert_error(&conn.read_response(), 501);
+        assert!(conn.closed_by_server(), "{coding}: closed");
+    }
+    let resp = raw_request(&relay, b"POST /start-call HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    assert_error(&resp, 400);
+    assert_eq!(relay.active_sessions(), 0);
+}
+
+/// `Expect: 100-continue` with a chunked body gets `100 Continue`, then the real answer.
+#[test]
+fn expect_continue_with_a_chunked_body() {
+    let relay = Relay::start(&[]);
+    let body = json!({"sessionId": "cont-chunked", "accessToken": "t"}).to_string();
     let mut conn = Conn::open(relay.addr());
     conn.write_raw(
-        b"POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /start-call HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n",
     )
-    .expect("write");
-    assert_error(&conn.read_response(), 501);
-    assert!(conn.closed_by_server(), "the chunked body cannot be parsed as a request: closed");
-    assert_eq!(relay.active_sessions(), 0);
+    .expect("write head");
+    let interim = conn.read_response();
+    assert_eq!(interim.status, 100, "interim response before the body: {interim:?}");
+    conn.write_raw(format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len()).as_bytes()).expect("write body");
+    assert_success(&conn.read_response(), "Call started successfully");
 }
 
 /// Unknown paths are 404 with the error envelope.
@@ -438,6 +578,42 @@ fn http11_needs_exactly_one_host() {
     assert_eq!(raw_request(&relay, b"GET /health HTTP/1.0\r\n\r\n").status, 200);
 }
 
+/// A `Host` that is not `host[:port]` (spaces, control characters, a port that is not a number up
+/// to 65535, characters no host has) is 400 and closes, in HTTP/1.1 and 1.0 alike; so are two
+/// Hosts in HTTP/1.0. Names, IPv4, IPv6 literals and an empty Host are accepted.
+#[test]
+fn invalid_host_is_400() {
+    let relay = Relay::start(&[]);
+    let bad = [
+        "a b", "a\tb", "h\x01", "h:abc", "h:99999", "h:-1", "h:80:81", "[::1", "[::1]x", "[zz]:80", "a/b", "a@b",
+        "h\x7f",
+    ];
+    for host in bad {
+        for version in ["1.1", "1.0"] {
+            let mut conn = Conn::open(relay.addr());
+            conn.write_raw(format!("GET /health HTTP/{version}\r\nHost: {host}\r\n\r\n").as_bytes()).expect("write");
+            let resp = conn.read_response();
+            assert_eq!(resp.status, 400, "Host {host:?} over HTTP/{version}: {resp:?}");
+            assert!(conn.closed_by_server(), "Host {host:?}: closed after the 400");
+        }
+    }
+    assert_error(&raw_request(&relay, b"GET /health HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"), 400);
+    let addr = relay.addr().to_string();
+    for host in [
+        addr.as_str(),
+        "relay.example",
+        "relay.example:443",
+        "10.0.0.1",
+        "[::1]:8080",
+        "[fe80::1]",
+        "a-b_c.~x%20!$&'()*+,;=",
+        "",
+    ] {
+        let request = format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        assert_eq!(raw_request(&relay, request.as_bytes()).status, 200, "Host {host:?}");
+    }
+}
+
 /// An HTTP/1.0 keep-alive request is answered `connection: keep-alive`, and the connection stays.
 #[test]
 fn http10_keep_alive_is_announced() {
@@ -480,6 +656,31 @@ fn http10_websocket_upgrade_is_refused() {
     assert_error(&resp, resp.status);
 }
 
+/// A client that writes its whole 2 MiB request in one call before reading sees the 413 (for a
+/// `Content-Length` or a chunked body over the limit), not a reset: the relay reads and discards
+/// the body it refused before it closes. The client's send buffer is small, so the body cannot
+/// hide in kernel buffers: the write completes only if the relay reads it.
+#[test]
+fn early_413_reaches_a_client_that_writes_2mib_at_once() {
+    const BODY: usize = 2 * 1024 * 1024;
+    let relay = Relay::start(&[]);
+    let filler = vec![b' '; BODY];
+    let mut length = format!("POST /start-call HTTP/1.1\r\nHost: x\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+    length.extend_from_slice(&filler);
+    let mut chunked =
+        format!("POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{BODY:x}\r\n").into_bytes();
+    chunked.extend_from_slice(&filler);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    for (name, request) in [("content-length", length), ("chunked", chunked)] {
+        let mut conn = Conn::open(relay.addr());
+        set_send_buffer(conn.stream(), 64 * 1024);
+        conn.write_raw(&request).unwrap_or_else(|e| panic!("{name}: the relay stopped reading the body: {e}"));
+        let resp = conn.try_read_response().unwrap_or_else(|e| panic!("{name}: the 413 did not arrive: {e}"));
+        assert_error(&resp, 413);
+        assert!(conn.closed_by_server(), "{name}: closed after the 413");
+    }
+}
+
 /// A 413 for a too-large body reaches a client that is still sending that body, whole.
 #[test]
 fn oversized_body_413_survives_the_unread_body() {
@@ -506,4 +707,21 @@ fn oversized_body_413_survives_the_unread_body() {
     let resp = conn.try_read_response().unwrap_or_else(|e| panic!("the 413 did not arrive whole: {e}"));
     assert_error(&resp, 413);
     sender.join().expect("body sender");
+}
+
+/// Asks for a send buffer of `bytes` (the kernel may round it), so what the client writes waits
+/// in its own kernel only briefly and reaches the relay as the relay reads.
+fn set_send_buffer(stream: &std::net::TcpStream, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_SNDBUF: {}", std::io::Error::last_os_error());
 }

@@ -134,6 +134,30 @@ fn public_without_the_api_key() {
     assert_eq!(keyless("POST", "/openapi.json").status, 405);
 }
 
+/// The document says how request bodies are framed (`Content-Length` or chunked, the limit by
+/// decoded size) and that another transfer coding is 501, as the relay answers.
+#[test]
+fn document_states_body_framing() {
+    let relay = Relay::start(&[]);
+    let doc = relay.get("/openapi.json").json();
+    let description = doc["info"]["description"].as_str().expect("info.description");
+    for phrase in ["`Transfer-Encoding: chunked`", "501 (a transfer coding other than `chunked`)", "`Host`"] {
+        assert!(description.contains(phrase), "info.description names {phrase}");
+    }
+    let too_large = doc["components"]["responses"]["PayloadTooLarge"]["description"].as_str().unwrap_or_default();
+    assert!(too_large.contains("decoded size"), "413 says a chunked body counts decoded bytes: {too_large}");
+    let body = "{\"sessionId\":\"doc\",\"accessToken\":\"t\"}";
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let mut conn = relay.conn();
+    conn.write_raw(
+        format!("POST /start-call HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}").as_bytes(),
+    )
+    .expect("write");
+    assert_eq!(conn.read_response().status, 200, "a chunked body is taken as documented");
+    let resp = relay.request("POST", "/start-call", &[("Transfer-Encoding", "gzip")], None);
+    assert_eq!(resp.status, 501, "another coding is 501 as documented");
+}
+
 /// Every `(path template with {} for parameters, lowercase method)` the document holds.
 fn operations(doc: &Value) -> BTreeSet<(String, String)> {
     let paths = doc["paths"].as_object().expect("paths is an object");

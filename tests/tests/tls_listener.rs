@@ -214,3 +214,50 @@ fn large_answers_to_a_slow_tls_reader_arrive_whole() {
     }
     assert!(raw.is_empty(), "nothing past the last answer");
 }
+
+/// Over TLS, a chunked body is decoded like one in plain text, and a client that writes a 2 MiB
+/// body in one call before reading (with a small send buffer, so the body cannot wait in its own
+/// kernel) gets its 413: the refused body is read and discarded through TLS before the close.
+#[test]
+fn chunked_and_refused_bodies_over_tls() {
+    use std::os::fd::AsRawFd as _;
+    let cert = TestCert::localhost();
+    let relay = start(&cert, &[]);
+    let body = json!({"sessionId": "tls-chunked", "accessToken": "tok"}).to_string();
+    let (a, b) = body.split_at(5);
+    let mut tls = cert.connect(relay.addr());
+    let request = format!(
+        "POST /start-call HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x};e=1\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    tls.write_all(request.as_bytes()).expect("write over TLS");
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200 "), "chunked over TLS: {text}");
+    assert!(text.contains("Call started successfully"), "{text}");
+
+    const BODY: usize = 2 * 1024 * 1024;
+    let mut tls = cert.connect(relay.addr());
+    let size: libc::c_int = 64 * 1024;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            tls.sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_SNDBUF");
+    let mut request =
+        format!("POST /start-call HTTP/1.1\r\nHost: localhost\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+    request.resize(request.len() + BODY, b' ');
+    tls.write_all(&request).expect("the relay reads the body it refused");
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 413 "), "refused body over TLS: {text}");
+}

@@ -23,8 +23,11 @@ pub struct RequestHead {
     pub version: Version,
     /// Header fields, names lowercased.
     pub headers: HeaderMap,
-    /// Body length from `Content-Length` (0 when absent).
+    /// Body length from `Content-Length` (0 when absent, and for a chunked body).
     pub content_length: usize,
+    /// The body is sent with the chunked transfer coding (RFC 9112 §7.1): decode it with
+    /// [`ChunkedDecoder`](super::chunked::ChunkedDecoder). Never together with `Content-Length`.
+    pub chunked: bool,
     /// Whether the connection stays open after the response (version default and `Connection`).
     pub keep_alive: bool,
     /// The client sent `Expect: 100-continue` and waits for a go-ahead before its body.
@@ -69,8 +72,8 @@ pub enum HeadError {
         /// The limit that was crossed.
         limit: usize,
     },
-    /// `Transfer-Encoding` is present; only `Content-Length` bodies are accepted.
-    #[error("Transfer-Encoding is not supported; send a Content-Length body")]
+    /// `Transfer-Encoding` names a coding other than `chunked` (answered 501).
+    #[error("only the chunked transfer coding is supported")]
     TransferEncoding,
     /// `Expect` asks for something other than `100-continue` (answered 417).
     #[error("unsupported expectation; only 100-continue is supported")]
@@ -124,7 +127,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
     };
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed("bad method"))?;
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
-    let uri = parse_target(&method, path)?;
+    let (uri, authority) = parse_target(&method, path)?;
 
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
@@ -133,14 +136,30 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
         headers.append(name, value);
     }
 
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        return Err(HeadError::TransferEncoding);
+    // HTTP/1.1 requests carry exactly one Host; any request with more than one, or an invalid
+    // one, is refused (RFC 9112 §3.2).
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(HeadError::Malformed("a request may carry only one Host header")),
+        (None, None) if version == Version::HTTP_11 => {
+            return Err(HeadError::Malformed("an HTTP/1.1 request needs a Host header"))
+        }
+        (Some(host), None) if !valid_host(host.as_bytes()) => {
+            return Err(HeadError::Malformed("the Host header is not a valid host[:port]"))
+        }
+        _ => {}
     }
-    // HTTP/1.1 requests carry exactly one Host (RFC 9112 §3.2).
-    let hosts = headers.get_all(header::HOST).iter().count();
-    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
-        return Err(HeadError::Malformed("an HTTP/1.1 request needs exactly one Host header"));
+    // The absolute form's authority stands in for Host (RFC 9112 §3.2.2), so what handlers build
+    // from Host (webhook and stream URLs) names what the client asked for.
+    if let Some(authority) = authority {
+        if !valid_host(authority.as_str().as_bytes()) {
+            return Err(HeadError::Malformed("the request target's authority is not a valid host[:port]"));
+        }
+        let value =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| HeadError::Malformed("bad request target"))?;
+        headers.insert(header::HOST, value);
     }
+    let chunked = chunked(version, &headers)?;
     let content_length = content_length(&headers, limits)?;
     let keep_alive = keep_alive(version, &headers);
     let expect_continue = match headers.get(header::EXPECT) {
@@ -150,7 +169,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Parse, HeadError> {
     };
 
     Ok(Parse::Complete {
-        head: RequestHead { method, uri, version, headers, content_length, keep_alive, expect_continue },
+        head: RequestHead { method, uri, version, headers, content_length, chunked, keep_alive, expect_continue },
         head_len,
     })
 }
@@ -247,25 +266,114 @@ pub fn write_response(
 /// The interim response that tells an `Expect: 100-continue` client to send its body.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-fn parse_target(method: &Method, path: &str) -> Result<Uri, HeadError> {
+/// The request target as origin form, and the authority of an absolute-form target.
+fn parse_target(method: &Method, path: &str) -> Result<(Uri, Option<http::uri::Authority>), HeadError> {
     if path == "*" {
         return if method == Method::OPTIONS {
-            Ok(Uri::from_static("*"))
+            Ok((Uri::from_static("*"), None))
         } else {
             Err(HeadError::Malformed("'*' target is only for OPTIONS"))
         };
     }
     if path.starts_with('/') {
-        return path.parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"));
+        let uri = path.parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))?;
+        return Ok((uri, None));
     }
     // Absolute form (`http://host/path`), which servers must accept (RFC 9112 §3.2.2); routing
     // uses its path and query.
     let uri = path.parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))?;
     match (uri.scheme_str(), uri.authority(), uri.path_and_query()) {
-        (Some("http" | "https"), Some(_), Some(pq)) => {
-            pq.as_str().parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))
+        (Some("http" | "https"), Some(authority), Some(pq)) => {
+            let origin = pq.as_str().parse::<Uri>().map_err(|_| HeadError::Malformed("bad request target"))?;
+            Ok((origin, Some(authority.clone())))
         }
         _ => Err(HeadError::Malformed("request target must be an absolute path or absolute URI")),
+    }
+}
+
+/// Whether a `Host` value is `uri-host [":" port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): an IP
+/// literal in brackets or a reg-name (unreserved, sub-delims and %-escapes; an IPv4 address is
+/// one), then optionally a port of up to 65535. Empty is valid (an authority-less target).
+fn valid_host(value: &[u8]) -> bool {
+    let (host_ok, port) = if let Some(literal) = value.strip_prefix(b"[") {
+        let Some(close) = literal.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inside = std::str::from_utf8(&literal[..close]).unwrap_or("");
+        let port = match &literal[close + 1..] {
+            [] => None,
+            [b':', port @ ..] => Some(port),
+            _ => return false,
+        };
+        (inside.parse::<std::net::Ipv6Addr>().is_ok(), port)
+    } else {
+        let (name, port) = match value.iter().position(|&b| b == b':') {
+            Some(i) => (&value[..i], Some(&value[i + 1..])),
+            None => (value, None),
+        };
+        (valid_reg_name(name), port)
+    };
+    host_ok && port.is_none_or(valid_port)
+}
+
+/// RFC 3986 reg-name: unreserved, sub-delims and `%` followed by two hex digits.
+fn valid_reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'%' => {
+                if !name.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// A port: digits only (an empty port is allowed by RFC 3986 and means the default), at most 65535.
+fn valid_port(port: &[u8]) -> bool {
+    port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= u32::from(u16::MAX)
+}
+
+/// Whether the body is chunked, from `Transfer-Encoding` (RFC 9112 §6.1).
+///
+/// # Errors
+/// 400 with `Content-Length` too (request smuggling: the two framings must never both be
+/// believable), in HTTP/1.0, with an empty list or `chunked` twice; 501 for any other coding,
+/// which the relay does not implement.
+fn chunked(version: Version, headers: &HeaderMap) -> Result<bool, HeadError> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(false);
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(HeadError::Malformed("a request may not carry both Content-Length and Transfer-Encoding"));
+    }
+    if version == Version::HTTP_10 {
+        return Err(HeadError::Malformed("Transfer-Encoding is not defined for HTTP/1.0"));
+    }
+    let mut chunked = 0;
+    let mut codings = 0;
+    for token in headers.get_all(header::TRANSFER_ENCODING).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
+        let token = token.trim_ascii();
+        if token.is_empty() {
+            continue;
+        }
+        codings += 1;
+        if !token.eq_ignore_ascii_case(b"chunked") {
+            return Err(HeadError::TransferEncoding);
+        }
+        chunked += 1;
+    }
+    match (codings, chunked) {
+        (0, _) => Err(HeadError::Malformed("empty Transfer-Encoding")),
+        (1, 1) => Ok(true),
+        _ => Err(HeadError::Malformed("chunked applied more than once")),
     }
 }
 
@@ -394,7 +502,7 @@ mod tests {
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
     }
 
-    /// Garbage, bad targets, chunked bodies and conflicting lengths are refused with their status.
+    /// Garbage, bad targets and conflicting lengths are refused with their status.
     #[test]
     fn malformed() {
         let l = Limits::default();
@@ -414,10 +522,6 @@ mod tests {
         assert_eq!((head.uri.path(), head.uri.query()), ("/a", Some("b=c")));
         assert_eq!(parse_head(b"GET * HTTP/1.1\r\nHost: h\r\n\r\n", &l).unwrap_err().status(), StatusCode::BAD_REQUEST);
         assert!(parse_head(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", &l).is_ok());
-        assert_eq!(
-            parse_head(b"POST / HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked\r\n\r\n", &l).unwrap_err(),
-            HeadError::TransferEncoding
-        );
         assert_eq!(
             parse_head(b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", &l)
                 .unwrap_err()
@@ -439,6 +543,114 @@ mod tests {
         assert!(matches!(parse_head(b"GET / HTTP/1.0\r\n\r\n", &l), Ok(Parse::Complete { .. })));
         let e = parse_head(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: magic\r\n\r\n", &l).unwrap_err();
         assert_eq!(e.status(), StatusCode::EXPECTATION_FAILED);
+    }
+
+    /// `Transfer-Encoding: chunked` alone marks a chunked body; with `Content-Length`, in HTTP/1.0,
+    /// empty or repeated it is 400; any other coding (even before chunked) is 501.
+    #[test]
+    fn transfer_encoding() {
+        let l = Limits::default();
+        let parse = |te: &str| {
+            let raw = format!("POST / HTTP/1.1\r\nHost: h\r\n{te}\r\n");
+            parse_head(raw.as_bytes(), &l).map(|p| match p {
+                Parse::Complete { head, .. } => (head.chunked, head.content_length),
+                Parse::Incomplete => panic!("complete head"),
+            })
+        };
+        assert_eq!(parse("Transfer-Encoding: chunked\r\n"), Ok((true, 0)));
+        assert_eq!(parse("Transfer-Encoding: CHUNKED \r\n"), Ok((true, 0)));
+        assert_eq!(parse("Transfer-Encoding: ,chunked,\r\n"), Ok((true, 0)));
+        assert_eq!(parse("Content-Length: 3\r\n"), Ok((false, 3)));
+        for te in ["gzip", "gzip, chunked", "chunked, gzip", "identity", "chunked;q=1"] {
+            assert_eq!(parse(&format!("Transfer-Encoding: {te}\r\n")), Err(HeadError::TransferEncoding), "{te}");
+        }
+        assert_eq!(
+            parse("Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"),
+            Err(HeadError::TransferEncoding),
+            "codings over several lines are one list"
+        );
+        for te in [
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+            "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: \r\n",
+            "Transfer-Encoding: ,\r\n",
+        ] {
+            assert_eq!(parse(te).map_err(|e| e.status()), Err(StatusCode::BAD_REQUEST), "{te:?}");
+        }
+        let e = parse_head(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", &l).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST, "HTTP/1.0 has no transfer codings");
+    }
+
+    /// Host must be `host[:port]`: names, IPv4, bracketed IPv6 and empty pass; spaces, control
+    /// characters, bad ports, unbracketed or broken IPv6 and userinfo are 400, in 1.0 as in 1.1;
+    /// two Hosts are 400 in 1.0 too.
+    #[test]
+    fn host_values() {
+        let l = Limits::default();
+        let status = |version: &str, host: &[u8]| {
+            let mut raw = format!("GET / HTTP/{version}\r\nHost: ").into_bytes();
+            raw.extend_from_slice(host);
+            raw.extend_from_slice(b"\r\n\r\n");
+            parse_head(&raw, &l).map(|_| ()).map_err(|e| e.status())
+        };
+        for good in [
+            &b"relay.example"[..],
+            b"relay.example:443",
+            b"127.0.0.1:8080",
+            b"[::1]",
+            b"[::1]:65535",
+            b"h:",
+            b"",
+            b"a-b_c.~%41!$&'()*+,;=",
+            b"xn--bcher-kva.example",
+        ] {
+            assert_eq!(status("1.1", good), Ok(()), "{:?}", String::from_utf8_lossy(good));
+        }
+        for bad in [
+            &b"a b"[..],
+            b"a\tb",
+            b"h:65536",
+            b"h:99999",
+            b"h:123456",
+            b"h:-1",
+            b"h:8o",
+            b"h:80:81",
+            b"::1",
+            b"[::1",
+            b"[::1]80",
+            b"[zz]",
+            b"[]",
+            b"user@h",
+            b"a/b",
+            b"h?x",
+            b"%zz",
+            b"%4",
+            b"h\x80",
+        ] {
+            for version in ["1.1", "1.0"] {
+                assert_eq!(status(version, bad), Err(StatusCode::BAD_REQUEST), "{:?}", String::from_utf8_lossy(bad));
+            }
+        }
+        let e = parse_head(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", &l).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    /// An absolute-form target's authority replaces Host (RFC 9112 §3.2.2), and must itself be
+    /// valid; Host is still required in HTTP/1.1.
+    #[test]
+    fn absolute_form_authority_is_the_host() {
+        let l = Limits::default();
+        let (head, _) = complete(b"GET http://relay.example:8443/health HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert_eq!(head.headers.get(header::HOST).map(HeaderValue::as_bytes), Some(&b"relay.example:8443"[..]));
+        assert_eq!(head.uri.path(), "/health");
+        let (head, _) = complete(b"GET http://relay.example/ HTTP/1.0\r\n\r\n");
+        assert_eq!(head.headers.get(header::HOST).map(HeaderValue::as_bytes), Some(&b"relay.example"[..]));
+        let e = parse_head(b"GET http://u@h/ HTTP/1.1\r\nHost: h\r\n\r\n", &l).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST, "userinfo in the target");
+        let e = parse_head(b"GET http://h/ HTTP/1.1\r\n\r\n", &l).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST, "no Host");
     }
 
     /// Expect: 100-continue is seen.

@@ -6,6 +6,8 @@
 
 use bytes::Bytes;
 
+use super::chunked::{ChunkError, ChunkedDecoder, Decode};
+
 /// Largest response head accepted, bytes.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Largest response body accepted, bytes.
@@ -122,34 +124,18 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, Respons
     Ok(body.map(|body| Response { status, headers, body }))
 }
 
-/// Decodes a chunked body; `Ok(None)` while incomplete.
-fn dechunk(mut rest: &[u8], eof: bool) -> Result<Option<Bytes>, ResponseError> {
+/// Decodes a chunked body (the same decoder as request bodies); `Ok(None)` while incomplete.
+fn dechunk(rest: &[u8], eof: bool) -> Result<Option<Bytes>, ResponseError> {
+    let mut decoder = ChunkedDecoder::new(MAX_BODY_BYTES, MAX_HEAD_BYTES, 64);
     let mut body = Vec::new();
-    loop {
-        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
-            return if eof { Err(ResponseError::Truncated) } else { Ok(None) };
-        };
-        let line = std::str::from_utf8(&rest[..line_end]).map_err(|_| ResponseError::Malformed("bad chunk size"))?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| ResponseError::Malformed("bad chunk size"))?;
-        // Checked before any arithmetic on `size`, which the server chose.
-        if size > MAX_BODY_BYTES - body.len() {
-            return Err(ResponseError::TooLarge);
-        }
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            // The body ends after the (ignored) trailer section and its empty line.
-            let ended = rest.starts_with(b"\r\n") || rest.windows(4).any(|w| w == b"\r\n\r\n");
-            return if ended || eof { Ok(Some(Bytes::from(body))) } else { Ok(None) };
-        }
-        if rest.len() < size + 2 {
-            return if eof { Err(ResponseError::Truncated) } else { Ok(None) };
-        }
-        body.extend_from_slice(&rest[..size]);
-        if &rest[size..size + 2] != b"\r\n" {
-            return Err(ResponseError::Malformed("chunk not followed by CRLF"));
-        }
-        rest = &rest[size + 2..];
+    match decoder.decode(rest, &mut body) {
+        Ok(Decode::Complete { .. }) => Ok(Some(Bytes::from(body))),
+        // A server that closes after its last chunk, without the final CRLF, sent the whole body.
+        Ok(Decode::Incomplete) if eof && decoder.last_chunk_seen() => Ok(Some(Bytes::from(body))),
+        Ok(Decode::Incomplete) if eof => Err(ResponseError::Truncated),
+        Ok(Decode::Incomplete) => Ok(None),
+        Err(ChunkError::Malformed(reason)) => Err(ResponseError::Malformed(reason)),
+        Err(ChunkError::TooLarge { .. } | ChunkError::TrailerTooLarge { .. }) => Err(ResponseError::TooLarge),
     }
 }
 

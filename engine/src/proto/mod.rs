@@ -2,6 +2,7 @@
 //!
 //! Invariant: no clocks, no sockets, no session state; every parser is total (errors, not panics).
 
+pub mod chunked;
 pub mod events;
 pub mod frontend;
 pub mod http;

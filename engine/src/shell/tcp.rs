@@ -20,6 +20,7 @@ use super::tls::{Stream, TlsStream};
 use super::ws::BINARY_REFUSED;
 use super::{clock, handoff, ws, ControlService, Outcome, Request, SocketKind};
 use crate::id::{core_for, SessionId};
+use crate::proto::chunked::{ChunkedDecoder, Decode};
 use crate::proto::http::{error_context, parse_head, write_response, Connection, Parse, CONTINUE};
 use crate::proto::ws::{write_switching_protocols, Incoming, WsCodec};
 use crate::proto::{release_if_large, twilio};
@@ -140,17 +141,40 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
             }
         };
         let started = request_started.unwrap_or_else(|| clock::now().instant);
-        let total = head_len + head.content_length;
-        if buf.len() < total && head.expect_continue && head.version == http::Version::HTTP_11 {
-            // RFC 9110 §10.1.1: a final answer may replace 100; the body may or may not follow,
-            // so the connection closes after it.
-            if let Some(resp) = service.early_response(&head) {
-                respond_and_close(&mut stream, &mut out, &resp, head.method == Method::HEAD).await;
-                return;
+        // The body: `Content-Length` bytes after the head, or a chunked body decoded as it
+        // arrives (its wire bytes are dropped once decoded, so `buf` stays small however long
+        // the chunk lines; the decoder holds the decoded size to `max_body_bytes`).
+        let mut chunks = head.chunked.then(|| ChunkedDecoder::for_request(limits));
+        let mut decoded = Vec::new();
+        let mut first_wait = true;
+        let total = loop {
+            let end = match &mut chunks {
+                None => Some(head_len + head.content_length).filter(|&end| buf.len() >= end),
+                Some(decoder) => match decoder.decode(&buf[head_len..], &mut decoded) {
+                    Ok(Decode::Complete { used }) => Some(head_len + used),
+                    Ok(Decode::Incomplete) => {
+                        buf.truncate(head_len);
+                        None
+                    }
+                    Err(e) => {
+                        let resp = service.error_response(e.status(), &e.to_string(), &head.headers);
+                        respond_and_close(&mut stream, &mut out, &resp, false).await;
+                        return;
+                    }
+                },
+            };
+            if let Some(end) = end {
+                break end;
             }
-            out.extend_from_slice(CONTINUE);
-        }
-        while buf.len() < total {
+            if std::mem::take(&mut first_wait) && head.expect_continue && head.version == http::Version::HTTP_11 {
+                // RFC 9110 §10.1.1: a final answer may replace 100; the body may or may not
+                // follow, so the connection closes after it.
+                if let Some(resp) = service.early_response(&head) {
+                    respond_and_close(&mut stream, &mut out, &resp, head.method == Method::HEAD).await;
+                    return;
+                }
+                out.extend_from_slice(CONTINUE);
+            }
             if !flush(&mut stream, &mut out, limits.idle_timeout).await {
                 return;
             }
@@ -165,8 +189,11 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                 }
                 return;
             }
-        }
-        let body = Bytes::copy_from_slice(&buf[head_len..total]);
+        };
+        let body = match chunks {
+            Some(_) => Bytes::from(decoded),
+            None => Bytes::copy_from_slice(&buf[head_len..total]),
+        };
         buf.drain(..total);
         request_started = if buf.is_empty() { None } else { Some(clock::now().instant) };
 
@@ -500,11 +527,19 @@ pub(crate) async fn close(stream: &mut Stream) {
     let _ = glommio::timer::timeout(CLOSE_WITHIN, async { Ok(stream.close().await) }).await;
 }
 
+/// How long a closing connection keeps reading and discarding what its client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+/// Most bytes a closing connection reads and discards: room for a refused body several times
+/// the default body limit (a client that wrote 2 MiB before reading gets its 413), and a bound
+/// on what one client can make the relay read for nothing.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+
 /// Sends `resp` (after anything already in `out`) and closes the connection.
 ///
-/// The close lingers (RFC 9112 §9.6): after our FIN, what the client still sends is read and
-/// discarded for a moment, so an unread request body does not make the kernel reset the
-/// connection and destroy the response before the client reads it.
+/// The close lingers (RFC 9112 §9.6, as nginx's `lingering_close`): after our FIN, what the client
+/// still sends is read and discarded, up to [`LINGER_BYTES`] within [`LINGER`], so an unread
+/// request body does not make the kernel reset the connection and destroy the response before
+/// the client reads it. The wait is this connection's own task: it blocks no other.
 pub(crate) async fn respond_and_close(
     stream: &mut Stream,
     out: &mut Vec<u8>,
@@ -518,8 +553,6 @@ pub(crate) async fn respond_and_close(
 
 /// Writes out `out`, ends our side of the connection, and lingers (see [`respond_and_close`]).
 async fn close_lingering(stream: &mut Stream, out: &mut Vec<u8>) {
-    const LINGER: Duration = Duration::from_secs(1);
-    const LINGER_BYTES: usize = 256 * 1024;
     if !flush(stream, out, Duration::from_secs(5)).await {
         return;
     }
@@ -529,7 +562,7 @@ async fn close_lingering(stream: &mut Stream, out: &mut Vec<u8>) {
     }
     let mut drained = 0;
     // On the heap: this future is part of every connection's task.
-    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut chunk = vec![0u8; 4 * READ_CHUNK];
     let deadline = clock::now().instant + LINGER;
     while drained < LINGER_BYTES {
         let wait = deadline.saturating_duration_since(clock::now().instant);
@@ -538,5 +571,7 @@ async fn close_lingering(stream: &mut Stream, out: &mut Vec<u8>) {
             Ok(Ok(n)) if n > 0 => drained += n,
             _ => break,
         }
+        // A client streaming at full speed must not keep this core from its other tasks.
+        glommio::yield_if_needed().await;
     }
 }
