@@ -11,7 +11,8 @@ use relay_engine::config::{EngineConfig, Limits, RtcSettings};
 use relay_engine::media::opus::OpusSettings;
 use relay_engine::media::playout::PlayoutConfig;
 use relay_engine::secret::Secret;
-use relay_engine::session::agent::{AgentPolicy, AgentUrl, RealtimeAgent};
+use relay_engine::proto::realtime::ApiShape;
+use relay_engine::session::agent::{AgentPolicy, AgentUrl, Briefing, RealtimeAgent};
 
 /// Relay: a thread-per-core media relay for voice-AI calls.
 ///
@@ -212,6 +213,33 @@ pub struct Config {
     #[arg(long, env = "RELAY_OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<String>,
 
+    /// Interface `--openai-url` speaks: `ga` (OpenAI's current Realtime API) or `beta` (the
+    /// retired beta interface: `OpenAI-Beta: realtime=v1` and its session shape), for providers
+    /// that still speak it.
+    #[arg(long, env = "RELAY_OPENAI_API_SHAPE", default_value = "ga", value_parser = ["ga", "beta"])]
+    pub openai_api_shape: String,
+
+    /// Voice the Realtime model speaks with (e.g. `marin`); default: the server's.
+    #[arg(long, env = "RELAY_OPENAI_VOICE")]
+    pub openai_voice: Option<String>,
+
+    /// Instructions (system prompt) for Realtime sessions of calls that bring no `prompt` of their
+    /// own: the text, or `@FILE` to read it from a file (at most 16 KiB).
+    #[arg(long, env = "RELAY_AGENT_INSTRUCTIONS")]
+    pub agent_instructions: Option<String>,
+
+    /// Instructions for calls on one of the relay's numbers (the number called; for outbound
+    /// calls without a `prompt`, the number calling): `NUMBER=TEXT` or `NUMBER=@FILE`. Repeat
+    /// the flag for more numbers (the environment twin takes one entry per line). Wins over
+    /// --agent-instructions; an outbound call's `prompt` wins over both.
+    #[arg(long, env = "RELAY_AGENT_INSTRUCTIONS_FOR_NUMBER", value_delimiter = '\n')]
+    pub agent_instructions_for_number: Vec<String>,
+
+    /// What the Realtime model says first on calls that bring no `first_message` of their own
+    /// (at most 4096 bytes); default: nothing, the model waits for the caller.
+    #[arg(long, env = "RELAY_AGENT_FIRST_MESSAGE")]
+    pub agent_first_message: Option<String>,
+
     /// First UDP port for WebRTC: core i uses port base + i (0: any free port per core).
     #[arg(long, env = "RELAY_RTC_PORT_BASE", default_value_t = 40_000)]
     pub rtc_port_base: u16,
@@ -339,6 +367,11 @@ pub struct ApiConfig {
     pub twilio: Option<TwilioAccount>,
 }
 
+/// Longest `--agent-instructions` text or file, bytes.
+const MAX_INSTRUCTIONS_BYTES: usize = 16 * 1024;
+/// Longest `--agent-first-message`, bytes (as an outbound call's `first_message`).
+const MAX_FIRST_MESSAGE_BYTES: usize = 4096;
+
 /// What the relay needs to place and end calls through Twilio's REST API.
 #[derive(Debug, Clone)]
 pub struct TwilioAccount {
@@ -437,6 +470,10 @@ impl Config {
             realtime: self.openai_url.as_deref().and_then(|u| AgentUrl::parse(u).ok()).map(|url| RealtimeAgent {
                 url,
                 api_key: self.openai_api_key.clone().filter(|k| !k.is_empty()).map(Secret::new),
+                shape: if self.openai_api_shape == "beta" { ApiShape::Beta } else { ApiShape::Ga },
+                voice: self.openai_voice.clone().filter(|v| !v.is_empty()),
+                // Read by `run` ([`Config::briefing`]): this view does no I/O.
+                briefing: Briefing::default(),
             }),
             llm_upstream: self.llm_upstream_url.as_deref().and_then(|u| AgentUrl::parse(u).ok()),
         };
@@ -464,6 +501,44 @@ impl Config {
                 playout: PlayoutConfig { target_delay: self.playout_delay, ..PlayoutConfig::default() },
             }),
         }
+    }
+
+    /// How Realtime sessions are briefed (`--agent-instructions`, `--agent-instructions-for-number`,
+    /// `--agent-first-message`), with `@FILE` values read from their files.
+    ///
+    /// # Errors
+    /// A sentence naming the flag whose entry is malformed, too long, or whose file is unreadable.
+    pub fn briefing(&self) -> Result<Briefing, String> {
+        let text = |flag: &str, value: &str| -> Result<String, String> {
+            let text = match value.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{flag}: cannot read {path}: {e}"))?,
+                None => value.to_owned(),
+            };
+            if text.len() > MAX_INSTRUCTIONS_BYTES {
+                return Err(format!("{flag}: instructions must be at most {MAX_INSTRUCTIONS_BYTES} bytes"));
+            }
+            Ok(text.trim().to_owned())
+        };
+        let mut briefing = Briefing::default();
+        if let Some(value) = self.agent_instructions.as_deref().filter(|v| !v.is_empty()) {
+            briefing.instructions = Some(text("--agent-instructions", value)?).filter(|t| !t.is_empty());
+        }
+        for entry in self.agent_instructions_for_number.iter().filter(|e| !e.trim().is_empty()) {
+            let flag = "--agent-instructions-for-number";
+            match entry.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                Some((number, value)) if !number.is_empty() && number.len() <= 64 && !value.is_empty() => {
+                    briefing.instructions_by_number.insert(number.to_owned(), text(flag, value)?);
+                }
+                _ => return Err(format!("{flag} entry {entry:?}: expected NUMBER=TEXT or NUMBER=@FILE")),
+            }
+        }
+        if let Some(first) = self.agent_first_message.as_deref().filter(|v| !v.trim().is_empty()) {
+            if first.len() > MAX_FIRST_MESSAGE_BYTES {
+                return Err(format!("--agent-first-message must be at most {MAX_FIRST_MESSAGE_BYTES} bytes"));
+            }
+            briefing.first_message = Some(first.trim().to_owned());
+        }
+        Ok(briefing)
     }
 
     /// How call records are assigned to projects (`--default-project`, `--project-for-number`,
@@ -576,6 +651,44 @@ mod tests {
         assert!(parse(&["--project-for-number", "+1555"]).validate().is_err());
         assert!(parse(&["--project-names", "=x"]).validate().is_err());
         assert!(parse(&["--default-project", " "]).validate().is_err());
+    }
+
+    /// Briefing flags: inline text or `@FILE`, per-number entries, the first message; malformed
+    /// entries and unreadable files are refused by flag; the shape defaults to GA.
+    #[test]
+    fn briefing_flags() {
+        let dir = std::env::temp_dir().join(format!("relay-briefing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("sales.txt");
+        std::fs::write(&file, "You sell plumbing.\nBe brief.\n").expect("write");
+        let at_file = format!("+15550002=@{}", file.display());
+        let c = parse(&[
+            "--openai-url",
+            "ws://127.0.0.1:9/v1/realtime",
+            "--agent-instructions",
+            "Be kind.",
+            "--agent-instructions-for-number",
+            "+15550001=Answer for Acme.",
+            "--agent-instructions-for-number",
+            &at_file,
+            "--agent-first-message",
+            "Hello, Acme here!",
+        ]);
+        let b = c.briefing().expect("valid");
+        assert_eq!(b.instructions.as_deref(), Some("Be kind."));
+        assert_eq!(b.instructions_for(Some("+15550001")), Some("Answer for Acme."));
+        assert_eq!(b.instructions_for(Some("+15550002")), Some("You sell plumbing.\nBe brief."));
+        assert_eq!(b.instructions_for(Some("+15559999")), Some("Be kind."));
+        assert_eq!(b.first_message.as_deref(), Some("Hello, Acme here!"));
+        assert_eq!(c.engine().agents.realtime.expect("configured").shape, ApiShape::Ga);
+        let beta = parse(&["--openai-url", "ws://127.0.0.1:9/", "--openai-api-shape", "beta"]);
+        assert_eq!(beta.engine().agents.realtime.expect("configured").shape, ApiShape::Beta);
+        assert!(Config::try_parse_from(["relay", "--openai-api-shape", "v2"]).is_err());
+        assert!(parse(&["--agent-instructions-for-number", "no-equals"]).briefing().is_err());
+        assert!(parse(&["--agent-instructions", "@/nonexistent/relay-brief"]).briefing().is_err());
+        let long = "x".repeat(MAX_INSTRUCTIONS_BYTES + 1);
+        assert!(parse(&["--agent-instructions", &long]).briefing().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// CORS lists are split, trimmed and normalised.

@@ -42,6 +42,10 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", config.data_dir.display()))?;
     let mut engine = config.engine();
+    let briefing = config.briefing().map_err(anyhow::Error::msg)?;
+    if let Some(realtime) = engine.agents.realtime.as_mut() {
+        realtime.briefing = briefing;
+    }
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
         let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;

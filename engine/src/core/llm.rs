@@ -57,6 +57,7 @@ impl CoreState {
                 url,
                 protocol: crate::session::agent::AgentProtocol::RetellLlm,
                 bearer: None,
+                header: None,
             });
             self.broadcast(now, id, RetellEvent::Update, json!({ "llm": "connected" }));
             return;

@@ -105,6 +105,9 @@ pub enum Output {
         protocol: AgentProtocol,
         /// Sent as `Authorization: Bearer` (a Realtime API key).
         bearer: Option<Secret>,
+        /// One more upgrade header field the protocol needs (name, value): the Realtime beta
+        /// interface's `OpenAI-Beta: realtime=v1`.
+        header: Option<(&'static str, &'static str)>,
     },
     /// Send this datagram from the core's WebRTC socket.
     Datagram {
@@ -131,6 +134,8 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Agent audio or marks refused because the pacer queue was full.
     pub pacer_drops: u64,
+    /// `error` events Realtime agents sent, fatal (their leg ended) or not.
+    pub agent_errors: u64,
     /// WebRTC counters.
     pub rtc: RtcStats,
     /// Audio frames received, by the kind of leg they came from: Twilio `media` messages, Realtime
@@ -512,13 +517,15 @@ impl CoreState {
     /// closes, it ends the call, after the audio it already sent has played to the caller.
     fn handle_agent_hangup(&mut self, now: Now, conn: ConnectionId) {
         let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return };
-        let open = self
-            .slots
-            .get(&id)
-            .and_then(|s| s.session.as_ref())
-            .is_some_and(|s| matches!(s.agent, Agent::Open { conn: c, .. } if c == conn));
+        let session = self.slots.get(&id).and_then(|s| s.session.as_ref());
+        let open = session.is_some_and(|s| matches!(s.agent, Agent::Open { conn: c, .. } if c == conn));
         if !open {
             return self.handle_agent_closed(now, conn, "connection closed");
+        }
+        // A Realtime server has no way to hang up a call: its close (after a refusal, an error,
+        // or its session's time limit) ends only the agent leg.
+        if session.is_some_and(|s| s.agent_protocol == AgentProtocol::Realtime) {
+            return self.handle_agent_closed(now, conn, "the Realtime server closed the session");
         }
         self.conns.remove(&conn);
         if let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) {
@@ -626,15 +633,7 @@ impl CoreState {
         let stream_sid = greeting.stream_sid.clone();
         session.agent = Agent::Open { conn, sequence: 2, chunk: 1, next_at: 0 };
         if session.agent_protocol == AgentProtocol::Realtime {
-            // A Realtime session is configured, then hears what the caller said meanwhile.
-            self.send(conn, realtime::session_update());
-            for item in backlog {
-                if let Pending::Media { payload, .. } = item {
-                    self.stats.frames_out.add(LegKind::Realtime, 1);
-                    self.send(conn, realtime::append(&payload));
-                }
-            }
-            self.broadcast(now, &id, RetellEvent::CallReady, json!({ "agent": "connected" }));
+            self.realtime_open(now, &id, conn, backlog);
             return true;
         }
         self.send(conn, twilio::connected_msg());
@@ -973,24 +972,25 @@ impl CoreState {
         let has_agent = self.slots.get(id).and_then(|s| s.session.as_ref()).is_some_and(|s| s.agent != Agent::None);
         // A Twilio-protocol agent (the call's own, or the default) first, else the Realtime upstream.
         let target = match self.agents.resolve(requested) {
-            Ok(Some(url)) => Some((url, AgentProtocol::Twilio, None)),
-            Ok(None) => {
-                self.agents.realtime.as_ref().map(|r| (r.url.clone(), AgentProtocol::Realtime, r.api_key.clone()))
-            }
+            Ok(Some(url)) => Some((url, AgentProtocol::Twilio, None, None)),
+            Ok(None) => self.agents.realtime.as_ref().map(|r| {
+                (r.url.clone(), AgentProtocol::Realtime, r.api_key.clone(), r.shape.upgrade_header())
+            }),
             Err(e) => {
                 self.broadcast(now, id, RetellEvent::Error, json!({ "message": e.to_string(), "source": "agent" }));
                 None
             }
         };
         // A WebRTC agent already on the call: nothing is dialled.
-        let Some((url, protocol, bearer)) = target.filter(|_| !has_agent) else { return };
+        let Some((url, protocol, bearer, header)) = target.filter(|_| !has_agent) else { return };
         let agent_conn = ConnectionId(CORE_CONN_BIT | self.next_conn);
         self.next_conn += 1;
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         session.agent = Agent::Connecting { conn: agent_conn, backlog: VecDeque::new() };
         session.agent_protocol = protocol;
         self.conns.insert(agent_conn, (id.clone(), Role::Agent));
-        self.outputs.push_back(Output::ConnectAgent { conn: agent_conn, session: id.clone(), url, protocol, bearer });
+        let connect = Output::ConnectAgent { conn: agent_conn, session: id.clone(), url, protocol, bearer, header };
+        self.outputs.push_back(connect);
     }
 
     /// Caller audio: to every connected frontend (once encoded, shared) and to the agent (silence

@@ -1,22 +1,86 @@
-//! An OpenAI-Realtime agent leg on the core: its audio deltas paced to the caller with a mark after
-//! each (so the core knows how much of each item was heard), barge-in on the server's
-//! `speech_started` (clear toward the caller, truncate the item to what was heard), transcripts to
-//! frontends, `/ws` and the call record.
+//! An OpenAI-Realtime agent leg on the core: the session configured and briefed when it opens
+//! (the call's instructions, its first message spoken first), its audio deltas paced to the
+//! caller with a mark after each (so the core knows how much of each item was heard), barge-in on
+//! the server's `speech_started` (clear toward the caller, truncate the item to what was heard),
+//! transcripts to frontends, `/ws` and the call record, and its errors reported (a fatal one ends
+//! the agent leg, never the call).
 //!
-//! Invariant: sans-IO like the rest of the core.
+//! Invariant: sans-IO like the rest of the core; nothing the model sends ends the call.
+
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use serde_json::json;
 
-use super::command::{Speaker, Transcript};
-use super::{push_split, CoreState};
+use super::command::{Direction, Speaker, Transcript};
+use super::{bounded, push_split, CoreState};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::events::RetellEvent;
-use crate::proto::realtime::{self, ServerEvent};
+use crate::proto::realtime::{self, ServerError, ServerEvent, SessionConfig};
 use crate::proto::twilio;
+use crate::session::Pending;
 use crate::time::Now;
 
+/// Longest `prompt` or `first_message` a caller stream's parameters may brief the model with,
+/// bytes (as `/outbound-call` allows).
+pub(super) const MAX_BRIEFING_BYTES: usize = 4096;
+
 impl CoreState {
+    /// The Realtime agent leg `conn` of `id` connected: the session is configured and briefed,
+    /// asked to speak the call's first message, then hears what the caller said meanwhile.
+    pub(super) fn realtime_open(&mut self, now: Now, id: &SessionId, conn: ConnectionId, backlog: VecDeque<Pending>) {
+        let (instructions, first_message) = self.realtime_briefing(id);
+        let Some(agent) = self.agents.realtime.as_ref() else { return };
+        let config = SessionConfig {
+            shape: agent.shape,
+            instructions: instructions.as_deref(),
+            voice: agent.voice.as_deref(),
+            tools: &[],
+        };
+        let update = realtime::session_update(&config);
+        self.send(conn, update);
+        if let Some(first) = first_message.as_deref() {
+            self.send(conn, realtime::greeting(first));
+        }
+        for item in backlog {
+            if let Pending::Media { payload, .. } = item {
+                self.stats.frames_out.add(super::LegKind::Realtime, 1);
+                self.send(conn, realtime::append(&payload));
+            }
+        }
+        self.broadcast(now, id, RetellEvent::CallReady, json!({ "agent": "connected" }));
+    }
+
+    /// The instructions and first message for call `id`'s Realtime session. Each comes from the
+    /// first of: the call's record (`/outbound-call`'s `prompt` and `first_message`), the caller
+    /// stream's parameters of the same names (bounded to [`MAX_BRIEFING_BYTES`]), the operator's
+    /// setting for the relay's number on the call, the operator's default.
+    fn realtime_briefing(&self, id: &SessionId) -> (Option<String>, Option<String>) {
+        let record = self.records.get(id);
+        let start = self.slots.get(id).and_then(|s| s.session.as_ref()).and_then(|s| s.greeting());
+        let parameter = |name: &str| {
+            start
+                .and_then(|s| s.custom_parameter(name))
+                .filter(|v| !v.is_empty())
+                .map(|v| bounded(v, MAX_BRIEFING_BYTES).to_owned())
+        };
+        let briefing = self.agents.realtime.as_ref().map(|r| &r.briefing);
+        // The relay's own number: the one called, or for an outbound call the one calling.
+        let ours = match record.map(|r| r.direction) {
+            Some(Direction::Outbound) => record.and_then(|r| r.from.clone()).or_else(|| parameter("from")),
+            _ => record.and_then(|r| r.to.clone()).or_else(|| parameter("to")),
+        };
+        let instructions = record
+            .and_then(|r| r.prompt.clone())
+            .or_else(|| parameter("prompt"))
+            .or_else(|| briefing.and_then(|b| b.instructions_for(ours.as_deref())).map(str::to_owned));
+        let first_message = record
+            .and_then(|r| r.first_message.clone())
+            .or_else(|| parameter("first_message"))
+            .or_else(|| briefing.and_then(|b| b.first_message.clone()));
+        (instructions.filter(|s| !s.is_empty()), first_message.filter(|s| !s.is_empty()))
+    }
+
     /// A text frame from a Realtime agent leg.
     pub(super) fn realtime_frame(&mut self, now: Now, id: &SessionId, conn: ConnectionId, frame: &Bytes) {
         let event = std::str::from_utf8(frame).ok().and_then(|t| realtime::parse(t).ok());
@@ -33,10 +97,31 @@ impl CoreState {
             ServerEvent::AgentTranscript(text) => {
                 let _ = self.transcript(now, id, Transcript { speaker: Speaker::Agent, text });
             }
-            ServerEvent::Error(message) => {
-                self.broadcast(now, id, RetellEvent::Error, json!({ "message": message, "source": "agent" }));
-            }
+            ServerEvent::Error(error) => self.realtime_error(now, id, conn, &error),
             ServerEvent::Other => {}
+        }
+    }
+
+    /// The model reported an error: logged, counted and shown on `/ws`; a fatal one (the session
+    /// refused or ended, see [`ServerError::is_fatal`]) closes the agent leg, and the call goes on
+    /// without it.
+    fn realtime_error(&mut self, now: Now, id: &SessionId, conn: ConnectionId, error: &ServerError) {
+        self.stats.agent_errors += 1;
+        let fatal = error.is_fatal();
+        let ServerError { kind, code, message } = error;
+        // Logged where there is a logger (the runtime build): the core itself writes nowhere.
+        #[cfg(feature = "runtime")]
+        if fatal {
+            tracing::warn!(session = %id, kind, code, "the Realtime agent refused the session: {message}");
+        } else {
+            tracing::debug!(session = %id, kind, code, "the Realtime agent reported an error: {message}");
+        }
+        let data = json!({ "message": message, "source": "agent", "type": kind, "code": code, "fatal": fatal });
+        self.broadcast(now, id, RetellEvent::Error, data);
+        if fatal {
+            self.close(conn, 1000, "the Realtime session failed");
+            let reason = format!("the Realtime session failed ({})", if code.is_empty() { kind } else { code });
+            self.handle_agent_closed(now, conn, &reason);
         }
     }
 

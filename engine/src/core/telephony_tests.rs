@@ -46,6 +46,9 @@ impl Call {
             realtime: Some(crate::session::agent::RealtimeAgent {
                 url: AgentUrl::parse("ws://127.0.0.1:9/v1/realtime").expect("valid"),
                 api_key: None,
+                shape: crate::proto::realtime::ApiShape::Ga,
+                voice: None,
+                briefing: crate::session::agent::Briefing::default(),
             }),
             llm_upstream: None,
         })

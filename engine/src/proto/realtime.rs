@@ -9,21 +9,94 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tungstenite::Utf8Bytes;
 
+/// Which interface of the Realtime API a server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiShape {
+    /// The generally available interface (OpenAI's current one): `session.type = "realtime"`,
+    /// audio settings under `session.audio.{input,output}`, no `OpenAI-Beta` header.
+    #[default]
+    Ga,
+    /// The retired beta interface, for providers that still speak it: `OpenAI-Beta: realtime=v1`
+    /// on the upgrade, `input_audio_format`/`output_audio_format` at the top of the session.
+    Beta,
+}
+
+impl ApiShape {
+    /// The extra upgrade header this shape needs (name, value), if any.
+    pub fn upgrade_header(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::Ga => None,
+            Self::Beta => Some(("OpenAI-Beta", "realtime=v1")),
+        }
+    }
+}
+
+/// The transcription model asked for the caller's speech (both shapes accept it).
+pub const TRANSCRIPTION_MODEL: &str = "whisper-1";
+
+/// What one call's Realtime session is configured with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionConfig<'a> {
+    /// The interface the server speaks.
+    pub shape: ApiShape,
+    /// The call's briefing (the system prompt); `None` keeps the server's default.
+    pub instructions: Option<&'a str>,
+    /// The voice the model speaks with; `None` keeps the server's default.
+    pub voice: Option<&'a str>,
+    /// Function tools (`{"type":"function","name",…}`) the model may call; empty: none declared.
+    pub tools: &'a [Value],
+}
+
 /// What the relay asks of the session when it connects: μ-law 8 kHz both ways (no transcoding),
-/// server-side voice detection (its `speech_started` is the barge-in signal), and transcripts of
-/// the caller.
-pub fn session_update() -> Utf8Bytes {
-    let v = json!({
-        "type": "session.update",
-        "session": {
+/// server-side voice detection (its `speech_started` is the barge-in signal), transcripts of
+/// the caller, and the call's briefing, in the interface `config.shape` names.
+pub fn session_update(config: &SessionConfig<'_>) -> Utf8Bytes {
+    let mut session = match config.shape {
+        ApiShape::Ga => json!({
+            "type": "realtime",
+            // Audio, with its transcript: GA takes one output modality, not both.
+            "output_modalities": ["audio"],
+            "audio": {
+                "input": {
+                    "format": { "type": "audio/pcmu" },
+                    "transcription": { "model": TRANSCRIPTION_MODEL },
+                    "turn_detection": { "type": "server_vad" },
+                },
+                "output": { "format": { "type": "audio/pcmu" } },
+            },
+        }),
+        ApiShape::Beta => json!({
             "modalities": ["audio", "text"],
             "input_audio_format": "g711_ulaw",
             "output_audio_format": "g711_ulaw",
             "turn_detection": { "type": "server_vad" },
-            "input_audio_transcription": { "model": "whisper-1" },
-        },
-    });
-    Utf8Bytes::from(v.to_string())
+            "input_audio_transcription": { "model": TRANSCRIPTION_MODEL },
+        }),
+    };
+    if let Some(instructions) = config.instructions {
+        session["instructions"] = json!(instructions);
+    }
+    if let Some(voice) = config.voice {
+        match config.shape {
+            ApiShape::Ga => session["audio"]["output"]["voice"] = json!(voice),
+            ApiShape::Beta => session["voice"] = json!(voice),
+        }
+    }
+    if !config.tools.is_empty() {
+        session["tools"] = json!(config.tools);
+        session["tool_choice"] = json!("auto");
+    }
+    Utf8Bytes::from(json!({ "type": "session.update", "session": session }).to_string())
+}
+
+/// Asks the model to speak `first_message` now, word for word: a `response.create` whose
+/// instructions (which override the session's for this response only) say so. This is how the
+/// Realtime guide has a session speak first; the same event in both shapes.
+pub fn greeting(first_message: &str) -> Utf8Bytes {
+    let instructions = format!(
+        "Greet the person on the call by saying exactly the following, word for word, and nothing else: {first_message}"
+    );
+    Utf8Bytes::from(json!({ "type": "response.create", "response": { "instructions": instructions } }).to_string())
 }
 
 /// Caller audio: base64 μ-law, appended to the input buffer.
@@ -61,10 +134,46 @@ pub enum ServerEvent {
     CallerTranscript(String),
     /// `response.audio_transcript.done`: what the assistant said.
     AgentTranscript(String),
-    /// `error`: the server's message.
-    Error(String),
+    /// `error`: something the server refused or failed at.
+    Error(ServerError),
     /// Anything else (session.created, rate limits, partial transcripts, …).
     Other,
+}
+
+/// The `error` object of an `error` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    /// `error.type`, e.g. `invalid_request_error` (empty when absent).
+    pub kind: String,
+    /// `error.code`, e.g. `beta_api_shape_disabled`, `invalid_api_key` (empty when absent).
+    pub code: String,
+    /// `error.message`.
+    pub message: String,
+}
+
+/// Error codes after which the session is of no further use: the server refused the session
+/// (wrong interface, key, model, quota) or ended it. Every other error (an invalid client event,
+/// a truncate past the audio, a response already in progress, a rate limit) leaves the session
+/// usable and is only reported.
+pub const FATAL_ERROR_CODES: [&str; 7] = [
+    "beta_api_shape_disabled",
+    "invalid_api_key",
+    "insufficient_quota",
+    "model_not_found",
+    "session_expired",
+    "session_not_found",
+    "unsupported_model",
+];
+
+/// Error types that are fatal whatever their code: the server does not accept the caller.
+pub const FATAL_ERROR_TYPES: [&str; 2] = ["authentication_error", "permission_error"];
+
+impl ServerError {
+    /// Whether the session is unusable after this error (see [`FATAL_ERROR_CODES`]): the relay
+    /// then ends the call's agent leg, and only that.
+    pub fn is_fatal(&self) -> bool {
+        FATAL_ERROR_CODES.contains(&self.code.as_str()) || FATAL_ERROR_TYPES.contains(&self.kind.as_str())
+    }
 }
 
 /// Why a server message could not be read.
@@ -101,9 +210,23 @@ pub fn parse(text: &str) -> Result<ServerEvent, ParseError> {
         "response.audio_transcript.done" | "response.output_audio_transcript.done" => {
             ServerEvent::AgentTranscript(string("transcript", "response.audio_transcript.done")?)
         }
-        "error" => ServerEvent::Error(
-            v.pointer("/error/message").and_then(Value::as_str).unwrap_or("error without a message").to_owned(),
-        ),
+        "error" => {
+            // Fields are bounded: the text reaches logs and every `/ws` listener.
+            let field = |name: &str, limit: usize| {
+                let s = v.pointer(&format!("/error/{name}")).and_then(Value::as_str).unwrap_or_default();
+                let mut end = s.len().min(limit);
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                s[..end].to_owned()
+            };
+            let message = field("message", MAX_ERROR_MESSAGE_BYTES);
+            ServerEvent::Error(ServerError {
+                kind: field("type", MAX_ERROR_LABEL_BYTES),
+                code: field("code", MAX_ERROR_LABEL_BYTES),
+                message: if message.is_empty() { "error without a message".to_owned() } else { message },
+            })
+        }
         _ => ServerEvent::Other,
     })
 }
@@ -121,6 +244,11 @@ pub fn parse_mark(name: &str) -> Option<(&str, u64)> {
     Some((item, ms.parse().ok()?))
 }
 
+/// Longest `error.message` kept, bytes.
+const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+/// Longest `error.type` or `error.code` kept, bytes.
+const MAX_ERROR_LABEL_BYTES: usize = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,9 +256,6 @@ mod tests {
     /// Builders produce the documented shapes.
     #[test]
     fn builders() {
-        let v: Value = serde_json::from_str(&session_update()).expect("json");
-        assert_eq!(v["session"]["input_audio_format"], "g711_ulaw");
-        assert_eq!(v["session"]["output_audio_format"], "g711_ulaw");
         let v: Value = serde_json::from_str(&append(b"AAEC/w==")).expect("json");
         assert_eq!(v, json!({"type": "input_audio_buffer.append", "audio": "AAEC/w=="}));
         let v: Value = serde_json::from_str(&append(b"\"}injected")).expect("json");
@@ -156,12 +281,94 @@ mod tests {
             parse(r#"{"type":"response.audio_transcript.done","transcript":"hello"}"#),
             Ok(ServerEvent::AgentTranscript("hello".into()))
         );
-        assert_eq!(parse(r#"{"type":"error","error":{"message":"bad"}}"#), Ok(ServerEvent::Error("bad".into())));
+        let error = |kind: &str, code: &str, message: &str| {
+            ServerEvent::Error(ServerError { kind: kind.into(), code: code.into(), message: message.into() })
+        };
+        assert_eq!(parse(r#"{"type":"error","error":{"message":"bad"}}"#), Ok(error("", "", "bad")));
+        let refused = r#"{"type":"error","event_id":"e1","error":{"type":"invalid_request_error","code":"beta_api_shape_disabled","message":"gone","param":null,"event_id":null}}"#;
+        assert_eq!(parse(refused), Ok(error("invalid_request_error", "beta_api_shape_disabled", "gone")));
+        assert_eq!(parse(r#"{"type":"error"}"#), Ok(error("", "", "error without a message")));
+        assert_eq!(parse(&format!(r#"{{"type":"error","error":{{"code":"{}"}}}}"#, "é".repeat(100))), Ok(error("", &"é".repeat(32), "error without a message")), "bounded on a character boundary");
         assert_eq!(parse(r#"{"type":"session.created"}"#), Ok(ServerEvent::Other));
         assert_eq!(parse("[]"), Err(ParseError::NotAnEvent));
         assert_eq!(
             parse(r#"{"type":"response.audio.delta"}"#),
             Err(ParseError::Missing("response.audio.delta", "delta"))
         );
+    }
+
+    /// The GA shape: `type: realtime`, μ-law under `audio.input/output.format`, transcription and
+    /// server VAD under `audio.input`, one output modality; briefing, voice and tools when given;
+    /// none of the beta fields.
+    #[test]
+    fn ga_session_update() {
+        let v: Value = serde_json::from_str(&session_update(&SessionConfig::default())).expect("json");
+        assert_eq!(
+            v,
+            json!({"type": "session.update", "session": {
+                "type": "realtime",
+                "output_modalities": ["audio"],
+                "audio": {
+                    "input": {"format": {"type": "audio/pcmu"}, "transcription": {"model": "whisper-1"},
+                              "turn_detection": {"type": "server_vad"}},
+                    "output": {"format": {"type": "audio/pcmu"}},
+                },
+            }})
+        );
+        let tools = [json!({"type": "function", "name": "book", "parameters": {"type": "object"}})];
+        let config = SessionConfig {
+            shape: ApiShape::Ga,
+            instructions: Some("Be \"brief\"."),
+            voice: Some("marin"),
+            tools: &tools,
+        };
+        let v: Value = serde_json::from_str(&session_update(&config)).expect("json");
+        assert_eq!(v["session"]["instructions"], "Be \"brief\".");
+        assert_eq!(v["session"]["audio"]["output"]["voice"], "marin");
+        assert_eq!(v["session"]["tools"][0]["name"], "book");
+        assert!(v["session"].get("voice").is_none() && v["session"].get("input_audio_format").is_none());
+        assert_eq!(ApiShape::Ga.upgrade_header(), None, "no OpenAI-Beta header");
+    }
+
+    /// The beta shape is today's exactly (with the briefing and voice at the session's top level).
+    #[test]
+    fn beta_session_update() {
+        let config = SessionConfig { shape: ApiShape::Beta, ..SessionConfig::default() };
+        let v: Value = serde_json::from_str(&session_update(&config)).expect("json");
+        assert_eq!(
+            v,
+            json!({"type": "session.update", "session": {
+                "modalities": ["audio", "text"],
+                "input_audio_format": "g711_ulaw",
+                "output_audio_format": "g711_ulaw",
+                "turn_detection": {"type": "server_vad"},
+                "input_audio_transcription": {"model": "whisper-1"},
+            }})
+        );
+        let config = SessionConfig { instructions: Some("hi"), voice: Some("alloy"), ..config };
+        let v: Value = serde_json::from_str(&session_update(&config)).expect("json");
+        assert_eq!((v["session"]["instructions"].as_str(), v["session"]["voice"].as_str()), (Some("hi"), Some("alloy")));
+        assert_eq!(ApiShape::Beta.upgrade_header(), Some(("OpenAI-Beta", "realtime=v1")));
+    }
+
+    /// The scripted greeting is a `response.create` whose instructions quote the message exactly.
+    #[test]
+    fn greeting_quotes_the_first_message() {
+        let v: Value = serde_json::from_str(&greeting("Hi \"Ann\", it's Bob.")).expect("json");
+        assert_eq!(v["type"], "response.create");
+        let instructions = v["response"]["instructions"].as_str().expect("instructions");
+        assert!(instructions.ends_with("Hi \"Ann\", it's Bob."), "{instructions}");
+    }
+
+    /// Session refusals are fatal; errors about one client event are not.
+    #[test]
+    fn fatal_errors() {
+        let e = |kind: &str, code: &str| ServerError { kind: kind.into(), code: code.into(), message: String::new() };
+        assert!(e("invalid_request_error", "beta_api_shape_disabled").is_fatal());
+        assert!(e("invalid_request_error", "invalid_api_key").is_fatal());
+        assert!(e("authentication_error", "").is_fatal());
+        assert!(!e("invalid_request_error", "invalid_value").is_fatal());
+        assert!(!e("invalid_request_error", "conversation_already_has_active_response").is_fatal());
+        assert!(!e("", "").is_fatal());
     }
 }

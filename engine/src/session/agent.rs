@@ -91,13 +91,40 @@ pub enum AgentProtocol {
     RetellLlm,
 }
 
-/// An OpenAI-Realtime-compatible upstream: where, and the API key it takes.
+/// An OpenAI-Realtime-compatible upstream: where, the API key it takes, the interface it speaks,
+/// and how calls brief it.
 #[derive(Debug, Clone)]
 pub struct RealtimeAgent {
     /// `wss://api.openai.com/v1/realtime?model=…` or a compatible server.
     pub url: AgentUrl,
     /// Sent as `Authorization: Bearer`.
     pub api_key: Option<crate::secret::Secret>,
+    /// GA (default) or the retired beta interface.
+    pub shape: crate::proto::realtime::ApiShape,
+    /// The voice asked for (`None`: the server's default).
+    pub voice: Option<String>,
+    /// Instructions and greetings for calls that bring none of their own.
+    pub briefing: Briefing,
+}
+
+/// How a Realtime session is briefed when its call brings no `prompt`/`first_message` of its own
+/// (an outbound call's, from `/outbound-call`, always wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Briefing {
+    /// Instructions for every other call.
+    pub instructions: Option<String>,
+    /// What the model says first on every other call.
+    pub first_message: Option<String>,
+    /// Instructions by the relay's own number on the call (the number called, or for outbound
+    /// calls the number calling); these win over [`Briefing::instructions`].
+    pub instructions_by_number: std::collections::HashMap<String, String>,
+}
+
+impl Briefing {
+    /// The instructions for a call on the relay's `number`, if any.
+    pub fn instructions_for(&self, number: Option<&str>) -> Option<&str> {
+        number.and_then(|n| self.instructions_by_number.get(n)).or(self.instructions.as_ref()).map(String::as_str)
+    }
 }
 
 /// What a Realtime agent leg tracks to truncate after a barge-in.

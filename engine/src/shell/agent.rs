@@ -16,17 +16,18 @@ use super::tls::{Stream, TlsStream};
 use super::{clock, dial, ws};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::{check_answer, WsCodec};
-use crate::session::agent::{AgentProtocol, AgentUrl};
+use crate::session::agent::AgentUrl;
 
-/// Dials `url` for agent leg `conn` of `session`, then serves it until it ends.
 /// Where and how to dial an agent.
 pub(crate) struct Dial {
     pub(crate) url: AgentUrl,
-    pub(crate) protocol: AgentProtocol,
     /// `Authorization: Bearer` for the upgrade request.
     pub(crate) bearer: Option<crate::secret::Secret>,
+    /// One more header field for the upgrade request (the Realtime beta's `OpenAI-Beta`).
+    pub(crate) header: Option<(&'static str, &'static str)>,
 }
 
+/// Dials `target` for agent leg `conn` of `session`, then serves it until it ends.
 pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, target: Dial) {
     let limits = &shared.limits;
     // Boxed: dialling (DNS, TCP, TLS handshake, upgrade) would otherwise size the leg's task for
@@ -82,8 +83,8 @@ async fn dial(conn: ConnectionId, target: &Dial) -> Result<(Stream, RawFd, Vec<u
     if let Some(bearer) = &target.bearer {
         extra.push_str(&format!("Authorization: Bearer {}\r\n", bearer.expose()));
     }
-    if target.protocol == AgentProtocol::Realtime {
-        extra.push_str("OpenAI-Beta: realtime=v1\r\n");
+    if let Some((name, value)) = target.header {
+        extra.push_str(&format!("{name}: {value}\r\n"));
     }
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: relay/{}\r\n{extra}\r\n",

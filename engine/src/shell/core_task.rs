@@ -174,6 +174,7 @@ impl CoreHandle {
                 observers: g.observers[i].load(Ordering::Relaxed),
                 connections: g.connections[i].load(Ordering::Relaxed),
                 protocol_errors: g.protocol_errors[i].load(Ordering::Relaxed),
+                agent_errors: g.agent_errors[i].load(Ordering::Relaxed),
                 pacer_drops: g.pacer_drops[i].load(Ordering::Relaxed),
                 rtc: g.rtc[i].load(),
                 frames_in: g.media[i].frames_in.load(),
@@ -249,6 +250,7 @@ impl CoreShared {
         self.global.sessions[self.id.0].store(stats.active_sessions, Ordering::Relaxed);
         self.global.observers[self.id.0].store(stats.observers, Ordering::Relaxed);
         self.global.protocol_errors[self.id.0].store(stats.protocol_errors, Ordering::Relaxed);
+        self.global.agent_errors[self.id.0].store(stats.agent_errors, Ordering::Relaxed);
         self.global.pacer_drops[self.id.0].store(stats.pacer_drops, Ordering::Relaxed);
         self.global.rtc[self.id.0].store(&stats.rtc);
         self.global.media[self.id.0].store_counts(&stats, self.udp_send_errors.get());
@@ -365,9 +367,9 @@ impl CoreShared {
                     self.udp_send_errors.set(self.udp_send_errors.get() + 1);
                 }
             }
-            Output::ConnectAgent { conn, session, url, protocol, bearer } => {
+            Output::ConnectAgent { conn, session, url, bearer, header, .. } => {
                 if let Some(this) = self.this.borrow().upgrade() {
-                    let dial = agent::Dial { url, protocol, bearer };
+                    let dial = agent::Dial { url, bearer, header };
                     glommio::spawn_local(agent::agent_task(this, conn, session, dial)).detach();
                 }
             }

@@ -172,6 +172,7 @@ pub(crate) struct Global {
     connections: Vec<AtomicUsize>,
     /// Protocol errors on media legs, per core.
     protocol_errors: Vec<AtomicU64>,
+    agent_errors: Vec<AtomicU64>,
     /// Pacer refusals, per core.
     pacer_drops: Vec<AtomicU64>,
     /// WebRTC counters, per core.
@@ -279,6 +280,8 @@ pub struct CoreStats {
     pub connections: usize,
     /// Malformed or out-of-order messages received on media legs.
     pub protocol_errors: u64,
+    /// `error` events Realtime agents sent, fatal or not.
+    pub agent_errors: u64,
     /// Agent audio refused because a caller's pacer queue was full.
     pub pacer_drops: u64,
     /// WebRTC peers and what their playout saw.
@@ -445,6 +448,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         observers: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         connections: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         protocol_errors: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
+        agent_errors: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         pacer_drops: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         rtc: (0..config.cores).map(|_| RtcGauges::default()).collect(),
         media: (0..config.cores).map(|_| MediaGauges::default()).collect(),
