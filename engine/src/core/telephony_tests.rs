@@ -46,7 +46,7 @@ impl Call {
             realtime: Some(crate::session::agent::RealtimeAgent {
                 url: AgentUrl::parse("ws://127.0.0.1:9/v1/realtime").expect("valid"),
                 api_key: None,
-                shape: crate::proto::realtime::ApiShape::Ga,
+                shape: realtime::ApiShape::Ga,
                 voice: None,
                 briefing: crate::session::agent::Briefing::default(),
             }),
@@ -814,4 +814,141 @@ fn agent_start_omits_the_relay_parameters() {
     let start = c.sent_to(agent).into_iter().find(|v| v["event"] == "start").expect("the agent's start");
     let params = &start["start"]["customParameters"];
     assert_eq!(params, &serde_json::json!({"callSid": "CA1", "lang": "fr"}), "{start}");
+}
+
+/// A Realtime call with listeners, its agent open: the stream `start` carries `params` as custom
+/// parameters beyond `callSid`.
+fn realtime_call(briefing: crate::session::agent::Briefing, params: &[(&str, &str)]) -> Call {
+    let mut c = Call::with_realtime();
+    if let Some(r) = c.core.agents.realtime.as_mut() {
+        r.briefing = briefing;
+    }
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    let mut s = start("CA1");
+    s.custom_parameters.extend(params.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    c.caller(&twilio::start_msg(1, &s.params()));
+    let now = c.now();
+    c.core.handle_attach(now, &id, FRONTEND, ListenKind::Frontend, Credential::Anonymous).expect("tokenless call");
+    c.core.handle_listener_text(now, FRONTEND, r#"{"event":"connect-twilio","callSid":"CA1","user_id":"u"}"#);
+    c.core.handle_attach(now, &id, EVENTS, ListenKind::Events, Credential::Anonymous).expect("tokenless call");
+    let agent = c.agent.expect("dialled");
+    assert!(c.core.handle_agent_open(now, agent));
+    c.drain();
+    c
+}
+
+/// What the Realtime agent received, by `type`.
+fn realtime_types(c: &Call) -> Vec<String> {
+    let agent = c.agent.expect("dialled");
+    c.sent_to(agent).iter().map(|v| v["type"].as_str().unwrap_or_default().to_owned()).collect()
+}
+
+/// The session is configured in the GA shape; without a briefing it has no instructions and the
+/// model is not asked to speak first.
+#[test]
+fn realtime_session_is_ga_and_unbriefed_by_default() {
+    let c = realtime_call(Default::default(), &[]);
+    assert_eq!(realtime_types(&c), ["session.update"]);
+    let update = &c.sent_to(c.agent.expect("dialled"))[0];
+    assert_eq!(update["session"]["type"], "realtime", "{update}");
+    assert_eq!(update["session"]["audio"]["input"]["format"]["type"], "audio/pcmu", "{update}");
+    assert!(update["session"].get("instructions").is_none(), "{update}");
+}
+
+/// An outbound call's record (from `/outbound-call`) briefs the session: its prompt becomes the
+/// instructions and its first message is asked for at once, before the caller's held audio.
+#[test]
+fn realtime_briefing_from_the_record() {
+    let mut c = Call::with_realtime();
+    let id = SessionId::parse("CA1").expect("valid");
+    let update = command::RecordUpdate {
+        prompt: Some("You book tables.".into()),
+        first_message: Some("Hi, it's Bella's.".into()),
+        from: Some("+15550001".into()),
+        direction: Some(command::Direction::Outbound),
+        ..Default::default()
+    };
+    c.core.handle_command(c.now(), &id, Command::Record(Box::new(update))).expect("record");
+    c.core.handle_caller_open(&id, CALLER);
+    let mut s = start("CA1");
+    // A stream parameter never overrides what the API said.
+    s.custom_parameters.push(("prompt".into(), "something else".into()));
+    c.caller(&twilio::start_msg(1, &s.params()));
+    c.caller(&media(2, &[1; 160]));
+    let agent = c.agent.expect("dialled");
+    assert!(c.core.handle_agent_open(c.now(), agent));
+    c.drain();
+    assert_eq!(realtime_types(&c), ["session.update", "response.create", "input_audio_buffer.append"]);
+    let sent = c.sent_to(agent);
+    assert_eq!(sent[0]["session"]["instructions"], "You book tables.");
+    let greeting = sent[1]["response"]["instructions"].as_str().expect("instructions");
+    assert!(greeting.ends_with("Hi, it's Bella's."), "{greeting}");
+}
+
+/// Without a record's briefing, the stream's `prompt`/`first_message` parameters brief the
+/// session (as long as a parameter may be); without those, the operator's setting for the number called, then the
+/// default.
+#[test]
+fn realtime_briefing_from_parameters_and_flags() {
+    let longest = "p".repeat(twilio::MAX_PARAMETER_VALUE_BYTES);
+    let c = realtime_call(Default::default(), &[("prompt", &longest), ("first_message", "Hello there")]);
+    let sent = c.sent_to(c.agent.expect("dialled"));
+    assert_eq!(sent[0]["session"]["instructions"].as_str(), Some(longest.as_str()));
+    assert!(sent[1]["response"]["instructions"].as_str().is_some_and(|i| i.ends_with("Hello there")));
+
+    let briefing = crate::session::agent::Briefing {
+        instructions: Some("Default brief.".into()),
+        first_message: Some("Acme, hello!".into()),
+        instructions_by_number: [("+15550009".to_owned(), "Acme brief.".to_owned())].into_iter().collect(),
+    };
+    let c = realtime_call(briefing.clone(), &[("to", "+15550009")]);
+    let sent = c.sent_to(c.agent.expect("dialled"));
+    assert_eq!(sent[0]["session"]["instructions"], "Acme brief.");
+    assert!(sent[1]["response"]["instructions"].as_str().is_some_and(|i| i.ends_with("Acme, hello!")));
+    let c = realtime_call(briefing, &[("to", "+15550000")]);
+    assert_eq!(c.sent_to(c.agent.expect("dialled"))[0]["session"]["instructions"], "Default brief.");
+}
+
+/// A fatal error (the session refused) is counted, shown on `/ws` with its code, and closes only
+/// the agent leg: the call, its caller and its frontends go on. A non-fatal one closes nothing.
+#[test]
+fn realtime_fatal_error_ends_only_the_agent_leg() {
+    let mut c = realtime_call(Default::default(), &[]);
+    let agent = c.agent.expect("dialled");
+    c.bot(&Utf8Bytes::from(
+        r#"{"type":"error","error":{"type":"invalid_request_error","code":"invalid_value","message":"bad item"}}"#,
+    ));
+    assert_eq!((c.core.stats().agent_errors, c.closed(agent)), (1, None));
+    c.bot(&Utf8Bytes::from(
+        r#"{"type":"error","error":{"type":"invalid_request_error","code":"beta_api_shape_disabled","message":"The beta is gone."}}"#,
+    ));
+    assert_eq!(c.core.stats().agent_errors, 2);
+    assert_eq!(c.closed(agent), Some(1000), "the agent leg is closed");
+    assert_eq!(c.closed(CALLER), None, "the caller is not");
+    let errors: Vec<Value> =
+        c.sent_to(EVENTS).into_iter().filter(|v| v["eventType"] == "error").collect();
+    let refused = errors.iter().find(|v| v["data"]["code"] == "beta_api_shape_disabled").expect("the error on /ws");
+    assert_eq!((refused["data"]["fatal"].as_bool(), refused["data"]["type"].as_str()), (Some(true), Some("invalid_request_error")));
+    assert!(errors.iter().any(|v| v["data"]["message"].as_str().is_some_and(|m| m.starts_with("agent disconnected"))));
+    // The call goes on: the caller's audio still reaches the frontend, and the socket closing
+    // afterwards changes nothing.
+    c.caller(&media(2, &[7; 160]));
+    assert!(c.sent_to(FRONTEND).iter().any(|v| v["event"] == "audio"), "caller audio still reaches frontends");
+    c.core.handle_detach(c.now(), agent, true);
+    c.drain();
+    assert_eq!((c.core.stats().active_sessions, c.core.stats().callers), (1, 1));
+}
+
+/// A Realtime server closing its socket (no way to hang up a call) ends only the agent leg.
+#[test]
+fn realtime_close_is_not_a_hangup() {
+    let mut c = realtime_call(Default::default(), &[]);
+    let agent = c.agent.expect("dialled");
+    c.core.handle_detach(c.now(), agent, true);
+    c.drain();
+    c.advance_to(1_000);
+    assert_eq!(c.closed(CALLER), None);
+    assert_eq!(c.core.stats().active_sessions, 1);
+    assert!(events(&c.sent_to(EVENTS)).iter().all(|e| e != "call_ended"));
 }
