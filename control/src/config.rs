@@ -10,8 +10,8 @@ use clap::Parser;
 use relay_engine::config::{EngineConfig, Limits, RtcSettings};
 use relay_engine::media::opus::OpusSettings;
 use relay_engine::media::playout::PlayoutConfig;
-use relay_engine::secret::Secret;
 use relay_engine::proto::realtime::ApiShape;
+use relay_engine::secret::Secret;
 use relay_engine::session::agent::{AgentPolicy, AgentUrl, Briefing, RealtimeAgent};
 
 /// Relay: a thread-per-core media relay for voice-AI calls.

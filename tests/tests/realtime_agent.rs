@@ -1,5 +1,6 @@
 //! An OpenAI-Realtime-compatible agent behind Relay (`--openai-url`, `--openai-api-key`), against
-//! a local stand-in speaking the Realtime protocol: the session is configured for μ-law both ways,
+//! a local stand-in speaking the Realtime protocol: the session is configured (GA shape, see
+//! realtime_ga.rs for the shapes in full) for μ-law both ways,
 //! caller audio reaches it as `input_audio_buffer.append`, its `response.audio.delta` plays to the
 //! caller, a barge-in (`speech_started`) clears the caller and truncates the item to what was heard,
 //! and transcripts reach frontends, `/ws` and the call record.
@@ -29,10 +30,10 @@ fn realtime_agent_hears_and_answers() {
     let conn = server.ready(0);
     assert_eq!(conn.path, "/v1/realtime?model=gpt-test");
     assert_eq!(conn.header("authorization"), Some("Bearer sk-test-key"));
-    assert_eq!(conn.header("openai-beta"), Some("realtime=v1"));
+    assert_eq!(conn.header("openai-beta"), None, "the GA interface by default");
     let update = poll_until("session.update", || of_type(&conn, "session.update").into_iter().next());
-    assert_eq!(update["session"]["input_audio_format"], "g711_ulaw", "{update}");
-    assert_eq!(update["session"]["output_audio_format"], "g711_ulaw", "{update}");
+    assert_eq!(update["session"]["audio"]["input"]["format"]["type"], "audio/pcmu", "{update}");
+    assert_eq!(update["session"]["audio"]["output"]["format"]["type"], "audio/pcmu", "{update}");
     conn.send_json(&json!({"type": "session.created", "session": {"id": "sess_1"}}));
 
     let sent = frames(7, 0..10);

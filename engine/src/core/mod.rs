@@ -973,9 +973,11 @@ impl CoreState {
         // A Twilio-protocol agent (the call's own, or the default) first, else the Realtime upstream.
         let target = match self.agents.resolve(requested) {
             Ok(Some(url)) => Some((url, AgentProtocol::Twilio, None, None)),
-            Ok(None) => self.agents.realtime.as_ref().map(|r| {
-                (r.url.clone(), AgentProtocol::Realtime, r.api_key.clone(), r.shape.upgrade_header())
-            }),
+            Ok(None) => self
+                .agents
+                .realtime
+                .as_ref()
+                .map(|r| (r.url.clone(), AgentProtocol::Realtime, r.api_key.clone(), r.shape.upgrade_header())),
             Err(e) => {
                 self.broadcast(now, id, RetellEvent::Error, json!({ "message": e.to_string(), "source": "agent" }));
                 None

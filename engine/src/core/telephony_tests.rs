@@ -926,10 +926,12 @@ fn realtime_fatal_error_ends_only_the_agent_leg() {
     assert_eq!(c.core.stats().agent_errors, 2);
     assert_eq!(c.closed(agent), Some(1000), "the agent leg is closed");
     assert_eq!(c.closed(CALLER), None, "the caller is not");
-    let errors: Vec<Value> =
-        c.sent_to(EVENTS).into_iter().filter(|v| v["eventType"] == "error").collect();
+    let errors: Vec<Value> = c.sent_to(EVENTS).into_iter().filter(|v| v["eventType"] == "error").collect();
     let refused = errors.iter().find(|v| v["data"]["code"] == "beta_api_shape_disabled").expect("the error on /ws");
-    assert_eq!((refused["data"]["fatal"].as_bool(), refused["data"]["type"].as_str()), (Some(true), Some("invalid_request_error")));
+    assert_eq!(
+        (refused["data"]["fatal"].as_bool(), refused["data"]["type"].as_str()),
+        (Some(true), Some("invalid_request_error"))
+    );
     assert!(errors.iter().any(|v| v["data"]["message"].as_str().is_some_and(|m| m.starts_with("agent disconnected"))));
     // The call goes on: the caller's audio still reaches the frontend, and the socket closing
     // afterwards changes nothing.

@@ -288,7 +288,11 @@ mod tests {
         let refused = r#"{"type":"error","event_id":"e1","error":{"type":"invalid_request_error","code":"beta_api_shape_disabled","message":"gone","param":null,"event_id":null}}"#;
         assert_eq!(parse(refused), Ok(error("invalid_request_error", "beta_api_shape_disabled", "gone")));
         assert_eq!(parse(r#"{"type":"error"}"#), Ok(error("", "", "error without a message")));
-        assert_eq!(parse(&format!(r#"{{"type":"error","error":{{"code":"{}"}}}}"#, "é".repeat(100))), Ok(error("", &"é".repeat(32), "error without a message")), "bounded on a character boundary");
+        assert_eq!(
+            parse(&format!(r#"{{"type":"error","error":{{"code":"{}"}}}}"#, "é".repeat(100))),
+            Ok(error("", &"é".repeat(32), "error without a message")),
+            "bounded on a character boundary"
+        );
         assert_eq!(parse(r#"{"type":"session.created"}"#), Ok(ServerEvent::Other));
         assert_eq!(parse("[]"), Err(ParseError::NotAnEvent));
         assert_eq!(
@@ -347,7 +351,10 @@ mod tests {
         );
         let config = SessionConfig { instructions: Some("hi"), voice: Some("alloy"), ..config };
         let v: Value = serde_json::from_str(&session_update(&config)).expect("json");
-        assert_eq!((v["session"]["instructions"].as_str(), v["session"]["voice"].as_str()), (Some("hi"), Some("alloy")));
+        assert_eq!(
+            (v["session"]["instructions"].as_str(), v["session"]["voice"].as_str()),
+            (Some("hi"), Some("alloy"))
+        );
         assert_eq!(ApiShape::Beta.upgrade_header(), Some(("OpenAI-Beta", "realtime=v1")));
     }
 
