@@ -158,6 +158,24 @@ fn document_states_body_framing() {
     assert_eq!(resp.status, 501, "another coding is 501 as documented");
 }
 
+/// The document says how a Realtime model is briefed (`/outbound-call`'s `prompt` and
+/// `first_message`) and documents the per-core `agentErrors` that `/health/detailed` serves.
+#[test]
+fn document_states_realtime_briefing_and_agent_errors() {
+    let relay = Relay::start(&[]);
+    let doc = relay.get("/openapi.json").json();
+    let request = &doc["components"]["schemas"]["OutboundCallRequest"]["properties"];
+    let prompt = request["prompt"]["description"].as_str().unwrap_or_default();
+    assert!(prompt.contains("`instructions`"), "prompt becomes a Realtime session's instructions: {prompt}");
+    let first = request["first_message"]["description"].as_str().unwrap_or_default();
+    assert!(first.contains("`response.create`"), "first_message is asked for at once: {first}");
+    let core = &doc["components"]["schemas"]["CoreStats"]["properties"];
+    assert_eq!(core["agentErrors"]["type"], "integer", "CoreStats documents agentErrors");
+    let served = relay.detailed();
+    let cores = served["services"]["server"]["cores"].as_array().expect("cores");
+    assert!(cores.iter().all(|c| c["agentErrors"].is_u64()), "and /health/detailed serves it: {served}");
+}
+
 /// Every `(path template with {} for parameters, lowercase method)` the document holds.
 fn operations(doc: &Value) -> BTreeSet<(String, String)> {
     let paths = doc["paths"].as_object().expect("paths is an object");
