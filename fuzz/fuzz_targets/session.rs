@@ -27,7 +27,8 @@ use relay_engine::id::{ConnectionId, SessionId, StreamId};
 use relay_engine::media::SampleRate;
 use relay_engine::proto::twilio;
 use relay_engine::secret::Secret;
-use relay_engine::session::agent::{AgentPolicy, AgentProtocol, AgentUrl, RealtimeAgent};
+use relay_engine::proto::realtime::ApiShape;
+use relay_engine::session::agent::{AgentPolicy, AgentProtocol, AgentUrl, Briefing, RealtimeAgent};
 use serde_json::{json, Value};
 
 #[derive(Arbitrary, Debug)]
@@ -575,6 +576,13 @@ fuzz_target!(|input: Input| {
         realtime: (setup.agents % 4 >= 2).then(|| RealtimeAgent {
             url: url("wss://realtime.example/v1/realtime?model=m"),
             api_key: Some(Secret::new("key")),
+            shape: if setup.agents % 8 >= 4 { ApiShape::Beta } else { ApiShape::Ga },
+            voice: None,
+            briefing: Briefing {
+                instructions: Some("Be brief.".into()),
+                first_message: Some("Hello!".into()),
+                ..Briefing::default()
+            },
         }),
         llm_upstream: setup.llm_upstream.then(|| url("ws://127.0.0.1:9/llm-websocket")),
     };
