@@ -255,3 +255,46 @@ fn model_errors_cost_only_the_agent_leg() {
     assert_eq!(errors, 2);
     assert_eq!(server.connections(), 1, "the agent is not redialled");
 }
+
+/// A Realtime server that refuses the session at the upgrade (401, as for a bad key) costs only
+/// the agent leg too: shown on `/ws`, counted in `/health/detailed`, the caller stays connected.
+#[test]
+fn refused_upgrade_costs_only_the_agent_leg() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else { return };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        let body = r#"{"error":{"type":"invalid_request_error","code":"invalid_api_key","message":"Incorrect API key provided."}}"#;
+        let answer = format!(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(answer.as_bytes());
+    });
+    let url = format!("ws://{addr}/v1/realtime?model=gpt-realtime");
+    let relay = Relay::start(&["--openai-url", &url, "--openai-api-key", "sk-wrong"]);
+    let call = "CAerr2";
+    assert_eq!(relay.start_call(call, "tok").status, 200);
+    let events = Events::open(&relay, call, Some("tok"));
+    let frontend = Frontend::connect(&relay, call, "u1", "&accessToken=tok");
+    let caller = TwilioCaller::start(&relay, call, &[]);
+    let left = events
+        .wait_event_where("error", |d| d["message"].as_str().is_some_and(|m| m.starts_with("agent disconnected")));
+    assert_eq!(left["source"], "agent", "{left}");
+    let audio = frames(43, 0..4);
+    caller.send_audio(&audio);
+    assert_eq!(frontend.wait_audio("inbound", 4), audio, "the call goes on without its agent");
+    assert!(!caller.ended());
+    poll_until("agentErrors in /health/detailed", || {
+        let v = relay.detailed();
+        let n: u64 =
+            v["services"]["server"]["cores"].as_array()?.iter().filter_map(|c| c["agentErrors"].as_u64()).sum();
+        (n == 1).then_some(())
+    });
+}

@@ -134,7 +134,8 @@ pub struct Stats {
     pub protocol_errors: u64,
     /// Agent audio or marks refused because the pacer queue was full.
     pub pacer_drops: u64,
-    /// `error` events Realtime agents sent, fatal (their leg ended) or not.
+    /// `error` events Realtime agents sent, fatal (their leg ended) or not, and Realtime sessions
+    /// that could not be opened (refused upgrade, unreachable server, timeout).
     pub agent_errors: u64,
     /// WebRTC counters.
     pub rtc: RtcStats,
@@ -705,6 +706,11 @@ impl CoreState {
             return;
         }
         let was_open = matches!(session.agent, Agent::Open { .. });
+        // A Realtime session that could not be opened (upgrade refused, server unreachable) was
+        // refused as surely as one refused by an `error` event.
+        if !was_open && session.agent_protocol == AgentProtocol::Realtime {
+            self.stats.agent_errors += 1;
+        }
         session.agent = Agent::None;
         session.pacer.reset();
         session.agent_framer.reset();

@@ -942,6 +942,20 @@ fn realtime_fatal_error_ends_only_the_agent_leg() {
     assert_eq!((c.core.stats().active_sessions, c.core.stats().callers), (1, 1));
 }
 
+/// A Realtime session that cannot be opened counts as an agent error, and the call goes on.
+#[test]
+fn realtime_dial_failure_is_an_agent_error() {
+    let mut c = Call::with_realtime();
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let agent = c.agent.expect("dialled");
+    c.core.handle_agent_closed(c.now(), agent, "agent handshake: 401 Unauthorized");
+    c.drain();
+    assert_eq!((c.core.stats().agent_errors, c.core.stats().active_sessions), (1, 1));
+    assert_eq!(c.closed(CALLER), None);
+}
+
 /// A Realtime server closing its socket (no way to hang up a call) ends only the agent leg.
 #[test]
 fn realtime_close_is_not_a_hangup() {

@@ -280,7 +280,8 @@ pub struct CoreStats {
     pub connections: usize,
     /// Malformed or out-of-order messages received on media legs.
     pub protocol_errors: u64,
-    /// `error` events Realtime agents sent, fatal or not.
+    /// `error` events Realtime agents sent, fatal or not, and Realtime sessions that could not be
+    /// opened.
     pub agent_errors: u64,
     /// Agent audio refused because a caller's pacer queue was full.
     pub pacer_drops: u64,
