@@ -77,7 +77,8 @@ fn describe() {
     );
     describe_counter!(
         "relay_errors_total",
-        "Errors a core counted, by kind: protocol (malformed or out-of-order media-leg messages), pacer_full \
+        "Errors a core counted, by kind: protocol (malformed or out-of-order media-leg messages), agent (errors \
+         Realtime models reported, and sessions they refused), pacer_full \
          (agent audio refused by a full pacer queue), opus_decode, opus_encode, udp_send (datagrams the kernel refused)"
     );
     describe_gauge!(
@@ -180,9 +181,10 @@ fn per_leg(s: &CoreStats, core: &str) {
 }
 
 /// A core's error counts by `kind` label.
-fn errors(s: &CoreStats) -> [(&'static str, u64); 5] {
+fn errors(s: &CoreStats) -> [(&'static str, u64); 6] {
     [
         ("protocol", s.protocol_errors),
+        ("agent", s.agent_errors),
         ("pacer_full", s.pacer_drops),
         ("opus_decode", s.rtc.decode_errors),
         ("opus_encode", s.rtc.encode_errors),

@@ -98,7 +98,7 @@ fn exposition_counts_sessions_per_core() {
             let dropped = labelled(&text, "relay_dropped_frames_total", &[("core", core), ("leg", leg)]);
             assert_eq!(dropped, Some(0.0), "relay_dropped_frames_total for {leg}:\n{text}");
         }
-        for kind in ["protocol", "pacer_full", "opus_decode", "opus_encode", "udp_send"] {
+        for kind in ["protocol", "agent", "pacer_full", "opus_decode", "opus_encode", "udp_send"] {
             let errors = labelled(&text, "relay_errors_total", &[("core", core), ("kind", kind)]);
             assert_eq!(errors, Some(0.0), "relay_errors_total for {kind}:\n{text}");
         }
