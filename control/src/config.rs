@@ -229,10 +229,11 @@ pub struct Config {
     pub agent_instructions: Option<String>,
 
     /// Instructions for calls on one of the relay's numbers (the number called; for outbound
-    /// calls without a `prompt`, the number calling): `NUMBER=TEXT` or `NUMBER=@FILE`. Repeat
-    /// the flag for more numbers (the environment twin takes one entry per line). Wins over
+    /// calls without a `prompt`, the number calling): comma-separated `NUMBER=@FILE` (the file's
+    /// text, at most 16 KiB) or `NUMBER=TEXT` (text without commas) entries, e.g.
+    /// `+15550001=@/etc/relay/acme.txt`; the flag may also be repeated. Wins over
     /// --agent-instructions; an outbound call's `prompt` wins over both.
-    #[arg(long, env = "RELAY_AGENT_INSTRUCTIONS_FOR_NUMBER", value_delimiter = '\n')]
+    #[arg(long, env = "RELAY_AGENT_INSTRUCTIONS_FOR_NUMBER", value_delimiter = ',')]
     pub agent_instructions_for_number: Vec<String>,
 
     /// What the Realtime model says first on calls that bring no `first_message` of their own
@@ -526,7 +527,12 @@ impl Config {
         for entry in self.agent_instructions_for_number.iter().filter(|e| !e.trim().is_empty()) {
             let flag = "--agent-instructions-for-number";
             match entry.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
-                Some((number, value)) if !number.is_empty() && number.len() <= 64 && !value.is_empty() => {
+                Some((number, value))
+                    if !number.is_empty()
+                        && number.len() <= 64
+                        && !number.contains(char::is_whitespace)
+                        && !value.is_empty() =>
+                {
                     briefing.instructions_by_number.insert(number.to_owned(), text(flag, value)?);
                 }
                 _ => return Err(format!("{flag} entry {entry:?}: expected NUMBER=TEXT or NUMBER=@FILE")),
@@ -671,6 +677,8 @@ mod tests {
             "+15550001=Answer for Acme.",
             "--agent-instructions-for-number",
             &at_file,
+            "--agent-instructions-for-number",
+            "+15550003=One.,+15550004=Two.",
             "--agent-first-message",
             "Hello, Acme here!",
         ]);
@@ -679,12 +687,14 @@ mod tests {
         assert_eq!(b.instructions_for(Some("+15550001")), Some("Answer for Acme."));
         assert_eq!(b.instructions_for(Some("+15550002")), Some("You sell plumbing.\nBe brief."));
         assert_eq!(b.instructions_for(Some("+15559999")), Some("Be kind."));
+        assert_eq!(b.instructions_for(Some("+15550004")), Some("Two."), "comma-separated entries");
         assert_eq!(b.first_message.as_deref(), Some("Hello, Acme here!"));
         assert_eq!(c.engine().agents.realtime.expect("configured").shape, ApiShape::Ga);
         let beta = parse(&["--openai-url", "ws://127.0.0.1:9/", "--openai-api-shape", "beta"]);
         assert_eq!(beta.engine().agents.realtime.expect("configured").shape, ApiShape::Beta);
         assert!(Config::try_parse_from(["relay", "--openai-api-shape", "v2"]).is_err());
         assert!(parse(&["--agent-instructions-for-number", "no-equals"]).briefing().is_err());
+        assert!(parse(&["--agent-instructions-for-number", "+1555=Hi, and welcome"]).briefing().is_err());
         assert!(parse(&["--agent-instructions", "@/nonexistent/relay-brief"]).briefing().is_err());
         let long = "x".repeat(MAX_INSTRUCTIONS_BYTES + 1);
         assert!(parse(&["--agent-instructions", &long]).briefing().is_err());
