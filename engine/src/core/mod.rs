@@ -487,8 +487,9 @@ impl CoreState {
     }
 
     /// Detaches `conn`, whatever it is (its socket closed; `peer_closed` when the peer ended it with
-    /// a close frame). A caller that leaves ends its call; an agent that says goodbye ends the call
-    /// once its audio has played; an agent that is lost is reported and the call goes on.
+    /// a close frame). A caller that leaves ends its call; a Twilio-protocol agent that says goodbye
+    /// ends the call once its audio has played; an agent that is lost, or a Realtime agent that
+    /// closes, is reported and the call goes on.
     pub fn handle_detach(&mut self, now: Now, conn: ConnectionId, peer_closed: bool) {
         if self.llm_detach(conn) {
             return;
@@ -515,7 +516,8 @@ impl CoreState {
     }
 
     /// The open agent leg `conn` closed its socket normally: like a bot behind Twilio whose socket
-    /// closes, it ends the call, after the audio it already sent has played to the caller.
+    /// closes, it ends the call, after the audio it already sent has played to the caller. A
+    /// Realtime leg's close ends only that leg.
     fn handle_agent_hangup(&mut self, now: Now, conn: ConnectionId) {
         let Some((id, Role::Agent)) = self.conns.get(&conn).cloned() else { return };
         let session = self.slots.get(&id).and_then(|s| s.session.as_ref());

@@ -23,7 +23,7 @@ use crate::time::Now;
 
 /// Longest `prompt` or `first_message` a caller stream's parameters may brief the model with,
 /// bytes (as `/outbound-call` allows).
-pub(super) const MAX_BRIEFING_BYTES: usize = 4096;
+const MAX_BRIEFING_BYTES: usize = 4096;
 
 impl CoreState {
     /// The Realtime agent leg `conn` of `id` connected: the session is configured and briefed,
