@@ -267,11 +267,19 @@ mod tests {
         assert_eq!(parse_mark("user-mark"), None);
     }
 
-    /// Server events are recognised; others pass; malformed ones are errors.
+    /// Server events are recognised under both namings (GA and beta); others pass; malformed ones
+    /// are errors.
     #[test]
     fn server_events() {
         let delta = r#"{"type":"response.audio.delta","item_id":"i1","delta":"AAA="}"#;
         assert_eq!(parse(delta), Ok(ServerEvent::AudioDelta { item_id: "i1".into(), delta: Bytes::from("AAA=") }));
+        let ga = r#"{"type":"response.output_audio.delta","event_id":"e","response_id":"r","item_id":"i2","output_index":0,"content_index":0,"delta":"AAA="}"#;
+        assert_eq!(parse(ga), Ok(ServerEvent::AudioDelta { item_id: "i2".into(), delta: Bytes::from("AAA=") }));
+        assert_eq!(
+            parse(r#"{"type":"response.output_audio_transcript.done","item_id":"i2","transcript":"hi"}"#),
+            Ok(ServerEvent::AgentTranscript("hi".into()))
+        );
+        assert_eq!(parse(r#"{"type":"session.updated","session":{"type":"realtime"}}"#), Ok(ServerEvent::Other));
         assert_eq!(parse(r#"{"type":"input_audio_buffer.speech_started"}"#), Ok(ServerEvent::SpeechStarted));
         assert_eq!(
             parse(r#"{"type":"conversation.item.input_audio_transcription.completed","transcript":"hi"}"#),
