@@ -1,6 +1,7 @@
-//! The OpenAI Realtime protocol, as far as a telephony relay speaks it: μ-law in and out, audio
-//! deltas, server VAD's `speech_started` (barge-in), truncation of what the caller did not hear,
-//! and transcripts.
+//! The OpenAI Realtime protocol, as far as a telephony relay speaks it: the session's configuration
+//! in the GA or the retired beta shape, μ-law in and out, a scripted greeting, audio deltas,
+//! server VAD's `speech_started` (barge-in), truncation of what the caller did not hear,
+//! transcripts, and errors (which of them are fatal).
 //!
 //! Invariant: pure; parsing is total (unknown events are [`ServerEvent::Other`], malformed ones an
 //! error); audio payloads stay base64 (μ-law at 8 kHz, as Twilio's), copied once out of the JSON.
