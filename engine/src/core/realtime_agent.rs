@@ -33,6 +33,9 @@ impl CoreState {
             ServerEvent::AgentTranscript(text) => {
                 let _ = self.transcript(now, id, Transcript { speaker: Speaker::Agent, text });
             }
+            ServerEvent::FunctionCall { call_id, name, arguments } => {
+                self.realtime_function_call(now, id, conn, call_id, name, &arguments);
+            }
             ServerEvent::Error(message) => {
                 self.broadcast(now, id, RetellEvent::Error, json!({ "message": message, "source": "agent" }));
             }

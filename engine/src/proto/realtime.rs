@@ -10,10 +10,11 @@ use serde_json::{json, Value};
 use tungstenite::Utf8Bytes;
 
 /// What the relay asks of the session when it connects: μ-law 8 kHz both ways (no transcoding),
-/// server-side voice detection (its `speech_started` is the barge-in signal), and transcripts of
-/// the caller.
-pub fn session_update() -> Utf8Bytes {
-    let v = json!({
+/// server-side voice detection (its `speech_started` is the barge-in signal), transcripts of
+/// the caller, and the functions the model may call (`tools`, each as
+/// [`super::tools::session_tool`] builds it; none: no `tools` field).
+pub fn session_update(tools: &[Value]) -> Utf8Bytes {
+    let mut v = json!({
         "type": "session.update",
         "session": {
             "modalities": ["audio", "text"],
@@ -23,7 +24,26 @@ pub fn session_update() -> Utf8Bytes {
             "input_audio_transcription": { "model": "whisper-1" },
         },
     });
+    if !tools.is_empty() {
+        v["session"]["tools"] = Value::Array(tools.to_vec());
+        v["session"]["tool_choice"] = Value::from("auto");
+    }
     Utf8Bytes::from(v.to_string())
+}
+
+/// A function call's result for the model: a `function_call_output` item in the conversation.
+/// [`response_create`] must follow for the model to answer with it.
+pub fn function_call_output(call_id: &str, output: &str) -> Utf8Bytes {
+    let v = json!({
+        "type": "conversation.item.create",
+        "item": { "type": "function_call_output", "call_id": call_id, "output": output },
+    });
+    Utf8Bytes::from(v.to_string())
+}
+
+/// Asks the model for a response (after a function call's output).
+pub fn response_create() -> Utf8Bytes {
+    Utf8Bytes::from_static(r#"{"type":"response.create"}"#)
 }
 
 /// Caller audio: base64 μ-law, appended to the input buffer.
@@ -61,6 +81,17 @@ pub enum ServerEvent {
     CallerTranscript(String),
     /// `response.audio_transcript.done`: what the assistant said.
     AgentTranscript(String),
+    /// `response.function_call_arguments.done`: the model finished a call of function `name`.
+    /// Only this event starts a call (not `response.output_item.done` or `response.done`, which
+    /// repeat it), so a call runs once.
+    FunctionCall {
+        /// The call's id, for its `function_call_output`.
+        call_id: String,
+        /// The function.
+        name: String,
+        /// Its arguments, as the model wrote them: JSON text.
+        arguments: String,
+    },
     /// `error`: the server's message.
     Error(String),
     /// Anything else (session.created, rate limits, partial transcripts, …).
@@ -101,6 +132,11 @@ pub fn parse(text: &str) -> Result<ServerEvent, ParseError> {
         "response.audio_transcript.done" | "response.output_audio_transcript.done" => {
             ServerEvent::AgentTranscript(string("transcript", "response.audio_transcript.done")?)
         }
+        "response.function_call_arguments.done" => ServerEvent::FunctionCall {
+            call_id: string("call_id", "response.function_call_arguments.done")?,
+            name: string("name", "response.function_call_arguments.done")?,
+            arguments: string("arguments", "response.function_call_arguments.done")?,
+        },
         "error" => ServerEvent::Error(
             v.pointer("/error/message").and_then(Value::as_str).unwrap_or("error without a message").to_owned(),
         ),
@@ -128,9 +164,10 @@ mod tests {
     /// Builders produce the documented shapes.
     #[test]
     fn builders() {
-        let v: Value = serde_json::from_str(&session_update()).expect("json");
+        let v: Value = serde_json::from_str(&session_update(&[])).expect("json");
         assert_eq!(v["session"]["input_audio_format"], "g711_ulaw");
         assert_eq!(v["session"]["output_audio_format"], "g711_ulaw");
+        assert!(v["session"].get("tools").is_none(), "no tools, no field");
         let v: Value = serde_json::from_str(&append(b"AAEC/w==")).expect("json");
         assert_eq!(v, json!({"type": "input_audio_buffer.append", "audio": "AAEC/w=="}));
         let v: Value = serde_json::from_str(&append(b"\"}injected")).expect("json");
@@ -140,6 +177,40 @@ mod tests {
         assert_eq!(v["audio_end_ms"], 480);
         assert_eq!(parse_mark(&mark_name("item_1", 480)), Some(("item_1", 480)));
         assert_eq!(parse_mark("user-mark"), None);
+    }
+
+    /// Tools go into the session with `tool_choice: auto`; a call's output is an item, then a
+    /// response is asked for.
+    #[test]
+    fn tool_builders() {
+        let tool = json!({"type": "function", "name": "f", "description": "", "parameters": {}});
+        let v: Value = serde_json::from_str(&session_update(std::slice::from_ref(&tool))).expect("json");
+        assert_eq!(v["session"]["tools"], json!([tool]));
+        assert_eq!(v["session"]["tool_choice"], "auto");
+        let v: Value = serde_json::from_str(&function_call_output("call_1", "{\"ok\":true}")).expect("json");
+        assert_eq!(
+            v,
+            json!({"type": "conversation.item.create",
+                   "item": {"type": "function_call_output", "call_id": "call_1", "output": "{\"ok\":true}"}})
+        );
+        let v: Value = serde_json::from_str(&response_create()).expect("json");
+        assert_eq!(v, json!({"type": "response.create"}));
+    }
+
+    /// A finished function call is read from `response.function_call_arguments.done`; one
+    /// without its fields is an error.
+    #[test]
+    fn function_call_event() {
+        let done = r#"{"type":"response.function_call_arguments.done","response_id":"r","item_id":"i",
+                       "output_index":0,"call_id":"call_1","name":"book","arguments":"{\"n\":2}"}"#;
+        assert_eq!(
+            parse(done),
+            Ok(ServerEvent::FunctionCall { call_id: "call_1".into(), name: "book".into(), arguments: r#"{"n":2}"#.into() })
+        );
+        assert_eq!(
+            parse(r#"{"type":"response.function_call_arguments.done","call_id":"c","arguments":"{}"}"#),
+            Err(ParseError::Missing("response.function_call_arguments.done", "name"))
+        );
     }
 
     /// Server events are recognised; others pass; malformed ones are errors.

@@ -44,6 +44,8 @@ pub(crate) struct CoreSetup {
     pub(crate) records: Option<crate::config::RecordSink>,
     /// The built-in Retell responder's first words.
     pub(crate) begin_sentence: String,
+    /// Realtime agents' tools and their webhook.
+    pub(crate) tools: crate::config::ToolSettings,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
     pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
     pub(crate) global: Arc<Global>,
@@ -376,6 +378,11 @@ impl CoreShared {
                     sink.send(change);
                 }
             }
+            Output::CallTool(call) => {
+                if let Some(this) = self.this.borrow().upgrade() {
+                    glommio::spawn_local(super::tools::tool_task(this, *call)).detach();
+                }
+            }
         }
         None
     }
@@ -426,7 +433,9 @@ pub(crate) async fn run_core<S: ControlService>(
     }
     // SAFETY: the main thread bound this listening socket and gave up ownership with the OwnedFd.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
-    let mut state = CoreState::new(setup.limits.clone(), setup.agents).with_begin_sentence(setup.begin_sentence);
+    let mut state = CoreState::new(setup.limits.clone(), setup.agents)
+        .with_begin_sentence(setup.begin_sentence)
+        .with_tools(setup.tools);
     let mut udp = None;
     if let Some(rtc) = setup.rtc {
         let endpoint = crate::rtc::Endpoint::new(rtc.cert, rtc.candidate, setup.limits.rtc_peers_per_core);

@@ -13,6 +13,7 @@ mod mesh;
 mod rtc;
 mod tcp;
 mod tls;
+mod tools;
 mod ws;
 
 use std::future::Future;
@@ -467,6 +468,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             rtc: rtc_cores[index].take(),
             tls: tls.clone(),
             begin_sentence: config.begin_sentence.clone(),
+            tools: config.tools.clone(),
             records: config.records.clone(),
             mesh: mesh.clone(),
             replies: replies.clone(),
