@@ -56,6 +56,8 @@ pub struct Totals {
     pub timed: u64,
     /// Calls by intent (`unknown` when none is known).
     pub by_intent: BTreeMap<String, u64>,
+    /// Function calls the calls' agents made.
+    pub function_calls: u64,
 }
 
 impl Totals {
@@ -74,6 +76,7 @@ impl Totals {
                 t.duration_secs += d;
                 t.timed += 1;
             }
+            t.function_calls += call.function_calls;
             *t.by_intent.entry(call.intent.clone().unwrap_or_else(|| "unknown".to_owned())).or_default() += 1;
         }
         t
@@ -108,8 +111,8 @@ pub fn overview(project_id: &str, project_name: &str, from_ms: u64, to_ms: u64, 
         "failedCalls": t.failed,
         "averageDuration": t.average_secs(),
         "totalDuration": t.duration_secs,
-        // The relay sees no agent function calls; 0 until an agent protocol reports them.
-        "totalFunctionCalls": 0,
+        // Counted by the owner core as Realtime agents call tools.
+        "totalFunctionCalls": t.function_calls,
         "errorRate": t.error_rate(),
         "callsByStatus": {
             "completed": t.completed,
@@ -172,7 +175,7 @@ mod tests {
     use super::*;
 
     fn s(status: &str, duration: Option<u64>, intent: Option<&str>) -> Summary {
-        Summary { status: status.into(), duration_secs: duration, intent: intent.map(Into::into) }
+        Summary { status: status.into(), duration_secs: duration, intent: intent.map(Into::into), function_calls: 0 }
     }
 
     /// Every status lands in one bucket; averages, totals and the error rate follow seed 003.

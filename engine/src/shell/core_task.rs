@@ -188,6 +188,11 @@ impl CoreHandle {
                     agent_backlog: g.media[i].agent_backlog.load(Ordering::Relaxed),
                     playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
                 },
+                tools: crate::core::ToolStats {
+                    calls: g.tools[i][0].load(Ordering::Relaxed),
+                    failed: g.tools[i][1].load(Ordering::Relaxed),
+                    refused: g.tools[i][2].load(Ordering::Relaxed),
+                },
                 mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
                 outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
             })
@@ -253,6 +258,10 @@ impl CoreShared {
         self.global.protocol_errors[self.id.0].store(stats.protocol_errors, Ordering::Relaxed);
         self.global.pacer_drops[self.id.0].store(stats.pacer_drops, Ordering::Relaxed);
         self.global.rtc[self.id.0].store(&stats.rtc);
+        let tools = &self.global.tools[self.id.0];
+        tools[0].store(stats.tools.calls, Ordering::Relaxed);
+        tools[1].store(stats.tools.failed, Ordering::Relaxed);
+        tools[2].store(stats.tools.refused, Ordering::Relaxed);
         self.global.media[self.id.0].store_counts(&stats, self.udp_send_errors.get());
         result
     }
