@@ -117,7 +117,10 @@ fn describe() {
     describe_counter!("relay_pacer_drops_total", "Agent audio refused because a caller's pacer queue was full");
     describe_counter!("relay_tool_calls_total", "Function calls Realtime agents made");
     describe_counter!("relay_tool_call_failures_total", "Function calls answered with an error output (tools server failed, timed out or answered badly; bad arguments; too many at once)");
-    describe_counter!("relay_tool_calls_refused_total", "Function calls of tools the session did not declare (never POSTed)");
+    describe_counter!(
+        "relay_tool_calls_refused_total",
+        "Function calls of tools the session did not declare (never POSTed)"
+    );
     describe_gauge!("relay_webrtc_peers", "WebRTC peers on a core");
     describe_counter!("relay_webrtc_lost_total", "WebRTC frames whose packet had not arrived when due");
     describe_counter!("relay_webrtc_concealed_total", "WebRTC frames made up by Opus loss concealment");

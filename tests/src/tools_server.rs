@@ -173,9 +173,7 @@ fn serve(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let Some(r) = read_request(&mut stream, false) else { return };
     let timestamp = r.header("x-relay-timestamp").unwrap_or_default().to_owned();
-    let signed = r
-        .header("x-relay-signature")
-        .is_some_and(|s| verify(TOOLS_SECRET, &timestamp, r.body.as_bytes(), s));
+    let signed = r.header("x-relay-signature").is_some_and(|s| verify(TOOLS_SECRET, &timestamp, r.body.as_bytes(), s));
     let request = ToolRequest { method: r.method, path: r.path, headers: r.headers, body: r.body, signed };
     let reply = {
         let mut state = shared.state.lock().expect("tools lock");

@@ -254,10 +254,9 @@ fn outbound_call_tools_reach_the_session() {
 /// A bad `--agent-tools` file stops startup with one line naming the flag and the problem.
 #[test]
 fn bad_tools_file_is_a_startup_error() {
-    for (tools, expected) in [
-        (json!([{"name": "x"}]), "parameters is required"),
-        (json!({"name": "x"}), "must be an array"),
-    ] {
+    for (tools, expected) in
+        [(json!([{"name": "x"}]), "parameters is required"), (json!({"name": "x"}), "must be an array")]
+    {
         let data = temp_dir("tools-bad");
         let file = tools_file(&tools);
         let mut cmd = relay_command();

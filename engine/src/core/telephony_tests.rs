@@ -829,8 +829,8 @@ fn realtime_function_calls_run_once_and_answer_the_model() {
         url: Some("http://127.0.0.1:9/tools".into()),
         ..Default::default()
     };
-    c.core = std::mem::replace(&mut c.core, CoreState::new(Limits::default(), AgentPolicy::default()))
-        .with_tools(settings);
+    c.core =
+        std::mem::replace(&mut c.core, CoreState::new(Limits::default(), AgentPolicy::default())).with_tools(settings);
     let id = SessionId::parse("CA1").expect("valid");
     c.core.handle_caller_open(&id, CALLER);
     c.caller(&twilio::start_msg(1, &start("CA1").params()));
@@ -841,7 +841,8 @@ fn realtime_function_calls_run_once_and_answer_the_model() {
     assert_eq!(update["session"]["tools"][0]["name"], "book");
     assert_eq!(update["session"]["tool_choice"], "auto");
 
-    let call = r#"{"type":"response.function_call_arguments.done","call_id":"c1","name":"book","arguments":"{\"n\":2}"}"#;
+    let call =
+        r#"{"type":"response.function_call_arguments.done","call_id":"c1","name":"book","arguments":"{\"n\":2}"}"#;
     c.bot(&Utf8Bytes::from_static(call));
     c.bot(&Utf8Bytes::from_static(call));
     let calls: Vec<ToolCall> = c
@@ -863,7 +864,10 @@ fn realtime_function_calls_run_once_and_answer_the_model() {
     c.drain();
     let sent = c.sent_to(agent);
     let n = sent.len();
-    assert_eq!(sent[n - 2]["item"], serde_json::json!({"type": "function_call_output", "call_id": "c1", "output": "booked"}));
+    assert_eq!(
+        sent[n - 2]["item"],
+        serde_json::json!({"type": "function_call_output", "call_id": "c1", "output": "booked"})
+    );
     assert_eq!(sent[n - 1]["type"], "response.create");
 
     c.bot(&Utf8Bytes::from_static(

@@ -205,7 +205,11 @@ mod tests {
                        "output_index":0,"call_id":"call_1","name":"book","arguments":"{\"n\":2}"}"#;
         assert_eq!(
             parse(done),
-            Ok(ServerEvent::FunctionCall { call_id: "call_1".into(), name: "book".into(), arguments: r#"{"n":2}"#.into() })
+            Ok(ServerEvent::FunctionCall {
+                call_id: "call_1".into(),
+                name: "book".into(),
+                arguments: r#"{"n":2}"#.into()
+            })
         );
         assert_eq!(
             parse(r#"{"type":"response.function_call_arguments.done","call_id":"c","arguments":"{}"}"#),

@@ -229,7 +229,10 @@ mod tests {
         assert_eq!(parse_tools(&json!([{"parameters": {}}])), Err(ToolsError::Invalid(0, "name is required")));
         assert!(matches!(parse_tools(&json!([{"name": "a b", "parameters": {}}])), Err(ToolsError::Invalid(0, _))));
         assert!(matches!(parse_tools(&json!([{"name": "a"}])), Err(ToolsError::Invalid(0, _))));
-        assert!(matches!(parse_tools(&json!([{"name": "a", "parameters": {}, "x": 1}])), Err(ToolsError::Invalid(0, _))));
+        assert!(matches!(
+            parse_tools(&json!([{"name": "a", "parameters": {}, "x": 1}])),
+            Err(ToolsError::Invalid(0, _))
+        ));
         assert!(matches!(parse_tools(&json!([{"name": "a", "parameters": []}])), Err(ToolsError::Invalid(0, _))));
         assert_eq!(
             parse_tools(&json!([{"name": "a", "parameters": {}}, {"name": "a", "parameters": {}}])),

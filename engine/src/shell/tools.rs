@@ -6,9 +6,9 @@
 
 use std::rc::Rc;
 
+use super::clock;
 use super::core_task::CoreShared;
 use super::fetch::{self, FetchRequest};
-use super::clock;
 use crate::core::{ToolCall, ToolResult};
 use crate::proto::tools;
 
@@ -21,7 +21,10 @@ pub(crate) async fn tool_task(shared: Rc<CoreShared>, call: ToolCall) {
         (tools::TIMESTAMP_HEADER.to_owned(), timestamp_s.to_string()),
     ];
     if let Some(secret) = &secret {
-        headers.push((tools::SIGNATURE_HEADER.to_owned(), tools::signature(secret.expose().as_bytes(), timestamp_s, &body)));
+        headers.push((
+            tools::SIGNATURE_HEADER.to_owned(),
+            tools::signature(secret.expose().as_bytes(), timestamp_s, &body),
+        ));
     }
     let request = FetchRequest { method: "POST", url, headers, body };
     let outcome = match fetch::fetch(request, timeout).await {
