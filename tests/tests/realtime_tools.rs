@@ -268,3 +268,47 @@ fn bad_tools_file_is_a_startup_error() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// A finished `function_call` item, as `response.output_item.done` carries it.
+fn function_call_item(conn: &BotConn, call_id: &str, name: &str, arguments: &Value, status: &str) {
+    conn.send_json(&json!({
+        "type": "response.output_item.done", "event_id": format!("ev_item_{call_id}"), "response_id": "resp_1",
+        "output_index": 0,
+        "item": {"id": format!("item_{call_id}"), "object": "realtime.item", "type": "function_call",
+                 "status": status, "call_id": call_id, "name": name, "arguments": arguments.to_string()},
+    }));
+}
+
+/// A GA server announces a call twice (arguments done, then the item); a beta server's
+/// arguments event has no name and only the item names the function; an item an interrupted
+/// response left incomplete is not a call. Each call runs exactly once.
+#[test]
+fn each_call_runs_once_whichever_events_carry_it() {
+    let realtime = TwilioBot::start();
+    let tools = ToolsServer::start();
+    let relay = start(&realtime, &tools, &[]);
+    let _caller = TwilioCaller::start(&relay, "CAtools4", &[]);
+    let conn = realtime.ready(0);
+    poll_until("session.update", || of_type(&conn, "session.update").into_iter().next());
+
+    let args = json!({"people": 3});
+    function_call(&conn, "call_ga", "book_table", &args);
+    function_call_item(&conn, "call_ga", "book_table", &args, "completed");
+    conn.send_json(&json!({
+        "type": "response.function_call_arguments.done", "event_id": "ev_beta", "response_id": "resp_2",
+        "item_id": "item_beta", "output_index": 0, "call_id": "call_beta", "arguments": args.to_string(),
+    }));
+    function_call_item(&conn, "call_beta", "book_table", &args, "completed");
+    function_call_item(&conn, "call_cut", "book_table", &args, "incomplete");
+    function_call(&conn, "call_last", "lookup_order", &json!({}));
+    let out = outputs(&conn, 3);
+    // The three run side by side: their answers may come back in any order.
+    let mut ids: Vec<&str> = out.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["call_beta", "call_ga", "call_last"], "{out:?}");
+    let mut posted: Vec<String> =
+        tools.requests().iter().map(|r| r.json()["callId"].as_str().unwrap_or_default().to_owned()).collect();
+    posted.sort_unstable();
+    assert_eq!(posted, ["call_beta", "call_ga", "call_last"]);
+    assert_eq!(tool_counts(&relay), (3, 0, 0));
+}

@@ -81,9 +81,10 @@ pub enum ServerEvent {
     CallerTranscript(String),
     /// `response.audio_transcript.done`: what the assistant said.
     AgentTranscript(String),
-    /// `response.function_call_arguments.done`: the model finished a call of function `name`.
-    /// Only this event starts a call (not `response.output_item.done` or `response.done`, which
-    /// repeat it), so a call runs once.
+    /// The model finished a call of function `name`: `response.function_call_arguments.done`
+    /// (GA; the beta's lacks `name` and is ignored) or `response.output_item.done` with a
+    /// completed `function_call` item (both shapes). GA servers send both for one call: the core
+    /// runs each `call_id` once. (`response.done` repeats them too and is not read.)
     FunctionCall {
         /// The call's id, for its `function_call_output`.
         call_id: String,
@@ -132,16 +133,28 @@ pub fn parse(text: &str) -> Result<ServerEvent, ParseError> {
         "response.audio_transcript.done" | "response.output_audio_transcript.done" => {
             ServerEvent::AgentTranscript(string("transcript", "response.audio_transcript.done")?)
         }
-        "response.function_call_arguments.done" => ServerEvent::FunctionCall {
+        "response.function_call_arguments.done" if v.get("name").is_some() => ServerEvent::FunctionCall {
             call_id: string("call_id", "response.function_call_arguments.done")?,
             name: string("name", "response.function_call_arguments.done")?,
             arguments: string("arguments", "response.function_call_arguments.done")?,
         },
+        "response.output_item.done" => function_call_item(v.get("item")).unwrap_or(ServerEvent::Other),
         "error" => ServerEvent::Error(
             v.pointer("/error/message").and_then(Value::as_str).unwrap_or("error without a message").to_owned(),
         ),
         _ => ServerEvent::Other,
     })
+}
+
+/// A finished `function_call` item (`response.output_item.done`) as a call; `None` for other
+/// items and for calls an interrupted response left incomplete.
+fn function_call_item(item: Option<&Value>) -> Option<ServerEvent> {
+    let item = item?;
+    if item.get("type")? != "function_call" || item.get("status").is_some_and(|s| s != "completed") {
+        return None;
+    }
+    let field = |name: &str| item.get(name).and_then(Value::as_str).map(str::to_owned);
+    Some(ServerEvent::FunctionCall { call_id: field("call_id")?, name: field("name")?, arguments: field("arguments")? })
 }
 
 /// The name of the pacer mark placed after each audio delta: the item and how far into it (ms) the
@@ -211,10 +224,28 @@ mod tests {
                 arguments: r#"{"n":2}"#.into()
             })
         );
+        // The beta's event has no name: the item that follows carries the call.
         assert_eq!(
             parse(r#"{"type":"response.function_call_arguments.done","call_id":"c","arguments":"{}"}"#),
-            Err(ParseError::Missing("response.function_call_arguments.done", "name"))
+            Ok(ServerEvent::Other)
         );
+        assert_eq!(
+            parse(r#"{"type":"response.function_call_arguments.done","call_id":"c","name":"f"}"#),
+            Err(ParseError::Missing("response.function_call_arguments.done", "arguments"))
+        );
+        let item = |status: &str| {
+            format!(
+                r#"{{"type":"response.output_item.done","response_id":"r","output_index":0,"item":{{"id":"i",
+                   "type":"function_call","status":"{status}","call_id":"c","name":"f","arguments":"{{}}"}}}}"#
+            )
+        };
+        assert_eq!(
+            parse(&item("completed")),
+            Ok(ServerEvent::FunctionCall { call_id: "c".into(), name: "f".into(), arguments: "{}".into() })
+        );
+        assert_eq!(parse(&item("incomplete")), Ok(ServerEvent::Other), "an interrupted call is not run");
+        let message = r#"{"type":"response.output_item.done","item":{"type":"message","status":"completed"}}"#;
+        assert_eq!(parse(message), Ok(ServerEvent::Other));
     }
 
     /// Server events are recognised; others pass; malformed ones are errors.
