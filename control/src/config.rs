@@ -628,4 +628,19 @@ mod tests {
         );
         assert_eq!(parse(&["--cors-origins", ""]).api().cors, CorsOrigins::None);
     }
+
+    /// A tools URL must be http(s) and come with a secret; the engine view carries both and the
+    /// timeout.
+    #[test]
+    fn tools_flags() {
+        assert!(parse(&["--tools-url", "http://127.0.0.1:9/tools"]).validate().is_err(), "no secret");
+        assert!(parse(&["--tools-url", "ftp://x/", "--tools-secret", "s"]).validate().is_err());
+        assert!(parse(&["--tools-timeout", "0s"]).validate().is_err());
+        let c = parse(&["--tools-url", "https://app.example/tools", "--tools-secret", "s", "--tools-timeout", "3s"]);
+        c.validate().expect("valid");
+        let tools = c.engine().tools;
+        assert_eq!(tools.url.as_deref(), Some("https://app.example/tools"));
+        assert_eq!(tools.secret.as_ref().map(Secret::expose), Some("s"));
+        assert_eq!(tools.timeout, Duration::from_secs(3));
+    }
 }

@@ -667,4 +667,15 @@ mod tests {
         assert_eq!(merged.transcript, "user: hi\n");
         assert_eq!(merged.from.as_deref(), Some("+1"));
     }
+
+    /// Records and summaries written before function calls were counted read back with 0.
+    #[test]
+    fn old_records_read_without_function_calls() {
+        let old =
+            r#"{"id":"CA1","projectId":"p","direction":"inbound","status":"completed","transcript":"","createdMs":1}"#;
+        let call: StoredCall = serde_json::from_str(old).expect("an old record");
+        assert_eq!(call.function_calls, 0);
+        let summary: Summary = serde_json::from_str(r#"{"status":"completed"}"#).expect("an old summary");
+        assert_eq!(summary.function_calls, 0);
+    }
 }
