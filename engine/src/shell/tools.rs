@@ -32,6 +32,9 @@ pub(crate) async fn tool_task(shared: Rc<CoreShared>, call: ToolCall) {
             tools::parse_answer(&response.body).map_err(|e| e.to_string())
         }
         Ok(response) => Err(format!("the tools server answered {}", response.status)),
+        Err(fetch::FetchError::Timeout) => {
+            Err(format!("the tools server timed out (no answer within {} ms)", timeout.as_millis()))
+        }
         Err(e) => Err(format!("the tools server could not be reached: {e}")),
     };
     if let Err(reason) = &outcome {
