@@ -133,8 +133,9 @@ fn tool_call_round_trip() {
     assert_eq!(recent["calls"][0]["intent"], "booking", "{recent}");
 }
 
-/// A tools server that answers non-2xx, or not in time, and a tool that was never declared: each
-/// gives the model an error output at once, the last never reaching the server; all are counted.
+/// A tools server that answers non-2xx, not in time, or more than 64 KiB, and a tool that was
+/// never declared: each gives the model an error output, the undeclared one at once and never
+/// reaching the server; all are counted.
 #[test]
 fn failing_tools_give_error_outputs() {
     let realtime = TwilioBot::start();
@@ -163,7 +164,14 @@ fn failing_tools_give_error_outputs() {
     let error: Value = serde_json::from_str(&out[2].1).expect("a JSON error output");
     assert!(error["error"].as_str().is_some_and(|e| e.contains("unknown tool")), "{error}");
     assert_eq!(tools.requests().len(), 2, "the undeclared tool was never POSTed");
-    assert_eq!(tool_counts(&relay), (3, 2, 1), "calls, failed, refused");
+
+    tools.reply(Reply::Json(200, json!({"output": "x".repeat(70 * 1024)})));
+    function_call(&conn, "call_big", "lookup_order", &json!({}));
+    let out = outputs(&conn, 4);
+    assert_eq!(out[3].0, "call_big");
+    let error: Value = serde_json::from_str(&out[3].1).expect("a JSON error output");
+    assert!(error["error"].as_str().is_some_and(|e| e.contains("too large") || e.contains("larger")), "{error}");
+    assert_eq!(tool_counts(&relay), (4, 3, 1), "calls, failed, refused");
     let metrics = relay.get("/metrics").text();
     assert!(metrics.contains("relay_tool_call_failures_total"), "{metrics}");
 }

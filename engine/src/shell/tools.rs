@@ -27,7 +27,7 @@ pub(crate) async fn tool_task(shared: Rc<CoreShared>, call: ToolCall) {
         ));
     }
     let request = FetchRequest { method: "POST", url, headers, body };
-    let outcome = match fetch::fetch(request, timeout).await {
+    let outcome = match fetch::fetch_bounded(request, timeout, tools::MAX_ANSWER_BYTES).await {
         Ok(response) if (200..300).contains(&response.status) => {
             tools::parse_answer(&response.body).map_err(|e| e.to_string())
         }
