@@ -4,10 +4,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use relay_engine::config::{EngineConfig, Limits, RtcSettings};
+use relay_engine::config::{EngineConfig, Limits, RtcSettings, ToolSettings};
 use relay_engine::media::opus::OpusSettings;
 use relay_engine::media::playout::PlayoutConfig;
 use relay_engine::proto::realtime::ApiShape;
@@ -241,6 +242,27 @@ pub struct Config {
     #[arg(long, env = "RELAY_AGENT_FIRST_MESSAGE")]
     pub agent_first_message: Option<String>,
 
+    /// Tools every Realtime agent may call (unless `/outbound-call` gives a call its own): a JSON
+    /// file holding an array of `{"name", "description", "parameters"}` (parameters a JSON Schema
+    /// object); at most 64 tools in 64 KiB. Read and checked at startup.
+    #[arg(long, env = "RELAY_AGENT_TOOLS")]
+    pub agent_tools: Option<PathBuf>,
+
+    /// Where Realtime agents' function calls are POSTed (`http://` or `https://`), signed with
+    /// `--tools-secret` (see README, "Tools"). Without it, a function call gets an error output.
+    #[arg(long, env = "RELAY_TOOLS_URL")]
+    pub tools_url: Option<String>,
+
+    /// Shared secret of the `X-Relay-Signature` HMAC-SHA256 on requests to `--tools-url`
+    /// (required with it).
+    #[arg(long, env = "RELAY_TOOLS_SECRET", hide_env_values = true)]
+    pub tools_secret: Option<String>,
+
+    /// How long one request to `--tools-url` may take, connect to last byte of the answer; past
+    /// it the model gets an error output.
+    #[arg(long, env = "RELAY_TOOLS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tools_timeout: Duration,
+
     /// First UDP port for WebRTC: core i uses port base + i (0: any free port per core).
     #[arg(long, env = "RELAY_RTC_PORT_BASE", default_value_t = 40_000)]
     pub rtc_port_base: u16,
@@ -410,6 +432,17 @@ impl Config {
                 self.listen
             ));
         }
+        if let Some(url) = self.tools_url.as_deref() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<http::Uri>().is_err() {
+                return Err(format!("--tools-url {url}: must be an http:// or https:// URL"));
+            }
+            if self.tools_secret.as_deref().is_none_or(str::is_empty) {
+                return Err("--tools-url needs --tools-secret (the key of the requests' signature)".to_owned());
+            }
+        }
+        if self.tools_timeout.is_zero() {
+            return Err("--tools-timeout must be above zero".to_owned());
+        }
         if self.ws_ping_interval.is_zero() || self.ws_idle_timeout <= self.ws_ping_interval {
             return Err("--ws-idle-timeout must be longer than --ws-ping-interval (and both above zero)".to_owned());
         }
@@ -490,6 +523,14 @@ impl Config {
             begin_sentence: self.begin_sentence.clone(),
             // Opened by `run` (this view does no I/O).
             records: None,
+            tools: ToolSettings {
+                // Read from `--agent-tools` by `run` (this view does no I/O).
+                declared: Arc::from(Vec::new()),
+                url: self.tools_url.clone(),
+                secret: self.tools_secret.clone().filter(|s| !s.is_empty()).map(Secret::new),
+                timeout: self.tools_timeout,
+                ..ToolSettings::default()
+            },
             rtc: (!self.disable_webrtc).then(|| RtcSettings {
                 port_base: self.rtc_port_base,
                 public_ip: self.public_ip,
@@ -709,5 +750,20 @@ mod tests {
             CorsOrigins::List(vec!["https://a.example".into(), "https://b.example".into()])
         );
         assert_eq!(parse(&["--cors-origins", ""]).api().cors, CorsOrigins::None);
+    }
+
+    /// A tools URL must be http(s) and come with a secret; the engine view carries both and the
+    /// timeout.
+    #[test]
+    fn tools_flags() {
+        assert!(parse(&["--tools-url", "http://127.0.0.1:9/tools"]).validate().is_err(), "no secret");
+        assert!(parse(&["--tools-url", "ftp://x/", "--tools-secret", "s"]).validate().is_err());
+        assert!(parse(&["--tools-timeout", "0s"]).validate().is_err());
+        let c = parse(&["--tools-url", "https://app.example/tools", "--tools-secret", "s", "--tools-timeout", "3s"]);
+        c.validate().expect("valid");
+        let tools = c.engine().tools;
+        assert_eq!(tools.url.as_deref(), Some("https://app.example/tools"));
+        assert_eq!(tools.secret.as_ref().map(Secret::expose), Some("s"));
+        assert_eq!(tools.timeout, Duration::from_secs(3));
     }
 }

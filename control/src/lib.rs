@@ -51,6 +51,12 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
         let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;
         engine.tls = Some(relay_engine::config::TlsIdentity { cert_pem, key_pem });
     }
+    if let Some(path) = &config.agent_tools {
+        let json = std::fs::read(path).with_context(|| format!("cannot read --agent-tools {}", path.display()))?;
+        let tools = relay_engine::proto::tools::parse_tools_json(&json)
+            .map_err(|e| anyhow::anyhow!("--agent-tools {}: {e}", path.display()))?;
+        engine.tools.declared = tools.into();
+    }
     let scheme = if engine.tls.is_some() { "https" } else { "http" };
     let cores = engine.cores;
     let grace = engine.limits.shutdown_grace;

@@ -116,6 +116,12 @@ fn describe() {
     );
     describe_counter!("relay_protocol_errors_total", "Malformed or out-of-order messages on media legs");
     describe_counter!("relay_pacer_drops_total", "Agent audio refused because a caller's pacer queue was full");
+    describe_counter!("relay_tool_calls_total", "Function calls Realtime agents made");
+    describe_counter!("relay_tool_call_failures_total", "Function calls answered with an error output (tools server failed, timed out or answered badly; bad arguments; too many at once)");
+    describe_counter!(
+        "relay_tool_calls_refused_total",
+        "Function calls of tools the session did not declare (never POSTed)"
+    );
     describe_gauge!("relay_webrtc_peers", "WebRTC peers on a core");
     describe_counter!("relay_webrtc_lost_total", "WebRTC frames whose packet had not arrived when due");
     describe_counter!("relay_webrtc_concealed_total", "WebRTC frames made up by Opus loss concealment");
@@ -140,6 +146,9 @@ pub fn render(core: &CoreHandle, records: &StoreStats) -> String {
         metrics::gauge!("relay_connections", "core" => c.clone()).set(s.connections as f64);
         metrics::counter!("relay_protocol_errors_total", "core" => c.clone()).absolute(s.protocol_errors);
         metrics::counter!("relay_pacer_drops_total", "core" => c.clone()).absolute(s.pacer_drops);
+        metrics::counter!("relay_tool_calls_total", "core" => c.clone()).absolute(s.tools.calls);
+        metrics::counter!("relay_tool_call_failures_total", "core" => c.clone()).absolute(s.tools.failed);
+        metrics::counter!("relay_tool_calls_refused_total", "core" => c.clone()).absolute(s.tools.refused);
         metrics::gauge!("relay_webrtc_peers", "core" => c.clone()).set(s.rtc.peers as f64);
         metrics::counter!("relay_webrtc_lost_total", "core" => c.clone()).absolute(s.rtc.lost);
         metrics::counter!("relay_webrtc_concealed_total", "core" => c.clone()).absolute(s.rtc.concealed);

@@ -27,6 +27,37 @@ pub struct EngineConfig {
     pub begin_sentence: String,
     /// Where owner cores hand every call record change; `None` keeps records in memory only.
     pub records: Option<RecordSink>,
+    /// Functions Realtime agents may call, and where their calls go.
+    pub tools: ToolSettings,
+}
+
+/// The tools every Realtime session declares (unless a call brings its own) and the webhook that
+/// runs their calls.
+#[derive(Debug, Clone)]
+pub struct ToolSettings {
+    /// Declared in every Realtime session whose call has no tools of its own (`--agent-tools`).
+    pub declared: std::sync::Arc<[crate::proto::tools::Tool]>,
+    /// Where function calls are POSTed (`--tools-url`); `None`: every call gets an error output.
+    pub url: Option<String>,
+    /// Key of the `X-Relay-Signature` HMAC (`--tools-secret`).
+    pub secret: Option<crate::secret::Secret>,
+    /// How long one call may take, connect to last byte of the answer (`--tools-timeout`).
+    pub timeout: Duration,
+    /// Calls one session may have running at once; a call past it gets an error output, so a
+    /// model cannot pile up requests while the tools server is slow.
+    pub concurrent_per_session: usize,
+}
+
+impl Default for ToolSettings {
+    fn default() -> Self {
+        Self {
+            declared: std::sync::Arc::from(Vec::new()),
+            url: None,
+            secret: None,
+            timeout: Duration::from_secs(10),
+            concurrent_per_session: 4,
+        }
+    }
 }
 
 /// Receives every call record change from the owner cores ([`crate::core::Output::Record`]).

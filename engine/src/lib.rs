@@ -77,6 +77,7 @@
 //!     tls: None,
 //!     records: None,
 //!     begin_sentence: String::new(),
+//!     tools: Default::default(),
 //! };
 //! let relay = shell::start(config, Hello).expect("relay starts");
 //! relay.wait().expect("clean exit");

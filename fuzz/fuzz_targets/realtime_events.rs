@@ -1,6 +1,8 @@
 //! OpenAI Realtime server events (an upstream the relay dials, so untrusted text): `parse` never
 //! panics; `append` of any bytes is JSON whose `audio` is the payload when it is base64 (else
-//! empty); a pacer mark name gives back its item and offset.
+//! empty); a pacer mark name gives back its item and offset; tool lists (an `--agent-tools` file,
+//! an `/outbound-call` body's `tools`) and tools servers' answers parse within their bounds, and a
+//! function call's output is always JSON carrying it.
 #![no_main]
 
 use arbitrary::Unstructured;
@@ -8,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use relay_engine::proto::realtime::{self, ServerEvent};
-use relay_engine::proto::twilio;
+use relay_engine::proto::{tools, twilio};
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
@@ -29,6 +31,22 @@ fuzz_target!(|data: &[u8]| {
     let payload = STANDARD.encode(data);
     let v: Value = serde_json::from_str(&realtime::append(payload.as_bytes())).expect("append is always JSON");
     assert_eq!(v["audio"].as_str(), Some(payload.as_str()));
+
+    if let Ok(list) = tools::parse_tools_json(data) {
+        assert!(list.len() <= tools::MAX_TOOLS);
+        // What the session declares parses back to the same list (when the added `type` fields
+        // leave it within the size bound).
+        let declared = Value::Array(list.iter().map(tools::session_tool).collect());
+        if declared.to_string().len() <= tools::MAX_TOOLS_BYTES {
+            assert_eq!(tools::parse_tools(&declared).ok(), Some(list));
+        }
+    }
+    if let Ok(answer) = tools::parse_answer(data) {
+        assert!(answer.intent.is_none_or(|i| !i.is_empty() && i.len() <= tools::MAX_INTENT_BYTES));
+    }
+    let output = String::from_utf8_lossy(data);
+    let v: Value = serde_json::from_str(&realtime::function_call_output("call", &output)).expect("output is JSON");
+    assert_eq!(v["item"]["output"].as_str(), Some(output.as_ref()));
 
     let mut u = Unstructured::new(data);
     let item: String = u.arbitrary().unwrap_or_default();

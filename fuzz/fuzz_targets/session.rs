@@ -221,7 +221,7 @@ impl Harness {
                     }
                     self.agents.push((conn, protocol, false));
                 }
-                Output::Close { .. } | Output::Datagram { .. } | Output::Record(_) => {}
+                Output::Close { .. } | Output::Datagram { .. } | Output::Record(_) | Output::CallTool(_) => {}
             }
         }
     }

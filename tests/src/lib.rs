@@ -26,6 +26,7 @@ use tungstenite::Message;
 pub mod browser;
 pub mod ptime;
 pub mod telephony;
+pub mod tools_server;
 pub mod twilio_rest;
 pub mod webrtc;
 

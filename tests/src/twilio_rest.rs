@@ -445,7 +445,7 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Reads one HTTP/1.1 request with a `Content-Length` body (or none).
-fn read_request(stream: &mut impl Read, tls: bool) -> Option<RestRequest> {
+pub(crate) fn read_request(stream: &mut impl Read, tls: bool) -> Option<RestRequest> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use relay_engine::core::command::{CallRecord, Command, CommandError, Direction, RecordUpdate, Reply};
 use relay_engine::id::SessionId;
+use relay_engine::proto::tools;
 use relay_engine::shell::{CoreHandle, FetchRequest, Request};
 use serde_json::{json, Value};
 
@@ -26,8 +27,10 @@ const TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `prompt` or `first_message`, bytes.
 const MAX_TEXT_BYTES: usize = 4096;
 
-/// `POST /outbound-call {"user_id","number","prompt","first_message"}`: dials `number` through
-/// Twilio, with the relay's `/twilio/voice` as the call's webhook.
+/// `POST /outbound-call {"user_id","number","prompt","first_message","tools"}`: dials `number`
+/// through Twilio, with the relay's `/twilio/voice` as the call's webhook. `tools` (declarations
+/// as for `--agent-tools`) stay in the call's record on its owner core, which puts them in the
+/// session of the call's Realtime agent instead of the relay's tools.
 ///
 /// # Errors
 /// 400 for missing or invalid fields, 429 past 5 initiations a minute per user, 503 without Twilio
@@ -52,6 +55,10 @@ pub async fn outbound_call(
     let first_message = optional_text(&body, "first_message")?;
     let project_id = optional_label(&body, "projectId")?;
     let intent = optional_label(&body, "intent")?;
+    let tools = match body.field("tools") {
+        None => None,
+        Some(v) => Some(tools::parse_tools(v).map_err(|e| ApiError::bad_request(e.to_string()))?.into()),
+    };
     let account = twilio_account(config)?;
     let initiated = match users.try_initiate(user_id, Instant::now()) {
         Ok(at) => at,
@@ -100,6 +107,7 @@ pub async fn outbound_call(
         project_id,
         intent,
         direction: Some(Direction::Outbound),
+        tools,
         ..RecordUpdate::default()
     };
     record(core, &call_sid, update).await?;

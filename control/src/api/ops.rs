@@ -45,6 +45,7 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
                     "connections": s.connections, "droppedFrames": s.dropped_frames(),
                     "protocolErrors": s.protocol_errors, "pacerDrops": s.pacer_drops,
                     "agentErrors": s.agent_errors,
+                    "toolCalls": { "calls": s.tools.calls, "failed": s.tools.failed, "refused": s.tools.refused },
                     "webrtc": { "peers": s.rtc.peers, "lost": s.rtc.lost, "concealed": s.rtc.concealed,
                                 "fecRecovered": s.rtc.fec_recovered, "late": s.rtc.late,
                                 "decodeErrors": s.rtc.decode_errors },

@@ -127,6 +127,9 @@ pub struct StoredCall {
     pub first_message: Option<String>,
     /// When the relay first heard of the call, ms since the epoch.
     pub created_ms: u64,
+    /// Function calls the call's agent made (absent in records written before they were counted).
+    #[serde(default)]
+    pub function_calls: u64,
 }
 
 impl StoredCall {
@@ -155,6 +158,7 @@ impl StoredCall {
             prompt: r.prompt.clone(),
             first_message: r.first_message.clone(),
             created_ms: r.created_ms,
+            function_calls: r.function_calls,
         };
         if let Some(old) = older.filter(|old| old.created_ms < call.created_ms) {
             // A re-created record: it knows only what happened since; the rest comes from before.
@@ -180,6 +184,8 @@ impl StoredCall {
                     new.clone_from(old);
                 }
             }
+            // The re-created record counts from zero again; the larger count loses least.
+            call.function_calls = call.function_calls.max(old.function_calls);
             call.start_ms = old.start_ms.or(call.start_ms);
             call.end_ms = call.end_ms.or(old.end_ms);
             call.duration_secs = call.duration_secs.or(old.duration_secs);
@@ -192,7 +198,12 @@ impl StoredCall {
 
     /// What aggregates need of the call.
     pub fn summary(&self) -> Summary {
-        Summary { status: self.status.clone(), duration_secs: self.duration_secs, intent: self.intent.clone() }
+        Summary {
+            status: self.status.clone(),
+            duration_secs: self.duration_secs,
+            intent: self.intent.clone(),
+            function_calls: self.function_calls,
+        }
     }
 }
 
@@ -206,6 +217,9 @@ pub struct Summary {
     pub duration_secs: Option<u64>,
     /// What the call was about, when known.
     pub intent: Option<String>,
+    /// Function calls the call's agent made (absent in summaries written before they were counted).
+    #[serde(default)]
+    pub function_calls: u64,
 }
 
 /// Counters of the store, readable from any thread.
@@ -652,5 +666,16 @@ mod tests {
         assert_eq!(merged.duration_secs, Some(7), "Twilio's duration wins");
         assert_eq!(merged.transcript, "user: hi\n");
         assert_eq!(merged.from.as_deref(), Some("+1"));
+    }
+
+    /// Records and summaries written before function calls were counted read back with 0.
+    #[test]
+    fn old_records_read_without_function_calls() {
+        let old =
+            r#"{"id":"CA1","projectId":"p","direction":"inbound","status":"completed","transcript":"","createdMs":1}"#;
+        let call: StoredCall = serde_json::from_str(old).expect("an old record");
+        assert_eq!(call.function_calls, 0);
+        let summary: Summary = serde_json::from_str(r#"{"status":"completed"}"#).expect("an old summary");
+        assert_eq!(summary.function_calls, 0);
     }
 }

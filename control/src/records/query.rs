@@ -56,6 +56,8 @@ pub struct Totals {
     pub timed: u64,
     /// Calls by intent (`unknown` when none is known).
     pub by_intent: BTreeMap<String, u64>,
+    /// Function calls the calls' agents made.
+    pub function_calls: u64,
 }
 
 impl Totals {
@@ -74,6 +76,7 @@ impl Totals {
                 t.duration_secs += d;
                 t.timed += 1;
             }
+            t.function_calls += call.function_calls;
             *t.by_intent.entry(call.intent.clone().unwrap_or_else(|| "unknown".to_owned())).or_default() += 1;
         }
         t
@@ -108,8 +111,8 @@ pub fn overview(project_id: &str, project_name: &str, from_ms: u64, to_ms: u64, 
         "failedCalls": t.failed,
         "averageDuration": t.average_secs(),
         "totalDuration": t.duration_secs,
-        // The relay sees no agent function calls; 0 until an agent protocol reports them.
-        "totalFunctionCalls": 0,
+        // Counted by the owner core as Realtime agents call tools.
+        "totalFunctionCalls": t.function_calls,
         "errorRate": t.error_rate(),
         "callsByStatus": {
             "completed": t.completed,
@@ -172,20 +175,21 @@ mod tests {
     use super::*;
 
     fn s(status: &str, duration: Option<u64>, intent: Option<&str>) -> Summary {
-        Summary { status: status.into(), duration_secs: duration, intent: intent.map(Into::into) }
+        Summary { status: status.into(), duration_secs: duration, intent: intent.map(Into::into), function_calls: 0 }
     }
 
-    /// Every status lands in one bucket; averages, totals and the error rate follow seed 003.
+    /// Every status lands in one bucket; averages, totals and the error rate follow seed 003;
+    /// `totalFunctionCalls` sums the calls' counts.
     #[test]
     fn overview_counts() {
         let day = time::DAY_MS;
         let calls = vec![
-            (day, s("completed", Some(100), Some("emergency"))),
+            (day, Summary { function_calls: 3, ..s("completed", Some(100), Some("emergency")) }),
             (day + 1, s("completed", Some(201), None)),
             (2 * day, s("no-answer", None, Some("routine"))),
             (2 * day, s("busy", None, None)),
             (2 * day, s("canceled", None, None)),
-            (3 * day, s("failed", Some(0), None)),
+            (3 * day, Summary { function_calls: 1, ..s("failed", Some(0), None) }),
             (3 * day, s("in-progress", None, Some("emergency"))),
             (3 * day, s("queued", None, None)),
         ];
@@ -196,7 +200,7 @@ mod tests {
                 "projectId": "p", "projectName": "Plumbing",
                 "dateRange": { "start": "1970-01-01T00:00:00Z", "end": "1970-01-04T23:59:59.999Z" },
                 "totalCalls": 8, "completedCalls": 2, "missedCalls": 3, "failedCalls": 1,
-                "averageDuration": 100, "totalDuration": 301, "totalFunctionCalls": 0, "errorRate": 12.5,
+                "averageDuration": 100, "totalDuration": 301, "totalFunctionCalls": 4, "errorRate": 12.5,
                 "callsByStatus": { "completed": 2, "missed": 3, "failed": 1, "active": 2 },
                 "callsByIntent": { "emergency": 2, "routine": 1, "unknown": 5 },
             })

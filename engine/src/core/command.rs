@@ -173,6 +173,9 @@ pub struct RecordUpdate {
     pub intent: Option<String>,
     /// Which way the call was placed; records are inbound unless an update says otherwise.
     pub direction: Option<Direction>,
+    /// Tools a Realtime agent of this call declares instead of the relay's (`/outbound-call`'s
+    /// `tools`, validated and bounded by the control plane).
+    pub tools: Option<std::sync::Arc<[crate::proto::tools::Tool]>>,
 }
 
 /// Which way a call was placed.
@@ -229,6 +232,11 @@ pub struct CallRecord {
     pub intent: Option<String>,
     /// Which way the call was placed.
     pub direction: Direction,
+    /// Function calls the call's agent made (each call id once, refused ones included).
+    pub function_calls: u64,
+    /// The call's own tools, for its Realtime agent (kept on the owner core only: a list may be
+    /// 64 KiB, too large for TwiML stream parameters, and only the owner core dials the agent).
+    pub tools: Option<std::sync::Arc<[crate::proto::tools::Tool]>>,
 }
 
 /// A call record as it is now, emitted by the owner core whenever it changes

@@ -8,6 +8,7 @@ pub mod command;
 mod llm;
 mod realtime_agent;
 mod rtc;
+mod tools;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -28,6 +29,7 @@ use crate::session::media::{CodecTimer, Timing};
 use crate::session::{Agent, Caller, Pending, Session, AGENT_BACKLOG};
 use crate::time::Now;
 use command::{Command, CommandError, Reply};
+pub use tools::{ToolCall, ToolResult, ToolStats};
 
 /// Connection ids the core hands out itself (agent legs it dials) have this bit set, so they never
 /// collide with the shell's ids for accepted connections.
@@ -119,6 +121,9 @@ pub enum Output {
     /// A call record changed: hand the whole record to the record store (boxed: records are
     /// large next to the other outputs, and travel on by pointer).
     Record(Box<command::RecordChange>),
+    /// POST a Realtime agent's function call to the tools server, then report what became of it
+    /// with [`CoreState::handle_tool_result`] (boxed: a call carries its body).
+    CallTool(Box<ToolCall>),
 }
 
 /// Counts a core exposes to health checks and metrics.
@@ -151,6 +156,8 @@ pub struct Stats {
     pub dropped: PerLeg,
     /// Such messages for a socket no longer attached to a call (its kind unknown).
     pub dropped_unattached: u64,
+    /// Realtime agents' function calls.
+    pub tools: ToolStats,
 }
 
 /// What kind of leg a socket or peer is to its call: the `leg` label of the per-leg metrics.
@@ -295,6 +302,10 @@ pub struct CoreState {
     begin_sentence: String,
     /// Times codec calls for metrics ([`CoreState::with_codec_timer`]); none: nothing is timed.
     codec_timer: Option<Box<dyn CodecTimer + Send>>,
+    /// Realtime agents' tools and their webhook ([`CoreState::with_tools`]).
+    tools: crate::config::ToolSettings,
+    /// Each Realtime leg's declared tools and calls, by session; removed when the session ends.
+    tool_calls: HashMap<SessionId, tools::SessionTools>,
 }
 
 /// What a connection is to its session.
@@ -348,6 +359,8 @@ impl CoreState {
             llm_up: HashMap::new(),
             begin_sentence: DEFAULT_BEGIN_SENTENCE.to_owned(),
             codec_timer: None,
+            tools: crate::config::ToolSettings::default(),
+            tool_calls: HashMap::new(),
         }
     }
 
@@ -1149,6 +1162,7 @@ impl CoreState {
         self.broadcast(now, id, event, data);
         let mut slot = self.slots.remove(id).expect("found above");
         let mut session = slot.session.take().expect("found above");
+        self.tool_calls.remove(id);
         self.stats.active_sessions -= 1;
         if session.greeting().is_some() {
             if let Some(r) = self.records.get_mut(id) {
@@ -1241,8 +1255,10 @@ impl CoreState {
             project_id,
             intent,
             direction,
+            tools,
             ..
         } = update;
+        r.tools = tools.or_else(|| r.tools.take());
         r.project_id = project_id.or_else(|| r.project_id.take());
         r.intent = intent.or_else(|| r.intent.take());
         r.direction = direction.unwrap_or(r.direction);

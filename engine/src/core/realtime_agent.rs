@@ -30,12 +30,14 @@ impl CoreState {
     /// asked to speak the call's first message, then hears what the caller said meanwhile.
     pub(super) fn realtime_open(&mut self, now: Now, id: &SessionId, conn: ConnectionId, backlog: VecDeque<Pending>) {
         let (instructions, first_message) = self.realtime_briefing(id);
+        // The call's own tools (from `/outbound-call`), else the operator's (`--agent-tools`).
+        let tools = self.realtime_tools(id, conn);
         let Some(agent) = self.agents.realtime.as_ref() else { return };
         let config = SessionConfig {
             shape: agent.shape,
             instructions: instructions.as_deref(),
             voice: agent.voice.as_deref(),
-            tools: &[],
+            tools: &tools,
         };
         let update = realtime::session_update(&config);
         self.send(conn, update);
@@ -96,6 +98,9 @@ impl CoreState {
             }
             ServerEvent::AgentTranscript(text) => {
                 let _ = self.transcript(now, id, Transcript { speaker: Speaker::Agent, text });
+            }
+            ServerEvent::FunctionCall { call_id, name, arguments } => {
+                self.realtime_function_call(now, id, conn, call_id, name, &arguments);
             }
             ServerEvent::Error(error) => self.realtime_error(now, id, conn, &error),
             ServerEvent::Other => {}

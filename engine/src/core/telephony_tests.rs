@@ -968,3 +968,76 @@ fn realtime_close_is_not_a_hangup() {
     assert_eq!(c.core.stats().active_sessions, 1);
     assert!(events(&c.sent_to(EVENTS)).iter().all(|e| e != "call_ended"));
 }
+
+/// A Realtime leg with tools: a call of a declared tool becomes one `CallTool` (a repeated event
+/// does not start it again), its answer goes back as the output then `response.create` and sets
+/// the record's intent; an undeclared tool is answered with an error at once; all are counted.
+#[test]
+fn realtime_function_calls_run_once_and_answer_the_model() {
+    let mut c = Call::with_realtime();
+    let tool = crate::proto::tools::Tool {
+        name: "book".into(),
+        description: "Books".into(),
+        parameters: serde_json::json!({"type": "object"}),
+    };
+    let settings = crate::config::ToolSettings {
+        declared: std::sync::Arc::from(vec![tool]),
+        url: Some("http://127.0.0.1:9/tools".into()),
+        ..Default::default()
+    };
+    c.core =
+        std::mem::replace(&mut c.core, CoreState::new(Limits::default(), AgentPolicy::default())).with_tools(settings);
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let agent = c.agent.expect("dialled");
+    assert!(c.core.handle_agent_open(c.now(), agent));
+    c.drain();
+    let update = c.sent_to(agent).into_iter().find(|v| v["type"] == "session.update").expect("session.update");
+    assert_eq!(update["session"]["tools"][0]["name"], "book");
+    assert_eq!(update["session"]["tool_choice"], "auto");
+
+    let call =
+        r#"{"type":"response.function_call_arguments.done","call_id":"c1","name":"book","arguments":"{\"n\":2}"}"#;
+    c.bot(&Utf8Bytes::from_static(call));
+    c.bot(&Utf8Bytes::from_static(call));
+    let calls: Vec<ToolCall> = c
+        .log
+        .iter()
+        .filter_map(|o| match o {
+            Output::CallTool(t) => Some((**t).clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls.len(), 1, "one call per call_id");
+    let body: Value = serde_json::from_slice(&calls[0].body).expect("json");
+    assert_eq!(body, serde_json::json!({"callSid": "CA1", "callId": "c1", "name": "book", "arguments": {"n": 2}}));
+    assert!(!c.sent_to(agent).iter().any(|v| v["type"] == "conversation.item.create"), "nothing before the answer");
+
+    let answer = crate::proto::tools::Answer { output: "booked".into(), intent: Some("booking".into()) };
+    let result = ToolResult { session: id.clone(), conn: agent, call_id: "c1".into(), outcome: Ok(answer) };
+    c.core.handle_tool_result(c.now(), result);
+    c.drain();
+    let sent = c.sent_to(agent);
+    let n = sent.len();
+    assert_eq!(
+        sent[n - 2]["item"],
+        serde_json::json!({"type": "function_call_output", "call_id": "c1", "output": "booked"})
+    );
+    assert_eq!(sent[n - 1]["type"], "response.create");
+
+    c.bot(&Utf8Bytes::from_static(
+        r#"{"type":"response.function_call_arguments.done","call_id":"c2","name":"rm_rf","arguments":"{}"}"#,
+    ));
+    let sent = c.sent_to(agent);
+    let n = sent.len();
+    assert_eq!(sent[n - 2]["item"]["call_id"], "c2");
+    assert!(sent[n - 2]["item"]["output"].as_str().is_some_and(|o| o.contains("unknown tool")));
+    assert_eq!(c.log.iter().filter(|o| matches!(o, Output::CallTool(_))).count(), 1, "never POSTed");
+    let record = match c.core.handle_command(c.now(), &id, Command::ReadRecord) {
+        Ok(Reply::Record(r)) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((record.function_calls, record.intent.as_deref()), (2, Some("booking")));
+    assert_eq!(c.core.stats().tools, ToolStats { calls: 2, failed: 0, refused: 1 });
+}

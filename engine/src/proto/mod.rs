@@ -9,6 +9,7 @@ pub mod http;
 pub mod http_client;
 pub mod realtime;
 pub mod retell;
+pub mod tools;
 pub mod twilio;
 pub mod ws;
 

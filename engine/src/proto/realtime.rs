@@ -100,6 +100,21 @@ pub fn greeting(first_message: &str) -> Utf8Bytes {
     Utf8Bytes::from(json!({ "type": "response.create", "response": { "instructions": instructions } }).to_string())
 }
 
+/// A function call's result for the model: a `function_call_output` item in the conversation.
+/// [`response_create`] must follow for the model to answer with it.
+pub fn function_call_output(call_id: &str, output: &str) -> Utf8Bytes {
+    let v = json!({
+        "type": "conversation.item.create",
+        "item": { "type": "function_call_output", "call_id": call_id, "output": output },
+    });
+    Utf8Bytes::from(v.to_string())
+}
+
+/// Asks the model for a response (after a function call's output).
+pub fn response_create() -> Utf8Bytes {
+    Utf8Bytes::from_static(r#"{"type":"response.create"}"#)
+}
+
 /// Caller audio: base64 μ-law, appended to the input buffer.
 pub fn append(payload: &[u8]) -> Utf8Bytes {
     let mut s = String::with_capacity(payload.len() + 48);
@@ -135,6 +150,18 @@ pub enum ServerEvent {
     CallerTranscript(String),
     /// `response.audio_transcript.done`: what the assistant said.
     AgentTranscript(String),
+    /// The model finished a call of function `name`: `response.function_call_arguments.done`
+    /// (GA; the beta's lacks `name` and is ignored) or `response.output_item.done` with a
+    /// completed `function_call` item (both shapes). GA servers send both for one call: the core
+    /// runs each `call_id` once. (`response.done` repeats them too and is not read.)
+    FunctionCall {
+        /// The call's id, for its `function_call_output`.
+        call_id: String,
+        /// The function.
+        name: String,
+        /// Its arguments, as the model wrote them: JSON text.
+        arguments: String,
+    },
     /// `error`: something the server refused or failed at.
     Error(ServerError),
     /// Anything else (session.created, rate limits, partial transcripts, …).
@@ -211,6 +238,12 @@ pub fn parse(text: &str) -> Result<ServerEvent, ParseError> {
         "response.audio_transcript.done" | "response.output_audio_transcript.done" => {
             ServerEvent::AgentTranscript(string("transcript", "response.audio_transcript.done")?)
         }
+        "response.function_call_arguments.done" if v.get("name").is_some() => ServerEvent::FunctionCall {
+            call_id: string("call_id", "response.function_call_arguments.done")?,
+            name: string("name", "response.function_call_arguments.done")?,
+            arguments: string("arguments", "response.function_call_arguments.done")?,
+        },
+        "response.output_item.done" => function_call_item(v.get("item")).unwrap_or(ServerEvent::Other),
         "error" => {
             // Fields are bounded: the text reaches logs and every `/ws` listener.
             let field = |name: &str, limit: usize| {
@@ -230,6 +263,17 @@ pub fn parse(text: &str) -> Result<ServerEvent, ParseError> {
         }
         _ => ServerEvent::Other,
     })
+}
+
+/// A finished `function_call` item (`response.output_item.done`) as a call; `None` for other
+/// items and for calls an interrupted response left incomplete.
+fn function_call_item(item: Option<&Value>) -> Option<ServerEvent> {
+    let item = item?;
+    if item.get("type")? != "function_call" || item.get("status").is_some_and(|s| s != "completed") {
+        return None;
+    }
+    let field = |name: &str| item.get(name).and_then(Value::as_str).map(str::to_owned);
+    Some(ServerEvent::FunctionCall { call_id: field("call_id")?, name: field("name")?, arguments: field("arguments")? })
 }
 
 /// The name of the pacer mark placed after each audio delta: the item and how far into it (ms) the
@@ -266,6 +310,63 @@ mod tests {
         assert_eq!(v["audio_end_ms"], 480);
         assert_eq!(parse_mark(&mark_name("item_1", 480)), Some(("item_1", 480)));
         assert_eq!(parse_mark("user-mark"), None);
+    }
+
+    /// Tools go into the session with `tool_choice: auto`; a call's output is an item, then a
+    /// response is asked for.
+    #[test]
+    fn tool_builders() {
+        let tool = json!({"type": "function", "name": "f", "description": "", "parameters": {}});
+        let config = SessionConfig { tools: std::slice::from_ref(&tool), ..SessionConfig::default() };
+        let v: Value = serde_json::from_str(&session_update(&config)).expect("json");
+        assert_eq!(v["session"]["tools"], json!([tool]));
+        assert_eq!(v["session"]["tool_choice"], "auto");
+        let v: Value = serde_json::from_str(&function_call_output("call_1", "{\"ok\":true}")).expect("json");
+        assert_eq!(
+            v,
+            json!({"type": "conversation.item.create",
+                   "item": {"type": "function_call_output", "call_id": "call_1", "output": "{\"ok\":true}"}})
+        );
+        let v: Value = serde_json::from_str(&response_create()).expect("json");
+        assert_eq!(v, json!({"type": "response.create"}));
+    }
+
+    /// A finished function call is read from `response.function_call_arguments.done`; one
+    /// without its fields is an error.
+    #[test]
+    fn function_call_event() {
+        let done = r#"{"type":"response.function_call_arguments.done","response_id":"r","item_id":"i",
+                       "output_index":0,"call_id":"call_1","name":"book","arguments":"{\"n\":2}"}"#;
+        assert_eq!(
+            parse(done),
+            Ok(ServerEvent::FunctionCall {
+                call_id: "call_1".into(),
+                name: "book".into(),
+                arguments: r#"{"n":2}"#.into()
+            })
+        );
+        // The beta's event has no name: the item that follows carries the call.
+        assert_eq!(
+            parse(r#"{"type":"response.function_call_arguments.done","call_id":"c","arguments":"{}"}"#),
+            Ok(ServerEvent::Other)
+        );
+        assert_eq!(
+            parse(r#"{"type":"response.function_call_arguments.done","call_id":"c","name":"f"}"#),
+            Err(ParseError::Missing("response.function_call_arguments.done", "arguments"))
+        );
+        let item = |status: &str| {
+            format!(
+                r#"{{"type":"response.output_item.done","response_id":"r","output_index":0,"item":{{"id":"i",
+                   "type":"function_call","status":"{status}","call_id":"c","name":"f","arguments":"{{}}"}}}}"#
+            )
+        };
+        assert_eq!(
+            parse(&item("completed")),
+            Ok(ServerEvent::FunctionCall { call_id: "c".into(), name: "f".into(), arguments: "{}".into() })
+        );
+        assert_eq!(parse(&item("incomplete")), Ok(ServerEvent::Other), "an interrupted call is not run");
+        let message = r#"{"type":"response.output_item.done","item":{"type":"message","status":"completed"}}"#;
+        assert_eq!(parse(message), Ok(ServerEvent::Other));
     }
 
     /// Server events are recognised under both namings (GA and beta); others pass; malformed ones

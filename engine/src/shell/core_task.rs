@@ -44,6 +44,8 @@ pub(crate) struct CoreSetup {
     pub(crate) records: Option<crate::config::RecordSink>,
     /// The built-in Retell responder's first words.
     pub(crate) begin_sentence: String,
+    /// Realtime agents' tools and their webhook.
+    pub(crate) tools: crate::config::ToolSettings,
     pub(crate) mesh: MeshBuilder<CoreMessage, Full>,
     pub(crate) replies: MeshBuilder<ReplyMessage, Full>,
     pub(crate) global: Arc<Global>,
@@ -187,6 +189,11 @@ impl CoreHandle {
                     agent_backlog: g.media[i].agent_backlog.load(Ordering::Relaxed),
                     playout_packets: g.media[i].playout_packets.load(Ordering::Relaxed),
                 },
+                tools: crate::core::ToolStats {
+                    calls: g.tools[i][0].load(Ordering::Relaxed),
+                    failed: g.tools[i][1].load(Ordering::Relaxed),
+                    refused: g.tools[i][2].load(Ordering::Relaxed),
+                },
                 mesh_pending: g.media[i].mesh_pending.load(Ordering::Relaxed),
                 outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
             })
@@ -253,6 +260,10 @@ impl CoreShared {
         self.global.agent_errors[self.id.0].store(stats.agent_errors, Ordering::Relaxed);
         self.global.pacer_drops[self.id.0].store(stats.pacer_drops, Ordering::Relaxed);
         self.global.rtc[self.id.0].store(&stats.rtc);
+        let tools = &self.global.tools[self.id.0];
+        tools[0].store(stats.tools.calls, Ordering::Relaxed);
+        tools[1].store(stats.tools.failed, Ordering::Relaxed);
+        tools[2].store(stats.tools.refused, Ordering::Relaxed);
         self.global.media[self.id.0].store_counts(&stats, self.udp_send_errors.get());
         result
     }
@@ -378,6 +389,11 @@ impl CoreShared {
                     sink.send(change);
                 }
             }
+            Output::CallTool(call) => {
+                if let Some(this) = self.this.borrow().upgrade() {
+                    glommio::spawn_local(super::tools::tool_task(this, *call)).detach();
+                }
+            }
         }
         None
     }
@@ -428,7 +444,9 @@ pub(crate) async fn run_core<S: ControlService>(
     }
     // SAFETY: the main thread bound this listening socket and gave up ownership with the OwnedFd.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
-    let mut state = CoreState::new(setup.limits.clone(), setup.agents).with_begin_sentence(setup.begin_sentence);
+    let mut state = CoreState::new(setup.limits.clone(), setup.agents)
+        .with_begin_sentence(setup.begin_sentence)
+        .with_tools(setup.tools);
     let mut udp = None;
     if let Some(rtc) = setup.rtc {
         let endpoint = crate::rtc::Endpoint::new(rtc.cert, rtc.candidate, setup.limits.rtc_peers_per_core);

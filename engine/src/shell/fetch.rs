@@ -54,13 +54,26 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// # Errors
 /// [`FetchError`] for a bad URL, an unreachable host, a TLS failure, a timeout or a bad response.
 pub(crate) async fn fetch(request: FetchRequest, timeout: Duration) -> Result<Response, FetchError> {
-    match glommio::timer::timeout(timeout, async { Ok(exchange(request).await) }).await {
+    fetch_bounded(request, timeout, http_client::MAX_BODY_BYTES).await
+}
+
+/// As [`fetch`], refusing a response whose body exceeds `max_body_bytes` as soon as more than
+/// that (plus a head) has arrived, rather than reading up to the parser's own bound.
+///
+/// # Errors
+/// As [`fetch`]; [`ResponseError::TooLarge`] past the bound.
+pub(crate) async fn fetch_bounded(
+    request: FetchRequest,
+    timeout: Duration,
+    max_body_bytes: usize,
+) -> Result<Response, FetchError> {
+    match glommio::timer::timeout(timeout, async { Ok(exchange(request, max_body_bytes).await) }).await {
         Ok(result) => result,
         Err(_) => Err(FetchError::Timeout),
     }
 }
 
-async fn exchange(request: FetchRequest) -> Result<Response, FetchError> {
+async fn exchange(request: FetchRequest, max_body_bytes: usize) -> Result<Response, FetchError> {
     let uri: http::Uri = request.url.parse().map_err(|_| FetchError::Url)?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
@@ -92,7 +105,14 @@ async fn exchange(request: FetchRequest) -> Result<Response, FetchError> {
         let n = stream.read(&mut chunk).await.map_err(io)?;
         buf.extend_from_slice(&chunk[..n]);
         if let Some(response) = parse_response(&buf, n == 0)? {
+            if response.body.len() > max_body_bytes {
+                return Err(ResponseError::TooLarge.into());
+            }
             return Ok(response);
+        }
+        // Chunk framing of a body at its bound fits in what the parser allows a head.
+        if buf.len() > max_body_bytes + 2 * http_client::MAX_HEAD_BYTES {
+            return Err(ResponseError::TooLarge.into());
         }
         if n == 0 {
             return Err(ResponseError::Truncated.into());

@@ -13,6 +13,7 @@ mod mesh;
 mod rtc;
 mod tcp;
 mod tls;
+mod tools;
 mod ws;
 
 use std::future::Future;
@@ -179,6 +180,8 @@ pub(crate) struct Global {
     rtc: Vec<RtcGauges>,
     /// Frames by leg kind, shell error counts and queue depths, per core.
     media: Vec<MediaGauges>,
+    /// Realtime agents' function calls, per core: made, failed, refused.
+    tools: Vec<[AtomicU64; 3]>,
     started: Instant,
 }
 
@@ -300,6 +303,8 @@ pub struct CoreStats {
     pub udp_send_errors: u64,
     /// What waited in the core's queues at its last sweep (every 250 ms).
     pub queues: QueueDepths,
+    /// Realtime agents' function calls: made, failed (error output), refused (undeclared tool).
+    pub tools: crate::core::ToolStats,
     /// Requests this core sent to other cores and awaited replies for, at its last sweep.
     pub mesh_pending: u64,
     /// Frames waiting in the core's socket send queues (sockets slower than their audio), at its
@@ -453,6 +458,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
         pacer_drops: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         rtc: (0..config.cores).map(|_| RtcGauges::default()).collect(),
         media: (0..config.cores).map(|_| MediaGauges::default()).collect(),
+        tools: (0..config.cores).map(|_| Default::default()).collect(),
         started: clock::now().instant,
     });
     let mesh = glommio::channels::channel_mesh::MeshBuilder::full(config.cores, config.limits.mesh_capacity);
@@ -472,6 +478,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             rtc: rtc_cores[index].take(),
             tls: tls.clone(),
             begin_sentence: config.begin_sentence.clone(),
+            tools: config.tools.clone(),
             records: config.records.clone(),
             mesh: mesh.clone(),
             replies: replies.clone(),
