@@ -847,10 +847,12 @@ fn realtime_audio_is_followed_by_caller_marks() {
     let mut marks = Vec::new();
     for v in &sent {
         match v["event"].as_str() {
-            Some("media") => bytes += base64::engine::general_purpose::STANDARD
-                .decode(v["media"]["payload"].as_str().expect("payload"))
-                .expect("base64")
-                .len(),
+            Some("media") => {
+                bytes += base64::engine::general_purpose::STANDARD
+                    .decode(v["media"]["payload"].as_str().expect("payload"))
+                    .expect("base64")
+                    .len()
+            }
             Some("mark") => marks.push((bytes, v["mark"]["name"].as_str().expect("name").to_owned())),
             _ => {}
         }

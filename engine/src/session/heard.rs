@@ -103,7 +103,8 @@ impl Heard {
             return Echo::Unknown;
         }
         // Twilio echoes in order: the marks sent before this one have played too.
-        let sent = self.in_flight.drain(..=index).last().expect("index is in range");
+        self.in_flight.drain(..index);
+        let sent = self.in_flight.pop_front().expect("the echoed mark was at `index`");
         self.echoes = true;
         self.echoed = Some((sent.item_id, sent.end_ms));
         Echo::Played
