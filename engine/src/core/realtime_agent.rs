@@ -1,6 +1,7 @@
 //! An OpenAI-Realtime agent leg on the core: its audio deltas paced to the caller with a mark after
-//! each (so the core knows how much of each item was heard), barge-in on the server's
-//! `speech_started` (clear toward the caller, truncate the item to what was heard), transcripts to
+//! each (a pacer mark for the playout model, and for a Twilio caller a `mark` whose echo says what
+//! it really heard, see `session::heard`), barge-in on the server's `speech_started` (clear toward
+//! the caller, truncate the item to what was heard), the caller's mark echoes, transcripts to
 //! frontends, `/ws` and the call record.
 //!
 //! Invariant: sans-IO like the rest of the core.
