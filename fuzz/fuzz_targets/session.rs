@@ -112,6 +112,9 @@ enum CallerFrame {
     },
     Dtmf(u8),
     Mark(String),
+    /// The echo of a mark the relay sent to a caller (picked among the last ones sent), as Twilio
+    /// echoes it once played or flushed by a `clear`.
+    EchoMark(u8),
     Stop,
     Clear,
     /// A valid frame (`base` picks which) with one byte replaced.
@@ -190,6 +193,8 @@ struct Harness {
     starts: usize,
     /// Stream sid of the last `start` a caller sent (media frames echo it).
     stream_sid: String,
+    /// Names of the last marks the core sent to callers (for their echoes), at most 64.
+    sent_marks: Vec<String>,
 }
 
 impl Harness {
@@ -211,6 +216,15 @@ impl Harness {
                 Output::Send { conn, text } => {
                     if self.json.contains(&conn) {
                         assert!(serde_json::from_str::<Value>(&text).is_ok(), "not JSON to {conn:?}: {text:?}");
+                    }
+                    if self.callers.iter().any(|(c, _)| *c == conn) {
+                        let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                        if let (Some("mark"), Some(name)) = (v["event"].as_str(), v["mark"]["name"].as_str()) {
+                            if self.sent_marks.len() == 64 {
+                                self.sent_marks.remove(0);
+                            }
+                            self.sent_marks.push(name.to_owned());
+                        }
                     }
                 }
                 Output::ConnectAgent { conn, protocol, .. } => {
@@ -404,6 +418,10 @@ impl Harness {
                 twilio::dtmf_msg(3, &stream, char::from(b"0123456789*#ABCDwx"[usize::from(d) % 18])).to_string()
             }
             CallerFrame::Mark(name) => twilio::mark_echo_msg(4, &stream, &name).to_string(),
+            CallerFrame::EchoMark(n) => {
+                let name = pick(&self.sent_marks, n).cloned().unwrap_or_default();
+                twilio::mark_echo_msg(4, &stream, &name).to_string()
+            }
             CallerFrame::Stop => twilio::stop_msg(5, &stream, "AC1", id.as_str()).to_string(),
             CallerFrame::Clear => twilio::clear_out(&stream).to_string(),
             CallerFrame::Mutated { base, at, byte } => mutate(caller_template(base, &stream, id), at, byte),
@@ -600,6 +618,7 @@ fuzz_target!(|input: Input| {
         json: HashSet::new(),
         starts: 0,
         stream_sid: "MZ1".into(),
+        sent_marks: Vec::new(),
     };
     for step in input.steps.into_iter().take(MAX_STEPS) {
         h.step(step);

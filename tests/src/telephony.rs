@@ -561,6 +561,22 @@ impl TwilioCaller {
         }));
     }
 
+    /// Echoes the mark `name` as Twilio does when its playback reaches it (or when a `clear`
+    /// flushes it): `{"event":"mark","sequenceNumber","streamSid","mark":{"name"}}`. Twilio
+    /// echoes on its own; a test chooses which marks were heard, and when.
+    pub fn echo_mark(&self, name: &str) {
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
+        self.peer.send_json(&json!({
+            "event": "mark", "sequenceNumber": seq.to_string(), "streamSid": self.stream_sid,
+            "mark": { "name": name }
+        }));
+    }
+
+    /// The names of the marks the relay sent to this caller so far, in order.
+    pub fn marks(&self) -> Vec<String> {
+        marks_of(&self.peer.received()).into_iter().map(|(_, name)| name).collect()
+    }
+
     /// Sends `stop` (Twilio's hang-up).
     pub fn stop(&self) {
         let seq = self.sequence.fetch_add(1, Ordering::Relaxed);

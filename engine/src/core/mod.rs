@@ -615,8 +615,9 @@ impl CoreState {
                 self.route_caller_audio(now, &id, &media);
             }
             (Role::Caller, twilio::Message::Dtmf(dtmf)) => self.route_dtmf(now, &id, dtmf.digit),
+            (Role::Caller, twilio::Message::Mark(mark)) => self.caller_mark(&id, &mark.name),
             (Role::Caller, twilio::Message::Stop(_)) => self.end(now, &id, "caller_hangup", 1000, "call ended"),
-            // Marks we never sent, a second start, media before start, clear from the wrong side:
+            // A second start, media before start, clear from the wrong side:
             // out of order for this protocol; ignored and counted.
             _ => self.stats.protocol_errors += 1,
         }
@@ -732,6 +733,10 @@ impl CoreState {
         session.armed = None;
         // The caller must not keep hearing a dead agent's buffered audio.
         session.caller_owes_clear = false;
+        if was_open && session.caller.is_some() {
+            // Echoes of the marks sent so far are the clear's flush, not playback.
+            session.realtime.heard.handle_clear();
+        }
         if let (true, Some(caller)) = (was_open, &session.caller) {
             let (conn, text) = (caller.conn, twilio::clear_out(&caller.start.stream_sid));
             self.send(conn, text);
@@ -1097,13 +1102,22 @@ impl CoreState {
             };
             let stream_sid = session.stream_sid().unwrap_or_default();
             match output {
-                pacer::Output::Transmit { payload, .. } => agent_audio_out(
-                    &mut self.outputs,
-                    &mut self.stats.frames_out,
-                    caller_conn.map(|conn| (conn, stream_sid)),
-                    &slot.listeners,
-                    &payload,
-                ),
+                pacer::Output::Transmit { payload, .. } => {
+                    agent_audio_out(
+                        &mut self.outputs,
+                        &mut self.stats.frames_out,
+                        caller_conn.map(|conn| (conn, stream_sid)),
+                        &slot.listeners,
+                        &payload,
+                    );
+                    // A Realtime agent's delta fully released: the caller gets its mark after it.
+                    if let Some(caller) = &session.caller {
+                        while let Some(name) = session.realtime.heard.poll_mark(session.pacer.released_samples()) {
+                            let text = twilio::mark_out(&caller.start.stream_sid, &name);
+                            self.outputs.push_back(Output::Send { conn: caller.conn, text });
+                        }
+                    }
+                }
                 pacer::Output::Clear => {
                     if let Some(conn) = caller_conn.filter(|_| clear_caller) {
                         self.outputs.push_back(Output::Send { conn, text: twilio::clear_out(stream_sid) });
@@ -1111,7 +1125,7 @@ impl CoreState {
                 }
                 pacer::Output::MarkPlayed(name) if session.agent_protocol == AgentProtocol::Realtime => {
                     if let Some((item, ms)) = realtime::parse_mark(&name) {
-                        session.realtime.heard = Some((item.to_owned(), ms));
+                        session.realtime.heard.handle_modelled(item, ms);
                     }
                 }
                 pacer::Output::MarkPlayed(name) => {

@@ -1,9 +1,10 @@
 //! An OpenAI-Realtime agent leg on the core: the session configured and briefed when it opens
 //! (the call's instructions, its first message spoken first), its audio deltas paced to the
-//! caller with a mark after each (so the core knows how much of each item was heard), barge-in on
-//! the server's `speech_started` (clear toward the caller, truncate the item to what was heard),
-//! transcripts to frontends, `/ws` and the call record, and its errors reported (a fatal one ends
-//! the agent leg, never the call).
+//! caller with a mark after each (a pacer mark for the playout model, and for a Twilio caller a
+//! `mark` whose echo says what it really heard, see `session::heard`), barge-in on the server's
+//! `speech_started` (clear toward the caller, truncate the item to what was heard), the caller's
+//! mark echoes, transcripts to frontends, `/ws` and the call record, and its errors reported (a
+//! fatal one ends the agent leg, never the call).
 //!
 //! Invariant: sans-IO like the rest of the core; nothing the model sends ends the call.
 
@@ -13,11 +14,12 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::command::{Direction, Speaker, Transcript};
-use super::{bounded, push_split, CoreState};
+use super::{bounded, push_split, AgentProtocol, CoreState};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::events::RetellEvent;
 use crate::proto::realtime::{self, ServerError, ServerEvent, SessionConfig};
 use crate::proto::twilio;
+use crate::session::heard::Echo;
 use crate::session::Pending;
 use crate::time::Now;
 
@@ -149,8 +151,13 @@ impl CoreState {
                 samples as u64
             }
         };
-        let pushed = push_split(&mut session.pacer, now.instant, delta, samples)
-            .and_then(|()| session.pacer.push_mark(now.instant, realtime::mark_name(&item_id, queued / 8)));
+        let end_ms = queued / 8;
+        let pushed = push_split(&mut session.pacer, now.instant, delta, samples);
+        if pushed.is_ok() && session.caller.is_some() {
+            // A Twilio caller gets a mark of its own once this delta's last piece is released.
+            session.realtime.heard.queued(session.pacer.end_samples(), &item_id, end_ms);
+        }
+        let pushed = pushed.and_then(|()| session.pacer.push_mark(now.instant, realtime::mark_name(&item_id, end_ms)));
         if pushed.is_err() {
             self.stats.pacer_drops += 1;
         }
@@ -159,7 +166,9 @@ impl CoreState {
     }
 
     /// The caller started talking over the agent: what has not played is dropped (`clear` toward
-    /// a Twilio caller) and the model is told how much of its item the caller really heard.
+    /// a Twilio caller) and the model is told how much of its item the caller really heard: up
+    /// to the last mark the caller echoed, or, for a caller that has not echoed marks (or a WebRTC
+    /// caller), what the playout model says played.
     fn realtime_barge_in(&mut self, now: Now, id: &SessionId, conn: ConnectionId) {
         // Marks that played by now but that no timer has reported yet count as heard.
         if let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) {
@@ -168,22 +177,40 @@ impl CoreState {
         self.drain_pacer(now, id);
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let item = session.realtime.item.take();
-        let heard = session.realtime.heard.take();
-        let playing = session.pacer.queued_samples() > 0 || session.pacer.in_flight_samples(now.instant) > 0;
+        let heard = &session.realtime.heard;
+        let playing = session.pacer.queued_samples() > 0
+            || session.pacer.in_flight_samples(now.instant) > 0
+            || (heard.trusts_echoes() && heard.unconfirmed());
+        let truncate = item.filter(|_| playing).map(|(item_id, _)| {
+            let ms = heard.heard_ms(&item_id);
+            realtime::truncate(&item_id, ms)
+        });
         session.pacer.handle_clear(now.instant);
-        if let (Some((item_id, _)), true) = (item, playing) {
-            let ms = match heard {
-                Some((heard_item, ms)) if heard_item == item_id => ms,
-                _ => 0,
-            };
-            self.send(conn, realtime::truncate(&item_id, ms));
+        if let Some(text) = truncate {
+            self.send(conn, text);
         }
         self.drain_pacer(now, id);
-        // Marks the clear released name audio that was never heard: they no longer count.
+        // The caller is told to clear: the marks it has not echoed are flushed (their echoes are
+        // not playback), and the model's marks the clear released name audio never heard.
         if let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) {
-            session.realtime.heard = None;
+            session.realtime.heard.handle_clear();
         }
         self.schedule(now, id);
         self.broadcast(now, id, RetellEvent::Update, json!({ "bargeIn": true }));
+    }
+
+    /// A `mark` echoed by a Twilio caller: one of the marks sent after a Realtime agent's audio
+    /// (playback reached it), or Twilio's flush of them after a `clear`; any other name is a
+    /// protocol error.
+    pub(super) fn caller_mark(&mut self, id: &SessionId, name: &str) {
+        let echo = match self.slots.get_mut(id).and_then(|s| s.session.as_mut()) {
+            Some(session) if session.agent_protocol == AgentProtocol::Realtime => {
+                session.realtime.heard.handle_echo(name)
+            }
+            _ => Echo::Unknown,
+        };
+        if echo == Echo::Unknown {
+            self.stats.protocol_errors += 1;
+        }
     }
 }

@@ -796,6 +796,144 @@ fn realtime_barge_in_counts_marks_played_before_it() {
     assert!((280..=300).contains(&ms), "heard {ms} ms of 300");
 }
 
+/// A call CA1 from a Twilio caller with a Realtime agent leg open.
+fn realtime_marks_call() -> (Call, ConnectionId) {
+    let mut c = Call::with_realtime();
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let agent = c.agent.expect("dialled");
+    assert!(c.core.handle_agent_open(c.now(), agent));
+    c.drain();
+    (c, agent)
+}
+
+/// `n` deltas of item `item`, 200 ms (1600 μ-law bytes) each, from the model at once.
+fn realtime_deltas(c: &mut Call, item: &str, n: usize) {
+    for _ in 0..n {
+        let delta = format!(r#"{{"type":"response.audio.delta","item_id":"{item}","delta":"{}"}}"#, b64(&[3; 1600]));
+        c.bot(&Utf8Bytes::from(delta));
+    }
+}
+
+/// The names of the marks sent to the caller so far, in order.
+fn caller_marks(c: &Call) -> Vec<String> {
+    c.sent_to(CALLER)
+        .iter()
+        .filter(|v| v["event"] == "mark")
+        .map(|v| v["mark"]["name"].as_str().expect("a name").to_owned())
+        .collect()
+}
+
+/// The caller (Twilio) echoes the mark `name`.
+fn echo(c: &mut Call, seq: u64, name: &str) {
+    c.caller(&twilio::mark_echo_msg(seq, "MZ1", name));
+}
+
+/// The model's `speech_started`; returns the truncate it caused, if any.
+fn realtime_barge_in(c: &mut Call, agent: ConnectionId) -> Option<Value> {
+    let before = c.sent_to(agent).len();
+    c.bot(&Utf8Bytes::from(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":0,"item_id":"u1"}"#));
+    c.sent_to(agent).into_iter().skip(before).find(|v| v["type"] == "conversation.item.truncate")
+}
+
+/// A Twilio caller gets a mark right after the last piece of each of the model's deltas, once
+/// the pacer releases it: one per delta, in order, never ahead of its audio.
+#[test]
+fn realtime_audio_is_followed_by_caller_marks() {
+    let (mut c, _) = realtime_marks_call();
+    realtime_deltas(&mut c, "i1", 3);
+    c.advance_to(1_000);
+    let sent = c.sent_to(CALLER);
+    let kinds: Vec<&str> = sent.iter().map(|v| v["event"].as_str().unwrap_or_default()).collect();
+    let mut bytes = 0;
+    let mut marks = Vec::new();
+    for v in &sent {
+        match v["event"].as_str() {
+            Some("media") => {
+                bytes += base64::engine::general_purpose::STANDARD
+                    .decode(v["media"]["payload"].as_str().expect("payload"))
+                    .expect("base64")
+                    .len()
+            }
+            Some("mark") => marks.push((bytes, v["mark"]["name"].as_str().expect("name").to_owned())),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        marks,
+        [(1600, "rt.0.200".to_owned()), (3200, "rt.1.400".to_owned()), (4800, "rt.2.600".to_owned())],
+        "{kinds:?}"
+    );
+    assert_eq!(c.core.stats().protocol_errors, 0);
+}
+
+/// Barge-in truncates at the last mark the caller echoed, not at the model's (larger) estimate.
+#[test]
+fn realtime_truncate_follows_echoed_marks() {
+    let (mut c, agent) = realtime_marks_call();
+    realtime_deltas(&mut c, "i1", 10);
+    c.advance_to(1_500);
+    let marks = caller_marks(&c);
+    assert!(marks.len() >= 6, "{marks:?}");
+    echo(&mut c, 3, &marks[0]);
+    echo(&mut c, 4, &marks[1]);
+    let truncate = realtime_barge_in(&mut c, agent).expect("a truncate");
+    assert_eq!(truncate["item_id"], "i1");
+    assert_eq!(truncate["audio_end_ms"], 400, "the model thought about 1500 ms had played");
+    assert_eq!(c.core.stats().protocol_errors, 0);
+}
+
+/// A caller that never echoes: the playout model decides, as before marks were sent.
+#[test]
+fn realtime_truncate_falls_back_to_the_model() {
+    let (mut c, agent) = realtime_marks_call();
+    realtime_deltas(&mut c, "i1", 10);
+    c.advance_to(1_500);
+    assert!(caller_marks(&c).len() >= 6);
+    let truncate = realtime_barge_in(&mut c, agent).expect("a truncate");
+    assert_eq!(truncate["audio_end_ms"], 1400, "the last model mark at or before 1500 ms");
+}
+
+/// Twilio's echoes of the marks pending at a clear are its flush: no protocol error, not heard,
+/// and they do not make the call trust echoes (the next item still uses the model).
+#[test]
+fn realtime_marks_echoed_after_a_clear_do_not_count() {
+    let (mut c, agent) = realtime_marks_call();
+    realtime_deltas(&mut c, "i1", 10);
+    c.advance_to(600);
+    let truncate = realtime_barge_in(&mut c, agent).expect("a truncate");
+    assert_eq!(truncate["audio_end_ms"], 600);
+    let marks = caller_marks(&c);
+    assert!(c.sent_to(CALLER).iter().any(|v| v["event"] == "clear"));
+    for (seq, name) in (3..).zip(&marks) {
+        echo(&mut c, seq, name);
+    }
+    assert_eq!(c.core.stats().protocol_errors, 0, "the flush is Twilio's normal behaviour");
+    realtime_deltas(&mut c, "i2", 10);
+    c.advance_to(1_600);
+    let truncate = realtime_barge_in(&mut c, agent).expect("a truncate");
+    assert_eq!(truncate["item_id"], "i2");
+    assert_eq!(truncate["audio_end_ms"], 1000, "the model's estimate: 1000 ms after the second item began");
+}
+
+/// A mark name the relay never sent to the caller is a protocol error and changes nothing; the
+/// relay's own are not.
+#[test]
+fn realtime_unknown_caller_marks_are_errors() {
+    let (mut c, agent) = realtime_marks_call();
+    realtime_deltas(&mut c, "i1", 5);
+    c.advance_to(700);
+    let marks = caller_marks(&c);
+    echo(&mut c, 3, &marks[0]);
+    echo(&mut c, 4, "rt.99.200");
+    echo(&mut c, 5, "someone-else");
+    echo(&mut c, 6, &marks[1].replace(".400", ".450"));
+    assert_eq!(c.core.stats().protocol_errors, 3);
+    let truncate = realtime_barge_in(&mut c, agent).expect("a truncate");
+    assert_eq!(truncate["audio_end_ms"], 200, "the one real echo");
+}
+
 /// The agent is greeted with the caller's custom parameters except the relay's own: the
 /// session's bearer token and the stream signature.
 #[test]

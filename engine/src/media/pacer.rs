@@ -230,6 +230,16 @@ impl<P> Pacer<P> {
         self.queued_samples
     }
 
+    /// Samples released so far: the stream position the next released chunk starts at.
+    pub fn released_samples(&self) -> u64 {
+        self.released_samples
+    }
+
+    /// The stream position (samples) the audio pushed so far ends at: a mark pushed now sits there.
+    pub fn end_samples(&self) -> u64 {
+        self.released_samples.saturating_add(self.queued_samples)
+    }
+
     /// Samples released and not yet played at `now` (under the 1× playout model).
     pub fn in_flight_samples(&self, now: Instant) -> u64 {
         self.released_samples - self.played_samples(now)

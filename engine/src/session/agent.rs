@@ -132,8 +132,9 @@ impl Briefing {
 pub struct RealtimeState {
     /// The assistant item now being queued, and how many samples of it were queued.
     pub item: Option<(String, u64)>,
-    /// The last item the caller heard and how far into it (ms), from the played marks.
-    pub heard: Option<(String, u64)>,
+    /// What the caller heard of the items: marks sent to a Twilio caller and its echoes, and the
+    /// pacer's playout model for a caller that does not echo.
+    pub heard: super::heard::Heard,
 }
 
 /// The operator's agent settings: a default URL and the hosts per-call URLs may name.

@@ -5,6 +5,7 @@
 //! core routes what the session produces).
 
 pub mod agent;
+pub mod heard;
 pub mod media;
 
 use serde_json::{json, Value};
