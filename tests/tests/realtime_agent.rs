@@ -5,8 +5,6 @@
 //! caller, a barge-in (`speech_started`) clears the caller and truncates the item to what was heard,
 //! and transcripts reach frontends, `/ws` and the call record.
 
-use std::time::{Duration, Instant};
-
 use relay_tests::telephony::{b64, frames, unb64, Events, Frontend, TwilioBot, TwilioCaller};
 use relay_tests::{poll_until, Relay};
 use serde_json::{json, Value};
@@ -57,8 +55,9 @@ fn realtime_agent_hears_and_answers() {
     assert!(of_type(&conn, "conversation.item.truncate").is_empty(), "no barge-in, no truncation");
 }
 
-/// The caller talking over the agent: `clear` toward the caller, and the item truncated to about
-/// what had played.
+/// The caller talking over the agent: `clear` toward the caller, the item truncated to what the
+/// caller's echoed marks say it heard, and nothing more of that item played after the clear (not
+/// even deltas the model had already sent), while the next item plays.
 #[test]
 fn barge_in_clears_and_truncates() {
     let server = TwilioBot::start();
@@ -66,35 +65,53 @@ fn barge_in_clears_and_truncates() {
     let call = "CArealtime2";
     let caller = TwilioCaller::start(&relay, call, &[]);
     let conn = server.ready(0);
-    // Three seconds of agent speech at once, as the API sends it (faster than real time).
+    // Three seconds of agent speech at once, as the API sends it (faster than real time), in
+    // deltas of 200 ms: a mark follows each.
     let speech = frames(3, 0..150);
     for chunk in speech.chunks(10) {
         let delta: Vec<u8> = chunk.concat();
         conn.send_json(&json!({"type": "response.audio.delta", "item_id": "item_long", "delta": b64(&delta)}));
     }
-    let started = Instant::now();
-    caller.wait_media(20);
-    std::thread::sleep(Duration::from_millis(600).saturating_sub(started.elapsed()));
+    let marks: Vec<String> = caller.peer().wait_until("two marks at the caller", |r| {
+        let names: Vec<String> = r
+            .iter()
+            .filter(|a| a.event() == Some("mark"))
+            .filter_map(|a| a.json().and_then(|v| v["mark"]["name"].as_str().map(str::to_owned)))
+            .collect();
+        (names.len() >= 2).then_some(names)
+    });
+    // The caller's playback reached the second mark (400 ms), then the caller talks.
+    caller.echo_mark(&marks[0]);
+    caller.echo_mark(&marks[1]);
+    caller.send_audio(&frames(4, 0..1));
+    poll_until("the caller's audio at the model", || {
+        (!of_type(&conn, "input_audio_buffer.append").is_empty()).then_some(())
+    });
     conn.send_json(
-        &json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": 600, "item_id": "item_user"}),
+        &json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": 400, "item_id": "item_user"}),
     );
-    let at_barge_in = started.elapsed();
     caller.wait_until("clear at the caller", |r| r.iter().any(|a| a.event() == Some("clear")).then_some(()));
     let truncate = poll_until("truncate", || of_type(&conn, "conversation.item.truncate").into_iter().next());
     assert_eq!(truncate["item_id"], "item_long", "{truncate}");
     assert_eq!(truncate["content_index"], 0);
-    let ms = truncate["audio_end_ms"].as_u64().expect("audio_end_ms");
-    let elapsed = at_barge_in.as_millis() as u64;
-    assert!(ms > 0 && ms <= elapsed + 250, "heard {ms} ms of the item, barge-in after {elapsed} ms");
-    // Nothing of the rest plays afterwards.
-    std::thread::sleep(Duration::from_millis(400));
-    let media_after_clear = caller
-        .received()
-        .iter()
-        .skip_while(|a| a.event() != Some("clear"))
-        .filter(|a| a.event() == Some("media"))
-        .count();
-    assert!(media_after_clear <= 2, "{media_after_clear} frames played after the clear");
+    assert_eq!(truncate["audio_end_ms"], 400, "what the caller's echoes say it heard: {truncate}");
+    // A delta of the interrupted item still in flight, then the model's next item.
+    conn.send_json(
+        &json!({"type": "response.audio.delta", "item_id": "item_long", "delta": b64(&frames(3, 150..160).concat())}),
+    );
+    conn.send_json(
+        &json!({"type": "response.audio.delta", "item_id": "item_next", "delta": b64(&frames(5, 0..5).concat())}),
+    );
+    let after: Vec<Vec<u8>> = caller.peer().wait_until("the next item at the caller", |r| {
+        let after: Vec<Vec<u8>> = r
+            .iter()
+            .skip_while(|a| a.event() != Some("clear"))
+            .filter(|a| a.event() == Some("media"))
+            .filter_map(|a| a.json().and_then(|v| v["media"]["payload"].as_str().map(unb64)))
+            .collect();
+        after.concat().len().ge(&(5 * 160)).then_some(after)
+    });
+    assert_eq!(after.concat(), frames(5, 0..5).concat(), "only the next item plays after the clear");
     assert!(caller.events_named("media").len() < 100, "most of the 3 s were never played");
 }
 

@@ -141,6 +141,11 @@ impl CoreState {
         };
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         self.stats.frames_in.add(super::LegKind::Realtime, 1);
+        if session.realtime.interrupted.as_deref() == Some(item_id.as_str()) {
+            // The caller talked over this item: the rest of it, already on its way when the model
+            // heard the caller, is not played (nor counted as heard).
+            return;
+        }
         let queued = match &mut session.realtime.item {
             Some((item, n)) if *item == item_id => {
                 *n += samples as u64;
@@ -177,6 +182,9 @@ impl CoreState {
         self.drain_pacer(now, id);
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         let item = session.realtime.item.take();
+        if let Some((item_id, _)) = &item {
+            session.realtime.interrupted = Some(item_id.clone());
+        }
         let heard = &session.realtime.heard;
         let playing = session.pacer.queued_samples() > 0
             || session.pacer.in_flight_samples(now.instant) > 0

@@ -884,6 +884,26 @@ fn realtime_truncate_follows_echoed_marks() {
     assert_eq!(c.core.stats().protocol_errors, 0);
 }
 
+/// Deltas of an interrupted item that were still on their way when the model heard the caller
+/// are not played after the clear (nor do they restart the item at 0 ms); the next item plays.
+#[test]
+fn realtime_deltas_of_an_interrupted_item_are_dropped() {
+    let (mut c, agent) = realtime_marks_call();
+    realtime_deltas(&mut c, "i1", 10);
+    c.advance_to(500);
+    assert!(realtime_barge_in(&mut c, agent).is_some(), "a truncate");
+    let sent = c.sent_to(CALLER).len();
+    realtime_deltas(&mut c, "i1", 2);
+    c.advance_to(1_500);
+    let after: Vec<Value> = c.sent_to(CALLER).into_iter().skip(sent).collect();
+    assert!(after.iter().all(|v| v["event"] != "media"), "the interrupted item goes on: {after:?}");
+    assert!(realtime_barge_in(&mut c, agent).is_none(), "nothing to truncate");
+    realtime_deltas(&mut c, "i2", 1);
+    c.advance_to(2_000);
+    let after: Vec<Value> = c.sent_to(CALLER).into_iter().skip(sent).collect();
+    assert!(after.iter().any(|v| v["event"] == "media"), "the next item plays: {after:?}");
+}
+
 /// A caller that never echoes: the playout model decides, as before marks were sent.
 #[test]
 fn realtime_truncate_falls_back_to_the_model() {

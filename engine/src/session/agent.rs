@@ -132,6 +132,9 @@ impl Briefing {
 pub struct RealtimeState {
     /// The assistant item now being queued, and how many samples of it were queued.
     pub item: Option<(String, u64)>,
+    /// The item a barge-in interrupted: its deltas still in flight from the model (sent before it
+    /// cancelled the response) are dropped, not played after the `clear`.
+    pub interrupted: Option<String>,
     /// What the caller heard of the items: marks sent to a Twilio caller and its echoes, and the
     /// pacer's playout model for a caller that does not echo.
     pub heard: super::heard::Heard,
