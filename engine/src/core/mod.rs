@@ -831,6 +831,7 @@ impl CoreState {
     /// Discards session `id` after a bug surfaced while handling it, closing its sockets with 1011.
     pub fn handle_panic(&mut self, id: &SessionId) {
         self.close_peers_of(id);
+        self.tool_calls.remove(id);
         let Some(slot) = self.slots.remove(id) else { return };
         if let Some(session) = &slot.session {
             self.stats.active_sessions -= 1;

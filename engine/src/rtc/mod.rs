@@ -248,10 +248,17 @@ struct Peer {
     send_clock: Option<(u64, Instant)>,
     /// When the offer was accepted: a peer not connected by [`CONNECT_DEADLINE`] is dropped.
     created: Instant,
+    /// Candidates trickled in this ICE session (reset by a restart): str0m keeps every remote
+    /// candidate until a restart, so a client may add at most [`TRICKLED_PER_SESSION`].
+    trickled: usize,
 }
 
 /// How long an accepted offer may take to connect (ICE and DTLS) before its leg is dropped.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Candidates a client may trickle into one ICE session (a browser gathers a handful per
+/// interface; two full fragments' worth).
+pub const TRICKLED_PER_SESSION: usize = 2 * sdpfrag::MAX_CANDIDATES;
 
 /// Remote addresses one peer may be reached from (ICE may try a few).
 const REMOTES_PER_PEER: usize = 4;
@@ -381,6 +388,7 @@ impl Endpoint {
                 armed: None,
                 send_clock: None,
                 created: now,
+                trickled: 0,
             },
         );
         self.stats.peers = self.peers.len();
@@ -504,6 +512,11 @@ impl Endpoint {
             }
             (None, _, _) => None,
         };
+        if restart.is_none() && p.trickled + fragment.candidates.len() > TRICKLED_PER_SESSION {
+            return Err(IceError::Mismatch(format!(
+                "at most {TRICKLED_PER_SESSION} candidates may be trickled in one ICE session"
+            )));
+        }
         let update = match restart {
             None => IceUpdate::Trickled,
             Some(creds) => {
@@ -520,10 +533,12 @@ impl Endpoint {
                 let answer = answer.map_err(|e| IceError::Refused(short(&e.to_string())))?.to_sdp_string();
                 p.offer = offer;
                 p.remote = Some(creds);
+                p.trickled = 0;
                 IceUpdate::Restarted { fragment: restart_fragment(&answer, &local.ufrag, &local.pass) }
             }
         };
         let p = self.peers.get_mut(&peer).ok_or(IceError::Gone)?;
+        p.trickled += fragment.candidates.len();
         for line in &fragment.candidates {
             match Candidate::from_sdp_string(line) {
                 Ok(c) => p.rtc.add_remote_candidate(c),

@@ -268,6 +268,41 @@ fn trickled_candidates_are_taken() {
     assert!(run_until_heard(&mut link, 5, |_| {}), "connected after trickling");
 }
 
+/// A client may trickle at most `TRICKLED_PER_SESSION` candidates into one ICE session (str0m
+/// keeps each until a restart); past it the fragment is refused whole, and a restart starts the
+/// count again.
+#[test]
+fn trickled_candidates_are_bounded_per_ice_session() {
+    let now = origin();
+    let relay: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+    let mut ep = Endpoint::new(Certificate::generate().expect("cert"), relay, 4);
+    let mut c = Rtc::builder().build(now);
+    let mut api = c.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, pending) = api.apply().expect("offer");
+    let offer = offer.to_sdp_string();
+    let (peer, answer, _) = ep.accept(now, &offer, Want::Receive).expect("accepted");
+    c.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("sdp")).expect("answer");
+    let lines: Vec<String> = (0..sdpfrag::MAX_CANDIDATES)
+        .map(|i| format!("candidate:{i} 1 udp 1 192.0.2.1 {} typ host", 6000 + i))
+        .collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    for _ in 0..TRICKLED_PER_SESSION / sdpfrag::MAX_CANDIDATES {
+        assert_eq!(ep.handle_ice_fragment(now, peer, &fragment_of(&offer, &refs)), Ok(IceUpdate::Trickled));
+    }
+    let one = fragment_of(&offer, &refs[..1]);
+    assert!(matches!(ep.handle_ice_fragment(now, peer, &one), Err(IceError::Mismatch(_))), "past the bound");
+    let mut api = c.sdp_api();
+    api.ice_restart(true);
+    let (restart, _pending) = api.apply().expect("a restart offer");
+    let restart = restart.to_sdp_string();
+    let update = ep.handle_ice_fragment(now, peer, &fragment_of(&restart, &refs)).expect("restarted");
+    assert!(matches!(update, IceUpdate::Restarted { .. }), "{update:?}");
+    assert_eq!(ep.handle_ice_fragment(now, peer, &fragment_of(&restart, &refs)), Ok(IceUpdate::Trickled));
+    let one = fragment_of(&restart, &refs[..1]);
+    assert!(matches!(ep.handle_ice_fragment(now, peer, &one), Err(IceError::Mismatch(_))), "the new session's bound");
+}
+
 /// An ICE restart mid-call: the relay answers new credentials and its candidate, routes by the
 /// new ufrag only, and audio keeps flowing once the client switches.
 #[test]

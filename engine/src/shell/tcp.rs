@@ -341,7 +341,6 @@ pub(crate) async fn refuse<S: ControlService>(
     }
 }
 
-/// A WebSocket close frame from the server, encoded.
 /// `reason` cut to what a close frame can carry (123 bytes of UTF-8, RFC 6455 §5.5.1).
 fn close_reason(mut reason: String) -> Cow<'static, str> {
     if reason.len() > 123 {
@@ -354,6 +353,7 @@ fn close_reason(mut reason: String) -> Cow<'static, str> {
     Cow::Owned(reason)
 }
 
+/// A WebSocket close frame from the server, encoded.
 fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let mut codec = WsCodec::new_server(&crate::config::Limits::default(), &[]);
     codec.close(code, reason);
