@@ -37,7 +37,7 @@ pub enum Route {
     TwilioStatus,
     /// `POST /twilio/transcription` (Twilio Real-Time Transcription callback).
     TwilioTranscription,
-    /// `GET /twilio/stream` (Twilio Media Stream upgrade).
+    /// `GET /twilio/stream` and `/twilio/stream/{callSid}` (Twilio Media Stream upgrade).
     TwilioStream,
     /// `GET /frontend-stream` (WebSocket upgrade).
     FrontendStream,
@@ -137,6 +137,11 @@ static PATTERNS: &[(&str, usize, Entry)] = &[
         "/llm-websocket/",
         1,
         Entry { path: "/llm-websocket/{call_id}", methods: &[(Method::GET, Route::LlmSocket)], allow: GET },
+    ),
+    (
+        "/twilio/stream/",
+        1,
+        Entry { path: "/twilio/stream/{callSid}", methods: &[(Method::GET, Route::TwilioStream)], allow: GET },
     ),
     ("/whip/", 1, Entry { path: "/whip/{sessionId}", methods: &[(Method::POST, Route::Whip)], allow: POST }),
     ("/whep/", 1, Entry { path: "/whep/{sessionId}", methods: &[(Method::POST, Route::Whep)], allow: POST }),
@@ -261,6 +266,9 @@ mod tests {
         assert_eq!(route(&Method::GET, "/"), Err(Miss::NotFound));
         assert_eq!(route(&Method::GET, "/healthz"), Err(Miss::NotFound));
         assert_eq!(route(&Method::POST, "/whip/s1"), Ok(Route::Whip));
+        assert_eq!(route(&Method::GET, "/twilio/stream/CA1"), Ok(Route::TwilioStream));
+        assert_eq!(route(&Method::GET, "/twilio/stream"), Ok(Route::TwilioStream));
+        assert_eq!(route(&Method::POST, "/twilio/stream/CA1"), Err(Miss::MethodNotAllowed(GET)));
         assert_eq!(route(&Method::POST, "/whep/s1/"), Ok(Route::Whep));
         assert_eq!(route(&Method::DELETE, "/whip/s1/7"), Ok(Route::RtcLeg));
         assert_eq!(route(&Method::PATCH, "/whip/s1/7"), Ok(Route::RtcIce));

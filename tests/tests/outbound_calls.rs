@@ -49,7 +49,7 @@ fn outbound_call_end_to_end() {
     assert_eq!(call_status(&relay, &sid, user)["status"], "ringing");
 
     let twiml = call.fetch_twiml();
-    assert_eq!(twiml.stream_url, format!("ws://{}/twilio/stream", relay.addr()));
+    assert_eq!(twiml.stream_url, format!("ws://{}/twilio/stream/{sid}", relay.addr()));
     // The per-call stream signature: base64(HMAC-SHA1(auth token, call sid)), computed here on
     // its own.
     let relay_sig = {

@@ -406,6 +406,46 @@ fn flat_start_named_by_the_query() {
     assert_eq!(front.wait_audio("inbound", 5), frames(41, 0..5), "the stream joined call {id}");
 }
 
+/// A stream opened at `/twilio/stream/{callSid}` (the form the TwiML gives, which a balancer can
+/// route by) joins that call, whether its `start` names the same call or none; a `start` naming
+/// another call is refused with 1008, and a key that is not a valid id is a 400.
+#[test]
+fn stream_named_by_its_path() {
+    let bot = TwilioBot::start();
+    let relay = Relay::start(&["--agent-url", &bot.url("/path")]);
+    let id = "CA-path";
+    let front = Frontend::connect(&relay, id, "watcher", "");
+    let peer =
+        relay_tests::telephony::Peer::connect(relay.addr(), &format!("/twilio/stream/{id}"), &[]).expect("upgrade");
+    let caller = TwilioCaller::greet(peer, id, &[("callSid", id)]);
+    let agent = bot.ready(0);
+    caller.send_audio(&frames(42, 0..5));
+    assert_eq!(agent.wait_media(5), frames(42, 0..5), "caller audio reaches the bot");
+    assert_eq!(front.wait_audio("inbound", 5), frames(42, 0..5), "the stream joined call {id}");
+
+    let flat_id = "CA-path-flat";
+    let flat_front = Frontend::connect(&relay, flat_id, "watcher", "");
+    let peer = relay_tests::telephony::Peer::connect(relay.addr(), &format!("/twilio/stream/{flat_id}"), &[])
+        .expect("upgrade");
+    let flat = TwilioCaller::new(peer, "");
+    flat.peer().send_json(&connected_msg());
+    flat.peer().send_json(&json!({
+        "event": "start", "streamSid": "MZpathflat", "accountSid": "AC0123456789abcdef0123456789abcdef",
+        "tracks": ["inbound", "outbound"],
+    }));
+    flat.send_audio(&frames(43, 0..3));
+    assert_eq!(flat_front.wait_audio("inbound", 3), frames(43, 0..3), "a start naming no call joins the path's");
+
+    let other = start_msg(1, "MZother", "AC0123456789abcdef0123456789abcdef", "CA-elsewhere", &[]);
+    let mut bytes = encode_frame(true, 1, connected_msg().to_string().as_bytes(), Some([1, 2, 3, 4]));
+    bytes.extend(encode_frame(true, 1, other.to_string().as_bytes(), Some([1, 2, 3, 4])));
+    let mut wrong = RawWs::connect_with_early(relay.addr(), "/twilio/stream/CA-path-2", &[], &bytes).expect("upgrade");
+    let mut seen = Vec::new();
+    assert_eq!(wrong.read_until_close(&mut seen), Some(1008), "a start naming another call than the URL");
+    let refused = RawWs::connect(relay.addr(), "/twilio/stream/not%20an%20id", &[]).err().map(|r| r.status);
+    assert_eq!(refused, Some(400), "a key that is not a valid id");
+}
+
 /// Opens `/twilio/stream` with `connected`, `start` (for `call_sid`, parameter `callSid` = `param`)
 /// and `frames` as media, all in the same write as the upgrade request.
 fn early_stream(relay: &Relay, path: &str, call_sid: &str, param: &str, frames: &[Vec<u8>]) -> RawWs {

@@ -32,7 +32,7 @@ fn voice_answers_connect_stream_twiml() {
     assert!(resp.header("content-type").is_some_and(|c| c.starts_with("text/xml")), "content-type: {:?}", resp.headers);
     let expected = format!(
         concat!(
-            r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="ws://{}/twilio/stream">"#,
+            r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="ws://{}/twilio/stream/CA0001">"#,
             r#"<Parameter name="callSid" value="CA0001"/><Parameter name="from" value="+15551230000"/>"#,
             r#"<Parameter name="to" value="+15559870000"/></Stream></Connect></Response>"#
         ),
@@ -49,7 +49,7 @@ fn voice_passes_agent_url_and_honours_forwarded_proto() {
     let resp = post_form(&relay, &path, &call_params("CA0002"), None, &[("X-Forwarded-Proto", "https")]);
     assert_eq!(resp.status, 200, "voice: {}", resp.text());
     let text = resp.text();
-    assert!(text.contains(&format!(r#"<Stream url="wss://{}/twilio/stream">"#, relay.addr())), "TwiML: {text}");
+    assert!(text.contains(&format!(r#"<Stream url="wss://{}/twilio/stream/CA0002">"#, relay.addr())), "TwiML: {text}");
     assert!(
         text.contains(r#"<Parameter name="agentUrl" value="ws://bot.example:9000/x?a=1&amp;b=2"/>"#),
         "TwiML: {text}"
@@ -152,14 +152,18 @@ fn https_public_url_is_used_for_twiml_and_signatures() {
     let sig = sign(TOKEN, "https://relay.example.com/twilio/voice", &params);
     let resp = post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]);
     assert_eq!(resp.status, 200, "voice signed over the public URL: {}", resp.text());
-    assert!(resp.text().contains(r#"<Stream url="wss://relay.example.com/twilio/stream">"#), "TwiML: {}", resp.text());
+    assert!(
+        resp.text().contains(r#"<Stream url="wss://relay.example.com/twilio/stream/CA0006">"#),
+        "TwiML: {}",
+        resp.text()
+    );
     let sig = sign(TOKEN, "https://relay.example.com:443/twilio/voice", &params);
     assert_eq!(post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]).status, 200, "with :443");
     let sig = sign(TOKEN, "https://relay.example.org/twilio/voice", &params);
     assert_error(&post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]), 403);
 
-    let sig = sign_url(TOKEN, "wss://relay.example.com/twilio/stream");
-    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
+    let sig = sign_url(TOKEN, "wss://relay.example.com/twilio/stream/CA0006");
+    let peer = Peer::connect(relay.addr(), "/twilio/stream/CA0006", &[("X-Twilio-Signature", &sig)]);
     assert!(peer.is_ok(), "upgrade signed over the public wss URL refused with {:?}", peer.err());
 }
 
@@ -171,9 +175,13 @@ fn http_public_url_is_used_for_twiml_and_signatures() {
     let sig = sign(TOKEN, "http://relay.example:8080/twilio/voice", &params);
     let resp = post_form(&relay, "/twilio/voice", &params, Some(&sig), &[]);
     assert_eq!(resp.status, 200, "voice signed over the public URL: {}", resp.text());
-    assert!(resp.text().contains(r#"<Stream url="ws://relay.example:8080/twilio/stream">"#), "TwiML: {}", resp.text());
-    let sig = sign_url(TOKEN, "ws://relay.example:8080/twilio/stream");
-    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", &sig)]);
+    assert!(
+        resp.text().contains(r#"<Stream url="ws://relay.example:8080/twilio/stream/CA0007">"#),
+        "TwiML: {}",
+        resp.text()
+    );
+    let sig = sign_url(TOKEN, "ws://relay.example:8080/twilio/stream/CA0007");
+    let peer = Peer::connect(relay.addr(), "/twilio/stream/CA0007", &[("X-Twilio-Signature", &sig)]);
     assert!(peer.is_ok(), "upgrade signed over the public ws URL refused with {:?}", peer.err());
 }
 

@@ -162,7 +162,15 @@ pub fn events(config: &ApiConfig, request: &Request) -> Result<Upgrade, ApiError
         Credential::Anonymous if config.api_key.is_none() => Credential::Operator,
         presented => presented,
     };
-    Ok(Upgrade { kind: SocketKind::Events, session: Some(session), credential, accept, guard: None, reject: None })
+    Ok(Upgrade {
+        kind: SocketKind::Events,
+        session: Some(session),
+        session_fixed: false,
+        credential,
+        accept,
+        guard: None,
+        reject: None,
+    })
 }
 
 /// `GET /llm-websocket/{call_id}`: Retell's custom-LLM socket, completed on the call's owner core
@@ -175,7 +183,15 @@ pub fn llm_socket(request: &Request) -> Result<Upgrade, ApiError> {
     let call = params::session_id(&params::decode(segments.first().copied().unwrap_or_default()), "call_id")?;
     let accept = super::twilio::accept(request)?;
     let credential = Credential::Operator;
-    Ok(Upgrade { kind: SocketKind::Llm, session: Some(call), credential, accept, guard: None, reject: None })
+    Ok(Upgrade {
+        kind: SocketKind::Llm,
+        session: Some(call),
+        session_fixed: false,
+        credential,
+        accept,
+        guard: None,
+        reject: None,
+    })
 }
 
 /// Runs `command` on the owner core and renders its reply with `render` (message, data).

@@ -44,7 +44,9 @@ pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
         ..RecordUpdate::default()
     };
     let record = calls::record(core, &id, update).await?;
-    let stream_url = format!("{}/twilio/stream", ws_base(config, &request.head.headers));
+    // The call's key in the path (Twilio allows no query string on stream URLs): a balancer in
+    // front of several relays routes the stream to the node of the call's other legs.
+    let stream_url = format!("{}/twilio/stream/{call_sid}", ws_base(config, &request.head.headers));
     let agent_url = params::query(request.head.uri.query(), "agentUrl");
     let mut parameters = vec![("callSid", call_sid)];
     for (name, key) in [("from", "From"), ("to", "To")] {
@@ -138,13 +140,20 @@ pub async fn transcription(
 pub fn stream(config: &ApiConfig, request: &Request) -> Result<Upgrade, ApiError> {
     verify(config, request, &[])?;
     let accept = accept(request)?;
-    let session = match params::query(request.head.uri.query(), "callSid").filter(|s| !s.is_empty()) {
-        Some(s) => Some(params::session_id(&s, "callSid")?),
-        None => None,
+    // `/twilio/stream/{callSid}` (the TwiML's form: a balancer routes by the path) names the call
+    // for good; `?callSid=` (seed 003's clients) only when the `start` names none.
+    let in_path = request.head.uri.path().strip_prefix("/twilio/stream/").map(|s| s.trim_end_matches('/'));
+    let (session, session_fixed) = match in_path.filter(|s| !s.is_empty()) {
+        Some(s) => (Some(params::session_id(&params::decode(s), "callSid")?), true),
+        None => match params::query(request.head.uri.query(), "callSid").filter(|s| !s.is_empty()) {
+            Some(s) => (Some(params::session_id(&s, "callSid")?), false),
+            None => (None, false),
+        },
     };
     Ok(Upgrade {
         kind: SocketKind::Caller,
         session,
+        session_fixed,
         credential: Credential::Operator,
         accept,
         guard: None,
@@ -188,7 +197,15 @@ pub async fn frontend(
         Some(g) => (Some(Box::new(g) as Box<dyn std::any::Any + Send>), None),
         None => (None, Some((1008, "too many concurrent connections for this user"))),
     };
-    Ok(Upgrade { kind: SocketKind::Frontend, session: Some(session), credential, accept, guard, reject })
+    Ok(Upgrade {
+        kind: SocketKind::Frontend,
+        session: Some(session),
+        session_fixed: false,
+        credential,
+        accept,
+        guard,
+        reject,
+    })
 }
 
 /// A listener's credential: the API key or a session token (bearer or `?accessToken=`). Without

@@ -95,8 +95,11 @@ pub struct Upgrade {
     /// What the socket is for.
     pub kind: SocketKind,
     /// The session, when the request names it (required for listeners; for callers a fallback
-    /// when the `start` message names none).
+    /// when the `start` message names none, unless `session_fixed`).
     pub session: Option<SessionId>,
+    /// A caller's session is the one its URL's path names (`/twilio/stream/{callSid}`, which a
+    /// balancer routes by): a `start` that names another call is refused (1008).
+    pub session_fixed: bool,
     /// What the client presented.
     pub credential: Credential,
     /// `Sec-WebSocket-Accept` for the 101 answer.

@@ -270,7 +270,7 @@ async fn upgrade<S: ControlService>(
         if !flush(&mut stream, &mut head, shared.limits.idle_timeout).await {
             return;
         }
-        match caller_session(shared, &mut stream, read_ahead, up.session.clone()).await {
+        match caller_session(shared, &mut stream, read_ahead, up.session.clone(), up.session_fixed).await {
             Ok((session, raw)) => (session, raw, true),
             Err(close) => {
                 send_and_close(&mut stream, close).await;
@@ -378,10 +378,11 @@ async fn caller_session(
     stream: &mut Stream,
     read_ahead: Vec<u8>,
     fallback: Option<SessionId>,
+    fixed: bool,
 ) -> Result<(SessionId, Vec<u8>), Vec<u8>> {
     let mut raw = read_ahead;
     let mut codec = WsCodec::new_server(&shared.limits, &raw);
-    match read_start(shared, stream, &mut raw, &mut codec, fallback).await {
+    match read_start(shared, stream, &mut raw, &mut codec, fallback, fixed).await {
         Ok(id) => Ok((id, raw)),
         Err(refusal) => {
             if let Some((code, reason)) = refusal {
@@ -399,6 +400,7 @@ async fn read_start(
     raw: &mut Vec<u8>,
     codec: &mut WsCodec,
     fallback: Option<SessionId>,
+    fixed: bool,
 ) -> Result<SessionId, Option<(u16, Cow<'static, str>)>> {
     let limits = &shared.limits;
     let deadline = clock::now().instant + limits.header_timeout;
@@ -425,6 +427,11 @@ async fn read_start(
                                 .clone()
                                 .ok_or_else(|| Some((1008, "the stream's start names no callSid".into())))?,
                         };
+                        // Named by its URL's path, the stream belongs to that call: the node and
+                        // core a balancer chose by the path are the call's.
+                        if fixed && fallback.as_ref() != Some(&id) {
+                            return Err(Some((1008, "the stream's start names another call than its URL".into())));
+                        }
                         if let Some(stream_key) = &shared.stream_key {
                             let expected = Secret::new(twilio::stream_signature(stream_key, id.as_str()));
                             if !start.custom_parameter("relaySig").is_some_and(|s| expected.matches(s)) {
