@@ -63,6 +63,11 @@ pub struct Config {
     #[arg(long, env = "RELAY_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
 
+    /// This node's name: every HTTP answer and every WebSocket 101 carries it as `X-Relay-Node`,
+    /// and `/health` shows it (1–64 of `[A-Za-z0-9._-]`). Default: the host name.
+    #[arg(long, env = "RELAY_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Base URL clients and Twilio reach the relay at (`https://relay.example.com`), used in TwiML
     /// stream URLs and signature checks behind proxies. Default: taken from each request's Host.
     #[arg(long, env = "RELAY_PUBLIC_URL")]
@@ -414,6 +419,11 @@ impl Config {
     /// # Errors
     /// A sentence saying what to change.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(node) = &self.node_id {
+            if !valid_node_id(node) {
+                return Err(format!("--node-id {node:?}: must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+            }
+        }
         if self.cores == Some(0) {
             return Err("--cores must be at least 1".to_owned());
         }
@@ -512,6 +522,8 @@ impl Config {
             llm_upstream: self.llm_upstream_url.as_deref().and_then(|u| AgentUrl::parse(u).ok()),
         };
         EngineConfig {
+            // Without `--node-id`, `run` names the node after the host (this view does no I/O).
+            node_id: self.node_id.clone().unwrap_or_default(),
             listen: self.listen,
             cores: self.cores.unwrap_or_else(relay_engine::shell::available_cores),
             limits,
@@ -652,6 +664,27 @@ impl Config {
                 _ => None,
             },
         }
+    }
+}
+
+/// Whether `id` can name a node: 1–64 of `[A-Za-z0-9._-]` (it goes into a header and logs as is).
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The host's name as a node id (`/proc/sys/kernel/hostname`, cut to a valid id), else `relay`.
+pub fn host_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .take(64)
+        .collect();
+    if valid_node_id(&id) {
+        id
+    } else {
+        "relay".to_owned()
     }
 }
 

@@ -42,6 +42,9 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", config.data_dir.display()))?;
     let mut engine = config.engine();
+    if engine.node_id.is_empty() {
+        engine.node_id = config::host_node_id();
+    }
     let briefing = config.briefing().map_err(anyhow::Error::msg)?;
     if let Some(realtime) = engine.agents.realtime.as_mut() {
         realtime.briefing = briefing;

@@ -29,6 +29,10 @@ pub struct EngineConfig {
     pub records: Option<RecordSink>,
     /// Functions Realtime agents may call, and where their calls go.
     pub tools: ToolSettings,
+    /// This node's name (`--node-id`): every HTTP answer and every 101 names it in
+    /// `x-relay-node`, so a client behind a balancer sees which node served each leg (empty: no
+    /// header).
+    pub node_id: String,
 }
 
 /// The tools every Realtime session declares (unless a call brings its own) and the webhook that

@@ -78,6 +78,7 @@
 //!     records: None,
 //!     begin_sentence: String::new(),
 //!     tools: Default::default(),
+//!     node_id: "node-a".to_owned(),
 //! };
 //! let relay = shell::start(config, Hello).expect("relay starts");
 //! relay.wait().expect("clean exit");

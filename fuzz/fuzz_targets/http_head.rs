@@ -88,7 +88,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let response = builder.body(if bodiless { Bytes::new() } else { body.clone() }).expect("valid parts");
     let mut wire = Vec::new();
-    write_response(&mut wire, &response, Connection::Close, false, "Sat, 21 Nov 2026 12:00:00 GMT");
+    write_response(&mut wire, &response, Connection::Close, false, "Sat, 21 Nov 2026 12:00:00 GMT", "");
     let parsed = parse_response(&wire, true).expect("a written response parses").expect("and is complete");
     assert_eq!(parsed.status, status);
     assert_eq!(parsed.body, if bodiless { Bytes::new() } else { body });

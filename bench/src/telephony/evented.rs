@@ -453,7 +453,7 @@ impl Loop {
                             let codec = WsCodec::new_server(&self.limits, &head[head_len..]);
                             conn.phase = Phase::Open(Box::new(codec));
                             let mut answer = Vec::with_capacity(160);
-                            write_switching_protocols(&mut answer, &accept);
+                            write_switching_protocols(&mut answer, &accept, "");
                             if send(&self.epoll, token, conn, &answer).is_err() {
                                 return self.close(token);
                             }

@@ -27,7 +27,8 @@ pub fn health(core: &CoreHandle) -> Response<Bytes> {
             "timestamp": timestamp(),
             "uptime": core.uptime().as_secs(),
             "activeSessions": active,
-            "data": { "activeSessions": active, "version": VERSION },
+            "node": core.node_id(),
+            "data": { "activeSessions": active, "version": VERSION, "node": core.node_id() },
         }),
     )
 }
@@ -81,6 +82,7 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
             "twilio": { "status": if twilio_configured { "configured" } else { "not_configured" } },
             "server": {
                 "status": "up",
+                "node": core.node_id(),
                 "uptime": core.uptime().as_secs(),
                 "activeSessions": active,
                 "memoryUsage": { "rss": rss_bytes() },

@@ -216,6 +216,19 @@ pub enum Connection {
     Close,
 }
 
+/// The header naming the node that answered (`--node-id`), on every answer and 101.
+pub const NODE_HEADER: &str = "x-relay-node";
+
+/// Writes `x-relay-node: <node>` into `out`, unless `node` is empty.
+pub fn write_node(out: &mut Vec<u8>, node: &str) {
+    if !node.is_empty() {
+        out.extend_from_slice(NODE_HEADER.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(node.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// Writes `response` as HTTP/1.1 into `out`, with `Content-Length` and the `connection` header.
 /// `head_only` leaves the body out (answers to `HEAD`). `date` is an IMF-fixdate.
 pub fn write_response(
@@ -224,6 +237,7 @@ pub fn write_response(
     connection: Connection,
     head_only: bool,
     date: &str,
+    node: &str,
 ) {
     let status = response.status();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -245,6 +259,7 @@ pub fn write_response(
         out.extend_from_slice(date.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    write_node(out, node);
     let body = response.body();
     let bodiless = status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     if !bodiless {
@@ -672,7 +687,7 @@ mod tests {
             .body(Bytes::from_static(b"{}"))
             .expect("static response");
         let mut out = Vec::new();
-        write_response(&mut out, &resp, Connection::Close, false, "Sat, 21 Nov 2026 00:00:00 GMT");
+        write_response(&mut out, &resp, Connection::Close, false, "Sat, 21 Nov 2026 00:00:00 GMT", "");
         let s = String::from_utf8(out).expect("ascii");
         assert!(s.starts_with("HTTP/1.1 200 OK\r\n"), "{s}");
         assert!(s.contains("content-type: application/json\r\n"));
@@ -680,12 +695,12 @@ mod tests {
         assert!(s.contains("connection: close\r\n"));
         assert!(s.ends_with("\r\n\r\n{}"));
         let mut out = Vec::new();
-        write_response(&mut out, &resp, Connection::Default, true, "");
+        write_response(&mut out, &resp, Connection::Default, true, "", "");
         assert!(String::from_utf8(out).expect("ascii").ends_with("content-length: 2\r\n\r\n"));
         let resp = http::Response::builder().status(204).body(Bytes::new()).expect("static response");
         let mut out = Vec::new();
-        write_response(&mut out, &resp, Connection::KeepAlive, false, "");
-        assert_eq!(out, b"HTTP/1.1 204 No Content\r\nconnection: keep-alive\r\n\r\n");
+        write_response(&mut out, &resp, Connection::KeepAlive, false, "", "node-a");
+        assert_eq!(out, b"HTTP/1.1 204 No Content\r\nx-relay-node: node-a\r\nconnection: keep-alive\r\n\r\n");
     }
 
     proptest! {

@@ -69,13 +69,16 @@ pub fn accept_key(head: &RequestHead) -> Result<String, HandshakeError> {
     }
 }
 
-/// Writes the `101 Switching Protocols` answer for `accept` into `out`.
-pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str) {
+/// Writes the `101 Switching Protocols` answer for `accept` into `out`, naming `node` (when not
+/// empty) in `x-relay-node`.
+pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str, node: &str) {
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ",
     );
     out.extend_from_slice(accept.as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
+    super::http::write_node(out, node);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Largest 101 answer head a client accepts, bytes.

@@ -35,6 +35,8 @@ pub(crate) struct CoreSetup {
     pub(crate) limits: Limits,
     pub(crate) agents: crate::session::agent::AgentPolicy,
     pub(crate) stream_key: Option<crate::secret::Secret>,
+    /// This node's name (see `EngineConfig::node_id`).
+    pub(crate) node_id: String,
     pub(crate) listener: OwnedFd,
     /// The core's WebRTC socket and settings, when WebRTC is on.
     pub(crate) rtc: Option<super::rtc::CoreRtc>,
@@ -59,6 +61,8 @@ pub(crate) struct CoreShared {
     pub(crate) global: Arc<Global>,
     /// Key for callers' `relaySig` (see `EngineConfig::stream_key`).
     pub(crate) stream_key: Option<crate::secret::Secret>,
+    /// This node's name, written on every answer (see `EngineConfig::node_id`).
+    pub(crate) node_id: String,
     /// TLS for accepted connections, when a certificate is configured.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Where call record changes go; the sink only queues them, never blocks (see its docs).
@@ -198,6 +202,11 @@ impl CoreHandle {
                 outbox_frames: g.media[i].outbox_frames.load(Ordering::Relaxed),
             })
             .collect()
+    }
+
+    /// This node's name (`--node-id`; empty when none).
+    pub fn node_id(&self) -> &str {
+        &self.0.node_id
     }
 
     /// Seconds since the relay started.
@@ -466,6 +475,7 @@ pub(crate) async fn run_core<S: ControlService>(
         limits: setup.limits,
         global: setup.global,
         stream_key: setup.stream_key,
+        node_id: setup.node_id,
         tls: setup.tls,
         records: setup.records,
         mesh_tx,

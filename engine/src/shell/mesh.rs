@@ -67,10 +67,10 @@ pub(crate) async fn receive_task<S: ControlService>(
                 };
                 if shared.connections.get() >= shared.limits.connections_per_core {
                     // A caller's socket was already answered 101: it gets a close frame, not HTTP.
-                    let (service, upgraded) = (service.clone(), h.upgraded);
+                    let (service, upgraded, node) = (service.clone(), h.upgraded, shared.node_id.clone());
                     glommio::spawn_local(async move {
                         let message = "this relay core is at its connection limit";
-                        tcp::refuse(&service, &mut stream, upgraded, message).await;
+                        tcp::refuse(&service, &mut stream, upgraded, message, &node).await;
                     })
                     .detach();
                     continue;

@@ -477,6 +477,7 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
             limits: config.limits.clone(),
             agents: config.agents.clone(),
             stream_key: config.stream_key.clone(),
+            node_id: config.node_id.clone(),
             listener: OwnedFd::from(listener),
             rtc: rtc_cores[index].take(),
             tls: tls.clone(),

@@ -125,7 +125,7 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                             "the request was not received in time",
                             &HeaderMap::new(),
                         );
-                        respond_and_close(&mut stream, &mut out, &resp, false).await;
+                        respond_and_close(&mut stream, &mut out, &resp, false, &shared.node_id).await;
                         return;
                     }
                     Err(_) => {
@@ -136,7 +136,7 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
             }
             Err(e) => {
                 let resp = service.error_response(e.status(), &e.to_string(), &error_context(&buf));
-                respond_and_close(&mut stream, &mut out, &resp, false).await;
+                respond_and_close(&mut stream, &mut out, &resp, false, &shared.node_id).await;
                 return;
             }
         };
@@ -158,7 +158,7 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                     }
                     Err(e) => {
                         let resp = service.error_response(e.status(), &e.to_string(), &head.headers);
-                        respond_and_close(&mut stream, &mut out, &resp, false).await;
+                        respond_and_close(&mut stream, &mut out, &resp, false, &shared.node_id).await;
                         return;
                     }
                 },
@@ -170,7 +170,7 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                 // RFC 9110 §10.1.1: a final answer may replace 100; the body may or may not
                 // follow, so the connection closes after it.
                 if let Some(resp) = service.early_response(&head) {
-                    respond_and_close(&mut stream, &mut out, &resp, head.method == Method::HEAD).await;
+                    respond_and_close(&mut stream, &mut out, &resp, head.method == Method::HEAD, &shared.node_id).await;
                     return;
                 }
                 out.extend_from_slice(CONTINUE);
@@ -185,7 +185,7 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
                         "the request body was not received in time",
                         &head.headers,
                     );
-                    respond_and_close(&mut stream, &mut out, &resp, false).await;
+                    respond_and_close(&mut stream, &mut out, &resp, false, &shared.node_id).await;
                 }
                 return;
             }
@@ -211,13 +211,15 @@ async fn http_task<S: ControlService>(shared: &Rc<CoreShared>, service: &Rc<S>, 
         let Ok(outcome) = futures::FutureExt::catch_unwind(handled).await else {
             tracing::error!(core = shared.id.0, %peer, "a request handler panicked; answered 500");
             let resp = service.error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", &HeaderMap::new());
-            respond_and_close(&mut stream, &mut out, &resp, false).await;
+            respond_and_close(&mut stream, &mut out, &resp, false, &shared.node_id).await;
             return;
         };
         match outcome {
             Outcome::Respond(resp) => {
                 let now = clock::now();
-                clock::with_http_date(now, |date| write_response(&mut out, &resp, connection, head_only, date));
+                clock::with_http_date(now, |date| {
+                    write_response(&mut out, &resp, connection, head_only, date, &shared.node_id)
+                });
                 if !keep_alive {
                     // Lingering, as after an error: pipelined bytes we will not read must not make
                     // the kernel reset the connection before the client has read this response.
@@ -259,14 +261,14 @@ async fn upgrade<S: ControlService>(
 ) {
     if let Some((code, reason)) = up.reject {
         let mut out = Vec::new();
-        write_switching_protocols(&mut out, &up.accept);
+        write_switching_protocols(&mut out, &up.accept, &shared.node_id);
         out.extend(close_frame(code, reason));
         send_and_close(&mut stream, out).await;
         return;
     }
     let (session, read_ahead, upgraded) = if up.kind == SocketKind::Caller {
         let mut head = Vec::new();
-        write_switching_protocols(&mut head, &up.accept);
+        write_switching_protocols(&mut head, &up.accept, &shared.node_id);
         if !flush(&mut stream, &mut head, shared.limits.idle_timeout).await {
             return;
         }
@@ -281,7 +283,7 @@ async fn upgrade<S: ControlService>(
         let Some(session) = up.session.clone() else {
             let resp =
                 service.error_response(StatusCode::BAD_REQUEST, "this WebSocket needs a session id", &HeaderMap::new());
-            respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+            respond_and_close(&mut stream, &mut Vec::new(), &resp, false, &shared.node_id).await;
             return;
         };
         (session, read_ahead, false)
@@ -295,7 +297,8 @@ async fn upgrade<S: ControlService>(
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(core = shared.id.0, "cannot hand a connection over: {e}");
-            refuse(service, &mut stream, upgraded, "cannot move the connection to its session's core").await;
+            let message = "cannot move the connection to its session's core";
+            refuse(service, &mut stream, upgraded, message, &shared.node_id).await;
             return;
         }
     };
@@ -318,7 +321,7 @@ async fn upgrade<S: ControlService>(
             },
             _ => Stream::Plain(tcp),
         };
-        refuse(service, &mut stream, upgraded, "the session's core is busy; try again").await;
+        refuse(service, &mut stream, upgraded, "the session's core is busy; try again", &shared.node_id).await;
         return;
     }
     // The owner core now holds the socket through its duplicate; dropping ours closes only this
@@ -332,12 +335,13 @@ pub(crate) async fn refuse<S: ControlService>(
     stream: &mut Stream,
     upgraded: bool,
     message: &'static str,
+    node: &str,
 ) {
     if upgraded {
         send_and_close(stream, close_frame(1013, message)).await;
     } else {
         let resp = service.error_response(StatusCode::SERVICE_UNAVAILABLE, message, &HeaderMap::new());
-        respond_and_close(stream, &mut Vec::new(), &resp, false).await;
+        respond_and_close(stream, &mut Vec::new(), &resp, false, node).await;
     }
 }
 
@@ -552,9 +556,10 @@ pub(crate) async fn respond_and_close(
     out: &mut Vec<u8>,
     resp: &http::Response<Bytes>,
     head_only: bool,
+    node: &str,
 ) {
     let now = clock::now();
-    clock::with_http_date(now, |date| write_response(out, resp, Connection::Close, head_only, date));
+    clock::with_http_date(now, |date| write_response(out, resp, Connection::Close, head_only, date, node));
     close_lingering(stream, out).await;
 }
 

@@ -224,7 +224,7 @@ pub(crate) async fn socket_task<S: ControlService>(
                         AttachError::TooManyPending | AttachError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                     };
                     let resp = service.error_response(status, &e.to_string(), &http::HeaderMap::new());
-                    tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false).await;
+                    tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false, &shared.node_id).await;
                     return;
                 }
             }
@@ -242,7 +242,7 @@ pub(crate) async fn socket_task<S: ControlService>(
     };
     let mut head = Vec::with_capacity(160);
     if !upgraded {
-        write_switching_protocols(&mut head, &accept);
+        write_switching_protocols(&mut head, &accept, &shared.node_id);
     }
     let codec = WsCodec::new_server(&shared.limits, &read_ahead);
     // The codec copied it; freed now rather than kept for the socket's whole life.
