@@ -18,7 +18,8 @@ fn health_has_the_superset_shape() {
     assert!(v["timestamp"].as_str().is_some_and(is_rfc3339), "RFC 3339 timestamp: {v}");
     assert!(v["uptime"].is_u64(), "uptime is a whole number of seconds: {v}");
     assert_eq!(v["activeSessions"], 0, "{v}");
-    assert_eq!(v["data"], json!({"activeSessions": 0, "version": "0.1.0"}), "{v}");
+    let node = v["node"].as_str().expect("the node's name").to_owned();
+    assert_eq!(v["data"], json!({"activeSessions": 0, "version": "0.1.0", "node": node}), "{v}");
 }
 
 /// `/health` counts active sessions at the top level and in `data`.
