@@ -428,6 +428,27 @@ pub fn output_bounded(mut cmd: Command, limit: Duration) -> Output {
     }
 }
 
+/// Asks for a send buffer of `bytes` on `stream` (the kernel may round or cap it): a small one makes
+/// what a client writes reach the relay as the relay reads it, a large one lets a whole pipeline
+/// sit in the client's kernel.
+///
+/// # Panics
+/// When `setsockopt` fails.
+pub fn set_send_buffer(stream: &TcpStream, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_SNDBUF: {}", io::Error::last_os_error());
+}
+
 /// A fresh, empty, uniquely named directory under the system temp dir.
 pub fn temp_dir(label: &str) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -586,6 +586,16 @@ impl TwilioCaller {
         }));
     }
 
+    /// Everything this caller heard, decoded from μ-law to 8 kHz PCM.
+    pub fn heard_pcm(&self) -> Vec<i16> {
+        self.events_named("media")
+            .iter()
+            .filter_map(|(_, m)| m["media"]["payload"].as_str().map(unb64))
+            .flatten()
+            .map(unulaw)
+            .collect()
+    }
+
     /// The decoded payloads of the `media` messages received so far, with arrival times.
     ///
     /// # Panics

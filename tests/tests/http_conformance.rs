@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::thread;
 
-use relay_tests::{assert_error, assert_json_type, assert_success, format_request, Conn, Relay};
+use relay_tests::{assert_error, assert_json_type, assert_success, format_request, set_send_buffer, Conn, Relay};
 use serde_json::json;
 
 /// Several requests on one connection are all answered, and the connection stays open.
@@ -707,21 +707,4 @@ fn oversized_body_413_survives_the_unread_body() {
     let resp = conn.try_read_response().unwrap_or_else(|e| panic!("the 413 did not arrive whole: {e}"));
     assert_error(&resp, 413);
     sender.join().expect("body sender");
-}
-
-/// Asks for a send buffer of `bytes` (the kernel may round it), so what the client writes waits
-/// in its own kernel only briefly and reaches the relay as the relay reads.
-fn set_send_buffer(stream: &std::net::TcpStream, bytes: libc::c_int) {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: setsockopt on a socket we own, with a pointer to a c_int that outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&bytes as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt SO_SNDBUF: {}", std::io::Error::last_os_error());
 }

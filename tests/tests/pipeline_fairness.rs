@@ -6,12 +6,11 @@
 //! the test pins the behaviour (served mid-flood), whichever of the two provides it.
 
 use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use relay_tests::{assert_success, poll_until, Conn, Relay};
+use relay_tests::{assert_success, poll_until, set_send_buffer, Conn, Relay};
 
 /// Rounds of [`PATTERN`] in the flood: 16,000 requests, about a second of work for a debug build.
 const ROUNDS: usize = 4_000;
@@ -100,21 +99,4 @@ fn pipeline_flood_does_not_starve_the_core() {
         probe.len() == 2 && probe[0].0 == 404 && probe[1].0 == 200,
         "probe statuses in order, as (status, count): {probe:?}"
     );
-}
-
-/// Asks for a send buffer of `bytes` (the kernel may cap it), so the whole pipeline can sit in the
-/// kernel and the relay is never kept waiting by this client's writing.
-fn set_send_buffer(stream: &TcpStream, bytes: libc::c_int) {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: setsockopt on a socket we own, with a pointer to a c_int that outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&bytes as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt SO_SNDBUF: {}", std::io::Error::last_os_error());
 }

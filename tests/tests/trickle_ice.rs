@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use relay_tests::telephony::{unb64, unulaw, TwilioCaller};
+use relay_tests::telephony::TwilioCaller;
 use relay_tests::webrtc::{dominant_hz, Peer, Send};
 use relay_tests::{assert_error, Relay, Response};
 use str0m::media::Direction;
@@ -22,17 +22,6 @@ fn patch(relay: &Relay, location: &str, if_match: Option<&str>, body: &str) -> R
         headers.push(("If-Match", tag));
     }
     relay.request("PATCH", location, &headers, Some(body))
-}
-
-/// What a Twilio caller heard, as 8 kHz PCM.
-fn caller_heard(caller: &TwilioCaller) -> Vec<i16> {
-    caller
-        .events_named("media")
-        .iter()
-        .filter_map(|(_, m)| m["media"]["payload"].as_str().map(unb64))
-        .flatten()
-        .map(unulaw)
-        .collect()
 }
 
 /// A WHIP publisher whose offer has no candidates trickles them (and end-of-candidates) with
@@ -57,7 +46,7 @@ fn trickled_candidates_after_the_offer() {
     assert!(trickle.text().is_empty());
     assert!(agent.connect(Duration::from_secs(5)), "ICE and DTLS connect");
     agent.run(Duration::from_millis(1500), Send::Tone(440.0));
-    let heard = caller_heard(&caller);
+    let heard = caller.heard_pcm();
     let hz = dominant_hz(&heard, 8000).expect("the caller heard the agent");
     assert!((hz - 440.0).abs() <= 20.0, "the caller hears the trickling agent's 440 Hz tone, got {hz}");
 }
@@ -83,7 +72,7 @@ fn ice_restart_mid_call_keeps_the_call() {
     agent.run(Duration::from_millis(800), Send::Tone(440.0));
     let before = agent.received;
     assert!(before > 10, "the agent hears the caller before the restart ({before} frames)");
-    let heard_before = caller_heard(&caller).len();
+    let heard_before = caller.heard_pcm().len();
 
     let restart = patch(&relay, &location, Some("*"), &agent.restart_ice());
     assert_eq!(restart.status, 200, "{}", restart.text());
@@ -97,7 +86,7 @@ fn ice_restart_mid_call_keeps_the_call() {
     agent.run(Duration::from_millis(1500), Send::Tone(440.0));
     assert!(!agent.closed, "the call was not lost");
     assert!(agent.received >= before + 40, "the agent still hears the caller ({} frames)", agent.received - before);
-    let heard = caller_heard(&caller);
+    let heard = caller.heard_pcm();
     assert!(heard.len() >= heard_before + 8000, "the caller still hears the agent");
     let hz = dominant_hz(&heard, 8000).expect("enough audio");
     assert!((hz - 440.0).abs() <= 20.0, "after the restart the caller hears 440 Hz, got {hz}");

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use relay_tests::telephony::{ulaw, unb64, unulaw, TwilioCaller};
+use relay_tests::telephony::{ulaw, unulaw, TwilioCaller};
 use relay_tests::webrtc::{dominant_hz, rms, Peer, Send};
 use relay_tests::{assert_error, Relay, Response};
 use str0m::media::Direction;
@@ -34,17 +34,6 @@ fn publish(relay: &Relay, peer: &mut Peer, path: &str, token: &str) -> String {
     location
 }
 
-/// What a Twilio caller heard, as 8 kHz PCM.
-fn caller_heard(caller: &TwilioCaller) -> Vec<i16> {
-    caller
-        .events_named("media")
-        .iter()
-        .filter_map(|(_, m)| m["media"]["payload"].as_str().map(unb64))
-        .flatten()
-        .map(unulaw)
-        .collect()
-}
-
 /// A WHIP agent's tone reaches a Twilio caller as μ-law at the tone's frequency, and the caller's
 /// tone reaches the agent as Opus at its frequency; the answer names the session's own core.
 #[test]
@@ -69,7 +58,7 @@ fn whip_agent_and_twilio_caller_hear_each_other() {
     assert!(agent.connect(Duration::from_secs(5)), "ICE and DTLS connect");
     caller.send_audio(&tone_frames(1000.0, 2.5));
     agent.run(Duration::from_secs(2), Send::Tone(440.0));
-    let heard = caller_heard(&caller);
+    let heard = caller.heard_pcm();
     assert!(heard.len() >= 8000, "the caller heard {} samples of the agent", heard.len());
     let hz = dominant_hz(&heard, 8000).expect("enough audio");
     assert!((hz - 440.0).abs() <= 20.0, "the caller hears the agent's 440 Hz tone, got {hz}");
@@ -278,7 +267,7 @@ fn loss_is_concealed() {
     agent.drop_every = 7;
     agent.run(Duration::from_secs(3), Send::Tone(440.0));
     assert!(agent.dropped >= 15, "the peer dropped {} packets", agent.dropped);
-    let heard = caller_heard(&caller);
+    let heard = caller.heard_pcm();
     // 3 s of 20 ms frames; every lost one is replaced, so the caller gets nearly all of them.
     assert!(heard.len() >= 8000 * 27 / 10, "the caller heard {} samples over 3 s", heard.len());
     let hz = dominant_hz(&heard, 8000).expect("audio");

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use relay_tests::ptime::Publisher;
-use relay_tests::telephony::{unb64, unulaw, TwilioCaller};
+use relay_tests::telephony::{unb64, TwilioCaller};
 use relay_tests::webrtc::dominant_hz;
 use relay_tests::Relay;
 use serde_json::Value;
@@ -63,7 +63,7 @@ fn call(relay: &Relay, id: &str, packets_ms: &[u32]) -> Heard {
             .sum();
         (samples >= want).then_some(())
     });
-    Heard { pcm: caller_pcm(&caller), counters }
+    Heard { pcm: caller.heard_pcm(), counters }
 }
 
 /// `lost`, `concealed`, `fecRecovered`, `late` and `decodeErrors` of `/health/detailed`, summed
@@ -76,17 +76,6 @@ fn webrtc_counters(relay: &Relay) -> Value {
         "lost": sum("lost"), "concealed": sum("concealed"), "fecRecovered": sum("fecRecovered"),
         "late": sum("late"), "decodeErrors": sum("decodeErrors"),
     })
-}
-
-/// What the caller heard, as 8 kHz PCM.
-fn caller_pcm(caller: &TwilioCaller) -> Vec<i16> {
-    caller
-        .events_named("media")
-        .iter()
-        .filter_map(|(_, m)| m["media"]["payload"].as_str().map(unb64))
-        .flatten()
-        .map(unulaw)
-        .collect()
 }
 
 /// The longest run of quiet audio (2.5 ms blocks well below the tone's level) between the first
