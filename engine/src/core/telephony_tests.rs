@@ -796,15 +796,10 @@ fn realtime_barge_in_counts_marks_played_before_it() {
     assert!((280..=300).contains(&ms), "heard {ms} ms of 300");
 }
 
-/// A call CA1 from a Twilio caller with a Realtime agent leg open.
+/// A call CA1 from a Twilio caller with a Realtime agent leg open, and that leg.
 fn realtime_marks_call() -> (Call, ConnectionId) {
-    let mut c = Call::with_realtime();
-    let id = SessionId::parse("CA1").expect("valid");
-    c.core.handle_caller_open(&id, CALLER);
-    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let c = realtime_call(Default::default(), &[]);
     let agent = c.agent.expect("dialled");
-    assert!(c.core.handle_agent_open(c.now(), agent));
-    c.drain();
     (c, agent)
 }
 
