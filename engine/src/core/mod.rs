@@ -1302,13 +1302,12 @@ impl CoreState {
                 self.records.remove(&oldest);
             }
             self.record_order.push_back(id.clone());
-            let record =
-                command::CallRecord {
-                    status: "queued".to_owned(),
-                    created_ms: now.unix_ms,
-                    node: self.node_id.clone(),
-                    ..Default::default()
-                };
+            let record = command::CallRecord {
+                status: "queued".to_owned(),
+                created_ms: now.unix_ms,
+                node: self.node_id.clone(),
+                ..Default::default()
+            };
             self.records.insert(id.clone(), record);
         }
         let r = self.records.get_mut(id).expect("inserted above");

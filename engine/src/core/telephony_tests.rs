@@ -1208,7 +1208,11 @@ fn draining_refuses_unknown_calls_and_serves_known_ones() {
     let new = SessionId::parse("CA2").expect("valid");
     c.core.handle_caller_open(&new, stranger);
     let now = c.now();
-    c.core.handle_caller_frame(now, stranger, &Bytes::copy_from_slice(twilio::start_msg(1, &start("CA2").params()).as_bytes()));
+    c.core.handle_caller_frame(
+        now,
+        stranger,
+        &Bytes::copy_from_slice(twilio::start_msg(1, &start("CA2").params()).as_bytes()),
+    );
     c.drain();
     assert_eq!(c.closed(stranger), Some(1013), "a new call's first leg is refused");
     assert_eq!(c.core.stats().active_sessions, 1, "no session began");
@@ -1223,7 +1227,9 @@ fn draining_refuses_unknown_calls_and_serves_known_ones() {
         "caller audio still reaches the agent"
     );
     let watcher = ConnectionId(301);
-    c.core.handle_attach(now, &live, watcher, ListenKind::Events, Credential::Anonymous).expect("a live call's listener");
+    c.core
+        .handle_attach(now, &live, watcher, ListenKind::Events, Credential::Anonymous)
+        .expect("a live call's listener");
     // A call announced by its webhook before the drain: its stream still starts here.
     let known = SessionId::parse("CA3").expect("valid");
     c.core.handle_drain(false);
@@ -1232,7 +1238,11 @@ fn draining_refuses_unknown_calls_and_serves_known_ones() {
     assert_eq!(c.core.admits(&known), Ok(()), "a call the core knows is admitted");
     let third = ConnectionId(302);
     c.core.handle_caller_open(&known, third);
-    c.core.handle_caller_frame(now, third, &Bytes::copy_from_slice(twilio::start_msg(1, &start("CA3").params()).as_bytes()));
+    c.core.handle_caller_frame(
+        now,
+        third,
+        &Bytes::copy_from_slice(twilio::start_msg(1, &start("CA3").params()).as_bytes()),
+    );
     c.drain();
     assert_eq!(c.closed(third), None);
     assert_eq!(c.core.stats().active_sessions, 2, "the known call began");

@@ -236,7 +236,10 @@ impl CoreHandle {
         let now_ms = self.uptime().as_millis() as u64;
         let stalled_ms = STALLED_AFTER.as_millis() as u64;
         let ticks = &self.0.global.ticks;
-        (0..self.0.cores).filter(|&i| now_ms.saturating_sub(ticks[i].load(Ordering::Relaxed)) > stalled_ms).map(CoreId).collect()
+        (0..self.0.cores)
+            .filter(|&i| now_ms.saturating_sub(ticks[i].load(Ordering::Relaxed)) > stalled_ms)
+            .map(CoreId)
+            .collect()
     }
 }
 

@@ -380,8 +380,8 @@ impl ShutdownHandle {
     /// Starts graceful shutdown: stop accepting, end calls, close sockets, exit. A node that was
     /// drained and has no call left exits at once, without waiting for connections to close.
     pub fn shutdown(&self) {
-        let drained = self.0.draining.load(Ordering::Acquire)
-            && self.0.sessions.iter().all(|s| s.load(Ordering::Acquire) == 0);
+        let drained =
+            self.0.draining.load(Ordering::Acquire) && self.0.sessions.iter().all(|s| s.load(Ordering::Acquire) == 0);
         self.0.shutdown_at_once.store(drained, Ordering::Release);
         self.0.shutdown.store(true, Ordering::Release);
     }
