@@ -8,6 +8,7 @@ use std::time::Duration;
 use relay_tests::telephony::{connected_msg, frames, start_msg, Frontend, Peer, TwilioBot, TwilioCaller};
 use relay_tests::{encode_frame, ids_on_core, poll_until, Conn, RawWs, Relay, Response, Ws};
 use serde_json::{json, Value};
+use str0m::media::Direction;
 
 /// The WebSocket upgrade's header fields.
 const UPGRADE: [(&str, &str); 4] = [
@@ -19,7 +20,7 @@ const UPGRADE: [(&str, &str); 4] = [
 
 /// While drained by `POST /admin/drain`: `/health/ready` says 404 with the live calls, a live
 /// Twilio call keeps its stream (frames still reach its bot), gets a new `/ws` observer and a new
-/// frontend, and a live session stops with `/stop-call`; every entry point of a new call answers
+/// frontend, and a live session takes a WHEP listener and stops with `/stop-call`; every entry point of a new call answers
 /// 503 with `Retry-After` (a `/twilio/stream` whose `start` names a new call is closed with 1013);
 /// after `/admin/undrain` new calls begin again.
 #[test]
@@ -62,6 +63,10 @@ fn drain_serves_live_calls_and_refuses_new_ones() {
     assert_eq!(front.wait_audio("inbound", 3), frames(1, 10..13), "a new frontend of a live call hears it");
     let webhook = voice(&relay, live);
     assert_eq!(webhook.status, 200, "the voice webhook of a live call: {}", webhook.text());
+    let listener = relay_tests::webrtc::Peer::new(Direction::RecvOnly);
+    let sdp = [("Content-Type", "application/sdp"), ("Authorization", "Bearer t")];
+    let whep = relay.request("POST", &format!("/whep/{session}"), &sdp, Some(listener.offer()));
+    assert_eq!(whep.status, 201, "a WHEP listener of a live call: {}", whep.text());
     let stopped = relay.stop_call(session);
     assert_eq!(stopped.status, 200, "{}", stopped.text());
     assert_eq!(watcher.expect_event("call_ended")["reason"], "stopped");
@@ -106,7 +111,8 @@ fn drain_serves_live_calls_and_refuses_new_ones() {
 fn sigusr1_drains_and_admin_needs_the_key() {
     let relay = Relay::start(&["--api-key", "k"]);
     let mut anonymous = Conn::open(relay.addr());
-    assert_eq!(anonymous.request("GET", "/health/ready", &[], None).status, 200, "public, as /health");
+    let ready = anonymous.request("GET", "/health/ready", &[], None);
+    assert_eq!(ready.status, 200, "public, as /health: {}", ready.text());
     assert_eq!(anonymous.request("POST", "/admin/drain", &[], Some("{}")).status, 401);
     assert_eq!(anonymous.request("POST", "/admin/undrain", &[], Some("{}")).status, 401);
     relay.signal(libc::SIGUSR1);

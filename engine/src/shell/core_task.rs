@@ -305,6 +305,12 @@ impl CoreShared {
         result
     }
 
+    /// Records that this core's timer task is running (see `CoreHandle::stalled_cores`).
+    fn beat(&self, now: std::time::Instant) {
+        let uptime_ms = now.saturating_duration_since(self.global.started).as_millis() as u64;
+        self.global.ticks[self.id.0].store(uptime_ms, Ordering::Relaxed);
+    }
+
     /// Publishes the depths of this core's queues. Measuring them visits every session, so this
     /// runs on the periodic sweep, not after every input.
     fn publish_depths(&self) {
@@ -538,6 +544,8 @@ pub(crate) async fn run_core<S: ControlService>(
         })
     });
     let spares = shared.udp.as_ref().map(|_| glommio::spawn_local(super::rtc::spares_task(shared.clone())));
+    // Serving from now on: a readiness check may come before the timer task first runs.
+    shared.beat(shared.now().instant);
     let _ = ready.send((shared.id.0, Ok(())));
     tracing::debug!(core = shared.id.0, "core serving");
 
@@ -599,6 +607,7 @@ async fn tick_task(shared: &Rc<CoreShared>) {
     loop {
         let listener = shared.timer_event.listen();
         let now = shared.now();
+        shared.beat(now.instant);
         let next = shared.state.borrow().poll_timeout();
         shared.timer_armed.set(next);
         let wait = next.map_or(TICK, |t| t.saturating_duration_since(now.instant).min(TICK));
@@ -609,8 +618,6 @@ async fn tick_task(shared: &Rc<CoreShared>) {
             };
             sleep.or(listener).await;
         }
-        let uptime_ms = shared.now().instant.saturating_duration_since(shared.global.started).as_millis() as u64;
-        shared.global.ticks[shared.id.0].store(uptime_ms, Ordering::Relaxed);
         if shared.global.shutdown.load(Ordering::Acquire) {
             shared.shutting_down.set(true);
             shared.shutdown_event.notify(usize::MAX);
