@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use http::header::HeaderName;
 use http::{header, HeaderValue, Response, StatusCode};
+use relay_engine::core::command::DRAIN_RETRY_AFTER_SECS;
 use relay_engine::error::CommandError;
 
 /// An error answer: status plus a sentence, and any headers the status requires.
@@ -66,9 +67,10 @@ impl ApiError {
         let status = match error {
             CommandError::NotFound => StatusCode::NOT_FOUND,
             CommandError::AlreadyActive => StatusCode::CONFLICT,
-            CommandError::CoreFull { .. } | CommandError::Busy | CommandError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            CommandError::CoreFull { .. }
+            | CommandError::Busy
+            | CommandError::ShuttingDown
+            | CommandError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             CommandError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             CommandError::Unauthorized => StatusCode::UNAUTHORIZED,
             CommandError::Conflict(_) => StatusCode::CONFLICT,
@@ -84,7 +86,14 @@ impl ApiError {
             CommandError::AlreadyActive => format!("session {session} is already active"),
             other => other.to_string(),
         };
-        Self::new(status, message)
+        // A draining node's refusal: the retry goes to another node, soon.
+        let retry_after = (*error == CommandError::Draining).then_some(DRAIN_RETRY_AFTER_SECS);
+        Self { retry_after, ..Self::new(status, message) }
+    }
+
+    /// 503 for a new call on a draining node, with its `Retry-After`.
+    pub fn draining() -> Self {
+        Self::from_command(&CommandError::Draining, "")
     }
 
     /// The HTTP response.

@@ -33,7 +33,8 @@ pub mod twilio;
 
 use anyhow::Context as _;
 
-/// Starts the relay with `config`, serves until SIGINT/SIGTERM, then shuts down gracefully.
+/// Starts the relay with `config`, serves until SIGINT/SIGTERM, then shuts down gracefully
+/// (at once when it was drained and no call is left); SIGUSR1 drains it.
 ///
 /// # Errors
 /// A one-line reason the relay could not start or a core failed.
@@ -99,13 +100,24 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     }
 
     let shutdown = relay.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGUSR1,
+    ])
+    .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut forever = signals.forever();
-            if let Some(signal) = forever.next() {
+            // SIGUSR1 drains (as `POST /admin/drain`) and the relay goes on; the first SIGINT or
+            // SIGTERM shuts down.
+            for signal in forever.by_ref() {
+                if signal == signal_hook::consts::SIGUSR1 {
+                    tracing::info!(signal, "draining: new calls are refused, live calls go on");
+                    shutdown.drain();
+                    continue;
+                }
                 tracing::info!(signal, "shutting down: ending calls and closing connections");
                 shutdown.shutdown();
                 // A core that cannot finish in time must not keep the process alive.
@@ -115,8 +127,9 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
                     tracing::warn!("shutdown took longer than {deadline:?}; exiting");
                     std::process::exit(1);
                 });
+                break;
             }
-            if forever.next().is_some() {
+            if forever.any(|signal| signal != signal_hook::consts::SIGUSR1) {
                 tracing::warn!("second signal: exiting now");
                 std::process::exit(130);
             }

@@ -11,6 +11,12 @@ pub enum Route {
     Health,
     /// `GET /health/detailed`.
     HealthDetailed,
+    /// `GET /health/ready`: whether the node takes new calls (a balancer's health check).
+    HealthReady,
+    /// `POST /admin/drain`: stop taking new calls, keep serving live ones.
+    AdminDrain,
+    /// `POST /admin/undrain`: take new calls again.
+    AdminUndrain,
     /// `GET /metrics` (Prometheus text exposition).
     Metrics,
     /// `POST /start-call`.
@@ -95,6 +101,9 @@ const LEG: &str = "PATCH, DELETE, OPTIONS";
 static TABLE: &[Entry] = &[
     Entry { path: "/health", methods: &[(Method::GET, Route::Health)], allow: GET },
     Entry { path: "/health/detailed", methods: &[(Method::GET, Route::HealthDetailed)], allow: GET },
+    Entry { path: "/health/ready", methods: &[(Method::GET, Route::HealthReady)], allow: GET },
+    Entry { path: "/admin/drain", methods: &[(Method::POST, Route::AdminDrain)], allow: POST },
+    Entry { path: "/admin/undrain", methods: &[(Method::POST, Route::AdminUndrain)], allow: POST },
     Entry { path: "/metrics", methods: &[(Method::GET, Route::Metrics)], allow: GET },
     Entry { path: "/start-call", methods: &[(Method::POST, Route::StartCall)], allow: POST },
     Entry { path: "/stop-call", methods: &[(Method::POST, Route::StopCall)], allow: POST },

@@ -1,8 +1,9 @@
 //! `--node-id`: every HTTP answer and every WebSocket 101 names the node that served it in
 //! `X-Relay-Node` (so a client behind a balancer can see that every leg of a call reached one
-//! node), and `/health` and `/health/detailed` show it.
+//! node), `/health` and `/health/detailed` show it, and call records store it.
 
-use relay_tests::{output_bounded, relay_command, temp_dir, Conn, Relay, TIMEOUT};
+use relay_tests::telephony::TwilioCaller;
+use relay_tests::{output_bounded, poll_until, relay_command, temp_dir, Conn, Relay, TIMEOUT};
 use serde_json::json;
 
 /// Answers of every kind carry the configured node id: success, 404, 401, a refused upgrade, a
@@ -63,4 +64,18 @@ fn node_id_defaults_to_the_host_and_is_checked() {
     assert!(!out.status.success(), "an invalid --node-id is refused");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--node-id"), "the error names the flag: {err}");
+}
+
+/// A call's record names the node that served it: analytics' recent calls show it as `node`.
+#[test]
+fn call_records_name_the_node() {
+    let relay = Relay::start(&["--node-id", "node-rec"]);
+    let caller = TwilioCaller::start(&relay, "CA-node", &[("projectId", "p-node")]);
+    caller.stop();
+    caller.wait_closed();
+    let call = poll_until("the call's record in the database", || {
+        let recent = relay.get("/analytics/project/p-node/recent").json();
+        recent["calls"].as_array().and_then(|calls| calls.iter().find(|c| c["callSid"] == "CA-node").cloned())
+    });
+    assert_eq!(call["node"], "node-rec", "{call}");
 }

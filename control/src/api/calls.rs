@@ -59,6 +59,11 @@ pub async fn outbound_call(
         None => None,
         Some(v) => Some(tools::parse_tools(v).map_err(|e| ApiError::bad_request(e.to_string()))?.into()),
     };
+    if core.draining() {
+        // A new call: a draining node places none (its callSid is unknown until Twilio answers,
+        // so the node's own cores cannot be asked).
+        return Err(ApiError::draining());
+    }
     let account = twilio_account(config)?;
     let initiated = match users.try_initiate(user_id, Instant::now()) {
         Ok(at) => at,

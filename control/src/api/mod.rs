@@ -56,6 +56,9 @@ impl Service {
         let respond = |r: Result<Response<Bytes>, ApiError>| r.map(Outcome::Respond);
         match route {
             Route::Health => respond(Ok(ops::health(core))),
+            Route::HealthReady => respond(Ok(ops::ready(core))),
+            Route::AdminDrain => respond(Ok(ops::drain(core, true))),
+            Route::AdminUndrain => respond(Ok(ops::drain(core, false))),
             Route::Metrics => {
                 let mut r = Response::new(Bytes::from(crate::metrics::render(core, &self.store_stats)));
                 r.headers_mut().insert(
@@ -89,7 +92,15 @@ impl Service {
             Route::TwilioVoice => respond(twilio::voice(core, &self.config, request).await),
             Route::TwilioStatus => respond(twilio::status(core, &self.config, request).await),
             Route::TwilioTranscription => respond(twilio::transcription(core, &self.config, request).await),
-            Route::TwilioStream => twilio::stream(&self.config, request).map(Outcome::Upgrade),
+            Route::TwilioStream => {
+                let upgrade = twilio::stream(&self.config, request)?;
+                if let (true, Some(id)) = (upgrade.session_fixed, &upgrade.session) {
+                    // The path names the call: a draining node refuses a call it does not know
+                    // before the 101, so a balancer can send the stream elsewhere.
+                    twilio::admit(core, id).await?;
+                }
+                Ok(Outcome::Upgrade(upgrade))
+            }
             Route::LlmSocket => session::llm_socket(request).map(Outcome::Upgrade),
             Route::Whip => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whip).await),
             Route::Whep => respond(rtc::offer(core, &self.config, request, rtc::Kind::Whep).await),
@@ -127,6 +138,7 @@ impl Service {
         let open = matches!(
             route,
             Route::Health
+                | Route::HealthReady
                 | Route::OpenApi
                 | Route::Docs
                 | Route::Events

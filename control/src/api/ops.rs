@@ -1,6 +1,9 @@
-//! Operational endpoints: `/health` (every seed's shape at once) and `/health/detailed`.
+//! Operational endpoints: `/health` (every seed's shape at once), `/health/detailed`, the
+//! balancer's `/health/ready`, and drain (`/admin/drain`, `/admin/undrain`).
 //!
-//! Invariant: never exposes a secret; reads only counters and the data directory.
+//! Invariant: never exposes a secret; reads only counters and the data directory. Readiness never
+//! depends on the records database: a database down for every node must not take every node out
+//! of the balancer at once.
 
 use std::time::SystemTime;
 
@@ -30,6 +33,43 @@ pub fn health(core: &CoreHandle) -> Response<Bytes> {
             "node": core.node_id(),
             "data": { "activeSessions": active, "version": VERSION, "node": core.node_id() },
         }),
+    )
+}
+
+/// `GET /health/ready`: 200 while the node takes new calls; 404 while it drains (HAProxy's
+/// `http-check disable-on-404` then sends it no new call but keeps its live ones); 503 when it
+/// cannot serve calls (a core stalled or gone, or shutting down).
+pub fn ready(core: &CoreHandle) -> Response<Bytes> {
+    let active: usize = core.stats().iter().map(|s| s.sessions).sum();
+    let stalled: Vec<usize> = core.stalled_cores().into_iter().map(|c| c.0).collect();
+    let (status, body) = if core.shutting_down() || !stalled.is_empty() {
+        let reason = if stalled.is_empty() { "shutting down" } else { "a core is not serving" };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "unavailable", "node": core.node_id(), "reason": reason, "stalledCores": stalled,
+                    "activeSessions": active }),
+        )
+    } else if core.draining() {
+        (StatusCode::NOT_FOUND, json!({ "status": "draining", "node": core.node_id(), "activeSessions": active }))
+    } else {
+        (StatusCode::OK, json!({ "status": "ready", "node": core.node_id(), "activeSessions": active }))
+    };
+    json_response(status, &body)
+}
+
+/// `POST /admin/drain` (`draining` true) and `POST /admin/undrain` (false): sets the node's drain
+/// state and answers it with the calls still live.
+pub fn drain(core: &CoreHandle, draining: bool) -> Response<Bytes> {
+    core.set_draining(draining);
+    if draining {
+        tracing::info!(node = core.node_id(), "draining: new calls are refused, live calls go on");
+    } else {
+        tracing::info!(node = core.node_id(), "undrained: taking new calls");
+    }
+    let active: usize = core.stats().iter().map(|s| s.sessions).sum();
+    json_response(
+        StatusCode::OK,
+        &json!({ "success": true, "draining": draining, "node": core.node_id(), "activeSessions": active }),
     )
 }
 
@@ -83,6 +123,7 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
             "server": {
                 "status": "up",
                 "node": core.node_id(),
+                "draining": core.draining(),
                 "uptime": core.uptime().as_secs(),
                 "activeSessions": active,
                 "memoryUsage": { "rss": rss_bytes() },

@@ -30,6 +30,7 @@ use crate::twilio::{field, parse_form, signature, twiml};
 /// 403 for a bad signature, 400 without a valid `CallSid`.
 pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let (form, id) = signed_call(config, request)?;
+    admit(core, &id).await?;
     let call_sid = id.as_str();
     let label = |name: &str| {
         params::query(request.head.uri.query(), name)
@@ -80,6 +81,21 @@ pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> 
     let mut response = Response::new(Bytes::from(twiml::connect_stream(&stream_url, &parameters, callback.as_deref())));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml"));
     Ok(response)
+}
+
+/// Refuses a leg that would begin call `id` while the node drains and its owner core does not
+/// know the call (503 with `Retry-After`); a node that is not draining asks nothing.
+///
+/// # Errors
+/// 503 while draining, for a call the node does not know (or whose core did not answer).
+pub async fn admit(core: &CoreHandle, id: &SessionId) -> Result<(), ApiError> {
+    if !core.draining() {
+        return Ok(());
+    }
+    match core.dispatch(id.clone(), Command::Admit).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ApiError::from_command(&e, id.as_str())),
+    }
 }
 
 /// `POST /twilio/status`: a status callback; updates the call's record (status, duration).

@@ -130,6 +130,10 @@ pub struct StoredCall {
     /// Function calls the call's agent made (absent in records written before they were counted).
     #[serde(default)]
     pub function_calls: u64,
+    /// The node that served the call (`--node-id`; empty in records written before nodes were
+    /// named).
+    #[serde(default)]
+    pub node: String,
 }
 
 impl StoredCall {
@@ -159,6 +163,7 @@ impl StoredCall {
             first_message: r.first_message.clone(),
             created_ms: r.created_ms,
             function_calls: r.function_calls,
+            node: r.node.clone(),
         };
         if let Some(old) = older.filter(|old| old.created_ms < call.created_ms) {
             // A re-created record: it knows only what happened since; the rest comes from before.
@@ -186,6 +191,9 @@ impl StoredCall {
             }
             // The re-created record counts from zero again; the larger count loses least.
             call.function_calls = call.function_calls.max(old.function_calls);
+            if call.node.is_empty() {
+                call.node.clone_from(&old.node);
+            }
             call.start_ms = old.start_ms.or(call.start_ms);
             call.end_ms = call.end_ms.or(old.end_ms);
             call.duration_secs = call.duration_secs.or(old.duration_secs);
@@ -668,13 +676,15 @@ mod tests {
         assert_eq!(merged.from.as_deref(), Some("+1"));
     }
 
-    /// Records and summaries written before function calls were counted read back with 0.
+    /// Records and summaries written before function calls were counted (or nodes named) read back
+    /// with 0 (and no node).
     #[test]
     fn old_records_read_without_function_calls() {
         let old =
             r#"{"id":"CA1","projectId":"p","direction":"inbound","status":"completed","transcript":"","createdMs":1}"#;
         let call: StoredCall = serde_json::from_str(old).expect("an old record");
         assert_eq!(call.function_calls, 0);
+        assert_eq!(call.node, "", "records written before nodes were named have none");
         let summary: Summary = serde_json::from_str(r#"{"status":"completed"}"#).expect("an old summary");
         assert_eq!(summary.function_calls, 0);
     }

@@ -155,6 +155,7 @@ pub fn recent_call(call: &StoredCall) -> Value {
         "fromNumber": call.from,
         "createdAt": time::format(call.created_ms),
         "transcriptPreview": preview(&call.transcript),
+        "node": call.node,
     })
 }
 

@@ -41,6 +41,11 @@ pub enum Command {
         /// What the request presented.
         credential: crate::core::Credential,
     },
+    /// Ask whether the owner core takes a new leg of this call: yes unless it is draining and does
+    /// not know the call (no session, no record of a call still going). Asked before a leg that
+    /// would begin a call is accepted (`/twilio/voice`, `/twilio/stream/{callSid}`), and only
+    /// while the node drains.
+    Admit,
 }
 
 /// What a WebRTC leg is to its session.
@@ -237,6 +242,9 @@ pub struct CallRecord {
     /// The call's own tools, for its Realtime agent (kept on the owner core only: a list may be
     /// 64 KiB, too large for TwiML stream parameters, and only the owner core dials the agent).
     pub tools: Option<std::sync::Arc<[crate::proto::tools::Tool]>>,
+    /// The node whose core owns the call (`EngineConfig::node_id`, set when the record is made):
+    /// in a cluster sharing one records store, which node served it (empty: no node name).
+    pub node: String,
 }
 
 /// A call record as it is now, emitted by the owner core whenever it changes
@@ -248,6 +256,10 @@ pub struct RecordChange {
     /// The whole record after the change: a later change supersedes an earlier one.
     pub record: CallRecord,
 }
+
+/// Seconds a refused new call is told to wait (`Retry-After`) while its node drains: small, since
+/// a balancer sends the retry to another node.
+pub const DRAIN_RETRY_AFTER_SECS: u64 = 5;
 
 /// Longest transcript kept in a call record, bytes.
 pub const MAX_TRANSCRIPT_BYTES: usize = 64 * 1024;
@@ -311,6 +323,8 @@ pub enum Reply {
     },
     /// The WebRTC leg is gone.
     RtcEnded,
+    /// Answer to [`Command::Admit`]: the core takes legs of this call.
+    Admitted,
 }
 
 /// `/call-status` fields.
@@ -370,6 +384,10 @@ pub enum CommandError {
     /// The relay is shutting down and starts no new sessions.
     #[error("the relay is shutting down")]
     ShuttingDown,
+    /// The node is draining (`POST /admin/drain`, SIGUSR1): it serves the calls it has but begins
+    /// none, so a balancer sends new calls to another node.
+    #[error("this relay node is draining and takes no new calls; retry, another node will take the call")]
+    Draining,
     /// The credential does not open this session's media legs.
     #[error("a valid access token for this session is required: send Authorization: Bearer <accessToken>")]
     Unauthorized,

@@ -73,6 +73,9 @@ pub enum AttachError {
     /// The relay is shutting down and takes no new sockets.
     #[error("the relay is shutting down")]
     ShuttingDown,
+    /// The node is draining: a listener of a call it does not know may not wait here for it.
+    #[error("this relay node is draining and takes no new calls")]
+    Draining,
 }
 
 /// An effect for the shell to carry out.
@@ -288,6 +291,11 @@ pub struct CoreState {
     waiting: usize,
     /// Set by `handle_shutdown`: no new sessions or sockets from then on.
     shutting_down: bool,
+    /// Set and cleared by `handle_drain` (the node's drain flag, which the shell shares between
+    /// its cores): while set, no leg may begin a call this core does not know; its calls go on.
+    draining: bool,
+    /// This node's name, stored in every call record it makes ([`CoreState::with_node_id`]).
+    node_id: String,
     /// Call records by call id, kept after their session ends; the oldest go first past
     /// `records_per_core`.
     records: HashMap<SessionId, command::CallRecord>,
@@ -352,6 +360,8 @@ impl CoreState {
             stats: Stats::default(),
             waiting: 0,
             shutting_down: false,
+            draining: false,
+            node_id: String::new(),
             records: HashMap::new(),
             record_order: VecDeque::new(),
             rtc: None,
@@ -369,6 +379,40 @@ impl CoreState {
     pub fn with_codec_timer(mut self, timer: Box<dyn CodecTimer + Send>) -> Self {
         self.codec_timer = Some(timer);
         self
+    }
+
+    /// Names the node in every call record this core makes (`EngineConfig::node_id`).
+    #[must_use]
+    pub fn with_node_id(mut self, node_id: String) -> Self {
+        self.node_id = node_id;
+        self
+    }
+
+    /// Starts (`true`) or ends (`false`) draining: while draining, a leg that would begin a call
+    /// this core does not know is refused ([`CommandError::Draining`], [`AttachError::Draining`],
+    /// close 1013 for a caller stream), and every leg of a call it knows is served as before.
+    pub fn handle_drain(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Whether a new leg of call `id` may begin here: always, unless the core is draining and
+    /// does not know the call (no session, no record of a call still going).
+    ///
+    /// # Errors
+    /// [`CommandError::Draining`] when it may not.
+    pub fn admits(&self, id: &SessionId) -> Result<(), CommandError> {
+        if !self.draining || self.knows(id) {
+            Ok(())
+        } else {
+            Err(CommandError::Draining)
+        }
+    }
+
+    /// Whether `id` is a call of this core: a session, or a record of a call not yet over (a
+    /// webhook or an outbound request came before its stream).
+    fn knows(&self, id: &SessionId) -> bool {
+        self.slots.get(id).is_some_and(|s| s.session.is_some())
+            || self.records.get(id).is_some_and(|r| status_rank(&r.status) < FINAL && r.end_ms.is_none())
     }
 
     /// Sets what the built-in Retell responder says first (empty: nothing).
@@ -396,12 +440,14 @@ impl CoreState {
             Command::RtcOffer(offer) => return self.rtc_offer(now, id, *offer),
             Command::RtcEnd { leg, credential } => return self.rtc_end(now, id, leg, &credential),
             Command::RtcPatch(patch) => return self.rtc_patch(now, id, &patch),
+            Command::Admit => return self.admits(id).map(|()| Reply::Admitted),
             _ => {}
         }
         if let Command::Start(start) = command {
             if self.shutting_down {
                 return Err(CommandError::ShuttingDown);
             }
+            self.admits(id)?;
             if self.slots.get(id).is_some_and(|s| s.session.is_some()) {
                 return Err(CommandError::AlreadyActive);
             }
@@ -421,7 +467,8 @@ impl CoreState {
             | Command::Transcript(_)
             | Command::RtcOffer(_)
             | Command::RtcPatch(_)
-            | Command::RtcEnd { .. } => {
+            | Command::RtcEnd { .. }
+            | Command::Admit => {
                 unreachable!("handled above")
             }
             Command::Stop => {
@@ -477,6 +524,9 @@ impl CoreState {
                 // anonymously and are checked against the session's token when it starts.
                 if kind == ListenKind::Events && matches!(credential, Credential::Anonymous) {
                     return Err(AttachError::Unauthorized);
+                }
+                if self.admits(id).is_err() {
+                    return Err(AttachError::Draining);
                 }
                 if self.waiting >= self.limits.pending_sessions_per_core {
                     return Err(AttachError::TooManyPending);
@@ -957,6 +1007,11 @@ impl CoreState {
                 self.close(conn, 1013, "relay at capacity");
                 return;
             }
+            if self.admits(id).is_err() {
+                self.conns.remove(&conn);
+                self.close(conn, 1013, "relay node draining");
+                return;
+            }
             self.create(now, id, Session::from_stream(id.clone(), &start));
         }
         let session = self.slots.get_mut(id).and_then(|s| s.session.as_mut()).expect("exists or created above");
@@ -1247,8 +1302,12 @@ impl CoreState {
                 self.records.remove(&oldest);
             }
             self.record_order.push_back(id.clone());
-            let record =
-                command::CallRecord { status: "queued".to_owned(), created_ms: now.unix_ms, ..Default::default() };
+            let record = command::CallRecord {
+                status: "queued".to_owned(),
+                created_ms: now.unix_ms,
+                node: self.node_id.clone(),
+                ..Default::default()
+            };
             self.records.insert(id.clone(), record);
         }
         let r = self.records.get_mut(id).expect("inserted above");

@@ -1194,3 +1194,76 @@ fn realtime_function_calls_run_once_and_answer_the_model() {
     assert_eq!((record.function_calls, record.intent.as_deref()), (2, Some("booking")));
     assert_eq!(c.core.stats().tools, ToolStats { calls: 2, failed: 0, refused: 1 });
 }
+
+/// While draining, a caller stream whose `start` names a call the core does not know is closed
+/// with 1013 and begins no session; a call the core knows (its webhook came first) still starts;
+/// a live call keeps its caller, agent and listeners, and a new listener of it attaches.
+#[test]
+fn draining_refuses_unknown_calls_and_serves_known_ones() {
+    let mut c = Call::connected();
+    let live = SessionId::parse("CA1").expect("valid");
+    c.core.handle_drain(true);
+    // A new call's stream.
+    let stranger = ConnectionId(300);
+    let new = SessionId::parse("CA2").expect("valid");
+    c.core.handle_caller_open(&new, stranger);
+    let now = c.now();
+    c.core.handle_caller_frame(
+        now,
+        stranger,
+        &Bytes::copy_from_slice(twilio::start_msg(1, &start("CA2").params()).as_bytes()),
+    );
+    c.drain();
+    assert_eq!(c.closed(stranger), Some(1013), "a new call's first leg is refused");
+    assert_eq!(c.core.stats().active_sessions, 1, "no session began");
+    assert_eq!(c.core.admits(&new), Err(CommandError::Draining));
+    // The live call: its caller's audio still reaches its agent, and a new listener attaches.
+    assert_eq!(c.core.admits(&live), Ok(()));
+    let before = c.log.len();
+    c.caller(&media(2, &[1; 160]));
+    let agent = c.agent.expect("dialled");
+    assert!(
+        c.log[before..].iter().any(|o| matches!(o, Output::Send { conn, .. } if *conn == agent)),
+        "caller audio still reaches the agent"
+    );
+    let watcher = ConnectionId(301);
+    c.core
+        .handle_attach(now, &live, watcher, ListenKind::Events, Credential::Anonymous)
+        .expect("a live call's listener");
+    // A call announced by its webhook before the drain: its stream still starts here.
+    let known = SessionId::parse("CA3").expect("valid");
+    c.core.handle_drain(false);
+    c.core.handle_command(now, &known, Command::Record(Box::default())).expect("webhook record");
+    c.core.handle_drain(true);
+    assert_eq!(c.core.admits(&known), Ok(()), "a call the core knows is admitted");
+    let third = ConnectionId(302);
+    c.core.handle_caller_open(&known, third);
+    c.core.handle_caller_frame(
+        now,
+        third,
+        &Bytes::copy_from_slice(twilio::start_msg(1, &start("CA3").params()).as_bytes()),
+    );
+    c.drain();
+    assert_eq!(c.closed(third), None);
+    assert_eq!(c.core.stats().active_sessions, 2, "the known call began");
+    // Undrained, a new call begins again.
+    c.core.handle_drain(false);
+    assert_eq!(c.core.admits(&new), Ok(()));
+}
+
+/// Every call record a core makes names the core's node.
+#[test]
+fn records_name_their_node() {
+    let mut c = Call::with_bot();
+    c.core = CoreState::new(Limits::default(), AgentPolicy::default()).with_node_id("node-7".into());
+    let id = SessionId::parse("CA1").expect("valid");
+    c.core.handle_caller_open(&id, CALLER);
+    c.caller(&twilio::start_msg(1, &start("CA1").params()));
+    let Ok(Reply::Record(r)) = c.core.handle_command(c.now(), &id, Command::ReadRecord) else { panic!("record") };
+    assert_eq!(r.node, "node-7");
+    let emitted = c.log.iter().rev().find_map(|o| match o {
+        Output::Record(change) => Some(change.record.node.clone()),
+        _ => None,
+    });
+    assert_eq!(emitted.as_deref(), Some("node-7"), "the emitted change carries it too");
+}

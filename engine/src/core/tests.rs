@@ -259,3 +259,41 @@ fn a_panicked_session_is_dropped_alone() {
     // The id can be used again.
     h.cmd("bad", start("t")).expect("a new session under the same id");
 }
+
+/// While draining, `/start-call` for a new id and a listener waiting for an unknown id are
+/// refused (`Draining`), while every command of a live session works, its listeners attach and it
+/// stops; undraining lets new sessions start again.
+#[test]
+fn draining_refuses_new_sessions_only() {
+    let mut h = Harness::new(Limits::default());
+    h.cmd("live", start("t")).expect("start");
+    h.core.handle_drain(true);
+    assert_eq!(h.cmd("new", start("t")), Err(CommandError::Draining));
+    assert_eq!(h.cmd("new", Command::Admit), Err(CommandError::Draining));
+    assert_eq!(h.attach("new", 1, token("t")), Err(AttachError::Draining));
+    assert_eq!(h.core.stats().active_sessions, 1);
+    assert_eq!(h.cmd("live", Command::Admit), Ok(Reply::Admitted));
+    assert_eq!(h.cmd("live", start("t")), Err(CommandError::AlreadyActive), "a live id is not a new call");
+    h.attach("live", 2, token("t")).expect("a live call's listener attaches");
+    assert!(matches!(h.cmd("live", Command::SetMicrophone(false)), Ok(Reply::Microphone { enabled: false })));
+    assert!(matches!(h.cmd("live", Command::CallStatus), Ok(Reply::CallStatus(_))));
+    assert_eq!(h.cmd("live", Command::Stop), Ok(Reply::Stopped));
+    assert_eq!(h.core.stats().active_sessions, 0);
+    h.core.handle_drain(false);
+    assert_eq!(h.cmd("new", start("t")), Ok(Reply::Started));
+}
+
+/// While draining, an outbound call placed before the drain (its record exists, no stream yet)
+/// is still a call of the core: its session may start and its listeners may wait.
+#[test]
+fn draining_admits_calls_placed_before() {
+    let mut h = Harness::new(Limits::default());
+    let placed = command::RecordUpdate { direction: Some(command::Direction::Outbound), ..Default::default() };
+    h.cmd("CA9", Command::Record(Box::new(placed))).expect("record");
+    h.core.handle_drain(true);
+    assert_eq!(h.cmd("CA9", Command::Admit), Ok(Reply::Admitted));
+    h.attach("CA9", 1, token("t")).expect("a listener of a placed call waits");
+    let done = command::RecordUpdate { status: Some("completed".into()), ..Default::default() };
+    h.cmd("CA9", Command::Record(Box::new(done))).expect("record");
+    assert_eq!(h.cmd("CA9", Command::Admit), Err(CommandError::Draining), "a call that is over is not admitted");
+}

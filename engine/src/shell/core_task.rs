@@ -218,7 +218,34 @@ impl CoreHandle {
     pub fn shutting_down(&self) -> bool {
         self.0.shutting_down.get()
     }
+
+    /// Whether the node is draining: it takes no new calls and serves the calls it has.
+    pub fn draining(&self) -> bool {
+        self.0.global.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts (`true`) or ends (`false`) draining, on every core (each reads the flag before its
+    /// next input).
+    pub fn set_draining(&self, draining: bool) {
+        self.0.global.draining.store(draining, Ordering::Release);
+    }
+
+    /// Cores whose timer task has not run for 2 s (`STALLED_AFTER`): stuck, or gone. A core's timer
+    /// task wakes at least every 50 ms while it serves.
+    pub fn stalled_cores(&self) -> Vec<CoreId> {
+        let now_ms = self.uptime().as_millis() as u64;
+        let stalled_ms = STALLED_AFTER.as_millis() as u64;
+        let ticks = &self.0.global.ticks;
+        (0..self.0.cores)
+            .filter(|&i| now_ms.saturating_sub(ticks[i].load(Ordering::Relaxed)) > stalled_ms)
+            .map(CoreId)
+            .collect()
+    }
 }
+
+/// How long a core's timer task may go without running before the core counts as not serving
+/// (`/health/ready` 503): forty of its 50 ms ticks, so a busy moment does not flap the node.
+const STALLED_AFTER: Duration = Duration::from_secs(2);
 
 impl CoreShared {
     /// Runs a command for a session this core owns, isolating panics to that session.
@@ -242,6 +269,7 @@ impl CoreShared {
 
     fn drive_inner<R>(&self, blame: Option<&SessionId>, input: impl FnOnce(&mut CoreState) -> R) -> Option<R> {
         let mut state = self.state.borrow_mut();
+        state.handle_drain(self.global.draining.load(Ordering::Relaxed));
         let result = catch_unwind(AssertUnwindSafe(|| input(&mut state))).ok();
         if result.is_none() {
             tracing::error!(core = self.id.0, session = ?blame, "a core input panicked; its session was dropped");
@@ -275,6 +303,12 @@ impl CoreShared {
         tools[2].store(stats.tools.refused, Ordering::Relaxed);
         self.global.media[self.id.0].store_counts(&stats, self.udp_send_errors.get());
         result
+    }
+
+    /// Records that this core's timer task is running (see `CoreHandle::stalled_cores`).
+    fn beat(&self, now: std::time::Instant) {
+        let uptime_ms = now.saturating_duration_since(self.global.started).as_millis() as u64;
+        self.global.ticks[self.id.0].store(uptime_ms, Ordering::Relaxed);
     }
 
     /// Publishes the depths of this core's queues. Measuring them visits every session, so this
@@ -454,6 +488,7 @@ pub(crate) async fn run_core<S: ControlService>(
     // SAFETY: the main thread bound this listening socket and gave up ownership with the OwnedFd.
     let listener = unsafe { glommio::net::TcpListener::from_raw_fd(setup.listener.into_raw_fd()) };
     let mut state = CoreState::new(setup.limits.clone(), setup.agents)
+        .with_node_id(setup.node_id.clone())
         .with_begin_sentence(setup.begin_sentence)
         .with_tools(setup.tools);
     let mut udp = None;
@@ -509,6 +544,8 @@ pub(crate) async fn run_core<S: ControlService>(
         })
     });
     let spares = shared.udp.as_ref().map(|_| glommio::spawn_local(super::rtc::spares_task(shared.clone())));
+    // Serving from now on: a readiness check may come before the timer task first runs.
+    shared.beat(shared.now().instant);
     let _ = ready.send((shared.id.0, Ok(())));
     tracing::debug!(core = shared.id.0, "core serving");
 
@@ -525,7 +562,12 @@ pub(crate) async fn run_core<S: ControlService>(
     }
     let now = shared.now();
     shared.drive(None, |state| state.handle_shutdown(now));
-    let grace = shared.limits.shutdown_grace;
+    // A drained node with no call left has nothing to wait for: it exits at once.
+    let grace = if shared.global.shutdown_at_once.load(Ordering::Acquire) {
+        Duration::ZERO
+    } else {
+        shared.limits.shutdown_grace
+    };
     let drained = glommio::timer::timeout(grace, async {
         while shared.connections.get() > 0 {
             let listener = shared.shutdown_event.listen();
@@ -565,6 +607,7 @@ async fn tick_task(shared: &Rc<CoreShared>) {
     loop {
         let listener = shared.timer_event.listen();
         let now = shared.now();
+        shared.beat(now.instant);
         let next = shared.state.borrow().poll_timeout();
         shared.timer_armed.set(next);
         let wait = next.map_or(TICK, |t| t.saturating_duration_since(now.instant).min(TICK));

@@ -168,6 +168,14 @@ pub enum StartError {
 /// Process-wide state every core can read: the shutdown flag and per-core gauges.
 pub(crate) struct Global {
     shutdown: AtomicBool,
+    /// Set with `shutdown` when the node was drained and empty: cores exit without the grace wait.
+    shutdown_at_once: AtomicBool,
+    /// The node drains (`POST /admin/drain`, SIGUSR1): every core refuses legs that would begin a
+    /// call it does not know, and serves its calls as before. Each core reads it before each input.
+    pub(crate) draining: AtomicBool,
+    /// When each core's timer task last ran, ms since `started`: a core whose value stops moving
+    /// is not serving (`/health/ready` answers 503).
+    pub(crate) ticks: Vec<AtomicU64>,
     /// Active sessions per core; each core writes only its own slot.
     sessions: Vec<AtomicUsize>,
     /// Attached event sockets per core.
@@ -369,9 +377,18 @@ impl CoreStats {
 pub struct ShutdownHandle(Arc<Global>);
 
 impl ShutdownHandle {
-    /// Starts graceful shutdown: stop accepting, end calls, close sockets, exit.
+    /// Starts graceful shutdown: stop accepting, end calls, close sockets, exit. A node that was
+    /// drained and has no call left exits at once, without waiting for connections to close.
     pub fn shutdown(&self) {
+        let drained =
+            self.0.draining.load(Ordering::Acquire) && self.0.sessions.iter().all(|s| s.load(Ordering::Acquire) == 0);
+        self.0.shutdown_at_once.store(drained, Ordering::Release);
         self.0.shutdown.store(true, Ordering::Release);
+    }
+
+    /// Starts draining (SIGUSR1, as `POST /admin/drain`): no new calls, live ones go on.
+    pub fn drain(&self) {
+        self.0.draining.store(true, Ordering::Release);
     }
 }
 
@@ -453,6 +470,9 @@ pub fn start<S: ControlService>(config: EngineConfig, service: S) -> Result<Rela
     let cpus = allowed_cpus();
     let global = Arc::new(Global {
         shutdown: AtomicBool::new(false),
+        shutdown_at_once: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        ticks: (0..config.cores).map(|_| AtomicU64::new(0)).collect(),
         sessions: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         observers: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),
         connections: (0..config.cores).map(|_| AtomicUsize::new(0)).collect(),

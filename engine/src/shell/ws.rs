@@ -221,9 +221,16 @@ pub(crate) async fn socket_task<S: ControlService>(
                     let status = match e {
                         AttachError::Unauthorized => StatusCode::UNAUTHORIZED,
                         AttachError::TooManyObservers { .. } => StatusCode::TOO_MANY_REQUESTS,
-                        AttachError::TooManyPending | AttachError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                        AttachError::TooManyPending | AttachError::ShuttingDown | AttachError::Draining => {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        }
                     };
-                    let resp = service.error_response(status, &e.to_string(), &http::HeaderMap::new());
+                    let mut resp = service.error_response(status, &e.to_string(), &http::HeaderMap::new());
+                    if e == AttachError::Draining {
+                        // Another node takes the call; a balancer retries there soon.
+                        resp.headers_mut()
+                            .insert(http::header::RETRY_AFTER, crate::core::command::DRAIN_RETRY_AFTER_SECS.into());
+                    }
                     tcp::respond_and_close(&mut stream, &mut Vec::new(), &resp, false, &shared.node_id).await;
                     return;
                 }
