@@ -44,6 +44,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
     pub data_dir: PathBuf,
 
+    /// Shared call records for a cluster: `postgresql://user[:password]@host:port/db` (or
+    /// `postgres://`). Every node's records go to this database, and per-user limits are counted
+    /// there so they hold across nodes. The schema is created or migrated at start. Default: the
+    /// embedded database in --data-dir (one node). The password is a secret: never logged.
+    #[arg(long, env = "RELAY_RECORDS_URL", hide_env_values = true)]
+    pub records_url: Option<String>,
+
     /// Project of calls that name none (no `projectId` stream parameter, no number mapping).
     #[arg(long, env = "RELAY_DEFAULT_PROJECT", default_value = "default")]
     pub default_project: String,
@@ -423,6 +430,10 @@ impl Config {
             if !valid_node_id(node) {
                 return Err(format!("--node-id {node:?}: must be 1 to 64 of A-Z a-z 0-9 . _ -"));
             }
+        }
+        if let Some(url) = &self.records_url {
+            // The URL may hold a password: the error never quotes it.
+            crate::records::postgres::Settings::parse(url).map_err(|e| format!("--records-url: {e}"))?;
         }
         if self.cores == Some(0) {
             return Err("--cores must be at least 1".to_owned());
