@@ -128,7 +128,8 @@ pub async fn acquire_socket(core: &CoreHandle, limits: &Arc<UserLimits>, user: &
     let id = shared.next_socket.fetch_add(1, Ordering::Relaxed);
     // Live before the row exists, so that a sweep in between does not remove the row.
     shared.live.lock().unwrap_or_else(PoisonError::into_inner).insert(id);
-    let (pool, node, user_owned, limit) = (shared.pool.clone(), shared.node.clone(), user.to_owned(), limits.sockets_per_user);
+    let (pool, node, user_owned, limit) =
+        (shared.pool.clone(), shared.node.clone(), user.to_owned(), limits.sockets_per_user);
     let taken = core.blocking(move || pool.acquire_socket(&user_owned, &node, id, limit, LEASE)).await;
     match taken {
         Ok(true) => {

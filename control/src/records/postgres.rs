@@ -92,7 +92,9 @@ impl Settings {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(5))
             .tcp_user_timeout(Duration::from_secs(10))
-            .application_name("relay");
+            .application_name("relay")
+            // The server's notices ("relation … already exists, skipping") are not news.
+            .notice_callback(|notice| tracing::debug!("records database: {}", notice.message()));
         let hosts: Vec<String> = config
             .get_hosts()
             .iter()
