@@ -23,10 +23,11 @@ use super::{Error, Projects, StoredCall, Summary};
 /// The schema version this relay writes; migrations up to it run at start.
 pub const SCHEMA_VERSION: i32 = 1;
 /// Key of the transaction-scoped advisory lock held while the schema is created or migrated
-/// (an arbitrary constant: `"relay" `as bytes).
-const SCHEMA_LOCK: i64 = 0x7265_6c61_79;
-/// First key of the two-key advisory locks that serialise one user's limit checks across nodes.
-const LIMITS_LOCK: i32 = 0x7265_6c;
+/// (an arbitrary constant: `"relay"` as bytes).
+const SCHEMA_LOCK: i64 = 0x0072_656c_6179;
+/// First key of the two-key advisory locks that serialise one user's limit checks across nodes
+/// (`"rel"` as bytes).
+const LIMITS_LOCK: i32 = 0x0072_656c;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed connection, reads and limit checks answer "unavailable" at once for this long
