@@ -810,4 +810,17 @@ mod tests {
         assert_eq!(tools.secret.as_ref().map(Secret::expose), Some("s"));
         assert_eq!(tools.timeout, Duration::from_secs(3));
     }
+
+    /// `--records-url` takes `postgresql://` and `postgres://` URLs; anything else is refused with
+    /// a message that never quotes the URL (it may hold a password).
+    #[test]
+    fn records_url() {
+        for ok in ["postgresql://relay:pw@db:5432/relay", "postgres://relay@127.0.0.1/relay"] {
+            parse(&["--records-url", ok]).validate().expect(ok);
+        }
+        for bad in ["mysql://relay:hunter2@db/relay", "postgresql://relay:hunter2@db:99999/relay", "hunter2"] {
+            let e = parse(&["--records-url", bad]).validate().expect_err(bad);
+            assert!(e.starts_with("--records-url") && !e.contains("hunter2"), "{e}");
+        }
+    }
 }

@@ -469,6 +469,7 @@ impl Writer {
                     self.hold(change);
                 }
                 Some(Message::Flush(ack)) => {
+                    self.retry_now();
                     let _ = ack.send(self.commit());
                     oldest = (!self.pending.is_empty()).then(Instant::now);
                 }
@@ -478,6 +479,7 @@ impl Writer {
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         self.hold(change);
                     }
+                    self.retry_now();
                     let _ = ack.send(self.commit());
                     return;
                 }
@@ -488,6 +490,13 @@ impl Writer {
                 // A failed commit keeps its changes and is retried a second later.
                 oldest = (!self.pending.is_empty()).then(Instant::now);
             }
+        }
+    }
+
+    /// A commit asked for now (flush, close) tries the database at once, backoff or not.
+    fn retry_now(&mut self) {
+        if let Target::Postgres(writer) = &mut self.target {
+            writer.retry_now();
         }
     }
 
@@ -811,6 +820,32 @@ mod tests {
         assert_eq!(merged.duration_secs, Some(7), "Twilio's duration wins");
         assert_eq!(merged.transcript, "user: hi\n");
         assert_eq!(merged.from.as_deref(), Some("+1"));
+    }
+
+    /// With PostgreSQL unreachable the writer keeps each call's latest change (counted as
+    /// pending, none dropped), a flush fails saying the database is unavailable without the URL's
+    /// password, and reads answer "unavailable".
+    #[test]
+    fn an_unreachable_shared_database_keeps_the_changes() {
+        let settings = postgres::Settings::parse("postgresql://relay:hunter2@127.0.0.1:1/relay").expect("valid");
+        let records = Records {
+            backend: Backend::Postgres(Arc::new(postgres::Pool::new(settings.clone()))),
+            projects: Arc::new(projects()),
+        };
+        let writer = postgres::Writer::new(settings, "n1".into());
+        let store = RecordStore::start(records, Target::Postgres(Box::new(writer))).expect("writer thread");
+        let sink = store.sink();
+        sink.send(change("CA1", |_| {}));
+        sink.send(change("CA1", |r| r.status = "completed".into()));
+        sink.send(change("CA2", |_| {}));
+        let e = store.flush().expect_err("nothing to write to");
+        assert!(e.contains("unavailable") && !e.contains("hunter2"), "{e}");
+        let stats = store.stats();
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 2, "one held change per call");
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+        assert!(stats.failing.load(Ordering::Relaxed));
+        let read = store.records().get("CA1").expect_err("no database");
+        assert!(read.is_unavailable() && !read.to_string().contains("hunter2"), "{read}");
     }
 
     /// Records and summaries written before function calls were counted read back with 0.

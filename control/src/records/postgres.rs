@@ -427,6 +427,12 @@ impl Writer {
         result
     }
 
+    /// Lets the next commit connect at once, whatever the backoff says (a flush or the last
+    /// commit at shutdown is worth one more try).
+    pub fn retry_now(&mut self) {
+        self.next_attempt = None;
+    }
+
     fn client(&mut self) -> Result<&mut Client, Error> {
         if self.client.as_ref().is_some_and(Client::is_closed) {
             self.client = None;
