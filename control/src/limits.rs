@@ -43,8 +43,11 @@ pub struct UserLimits {
 struct Shared {
     pool: Arc<Pool>,
     node: String,
-    /// This node's socket places held in the database, by socket id: the limits thread renews
-    /// their leases and removes every other row of this node.
+    /// This process's name on its rows (node, pid, start time): two relays given the same node
+    /// name never renew or remove each other's places.
+    instance: String,
+    /// This process's socket places held in the database, by socket id: the limits thread renews
+    /// their leases and removes every other row of this process.
     live: Mutex<HashSet<u64>>,
     next_socket: AtomicU64,
     /// Wakes the limits thread when a place is given back (full: it is awake anyway).
@@ -86,15 +89,18 @@ pub enum Initiation {
 
 /// Counts `limits` in the shared database of `pool` from now on, as node `node`, and starts the
 /// thread that keeps this node's socket places there current (renewed leases, returned places
-/// removed; its first sweep removes what an earlier life of the node left).
+/// removed). What an earlier life of the node left is removed at start (`postgres::prepare`).
 ///
 /// # Errors
 /// When the thread cannot be started.
 pub fn share(limits: &Arc<UserLimits>, pool: Arc<Pool>, node: String) -> std::io::Result<()> {
     let (nudge, rx) = mpsc::sync_channel(1);
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let instance = format!("{node}:{}:{}", std::process::id(), started.as_nanos());
     let shared = Shared {
         pool,
         node,
+        instance,
         live: Mutex::new(HashSet::new()),
         next_socket: AtomicU64::new(1),
         nudge,
@@ -108,7 +114,7 @@ pub fn share(limits: &Arc<UserLimits>, pool: Arc<Pool>, node: String) -> std::io
         let shared = limits.shared.get().expect("set above");
         loop {
             let live: Vec<u64> = shared.live.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
-            if let Err(e) = shared.pool.sweep(&shared.node, &live, LEASE, WINDOW) {
+            if let Err(e) = shared.pool.sweep(&shared.instance, &live, LEASE, WINDOW) {
                 tracing::debug!("user limits: cannot renew this node's places: {e}");
             }
             match rx.recv_timeout(SWEEP_INTERVAL) {
@@ -128,9 +134,9 @@ pub async fn acquire_socket(core: &CoreHandle, limits: &Arc<UserLimits>, user: &
     let id = shared.next_socket.fetch_add(1, Ordering::Relaxed);
     // Live before the row exists, so that a sweep in between does not remove the row.
     shared.live.lock().unwrap_or_else(PoisonError::into_inner).insert(id);
-    let (pool, node, user_owned, limit) =
-        (shared.pool.clone(), shared.node.clone(), user.to_owned(), limits.sockets_per_user);
-    let taken = core.blocking(move || pool.acquire_socket(&user_owned, &node, id, limit, LEASE)).await;
+    let (pool, node, instance) = (shared.pool.clone(), shared.node.clone(), shared.instance.clone());
+    let (user_owned, limit) = (user.to_owned(), limits.sockets_per_user);
+    let taken = core.blocking(move || pool.acquire_socket(&user_owned, (&node, &instance), id, limit, LEASE)).await;
     match taken {
         Ok(true) => {
             shared.falling_back.store(false, Ordering::Relaxed);

@@ -52,10 +52,11 @@ const MIGRATIONS: &[(i32, &str)] = &[(
      CREATE TABLE relay_user_sockets (
          user_id text NOT NULL,
          node text NOT NULL,
+         instance text NOT NULL,
          socket_id bigint NOT NULL,
          since timestamptz NOT NULL DEFAULT now(),
          lease_until timestamptz NOT NULL,
-         PRIMARY KEY (node, socket_id)
+         PRIMARY KEY (instance, socket_id)
      );
      CREATE INDEX relay_user_sockets_by_user ON relay_user_sockets (user_id, lease_until);
      CREATE TABLE relay_initiations (
@@ -137,7 +138,8 @@ impl fmt::Debug for Settings {
 }
 
 /// Connects and creates or migrates the schema, then removes what a previous life of `node` left
-/// (its socket places).
+/// (its socket places: a node killed with `-9` and started again gives them back at once rather
+/// than after their lease).
 ///
 /// # Errors
 /// When the database cannot be reached, or its schema is newer than this relay's.
@@ -285,15 +287,16 @@ impl Pool {
         Ok(row.and_then(|row| parse_call(row.get(0))))
     }
 
-    /// Takes one of `user`'s `limit` socket places for socket `socket_id` of `node`, or says
-    /// there is none left (`Ok(false)`). Places whose lease ran out (their node died) do not count.
+    /// Takes one of `user`'s `limit` socket places for socket `socket_id` of process `instance`
+    /// of `node`, or says there is none left (`Ok(false)`). Places whose lease ran out (their
+    /// node died) do not count.
     ///
     /// # Errors
     /// When the database cannot be reached.
     pub fn acquire_socket(
         &self,
         user: &str,
-        node: &str,
+        (node, instance): (&str, &str),
         socket_id: u64,
         limit: usize,
         lease: Duration,
@@ -312,9 +315,9 @@ impl Pool {
                 return Ok(false);
             }
             txn.execute(
-                "INSERT INTO relay_user_sockets (user_id, node, socket_id, lease_until)
-                 VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
-                &[&user, &node, &id_i64(socket_id), &lease.as_secs_f64()],
+                "INSERT INTO relay_user_sockets (user_id, node, instance, socket_id, lease_until)
+                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+                &[&user, &node, &instance, &id_i64(socket_id), &lease.as_secs_f64()],
             )
             .map_err(pg)?;
             txn.commit().map_err(pg)?;
@@ -361,19 +364,22 @@ impl Pool {
         self.with(|c| c.execute("DELETE FROM relay_initiations WHERE id = $1", &[&id]).map(drop).map_err(pg))
     }
 
-    /// The limits thread's sweep for `node`: drops its socket rows not in `live`, renews the
-    /// lease of the others, and removes every user's initiations older than `window`.
+    /// The limits thread's sweep for process `instance`: drops its socket rows not in `live`,
+    /// renews the lease of the others, and removes every user's initiations older than `window`.
     ///
     /// # Errors
     /// When the database cannot be reached.
-    pub fn sweep(&self, node: &str, live: &[u64], lease: Duration, window: Duration) -> Result<(), Error> {
+    pub fn sweep(&self, instance: &str, live: &[u64], lease: Duration, window: Duration) -> Result<(), Error> {
         let live: Vec<i64> = live.iter().map(|&id| id_i64(id)).collect();
         self.with(|c| {
-            c.execute("DELETE FROM relay_user_sockets WHERE node = $1 AND NOT (socket_id = ANY($2))", &[&node, &live])
-                .map_err(pg)?;
             c.execute(
-                "UPDATE relay_user_sockets SET lease_until = now() + make_interval(secs => $2) WHERE node = $1",
-                &[&node, &lease.as_secs_f64()],
+                "DELETE FROM relay_user_sockets WHERE instance = $1 AND NOT (socket_id = ANY($2))",
+                &[&instance, &live],
+            )
+            .map_err(pg)?;
+            c.execute(
+                "UPDATE relay_user_sockets SET lease_until = now() + make_interval(secs => $2) WHERE instance = $1",
+                &[&instance, &lease.as_secs_f64()],
             )
             .map_err(pg)?;
             c.execute(
