@@ -72,7 +72,7 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     }
     let projects = config.projects().map_err(anyhow::Error::msg)?;
     // Dropped on every way out of `run`, which commits what is queued (see `RecordStore::close`).
-    let node = config.node_id.clone().unwrap_or_else(config::host_node_id);
+    let node = engine.node_id.clone();
     let shared = match &config.records_url {
         Some(url) => Some(records::postgres::Settings::parse(url).map_err(|e| anyhow::anyhow!("--records-url: {e}"))?),
         None => None,

@@ -75,6 +75,7 @@ impl DataDirHealth {
     /// records database, and whether the records writer's last commit succeeded; and how long the
     /// database's read transaction took (ms, with microseconds; without a database, the file's
     /// write and removal).
+    ///
     /// With a shared database, the data directory plays no part: only the database's answer and
     /// the writer's last commit count.
     pub fn read(&self) -> (bool, f64) {
