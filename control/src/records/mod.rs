@@ -184,9 +184,11 @@ impl StoredCall {
             created_ms: r.created_ms,
             function_calls: r.function_calls,
         };
-        if let Some(old) = older.filter(|old| old.created_ms < call.created_ms) {
+        // Another record of the same call: made again by a core that had forgotten it, or made by
+        // another node of a cluster (whose clock may be behind or ahead).
+        if let Some(old) = older.filter(|old| old.created_ms != call.created_ms) {
             // A re-created record: it knows only what happened since; the rest comes from before.
-            call.created_ms = old.created_ms;
+            call.created_ms = old.created_ms.min(call.created_ms);
             if r.project_id.is_none() {
                 call.project_id.clone_from(&old.project_id);
             }
@@ -820,6 +822,17 @@ mod tests {
         assert_eq!(merged.duration_secs, Some(7), "Twilio's duration wins");
         assert_eq!(merged.transcript, "user: hi\n");
         assert_eq!(merged.from.as_deref(), Some("+1"));
+        // Another node's record of the call, made by a clock that is behind: merged the same way.
+        let skewed = change("CA1", |r| {
+            r.created_ms = 500;
+            r.status = "ringing".into();
+        });
+        let merged = StoredCall::from_change(&skewed, &p, Some(&old));
+        assert_eq!(
+            (merged.created_ms, merged.status.as_str(), merged.direction.as_str()),
+            (500, "completed", "outbound")
+        );
+        assert_eq!(merged.transcript, "user: hi\n");
     }
 
     /// With PostgreSQL unreachable the writer keeps each call's latest change (counted as

@@ -475,6 +475,17 @@ fn upsert<'a>(
     changes.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
     let ids: Vec<&str> = changes.iter().map(|c| c.id.as_str()).collect();
     let mut txn = client.transaction().map_err(pg)?;
+    // Every row exists before it is read for update: a node writing a call another node is
+    // inserting at the same moment waits for that insert, then merges with it (instead of both
+    // inserting and the later overwriting the earlier unmerged). Placeholders are replaced below,
+    // in this transaction: nobody ever sees one. A row keeps the node that first wrote it.
+    txn.execute(
+        "INSERT INTO relay_calls (id, project_id, created_ms, node, summary, record)
+         SELECT id, '', 0, $2, '{}', 'null' FROM unnest($1::text[]) AS id ORDER BY id
+         ON CONFLICT (id) DO NOTHING",
+        &[&ids, &node],
+    )
+    .map_err(pg)?;
     let stored: HashMap<String, StoredCall> = txn
         .query("SELECT id, record FROM relay_calls WHERE id = ANY($1) ORDER BY id FOR UPDATE", &[&ids])
         .map_err(pg)?
