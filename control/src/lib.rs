@@ -73,8 +73,12 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     let projects = config.projects().map_err(anyhow::Error::msg)?;
     // Dropped on every way out of `run`, which commits what is queued (see `RecordStore::close`).
     let node = engine.node_id.clone();
-    let shared = match &config.records_url {
-        Some(url) => Some(records::postgres::Settings::parse(url).map_err(|e| anyhow::anyhow!("--records-url: {e}"))?),
+    // The URL may hold a password: from here on it is a `Secret`, and only `Settings`' redacted
+    // form is ever printed.
+    let shared = match config.records_url.clone().map(relay_engine::secret::Secret::new) {
+        Some(url) => {
+            Some(records::postgres::Settings::from_secret(&url).map_err(|e| anyhow::anyhow!("--records-url: {e}"))?)
+        }
         None => None,
     };
     let store = match &shared {

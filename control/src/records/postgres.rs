@@ -121,7 +121,7 @@ impl Settings {
     }
 
     fn connect(&self) -> Result<Client, Error> {
-        self.config.connect(NoTls).map_err(|e| Error::Unavailable(format!("{self}: {e}")))
+        self.config.connect(NoTls).map_err(|e| Error::Unavailable(chain(&e)))
     }
 }
 
@@ -197,7 +197,7 @@ impl Pool {
             _ => {
                 if let Some(until) = *self.down_until.lock().unwrap_or_else(PoisonError::into_inner) {
                     if Instant::now() < until {
-                        return Err(Error::Unavailable(format!("{}: not reachable", self.settings)));
+                        return Err(Error::Unavailable("not reachable a moment ago".to_owned()));
                     }
                 }
                 match self.settings.connect() {
@@ -445,7 +445,7 @@ impl Writer {
         }
         if self.client.is_none() {
             if self.next_attempt.is_some_and(|t| Instant::now() < t) {
-                return Err(Error::Unavailable(format!("{}: reconnecting", self.settings)));
+                return Err(Error::Unavailable("reconnecting".to_owned()));
             }
             match self.settings.connect().and_then(|mut c| migrate(&mut c).map(|()| c)) {
                 Ok(c) => {
@@ -526,8 +526,20 @@ fn parse_call(Json(v): Json<serde_json::Value>) -> Option<StoredCall> {
 fn pg(e: postgres::Error) -> Error {
     match e.as_db_error() {
         Some(db) => Error::Database(db.to_string()),
-        None => Error::Unavailable(e.to_string()),
+        None => Error::Unavailable(chain(&e)),
     }
+}
+
+/// `e` and its causes, `: `-separated ("error connecting to server: Connection refused …").
+fn chain(e: &postgres::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
 }
 
 fn ms(v: u64) -> i64 {
