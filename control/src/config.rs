@@ -44,6 +44,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_DATA_DIR", default_value = "./relay-data")]
     pub data_dir: PathBuf,
 
+    /// Shared call records for a cluster: `postgresql://user[:password]@host:port/db` (or
+    /// `postgres://`). Every node's records go to this database, and per-user limits are counted
+    /// there so they hold across nodes. The schema is created or migrated at start. Default: the
+    /// embedded database in --data-dir (one node). The password is a secret: never logged.
+    #[arg(long, env = "RELAY_RECORDS_URL", hide_env_values = true)]
+    pub records_url: Option<String>,
+
     /// Project of calls that name none (no `projectId` stream parameter, no number mapping).
     #[arg(long, env = "RELAY_DEFAULT_PROJECT", default_value = "default")]
     pub default_project: String,
@@ -424,6 +431,10 @@ impl Config {
                 return Err(format!("--node-id {node:?}: must be 1 to 64 of A-Z a-z 0-9 . _ -"));
             }
         }
+        if let Some(url) = &self.records_url {
+            // The URL may hold a password: the error never quotes it.
+            crate::records::postgres::Settings::parse(url).map_err(|e| format!("--records-url: {e}"))?;
+        }
         if self.cores == Some(0) {
             return Err("--cores must be at least 1".to_owned());
         }
@@ -798,5 +809,18 @@ mod tests {
         assert_eq!(tools.url.as_deref(), Some("https://app.example/tools"));
         assert_eq!(tools.secret.as_ref().map(Secret::expose), Some("s"));
         assert_eq!(tools.timeout, Duration::from_secs(3));
+    }
+
+    /// `--records-url` takes `postgresql://` and `postgres://` URLs; anything else is refused with
+    /// a message that never quotes the URL (it may hold a password).
+    #[test]
+    fn records_url() {
+        for ok in ["postgresql://relay:pw@db:5432/relay", "postgres://relay@127.0.0.1/relay"] {
+            parse(&["--records-url", ok]).validate().expect(ok);
+        }
+        for bad in ["mysql://relay:hunter2@db/relay", "postgresql://relay:hunter2@db:99999/relay", "hunter2"] {
+            let e = parse(&["--records-url", bad]).validate().expect_err(bad);
+            assert!(e.starts_with("--records-url") && !e.contains("hunter2"), "{e}");
+        }
     }
 }

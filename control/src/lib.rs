@@ -73,7 +73,23 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     }
     let projects = config.projects().map_err(anyhow::Error::msg)?;
     // Dropped on every way out of `run`, which commits what is queued (see `RecordStore::close`).
-    let store = records::RecordStore::open(&config.data_dir, projects)?;
+    let node = engine.node_id.clone();
+    // The URL may hold a password: from here on it is a `Secret`, and only `Settings`' redacted
+    // form is ever printed.
+    let shared = match config.records_url.clone().map(relay_engine::secret::Secret::new) {
+        Some(url) => {
+            Some(records::postgres::Settings::from_secret(&url).map_err(|e| anyhow::anyhow!("--records-url: {e}"))?)
+        }
+        None => None,
+    };
+    let store = match &shared {
+        Some(settings) => {
+            let store = records::RecordStore::connect(settings, &node, projects)?;
+            tracing::info!("call records in {settings} (shared by the cluster)");
+            store
+        }
+        None => records::RecordStore::open(&config.data_dir, projects)?,
+    };
     engine.records = Some(store.sink());
     let upstreams = [
         ("openai", &engine.agents.realtime.as_ref().map(|r| r.url.clone())),
@@ -91,7 +107,11 @@ pub fn run(config: config::Config) -> anyhow::Result<()> {
     )
     .context("cannot start the data-dir probe")?;
     metrics::install();
-    let service = api::Service::new(config.api(), data_dir, store.records(), store.stats());
+    let users = limits::UserLimits::new(config.frontend_sockets_per_user, limits::INITIATIONS_PER_MINUTE);
+    if let Some(pool) = store.records().shared() {
+        limits::share(&users, pool, node).context("cannot start the user-limits thread")?;
+    }
+    let service = api::Service::new(config.api(), data_dir, store.records(), store.stats(), users);
     let relay = relay_engine::shell::start(engine, service)?;
     tracing::info!("relay listening on {scheme}://{} with {cores} cores", relay.local_addr());
     if !relay.rtc_addrs().is_empty() {

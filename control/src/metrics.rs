@@ -101,7 +101,10 @@ fn describe() {
         "relay_socket_queued_frames",
         "Frames waiting in a core's socket send queues for peers slower than their audio (sampled every 250 ms)"
     );
-    describe_gauge!("relay_records_queued", "Call-record changes waiting for the records writer thread");
+    describe_gauge!(
+        "relay_records_queued",
+        "Call-record changes waiting to be written (queued for the writer thread, or held by it while the database is down)"
+    );
     describe_counter!("relay_records_written_total", "Call records committed to the records database");
     describe_counter!("relay_records_dropped_total", "Call-record changes dropped because the writer's queue was full");
     describe_gauge!(
@@ -166,7 +169,8 @@ pub fn render(core: &CoreHandle, records: &StoreStats) -> String {
         }
     }
     metrics::gauge!("relay_uptime_seconds").set(core.uptime().as_secs_f64());
-    metrics::gauge!("relay_records_queued").set(records.queued.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("relay_records_queued")
+        .set((records.queued.load(Ordering::Relaxed) + records.pending.load(Ordering::Relaxed)) as f64);
     metrics::counter!("relay_records_written_total").absolute(records.written.load(Ordering::Relaxed));
     metrics::counter!("relay_records_dropped_total").absolute(records.dropped.load(Ordering::Relaxed));
     metrics::gauge!("relay_records_failing").set(f64::from(u8::from(records.failing.load(Ordering::Relaxed))));

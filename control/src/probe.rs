@@ -63,6 +63,9 @@ impl Upstream {
 pub struct DataDirHealth {
     up: AtomicBool,
     latency_us: AtomicU64,
+    /// Whether the records are in a shared database (`--records-url`): one that is down makes the
+    /// relay degraded, not unhealthy (its records queue; its calls go on).
+    shared: AtomicBool,
     /// Configured upstreams and their reachability.
     pub upstreams: Vec<Upstream>,
 }
@@ -72,19 +75,34 @@ impl DataDirHealth {
     /// records database, and whether the records writer's last commit succeeded; and how long the
     /// database's read transaction took (ms, with microseconds; without a database, the file's
     /// write and removal).
+    ///
+    /// With a shared database, the data directory plays no part: only the database's answer and
+    /// the writer's last commit count.
     pub fn read(&self) -> (bool, f64) {
         (self.up.load(Ordering::Relaxed), self.latency_us.load(Ordering::Relaxed) as f64 / 1000.0)
     }
 
+    /// Whether the records are in a shared (PostgreSQL) database.
+    pub fn shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
+    }
+
     fn probe(&self, dir: &std::path::Path, records: Option<&Records>) {
         let start = Instant::now();
-        let file = dir.join(format!(".health-probe-{}", std::process::id()));
-        let dir_up = std::fs::write(&file, b"ok").is_ok() && std::fs::remove_file(&file).is_ok();
+        let shared = records.is_some_and(|(r, _)| r.shared().is_some());
+        self.shared.store(shared, Ordering::Relaxed);
+        let dir_up = shared || {
+            let file = dir.join(format!(".health-probe-{}", std::process::id()));
+            std::fs::write(&file, b"ok").is_ok() && std::fs::remove_file(&file).is_ok()
+        };
         let (up, latency) = match records {
             Some((records, stats)) => match records.check() {
                 Ok(latency) => (dir_up && !stats.failing.load(Ordering::Relaxed), latency),
                 Err(e) => {
-                    tracing::warn!("records database check failed: {e}");
+                    // Once per outage for the shared database (the writer logs it too).
+                    if !shared || self.up.load(Ordering::Relaxed) {
+                        tracing::warn!("records database check failed: {e}");
+                    }
                     (false, start.elapsed())
                 }
             },

@@ -24,6 +24,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 pub mod browser;
+pub mod postgres;
 pub mod ptime;
 pub mod telephony;
 pub mod tools_server;

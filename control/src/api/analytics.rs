@@ -133,8 +133,18 @@ fn check_order(start: u64, end: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A records database failure as the API answers it (500), logged.
+/// A records database failure as the API answers it, logged: 503 while the shared database
+/// cannot be reached (try again later), else 500.
 pub(super) fn db_error(e: crate::records::Error) -> ApiError {
+    if e.is_unavailable() {
+        tracing::warn!("cannot read call records: {e}");
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the call-records database is unavailable right now; try again shortly",
+        );
+        error.retry_after = Some(5);
+        return error;
+    }
     tracing::error!("cannot read call records: {e}");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "call records cannot be read right now")
 }

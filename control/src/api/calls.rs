@@ -5,7 +5,7 @@
 //! callbacks) stored on the call's owner core; nothing is invented here.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -65,7 +65,7 @@ pub async fn outbound_call(
         return Err(ApiError::draining());
     }
     let account = twilio_account(config)?;
-    let initiated = match users.try_initiate(user_id, Instant::now()) {
+    let initiated = match crate::limits::try_initiate(core, users, user_id).await {
         Ok(at) => at,
         Err(wait) => {
             let mut e =
@@ -93,7 +93,7 @@ pub async fn outbound_call(
         Err(TwilioError::Refused(e)) => {
             // Twilio said no: no call was placed, so the attempt does not count. (Transport errors
             // and timeouts do count: the request may have reached Twilio and placed the call.)
-            users.refund(user_id, initiated);
+            crate::limits::refund(core, users, user_id, initiated).await;
             return Err(e);
         }
         Err(TwilioError::Unreachable(e)) => return Err(e),
@@ -189,7 +189,8 @@ pub async fn record(core: &CoreHandle, id: &SessionId, update: RecordUpdate) -> 
 ///
 /// A record the owner core holds without a user may have been made again by a late status
 /// callback after the original left memory (a restart, or the per-core cap): the stored record
-/// then says whose call it is.
+/// then says whose call it is. A call this node does not hold at all may be another node's
+/// (a cluster sharing `--records-url`) or have left memory: the stored record answers.
 async fn owned_record(
     core: &CoreHandle,
     records: &Records,
@@ -199,7 +200,14 @@ async fn owned_record(
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, format!("call {id} not found"));
     let r = match core.dispatch(id.clone(), Command::ReadRecord).await {
         Ok(Reply::Record(r)) => *r,
-        Ok(_) | Err(CommandError::NotFound) => return Err(not_found()),
+        Ok(_) | Err(CommandError::NotFound) => {
+            let (records, key) = (records.clone(), id.as_str().to_owned());
+            let stored = core.blocking(move || records.get(&key)).await.map_err(super::analytics::db_error)?;
+            return match stored {
+                Some(call) if call.user_id.as_deref().is_none_or(|owner| owner == user) => Ok(call.into_record()),
+                _ => Err(not_found()),
+            };
+        }
         Err(e) => return Err(ApiError::from_command(&e, id.as_str())),
     };
     let owner = match &r.user_id {

@@ -41,14 +41,15 @@ pub struct Service {
 
 impl Service {
     /// A service with `config`, reporting the data directory's health from `data_dir`,
-    /// answering analytics from `records` and exporting the store's counters (`store_stats`).
+    /// answering analytics from `records`, exporting the store's counters (`store_stats`) and
+    /// counting per-user limits in `users`.
     pub fn new(
         config: ApiConfig,
         data_dir: Arc<DataDirHealth>,
         records: Records,
         store_stats: Arc<crate::records::StoreStats>,
+        users: Arc<UserLimits>,
     ) -> Self {
-        let users = UserLimits::new(config.frontend_sockets_per_user, 5);
         Self { config: Arc::new(config), data_dir, users, records, store_stats }
     }
 
@@ -68,7 +69,7 @@ impl Service {
                 respond(Ok(r))
             }
             Route::HealthDetailed => {
-                respond(Ok(ops::health_detailed(core, &self.data_dir, self.config.twilio.is_some())))
+                respond(Ok(ops::health_detailed(core, &self.data_dir, &self.store_stats, self.config.twilio.is_some())))
             }
             Route::OpenApi => respond(Ok(openapi::openapi_json())),
             Route::Docs => respond(Ok(openapi::docs())),

@@ -5,6 +5,7 @@
 //! depends on the records database: a database down for every node must not take every node out
 //! of the balancer at once.
 
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::error::json_response;
 use crate::probe::DataDirHealth;
+use crate::records::StoreStats;
 
 /// The crate version reported by `/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -74,11 +76,19 @@ pub fn drain(core: &CoreHandle, draining: bool) -> Response<Bytes> {
 }
 
 /// `GET /health/detailed` (seed 003): services, memory, and sessions per core. 503 when the
-/// data directory or the records database is unusable.
-pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_configured: bool) -> Response<Bytes> {
+/// data directory or the embedded records database is unusable; a shared (PostgreSQL) records
+/// database that is down only degrades the node: its records queue (`database.queued`) and are
+/// written when it is back, and its calls go on.
+pub fn health_detailed(
+    core: &CoreHandle,
+    data_dir: &DataDirHealth,
+    store: &StoreStats,
+    twilio_configured: bool,
+) -> Response<Bytes> {
     let stats = core.stats();
     let active: usize = stats.iter().map(|s| s.sessions).sum();
     let (db_up, db_latency_ms) = data_dir.read();
+    let shared = data_dir.shared();
     let cores: Vec<Value> = stats
         .iter()
         .map(|s| {
@@ -96,10 +106,11 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
     // An upstream that does not answer degrades the relay (calls that need it fail); an unusable
     // database makes it unhealthy.
     let upstream_down = data_dir.upstreams.iter().any(|u| u.status().0 == "down");
-    let status = match (db_up, upstream_down) {
-        (false, _) => "unhealthy",
-        (true, true) => "degraded",
-        (true, false) => "healthy",
+    let unhealthy = !db_up && !shared;
+    let status = match (unhealthy, db_up && !upstream_down) {
+        (true, _) => "unhealthy",
+        (false, false) => "degraded",
+        (false, true) => "healthy",
     };
     let upstream = |name: &str| match data_dir.upstreams.iter().find(|u| u.name == name) {
         Some(u) => {
@@ -115,6 +126,9 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
             "database": {
                 "status": if db_up { "up" } else { "down" },
                 "latency": (db_latency_ms * 1000.0).round() / 1000.0,
+                "backend": if shared { "postgresql" } else { "redb" },
+                "queued": store.queued.load(Ordering::Relaxed) + store.pending.load(Ordering::Relaxed),
+                "dropped": store.dropped.load(Ordering::Relaxed),
             },
             "openai": upstream("openai"),
             "agent": upstream("agent"),
@@ -131,7 +145,7 @@ pub fn health_detailed(core: &CoreHandle, data_dir: &DataDirHealth, twilio_confi
             },
         },
     });
-    json_response(if db_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+    json_response(if unhealthy { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }, &body)
 }
 
 /// `{"in": {leg: n}, "out": {…}, "dropped": {…, "other": n}}`: what `/metrics` exports as

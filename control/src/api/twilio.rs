@@ -209,7 +209,7 @@ pub async fn frontend(
         Ok(_) | Err(CommandError::NotFound) => {}
         Err(e) => return Err(ApiError::from_command(&e, session.as_str())),
     }
-    let (guard, reject) = match limits.acquire_socket(&user) {
+    let (guard, reject) = match crate::limits::acquire_socket(core, limits, &user).await {
         Some(g) => (Some(Box::new(g) as Box<dyn std::any::Any + Send>), None),
         None => (None, Some((1008, "too many concurrent connections for this user"))),
     };

@@ -1,12 +1,16 @@
 //! The call-record store: `<data-dir>/records.redb`, an embedded database (redb: one file, no
-//! server). Owner cores hand every record change to a bounded queue; one writer thread batches the
-//! changes and commits at most once a [`COMMIT_INTERVAL`], so a crash loses at most the last
-//! second; [`RecordStore::close`] commits everything left. Analytics read it through [`Records`].
+//! server), or with `--records-url` a PostgreSQL database every node of a cluster shares
+//! ([`postgres`]). Owner cores hand every record change to a bounded queue; one writer thread
+//! batches the changes and commits at most once a [`COMMIT_INTERVAL`], so a crash loses at most the
+//! last second; [`RecordStore::close`] commits everything left. While PostgreSQL is down the
+//! writer keeps the changes (at most [`PENDING_CAPACITY`] calls) and writes them once it is back.
+//! Analytics read either backend through [`Records`].
 //!
 //! Invariant: nothing here runs on a core's thread except [`RecordStore::sink`]'s closure, which
 //! only `try_send`s (a full queue is a counted drop); every database access happens on the writer
 //! thread or on a blocking-pool thread.
 
+pub mod postgres;
 pub mod query;
 pub mod time;
 
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use relay_engine::config::RecordSink;
-use relay_engine::core::command::{CallRecord, RecordChange};
+use relay_engine::core::command::{CallRecord, Direction, RecordChange};
 use serde::{Deserialize, Serialize};
 
 /// The database file's name inside `--data-dir`.
@@ -32,6 +36,10 @@ pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// every call ending at once at shutdown on a large relay; past it, changes are dropped and
 /// counted ([`StoreStats::dropped`]).
 pub const QUEUE_CAPACITY: usize = 65_536;
+/// Calls whose latest change the writer holds for its next commit. Past it (a database down
+/// for long on a busy node), changes of further calls are dropped and counted
+/// ([`StoreStats::dropped`]); changes of calls already held replace their older one.
+pub const PENDING_CAPACITY: usize = 65_536;
 
 /// Every call by id: the whole record, as JSON.
 const CALLS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("calls");
@@ -39,16 +47,32 @@ const CALLS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("calls");
 /// range read only this index.
 const BY_PROJECT: TableDefinition<'_, (&str, u64, &str), &[u8]> = TableDefinition::new("calls_by_project");
 
-/// Why the store failed: redb's error, boxed (it is large, and rare).
+/// Why the store failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Error(Box<redb::Error>);
+pub enum Error {
+    /// redb's error, boxed (it is large, and rare).
+    #[error("{0}")]
+    Redb(Box<redb::Error>),
+    /// The shared database cannot be reached now (down, restarting, network): try again later.
+    #[error("the records database is unavailable: {0}")]
+    Unavailable(String),
+    /// The shared database answered with an error.
+    #[error("records database: {0}")]
+    Database(String),
+}
+
+impl Error {
+    /// Whether the database is unreachable (as opposed to failing a request it received).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
 
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Self {
-                Self(Box::new(e.into()))
+                Self::Redb(Box::new(e.into()))
             }
         }
     )*};
@@ -165,9 +189,11 @@ impl StoredCall {
             function_calls: r.function_calls,
             node: r.node.clone(),
         };
-        if let Some(old) = older.filter(|old| old.created_ms < call.created_ms) {
+        // Another record of the same call: made again by a core that had forgotten it, or made by
+        // another node of a cluster (whose clock may be behind or ahead).
+        if let Some(old) = older.filter(|old| old.created_ms != call.created_ms) {
             // A re-created record: it knows only what happened since; the rest comes from before.
-            call.created_ms = old.created_ms;
+            call.created_ms = old.created_ms.min(call.created_ms);
             if r.project_id.is_none() {
                 call.project_id.clone_from(&old.project_id);
             }
@@ -202,6 +228,29 @@ impl StoredCall {
             }
         }
         call
+    }
+
+    /// The call as the engine's record (what `/call-status` and `/end-call` read), for a call
+    /// this node does not hold in memory.
+    pub fn into_record(self) -> CallRecord {
+        CallRecord {
+            user_id: self.user_id,
+            status: self.status,
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
+            duration_secs: self.duration_secs,
+            from: self.from,
+            to: self.to,
+            prompt: self.prompt,
+            first_message: self.first_message,
+            transcript: self.transcript,
+            created_ms: self.created_ms,
+            project_id: Some(self.project_id),
+            intent: self.intent,
+            direction: if self.direction == "outbound" { Direction::Outbound } else { Direction::Inbound },
+            function_calls: self.function_calls,
+            ..CallRecord::default()
+        }
     }
 
     /// What aggregates need of the call.
@@ -239,6 +288,9 @@ pub struct StoreStats {
     pub written: AtomicU64,
     /// Changes queued for the writer thread and not yet taken by it.
     pub queued: AtomicU64,
+    /// Calls whose latest change the writer holds and has not committed yet (they pile up while
+    /// the database is down).
+    pub pending: AtomicU64,
     /// Whether the last commit failed (the changes are kept and retried).
     pub failing: AtomicBool,
 }
@@ -280,10 +332,31 @@ impl RecordStore {
         txn.open_table(CALLS).context("records database")?;
         txn.open_table(BY_PROJECT).context("records database")?;
         txn.commit().context("records database")?;
-        let records = Records { db: Arc::new(db), projects: Arc::new(projects) };
+        let records = Records { backend: Backend::Redb(Arc::new(db)), projects: Arc::new(projects) };
+        Self::start(records, Target::Redb)
+    }
+
+    /// Connects to the shared PostgreSQL database of `settings`, creates or migrates its schema,
+    /// and starts the writer thread, which names `node` on the calls it creates.
+    ///
+    /// # Errors
+    /// When the database cannot be reached at start (the message names it without its password),
+    /// its schema is newer than this relay's, or the thread cannot start.
+    pub fn connect(settings: &postgres::Settings, node: &str, projects: Projects) -> anyhow::Result<Self> {
+        postgres::prepare(settings, node)
+            .map_err(|e| anyhow::anyhow!("cannot prepare the records database {settings}: {e}"))?;
+        let records = Records {
+            backend: Backend::Postgres(Arc::new(postgres::Pool::new(settings.clone()))),
+            projects: Arc::new(projects),
+        };
+        Self::start(records, Target::Postgres(Box::new(postgres::Writer::new(settings.clone(), node.to_owned()))))
+    }
+
+    fn start(records: Records, target: Target) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
-        let writer = Writer { records: records.clone(), stats: stats.clone(), pending: HashMap::new() };
+        let writer = Writer { records: records.clone(), target, stats: stats.clone(), pending: HashMap::new() };
         let writer = std::thread::Builder::new()
             .name("records-writer".into())
             .spawn(move || writer.run(&rx))
@@ -364,9 +437,18 @@ impl Drop for RecordStore {
     }
 }
 
+/// Where the writer thread commits.
+enum Target {
+    /// The embedded database, through [`Records`].
+    Redb,
+    /// The shared database, over the writer's own connection.
+    Postgres(Box<postgres::Writer>),
+}
+
 /// The writer thread's state: changes waiting for the next commit, latest per call.
 struct Writer {
     records: Records,
+    target: Target,
     stats: Arc<StoreStats>,
     pending: HashMap<String, Box<RecordChange>>,
 }
@@ -394,9 +476,10 @@ impl Writer {
                 Some(Message::Change(change)) => {
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     oldest.get_or_insert_with(Instant::now);
-                    self.pending.insert(change.id.as_str().to_owned(), change);
+                    self.hold(change);
                 }
                 Some(Message::Flush(ack)) => {
+                    self.retry_now();
                     let _ = ack.send(self.commit());
                     oldest = (!self.pending.is_empty()).then(Instant::now);
                 }
@@ -404,8 +487,9 @@ impl Writer {
                     // Changes sent before the close are all in the queue ahead of it.
                     while let Ok(Message::Change(change)) = rx.try_recv() {
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                        self.pending.insert(change.id.as_str().to_owned(), change);
+                        self.hold(change);
                     }
+                    self.retry_now();
                     let _ = ack.send(self.commit());
                     return;
                 }
@@ -419,22 +503,49 @@ impl Writer {
         }
     }
 
+    /// A commit asked for now (flush, close) tries the database at once, backoff or not.
+    fn retry_now(&mut self) {
+        if let Target::Postgres(writer) = &mut self.target {
+            writer.retry_now();
+        }
+    }
+
+    /// Keeps `change` for the next commit (replacing its call's older change), or drops it
+    /// (counted) when [`PENDING_CAPACITY`] calls are already held.
+    fn hold(&mut self, change: Box<RecordChange>) {
+        let id = change.id.as_str();
+        if self.pending.len() >= PENDING_CAPACITY && !self.pending.contains_key(id) {
+            if self.stats.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!("{PENDING_CAPACITY} calls' records wait for the database: further changes are dropped");
+            }
+            return;
+        }
+        self.pending.insert(id.to_owned(), change);
+        self.stats.pending.store(self.pending.len() as u64, Ordering::Relaxed);
+    }
+
     /// Writes every pending change in one transaction.
     fn commit(&mut self) -> Result<(), String> {
         if self.pending.is_empty() {
             return Ok(());
         }
         let count = self.pending.len() as u64;
-        match self.records.upsert(self.pending.values().map(|c| &**c)) {
+        let changes = self.pending.values().map(|c| &**c);
+        let result = match &mut self.target {
+            Target::Redb => self.records.upsert(changes),
+            Target::Postgres(writer) => writer.upsert(changes, &self.records.projects),
+        };
+        match result {
             Ok(()) => {
                 self.pending.clear();
+                self.stats.pending.store(0, Ordering::Relaxed);
                 self.stats.written.fetch_add(count, Ordering::Relaxed);
                 self.stats.failing.store(false, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
                 if !self.stats.failing.swap(true, Ordering::Relaxed) {
-                    tracing::error!("cannot save call records (retrying every second): {e}");
+                    tracing::error!("cannot save call records (kept, retrying every second): {e}");
                 }
                 Err(e.to_string())
             }
@@ -442,11 +553,21 @@ impl Writer {
     }
 }
 
-/// Read access to the store (and the writer's upserts); cheap to clone, usable from any thread.
+/// Read access to the store (and the writer's upserts to redb); cheap to clone, usable from any
+/// thread but a core's (every read blocks).
 #[derive(Clone)]
 pub struct Records {
-    db: Arc<Database>,
+    backend: Backend,
     projects: Arc<Projects>,
+}
+
+/// Which database the records are in.
+#[derive(Clone)]
+enum Backend {
+    /// The embedded one, this node's calls only.
+    Redb(Arc<Database>),
+    /// The shared one, every node's calls.
+    Postgres(Arc<postgres::Pool>),
 }
 
 impl Records {
@@ -455,12 +576,39 @@ impl Records {
         &self.projects
     }
 
+    /// The shared database's connections, when the records are in PostgreSQL (per-user limits
+    /// are counted there too).
+    pub fn shared(&self) -> Option<Arc<postgres::Pool>> {
+        match &self.backend {
+            Backend::Redb(_) => None,
+            Backend::Postgres(pool) => Some(pool.clone()),
+        }
+    }
+
+    /// The backend's name in `/health/detailed`: `redb` or `postgresql`.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Redb(_) => "redb",
+            Backend::Postgres(_) => "postgresql",
+        }
+    }
+
+    fn redb(&self) -> Result<&Database, Error> {
+        match &self.backend {
+            Backend::Redb(db) => Ok(db),
+            Backend::Postgres(_) => Err(Error::Database("not an embedded database".to_owned())),
+        }
+    }
+
     /// Every call of `project` created in `from_ms..=to_ms`, oldest first: (creation ms, summary).
     ///
     /// # Errors
     /// When the database cannot be read.
     pub fn summaries(&self, project: &str, from_ms: u64, to_ms: u64) -> Result<Vec<(u64, Summary)>, Error> {
-        let txn = self.db.begin_read()?;
+        if let Backend::Postgres(pool) = &self.backend {
+            return pool.summaries(project, from_ms, to_ms);
+        }
+        let txn = self.redb()?.begin_read()?;
         let index = txn.open_table(BY_PROJECT)?;
         let mut out = Vec::new();
         if from_ms > to_ms {
@@ -483,7 +631,10 @@ impl Records {
     /// # Errors
     /// When the database cannot be read.
     pub fn recent(&self, project: &str, limit: usize) -> Result<Vec<StoredCall>, Error> {
-        let txn = self.db.begin_read()?;
+        if let Backend::Postgres(pool) = &self.backend {
+            return pool.recent(project, limit);
+        }
+        let txn = self.redb()?.begin_read()?;
         let index = txn.open_table(BY_PROJECT)?;
         let calls = txn.open_table(CALLS)?;
         let mut out = Vec::new();
@@ -507,7 +658,10 @@ impl Records {
     /// # Errors
     /// When the database cannot be read.
     pub fn get(&self, id: &str) -> Result<Option<StoredCall>, Error> {
-        let txn = self.db.begin_read()?;
+        if let Backend::Postgres(pool) = &self.backend {
+            return pool.get(id);
+        }
+        let txn = self.redb()?.begin_read()?;
         let calls = txn.open_table(CALLS)?;
         Ok(calls.get(id)?.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
@@ -517,8 +671,11 @@ impl Records {
     /// # Errors
     /// When the database cannot be read.
     pub fn check(&self) -> Result<Duration, Error> {
+        if let Backend::Postgres(pool) = &self.backend {
+            return pool.check();
+        }
         let start = Instant::now();
-        let txn = self.db.begin_read()?;
+        let txn = self.redb()?.begin_read()?;
         let calls = txn.open_table(CALLS)?;
         let _ = calls.first()?;
         Ok(start.elapsed())
@@ -526,7 +683,7 @@ impl Records {
 
     /// Upserts `changes` in one write transaction, keeping the project index in step.
     fn upsert<'a>(&self, changes: impl Iterator<Item = &'a RecordChange>) -> Result<(), Error> {
-        let txn = self.db.begin_write()?;
+        let txn = self.redb()?.begin_write()?;
         {
             let mut calls = txn.open_table(CALLS)?;
             let mut index = txn.open_table(BY_PROJECT)?;
@@ -561,7 +718,6 @@ fn status_rank(status: &str) -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use relay_engine::core::command::Direction;
     use relay_engine::id::SessionId;
 
     use super::*;
@@ -674,6 +830,43 @@ mod tests {
         assert_eq!(merged.duration_secs, Some(7), "Twilio's duration wins");
         assert_eq!(merged.transcript, "user: hi\n");
         assert_eq!(merged.from.as_deref(), Some("+1"));
+        // Another node's record of the call, made by a clock that is behind: merged the same way.
+        let skewed = change("CA1", |r| {
+            r.created_ms = 500;
+            r.status = "ringing".into();
+        });
+        let merged = StoredCall::from_change(&skewed, &p, Some(&old));
+        assert_eq!(
+            (merged.created_ms, merged.status.as_str(), merged.direction.as_str()),
+            (500, "completed", "outbound")
+        );
+        assert_eq!(merged.transcript, "user: hi\n");
+    }
+
+    /// With PostgreSQL unreachable the writer keeps each call's latest change (counted as
+    /// pending, none dropped), a flush fails saying the database is unavailable without the URL's
+    /// password, and reads answer "unavailable".
+    #[test]
+    fn an_unreachable_shared_database_keeps_the_changes() {
+        let settings = postgres::Settings::parse("postgresql://relay:hunter2@127.0.0.1:1/relay").expect("valid");
+        let records = Records {
+            backend: Backend::Postgres(Arc::new(postgres::Pool::new(settings.clone()))),
+            projects: Arc::new(projects()),
+        };
+        let writer = postgres::Writer::new(settings, "n1".into());
+        let store = RecordStore::start(records, Target::Postgres(Box::new(writer))).expect("writer thread");
+        let sink = store.sink();
+        sink.send(change("CA1", |_| {}));
+        sink.send(change("CA1", |r| r.status = "completed".into()));
+        sink.send(change("CA2", |_| {}));
+        let e = store.flush().expect_err("nothing to write to");
+        assert!(e.contains("unavailable") && !e.contains("hunter2"), "{e}");
+        let stats = store.stats();
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 2, "one held change per call");
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+        assert!(stats.failing.load(Ordering::Relaxed));
+        let read = store.records().get("CA1").expect_err("no database");
+        assert!(read.is_unavailable() && !read.to_string().contains("hunter2"), "{read}");
     }
 
     /// Records and summaries written before function calls were counted (or nodes named) read back
