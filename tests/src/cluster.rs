@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use crate::{pump, relay_bin, temp_dir, Conn, POLL_INTERVAL, TIMEOUT};
@@ -30,7 +30,7 @@ const BACKEND: &str = "relay_nodes";
 pub struct Options {
     /// Extra flags for node `n` (from 0), given the root-side address the node reaches the
     /// test's agents and peers at; called again on every restart.
-    pub node_args: Box<dyn Fn(usize, IpAddr) -> Vec<String>>,
+    pub node_args: Box<dyn Fn(usize, IpAddr) -> Vec<String> + Send + Sync>,
     /// The path HAProxy's check asks for instead of the `/health/ready` the config names
     /// (`None`: the config as written).
     pub check_path: Option<String>,
@@ -153,7 +153,7 @@ impl Cluster {
 
     /// Every line node `n` wrote to stdout and stderr, across restarts.
     pub fn logs(&self, n: usize) -> Vec<String> {
-        self.nodes[n].logs.lock().expect("log lock").clone()
+        self.nodes[n].logs.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Sends `signal` to node `n`'s process.
@@ -226,7 +226,7 @@ impl Cluster {
                 Instant::now() < deadline,
                 "HAProxy sees node{} as {now:?}, not {want:?}, after {TIMEOUT:?}; HAProxy said:\n{}",
                 n + 1,
-                self.haproxy_logs.lock().expect("log lock").join("\n")
+                self.haproxy_logs.lock().unwrap_or_else(PoisonError::into_inner).join("\n")
             );
             std::thread::sleep(POLL_INTERVAL);
         }
@@ -330,7 +330,7 @@ impl Cluster {
         let deadline = Instant::now() + TIMEOUT;
         while UnixStream::connect(self.stats_socket()).is_err() || Conn::try_open(self.addr).is_err() {
             if let Some(status) = self.haproxy.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("haproxy exited with {status}:\n{}", self.haproxy_logs.lock().expect("log lock").join("\n"));
+                panic!("haproxy exited with {status}:\n{}", self.haproxy_logs.lock().unwrap_or_else(PoisonError::into_inner).join("\n"));
             }
             assert!(Instant::now() < deadline, "haproxy did not listen within {TIMEOUT:?}");
             std::thread::sleep(POLL_INTERVAL);
@@ -352,11 +352,11 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             for (n, node) in self.nodes.iter().enumerate() {
-                let logs = node.logs.lock().expect("log lock");
+                let logs = node.logs.lock().unwrap_or_else(PoisonError::into_inner);
                 let tail = &logs[logs.len().saturating_sub(30)..];
                 eprintln!("---- node{} output (last {} lines) ----\n{}", n + 1, tail.len(), tail.join("\n"));
             }
-            let logs = self.haproxy_logs.lock().expect("log lock");
+            let logs = self.haproxy_logs.lock().unwrap_or_else(PoisonError::into_inner);
             eprintln!("---- haproxy output ----\n{}", logs.join("\n"));
         }
         for node in &self.nodes {

@@ -910,8 +910,8 @@ impl Frontend {
     ///
     /// # Panics
     /// As [`Self::connect`].
-    pub fn connect_at(addr: SocketAddr, call_sid: &str, user: &str) -> (Self, Vec<(String, String)>) {
-        let path = format!("/frontend-stream?callSid={call_sid}&user_id={user}");
+    pub fn connect_at(addr: SocketAddr, call_sid: &str, user: &str, extra_query: &str) -> (Self, Vec<(String, String)>) {
+        let path = format!("/frontend-stream?callSid={call_sid}&user_id={user}{extra_query}");
         let (peer, answer) = Peer::connect_answered(addr, &path, &[])
             .unwrap_or_else(|status| panic!("/frontend-stream for {call_sid} refused with {status}"));
         peer.send_json(&json!({ "event": "connect-twilio", "callSid": call_sid, "user_id": user }));
