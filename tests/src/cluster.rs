@@ -198,17 +198,8 @@ impl Cluster {
     /// When HAProxy's stats socket does not answer or does not list the node.
     pub fn status(&self, n: usize) -> String {
         let csv = self.haproxy_command("show stat");
-        let mut lines = csv.lines();
-        let header: Vec<&str> =
-            lines.next().and_then(|h| h.strip_prefix("# ")).expect("show stat starts with its header").split(',').collect();
-        let column = |name: &str| header.iter().position(|h| *h == name).expect("a show stat column");
-        let (px, sv, status) = (column("pxname"), column("svname"), column("status"));
         let name = Self::node_name(n);
-        lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .find(|f| f.get(px) == Some(&BACKEND) && f.get(sv) == Some(&name.as_str()))
-            .and_then(|f| f.get(status).map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| panic!("HAProxy's stats list no server {name}:\n{csv}"))
+        server_status(&csv, &name).unwrap_or_else(|| panic!("HAProxy's stats list no server {name}:\n{csv}"))
     }
 
     /// Waits until HAProxy's view of node `n` is exactly `want` (see [`Self::status`]).
@@ -243,6 +234,16 @@ impl Cluster {
         let mut answer = String::new();
         socket.read_to_string(&mut answer).expect("read HAProxy's answer");
         answer
+    }
+
+    /// `haproxy`: Debian's /usr/sbin/haproxy (often not on a user's PATH), else from PATH.
+    pub fn haproxy_bin() -> PathBuf {
+        let debian = Path::new("/usr/sbin/haproxy");
+        if debian.exists() {
+            debian.to_path_buf()
+        } else {
+            PathBuf::from("haproxy")
+        }
     }
 
     fn stats_socket(&self) -> PathBuf {
@@ -292,7 +293,12 @@ impl Cluster {
             if healthy {
                 return;
             }
-            assert!(Instant::now() < deadline, "node{} not healthy within {TIMEOUT:?}:\n{}", n + 1, self.logs(n).join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "node{} not healthy within {TIMEOUT:?}:\n{}",
+                n + 1,
+                self.logs(n).join("\n")
+            );
             std::thread::sleep(POLL_INTERVAL);
         }
     }
@@ -316,7 +322,7 @@ impl Cluster {
             .expect("write the stats config");
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut cmd = Command::new(haproxy_bin());
+        let mut cmd = Command::new(Self::haproxy_bin());
         cmd.arg("-db").arg("-f").arg(&config).arg("-f").arg(&stats);
         cmd.env("RELAY_BIND", self.addr.to_string());
         for n in 0..NODES {
@@ -330,7 +336,10 @@ impl Cluster {
         let deadline = Instant::now() + TIMEOUT;
         while UnixStream::connect(self.stats_socket()).is_err() || Conn::try_open(self.addr).is_err() {
             if let Some(status) = self.haproxy.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("haproxy exited with {status}:\n{}", self.haproxy_logs.lock().unwrap_or_else(PoisonError::into_inner).join("\n"));
+                panic!(
+                    "haproxy exited with {status}:\n{}",
+                    self.haproxy_logs.lock().unwrap_or_else(PoisonError::into_inner).join("\n")
+                );
             }
             assert!(Instant::now() < deadline, "haproxy did not listen within {TIMEOUT:?}");
             std::thread::sleep(POLL_INTERVAL);
@@ -366,14 +375,16 @@ impl Drop for Cluster {
     }
 }
 
-/// `haproxy` from PATH, or Debian's /usr/sbin/haproxy when PATH lacks /usr/sbin.
-fn haproxy_bin() -> PathBuf {
-    let debian = Path::new("/usr/sbin/haproxy");
-    if debian.exists() {
-        debian.to_path_buf()
-    } else {
-        PathBuf::from("haproxy")
-    }
+/// The `status` column of server `name` of the nodes' backend in HAProxy's `show stat` CSV.
+fn server_status(csv: &str, name: &str) -> Option<String> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next()?.strip_prefix("# ")?.split(',').collect();
+    let column = |wanted: &str| header.iter().position(|h| *h == wanted);
+    let (px, sv, status) = (column("pxname")?, column("svname")?, column("status")?);
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.get(px) == Some(&BACKEND) && f.get(sv) == Some(&name))
+        .and_then(|f| f.get(status).map(|s| (*s).to_owned()))
 }
 
 /// Runs `ip args`.
@@ -389,4 +400,24 @@ fn ip(args: &[&str]) {
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_status;
+
+    /// A server's status is read by column name from `show stat`, only in the nodes' backend.
+    #[test]
+    fn server_status_reads_the_backend_row() {
+        let csv = "# pxname,svname,qcur,status,weight\n\
+                   relay,FRONTEND,,OPEN,\n\
+                   other,node1,0,DOWN,1\n\
+                   relay_nodes,node1,0,UP,1\n\
+                   relay_nodes,node2,0,NOLB,1\n\
+                   relay_nodes,BACKEND,0,UP,2\n";
+        assert_eq!(server_status(csv, "node1").as_deref(), Some("UP"));
+        assert_eq!(server_status(csv, "node2").as_deref(), Some("NOLB"));
+        assert_eq!(server_status(csv, "node3"), None);
+        assert_eq!(server_status("garbage", "node1"), None);
+    }
 }

@@ -836,6 +836,9 @@ pub fn client_socket(
     client_socket_answered(addr, path, headers).map(|(socket, _)| socket)
 }
 
+/// Header fields of an answer, names lowercased, in order.
+pub type Fields = Vec<(String, String)>;
+
 /// As [`client_socket`], also returning the 101's header fields (names lowercased), e.g. to read
 /// which node answered (`x-relay-node`).
 ///
@@ -845,7 +848,7 @@ pub fn client_socket_answered(
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<(tungstenite::WebSocket<TcpStream>, Vec<(String, String)>), u16> {
+) -> Result<(tungstenite::WebSocket<TcpStream>, Fields), u16> {
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     stream.set_read_timeout(Some(TIMEOUT)).expect("set read timeout");
     stream.set_write_timeout(Some(TIMEOUT)).expect("set write timeout");

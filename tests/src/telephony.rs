@@ -169,7 +169,7 @@ impl Peer {
         addr: SocketAddr,
         path: &str,
         headers: &[(&str, &str)],
-    ) -> Result<(Self, Vec<(String, String)>), u16> {
+    ) -> Result<(Self, crate::Fields), u16> {
         crate::client_socket_answered(addr, path, headers).map(|(socket, answer)| (Self::spawn(socket, path), answer))
     }
 
@@ -910,7 +910,7 @@ impl Frontend {
     ///
     /// # Panics
     /// As [`Self::connect`].
-    pub fn connect_at(addr: SocketAddr, call_sid: &str, user: &str, extra_query: &str) -> (Self, Vec<(String, String)>) {
+    pub fn connect_at(addr: SocketAddr, call_sid: &str, user: &str, extra_query: &str) -> (Self, crate::Fields) {
         let path = format!("/frontend-stream?callSid={call_sid}&user_id={user}{extra_query}");
         let (peer, answer) = Peer::connect_answered(addr, &path, &[])
             .unwrap_or_else(|status| panic!("/frontend-stream for {call_sid} refused with {status}"));
@@ -979,7 +979,7 @@ impl Events {
     ///
     /// # Panics
     /// As [`Self::open`].
-    pub fn open_at(addr: SocketAddr, id: &str, token: Option<&str>) -> (Self, Vec<(String, String)>) {
+    pub fn open_at(addr: SocketAddr, id: &str, token: Option<&str>) -> (Self, crate::Fields) {
         let auth = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
         let (peer, answer) = Peer::connect_answered(addr, &format!("/ws?sessionId={id}"), &headers)

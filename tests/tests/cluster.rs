@@ -7,6 +7,7 @@
 //! Scenarios share [`cluster`], [`open_calls`] and [`talk`], so the drain and PostgreSQL
 //! scenarios (issue 15) are built the same way.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -83,6 +84,10 @@ fn every_leg_of_a_call_reaches_one_node() {
         let carried = calls.iter().filter(|c| c.node == n).count();
         assert!(carried > 0, "{} carries no call of {CALLS}", Cluster::node_name(n));
     }
+    let answered: BTreeSet<String> = (0..2 * NODES)
+        .map(|_| get(cluster.addr(), "/health").header("x-relay-node").expect("X-Relay-Node").to_owned())
+        .collect();
+    assert_eq!(answered.len(), NODES, "requests naming no call go to any node: {answered:?}");
 
     talk(&calls, 50, || {
         for call in &calls {
@@ -186,6 +191,23 @@ fn a_killed_node_costs_only_its_own_calls() {
     assert!(back.iter().any(|c| c.node == victim), "the node brought back takes new calls again");
 }
 
+/// `deploy/haproxy.cfg` passes HAProxy's own check with its addresses from the environment.
+#[test]
+fn the_shipped_config_is_valid() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/haproxy.cfg");
+    let out = std::process::Command::new(Cluster::haproxy_bin())
+        .args(["-c", "-f", config])
+        .env("RELAY_BIND", "127.0.0.1:8080")
+        .env("RELAY_NODE1", "10.0.0.1:8080")
+        .env("RELAY_NODE2", "10.0.0.2:8080")
+        .env("RELAY_NODE3", "10.0.0.3:8080")
+        .output()
+        .expect("run haproxy -c (scripts/deps-cluster installs it)");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "haproxy -c: {said}");
+    assert!(!said.contains("WARNING"), "haproxy -c warns: {said}");
+}
+
 /// Opens a call per id through HAProxy, all at once, each with every kind of leg, and checks
 /// that every leg's answer names the node that answered its `/start-call`.
 fn open_calls(cluster: &Cluster, bot: &TwilioBot, ids: &[String]) -> Vec<Call> {
@@ -208,11 +230,19 @@ fn open_call(cluster: &Cluster, bot: &TwilioBot, since: usize, id: &str, tag: u8
     assert_eq!(started.status, 200, "{id}: /start-call: {}", started.text());
     let node = started.header("x-relay-node").and_then(Cluster::node_index).expect("a node answered /start-call");
     let name = Cluster::node_name(node);
+    // Twilio's webhook names the call in its form; the TwiML it gets streams to a path naming it.
+    let form = format!("CallSid={id}&From=%2B15550001111&To=%2B15550002222&CallStatus=in-progress");
+    let form_type = ("Content-Type", "application/x-www-form-urlencoded");
+    let voice = Conn::open(lb).request("POST", "/twilio/voice", &[form_type, ("Connection", "close")], Some(&form));
+    assert_eq!(voice.status, 200, "{id}: /twilio/voice: {}", voice.text());
+    assert_eq!(voice.header("x-relay-node"), Some(name.as_str()), "{id}: /twilio/voice");
+    let stream_path = format!("/twilio/stream/{id}");
+    assert!(voice.text().contains(&format!("{lb}{stream_path}")), "{id}: the TwiML: {}", voice.text());
     let (front, answer) = Frontend::connect_at(lb, id, &format!("user-{id}"), "&accessToken=tok");
     assert_eq!(node_in(&answer), node, "{id}: /frontend-stream");
     let (events, answer) = Events::open_at(lb, id, Some(TOKEN));
     assert_eq!(node_in(&answer), node, "{id}: /ws");
-    let (peer, answer) = Peer::connect_answered(lb, &format!("/twilio/stream/{id}"), &[])
+    let (peer, answer) = Peer::connect_answered(lb, &stream_path, &[])
         .unwrap_or_else(|status| panic!("{id}: /twilio/stream refused with {status}"));
     assert_eq!(node_in(&answer), node, "{id}: /twilio/stream/{{callSid}}");
     let caller = TwilioCaller::greet(peer, id, &[("callSid", id)]);
@@ -240,7 +270,17 @@ fn open_call(cluster: &Cluster, bot: &TwilioBot, since: usize, id: &str, tag: u8
         let patch = Conn::open(lb).request("PATCH", &location, &[("Authorization", bearer.as_str())], None);
         assert_eq!(patch.header("x-relay-node"), Some(name.as_str()), "{id}: PATCH {location}: {}", patch.text());
     }
-    Call { id: id.to_owned(), tag, node, caller, bot: agent, front, events, whip: Mutex::new(whip), whep: Mutex::new(whep) }
+    Call {
+        id: id.to_owned(),
+        tag,
+        node,
+        caller,
+        bot: agent,
+        front,
+        events,
+        whip: Mutex::new(whip),
+        whep: Mutex::new(whep),
+    }
 }
 
 /// Runs every call's WebRTC peers (the WHIP leg sending its tone) while each caller sends
@@ -298,7 +338,7 @@ fn same_frames(got: &[Vec<u8>], want: &[Vec<u8>], what: &str) {
     }
     // A frame's tag and index are its first five bytes.
     let name = |f: &Vec<u8>| f.get(..5).map(<[u8]>::to_vec);
-    let at = got.iter().zip(want).position(|(g, w)| g != w).unwrap_or(got.len().min(want.len()));
+    let at = got.iter().zip(want).position(|(g, w)| g != w).unwrap_or_else(|| got.len().min(want.len()));
     panic!(
         "{what}: {} frames, {} expected; first difference at {at}: {:?} instead of {:?}",
         got.len(),
@@ -310,7 +350,12 @@ fn same_frames(got: &[Vec<u8>], want: &[Vec<u8>], what: &str) {
 
 /// The WebSocket legs of a call, named.
 fn legs(call: &Call) -> [(&'static str, &Peer); 4] {
-    [("caller", call.caller.peer()), ("bot", &call.bot), ("frontend", call.front.peer()), ("/ws observer", &call.events)]
+    [
+        ("caller", call.caller.peer()),
+        ("bot", &call.bot),
+        ("frontend", call.front.peer()),
+        ("/ws observer", &call.events),
+    ]
 }
 
 /// Waits (bounded) for the connection to end; whether it did.
