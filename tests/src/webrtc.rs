@@ -109,6 +109,15 @@ impl Peer {
         }
     }
 
+    /// How long one read of [`Self::run`] waits for a packet (2 ms by default): a peer that only
+    /// listens, or many peers on few CPUs, can poll less often.
+    ///
+    /// # Panics
+    /// When the socket refuses the timeout (zero).
+    pub fn set_poll_interval(&mut self, interval: Duration) {
+        self.socket.set_read_timeout(Some(interval)).expect("a read timeout");
+    }
+
     /// The SDP offer to POST.
     pub fn offer(&self) -> &str {
         &self.offer

@@ -10,13 +10,13 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use relay_tests::cluster::{Cluster, Options, NODES};
 use relay_tests::telephony::{frames, unulaw, BotConn, Events, Frontend, Peer, TwilioBot, TwilioCaller};
 use relay_tests::webrtc::{self, dominant_hz, rms, Send};
-use relay_tests::{Conn, Response, WsMsg, TIMEOUT};
+use relay_tests::{Conn, RawWs, Response, WsMsg, TIMEOUT};
 use serde_json::{json, Value};
 use str0m::media::Direction;
 
@@ -56,10 +56,54 @@ struct Call {
     bot: BotConn,
     front: Frontend,
     events: Events,
-    /// A WebRTC publisher (WHIP, a custom stream: the call's agent is the bot).
-    whip: Mutex<webrtc::Peer>,
+    /// A WebRTC publisher (WHIP, a custom stream: the call's agent is the bot) sending a tone.
+    whip: RtcLeg,
     /// A WebRTC listener (WHEP) hearing the call's mix.
-    whep: Mutex<webrtc::Peer>,
+    whep: RtcLeg,
+}
+
+/// A WebRTC peer driven on its own thread from the moment it connected until finished (a peer
+/// left unpolled would miss its relay's packets and ICE checks). The thread owns the peer (a
+/// lock shared with it would starve readers), and hands it back when finished.
+struct RtcLeg {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<webrtc::Peer>>,
+}
+
+impl RtcLeg {
+    /// Drives `peer`, sending `send` every 20 ms. It polls every 10 ms, not every 2: sixty peers
+    /// share the test's CPUs with three relays, and a packet that arrives ends the wait at once.
+    fn drive(mut peer: webrtc::Peer, send: Send) -> Self {
+        peer.set_poll_interval(Duration::from_millis(10));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                peer.run(Duration::from_millis(100), send);
+            }
+            peer
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops driving the peer and hands it back, with everything it heard.
+    ///
+    /// # Panics
+    /// When it was finished before, or its thread panicked.
+    fn finish(&mut self) -> webrtc::Peer {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().expect("a leg is finished once");
+        thread.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for RtcLeg {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// One cluster at a time in this file: each runs three relays, HAProxy and a few hundred peer
@@ -79,7 +123,7 @@ fn every_leg_of_a_call_reaches_one_node() {
     let bot = TwilioBot::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let cluster = cluster(&bot);
     let ids: Vec<String> = (0..CALLS).map(|i| format!("CA-route-{i}")).collect();
-    let calls = open_calls(&cluster, &bot, &ids);
+    let mut calls = open_calls(&cluster, &bot, &ids);
     for n in 0..NODES {
         let carried = calls.iter().filter(|c| c.node == n).count();
         assert!(carried > 0, "{} carries no call of {CALLS}", Cluster::node_name(n));
@@ -101,23 +145,60 @@ fn every_leg_of_a_call_reaches_one_node() {
         }
         for call in &calls {
             call.events.wait_event("custom_media_stream_sent");
-            let tone = call.bot.wait_media(50 + 40)[50 + 15..].concat();
+            let tone = call.bot.wait_media(50 + 50)[50 + 25..].concat();
             let pcm: Vec<i16> = tone.into_iter().map(unulaw).collect();
             let hz = dominant_hz(&pcm, 8000).unwrap_or(0.0);
             assert!((hz - WHIP_HZ).abs() <= 20.0, "{}: the bot hears the WHIP leg's tone, got {hz} Hz", call.id);
         }
     });
-    for call in &calls {
-        let whep = call.whep.lock().expect("whep lock");
-        assert!(whep.received >= 10, "{}: the WHEP listener received {} frames", call.id, whep.received);
+    for call in &mut calls {
+        let whep = call.whep.finish();
+        // A relay on a loaded CI machine mixes fewer frames than the second of audio it got (its
+        // mix keeps a 20 ms grid and drops a backlog), so this asks for audio, not for all of it.
+        assert!(whep.received >= 5, "{}: the WHEP listener received {} frames", call.id, whep.received);
         assert!(rms(&whep.heard) > 100.0, "{}: the WHEP listener hears the call's mix", call.id);
+        let whip = call.whip.finish();
+        assert!(whip.connected && !whip.closed, "{}: the WHIP leg stays connected", call.id);
         let status = get(cluster.addr(), &format!("/call-status?sessionId={}", call.id));
-        assert_eq!(status.status, 200, "{}: {}", call.id, status.text());
         assert_node(&status, call, "/call-status");
+        assert_eq!(status.status, 200, "{}: {}", call.id, status.text());
     }
     for call in &calls {
+        if call.tag % 10 == 0 {
+            call.events.wait_event("audio");
+        }
         call.caller.stop();
         call.events.wait_event("call_ended");
+    }
+    bad_keys_cost_only_their_sender(&cluster);
+}
+
+/// Keys that are not valid ids, calls no node knows and bodies that are not JSON get the answer a
+/// single node gives them, from a node (never from HAProxy), and every node stays up.
+fn bad_keys_cost_only_their_sender(cluster: &Cluster) {
+    let lb = cluster.addr();
+    let bad_path = RawWs::connect(lb, "/twilio/stream/not%20an%20id", &[]).err();
+    let bad_path = bad_path.expect("an invalid key in the path is refused");
+    assert_eq!(bad_path.status, 400, "{}", bad_path.text());
+    let long = format!("/ws?sessionId={}", "x".repeat(300));
+    let long = RawWs::connect(lb, &long, &[]).err().expect("an oversized key in the query is refused");
+    assert_eq!(long.status, 400, "{}", long.text());
+    let bearer = format!("Bearer {TOKEN}");
+    let sdp = [("Content-Type", "application/sdp"), ("Authorization", bearer.as_str()), ("Connection", "close")];
+    let unknown = Conn::open(lb).request("POST", "/whip/CA-nobody", &sdp, Some("v=0\r\n"));
+    assert_eq!(unknown.status, 404, "a leg of a call no node has: {}", unknown.text());
+    let not_json = Conn::open(lb).request("POST", "/stop-call", &[("Connection", "close")], Some("{\"sessionId\":"));
+    assert_eq!(not_json.status, 400, "{}", not_json.text());
+    let form = [("Content-Type", "application/x-www-form-urlencoded"), ("Connection", "close")];
+    let bad_form = Conn::open(lb).request("POST", "/twilio/voice", &form, Some("CallSid=a%20b"));
+    assert_eq!(bad_form.status, 400, "{}", bad_form.text());
+    for r in [&bad_path, &long, &unknown, &not_json, &bad_form] {
+        let node = r.header("x-relay-node").and_then(Cluster::node_index);
+        assert!(node.is_some(), "a node answers bad input itself: {:?}", r.headers);
+    }
+    for n in 0..NODES {
+        let status = cluster.status(n);
+        assert!(status.starts_with("UP"), "{} is still up: {status}", Cluster::node_name(n));
     }
 }
 
@@ -130,7 +211,7 @@ fn a_killed_node_costs_only_its_own_calls() {
     let bot = TwilioBot::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let mut cluster = cluster(&bot);
     let ids: Vec<String> = (0..9).map(|i| format!("CA-kill-{i}")).collect();
-    let calls = open_calls(&cluster, &bot, &ids);
+    let mut calls = open_calls(&cluster, &bot, &ids);
     let victim = calls[0].node;
     let (dead, live): (Vec<&Call>, Vec<&Call>) = calls.iter().partition(|c| c.node == victim);
     assert!(!live.is_empty(), "the other nodes carry calls too");
@@ -160,8 +241,9 @@ fn a_killed_node_costs_only_its_own_calls() {
             }
         }
     });
-    for call in &live {
-        let whep = call.whep.lock().expect("whep lock");
+    let again: Vec<String> = dead.iter().map(|c| c.id.clone()).collect();
+    for call in calls.iter_mut().filter(|c| c.node != victim) {
+        let whep = call.whep.finish();
         let after = whep.marks.iter().filter(|(at, _)| *at > killed_at).count();
         assert!(!whep.closed && after >= 25, "{}: the WHEP listener heard {after} frames after the kill", call.id);
     }
@@ -169,7 +251,6 @@ fn a_killed_node_costs_only_its_own_calls() {
     // The dead node's calls are called again while it is down: their keys hash to it, so only
     // the survivors can take them.
     cluster.wait_status(victim, "DOWN");
-    let again: Vec<String> = dead.iter().map(|c| c.id.clone()).collect();
     let meanwhile = open_calls(&cluster, &bot, &again);
     for call in &meanwhile {
         assert_ne!(call.node, victim, "{}: a new call goes to a survivor", call.id);
@@ -226,7 +307,11 @@ fn open_calls(cluster: &Cluster, bot: &TwilioBot, ids: &[String]) -> Vec<Call> {
 /// made after the `since`-th.
 fn open_call(cluster: &Cluster, bot: &TwilioBot, since: usize, id: &str, tag: u8) -> Call {
     let lb = cluster.addr();
-    let started = post(lb, "/start-call", &json!({ "sessionId": id, "accessToken": TOKEN }));
+    // Every tenth call has the agent's audio on `/ws` too (raw samples cost the nodes a JSON
+    // message per 20 ms).
+    let raw = tag % 10 == 0;
+    let body = json!({ "sessionId": id, "accessToken": TOKEN, "emitRawAudioSamples": raw });
+    let started = post(lb, "/start-call", &body);
     assert_eq!(started.status, 200, "{id}: /start-call: {}", started.text());
     let node = started.header("x-relay-node").and_then(Cluster::node_index).expect("a node answered /start-call");
     let name = Cluster::node_name(node);
@@ -270,53 +355,18 @@ fn open_call(cluster: &Cluster, bot: &TwilioBot, since: usize, id: &str, tag: u8
         let patch = Conn::open(lb).request("PATCH", &location, &[("Authorization", bearer.as_str())], None);
         assert_eq!(patch.header("x-relay-node"), Some(name.as_str()), "{id}: PATCH {location}: {}", patch.text());
     }
-    Call {
-        id: id.to_owned(),
-        tag,
-        node,
-        caller,
-        bot: agent,
-        front,
-        events,
-        whip: Mutex::new(whip),
-        whep: Mutex::new(whep),
-    }
+    let (whip, whep) = (RtcLeg::drive(whip, Send::Tone(WHIP_HZ)), RtcLeg::drive(whep, Send::Nothing));
+    Call { id: id.to_owned(), tag, node, caller, bot: agent, front, events, whip, whep }
 }
 
-/// Runs every call's WebRTC peers (the WHIP leg sending its tone) while each caller sends
-/// `n` frames and each bot answers with `n`, then runs `during` on this thread.
+/// Each caller sends `n` frames (paced) and each bot answers with `n` (at once, as a TTS bot
+/// does); then `during` runs.
 fn talk(calls: &[Call], n: u32, during: impl FnOnce()) {
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        for call in calls {
-            for (peer, send) in [(&call.whip, Send::Tone(WHIP_HZ)), (&call.whep, Send::Nothing)] {
-                let stop = &stop;
-                s.spawn(move || {
-                    let mut peer = peer.lock().expect("peer lock");
-                    let deadline = Instant::now() + TIMEOUT * 3;
-                    while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
-                        peer.run(Duration::from_millis(100), send);
-                    }
-                });
-            }
-        }
-        for call in calls {
-            call.caller.send_audio(&frames(call.tag, 0..n));
-            call.bot.send_audio(&frames(call.tag + 100, 0..n));
-        }
-        let stopper = StopOnDrop(&stop);
-        during();
-        drop(stopper);
-    });
-}
-
-/// Sets its flag when dropped, also when a check panics: the peer threads then end.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+    for call in calls {
+        call.caller.send_audio(&frames(call.tag, 0..n));
+        call.bot.send_audio(&frames(call.tag + 100, 0..n));
     }
+    during();
 }
 
 /// The call's caller and bot exchanged `n` frames each, none lost, none out of order, and its
