@@ -23,6 +23,9 @@ pub const NODES: usize = 3;
 /// The port every node listens on, inside its own namespace.
 pub const NODE_PORT: u16 = 8080;
 
+/// Namespaces of this harness are named `<prefix><pid><run><node>` (run and node one digit each).
+const NETNS_PREFIX: &str = "rcl";
+
 /// The backend of `deploy/haproxy.cfg` whose servers are the nodes.
 const BACKEND: &str = "relay_nodes";
 
@@ -72,6 +75,7 @@ impl Cluster {
     /// When a step fails or does not finish within [`TIMEOUT`]; what was made is removed.
     pub fn start(options: Options) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
+        remove_stale_namespaces();
         let pid = std::process::id();
         let run = NEXT.fetch_add(1, Ordering::Relaxed) % 4;
         let dir = temp_dir("cluster");
@@ -89,7 +93,7 @@ impl Cluster {
             let subnet = (pid % 1000) * 12 + run * 3 + n as u32;
             let base = subnet * 4;
             let (hi, lo) = (u8::try_from(base / 256).expect("below 256"), u8::try_from(base % 256).expect("byte"));
-            let netns = format!("rc{pid}{run}{n}");
+            let netns = format!("{NETNS_PREFIX}{pid}{run}{n}");
             let node = Node {
                 root_ip: Ipv4Addr::new(10, 213, hi, lo + 1),
                 node_ip: Ipv4Addr::new(10, 213, hi, lo + 2),
@@ -375,6 +379,29 @@ impl Drop for Cluster {
     }
 }
 
+/// Deletes this harness's namespaces whose test process is gone (it was killed before it could
+/// clean up), so killed runs do not pile up namespaces and addresses.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if let Some(pid) = owner_pid(name) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
+/// The test process that made namespace `name`, if this harness named it.
+fn owner_pid(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix(NETNS_PREFIX)?;
+    if digits.len() < 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits[..digits.len() - 2].parse().ok()
+}
+
 /// The `status` column of server `name` of the nodes' backend in HAProxy's `show stat` CSV.
 fn server_status(csv: &str, name: &str) -> Option<String> {
     let mut lines = csv.lines();
@@ -404,7 +431,18 @@ fn ip(args: &[&str]) {
 
 #[cfg(test)]
 mod tests {
-    use super::server_status;
+    use super::{owner_pid, server_status};
+
+    /// Only names this harness makes are read as a pid (the last two digits are run and node).
+    #[test]
+    fn stale_namespaces_are_recognised_by_name() {
+        assert_eq!(owner_pid("rcl1234501"), Some(12345));
+        assert_eq!(owner_pid("rcl712"), Some(7));
+        assert_eq!(owner_pid("rcl12"), None);
+        assert_eq!(owner_pid("rcl12x45"), None);
+        assert_eq!(owner_pid("relay-bench-12345"), None);
+        assert_eq!(owner_pid("rc1234501"), None);
+    }
 
     /// A server's status is read by column name from `show stat`, only in the nodes' backend.
     #[test]
