@@ -60,6 +60,8 @@ struct Call {
     whip: RtcLeg,
     /// A WebRTC listener (WHEP) hearing the call's mix.
     whep: RtcLeg,
+    /// Every tenth call: Retell's custom-LLM socket (`/llm-websocket/{call_id}`), held open.
+    llm: Option<Peer>,
 }
 
 /// A WebRTC peer driven on its own thread from the moment it connected until finished (a peer
@@ -166,6 +168,12 @@ fn every_leg_of_a_call_reaches_one_node() {
     for call in &calls {
         if call.tag % 10 == 0 {
             call.events.wait_event("audio");
+        }
+        if let Some(llm) = &call.llm {
+            llm.send_json(&json!({ "interaction_type": "ping_pong", "timestamp": 1 }));
+            llm.wait_until(&format!("{}: the LLM socket's pong", call.id), |r| {
+                r.iter().find(|a| a.json().is_some_and(|v| v["response_type"] == "ping_pong")).map(|_| ())
+            });
         }
         call.caller.stop();
         call.events.wait_event("call_ended");
@@ -356,7 +364,17 @@ fn open_call(cluster: &Cluster, bot: &TwilioBot, since: usize, id: &str, tag: u8
         assert_eq!(patch.header("x-relay-node"), Some(name.as_str()), "{id}: PATCH {location}: {}", patch.text());
     }
     let (whip, whep) = (RtcLeg::drive(whip, Send::Tone(WHIP_HZ)), RtcLeg::drive(whep, Send::Nothing));
-    Call { id: id.to_owned(), tag, node, caller, bot: agent, front, events, whip, whep }
+    let llm = raw.then(|| {
+        let (llm, answer) = Peer::connect_answered(lb, &format!("/llm-websocket/{id}"), &[])
+            .unwrap_or_else(|status| panic!("{id}: /llm-websocket refused with {status}"));
+        assert_eq!(node_in(&answer), node, "{id}: /llm-websocket/{{call_id}}");
+        let config = |r: &[relay_tests::telephony::Arrival]| {
+            r.iter().find(|a| a.json().is_some_and(|v| v["response_type"] == "config")).map(|_| ())
+        };
+        llm.wait_until(&format!("{id}: the LLM socket's config"), config);
+        llm
+    });
+    Call { id: id.to_owned(), tag, node, caller, bot: agent, front, events, whip, whep, llm }
 }
 
 /// Each caller sends `n` frames (paced) and each bot answers with `n` (at once, as a TTS bot
