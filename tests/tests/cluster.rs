@@ -4,8 +4,8 @@
 //! on all of them, the calls spread over all nodes, and a node killed with `kill -9` costs only
 //! its own calls.
 //!
-//! Scenarios share [`cluster`], [`open_calls`] and [`talk`], so the drain and PostgreSQL
-//! scenarios (issue 15) are built the same way.
+//! Scenarios share [`cluster`] / [`cluster_with`] (extra node flags), [`open_calls`] and
+//! [`talk`], so the drain and PostgreSQL scenarios (issue 15) are built the same way.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -32,11 +32,18 @@ const CALLS: usize = 30;
 /// A cluster whose nodes dial `bot` as their agent, node N on path `/bot/nodeN` (so the bot sees
 /// which node dialled), and whose HAProxy checks `/health`.
 fn cluster(bot: &TwilioBot) -> Cluster {
+    cluster_with(bot, |_| Vec::new())
+}
+
+/// As [`cluster`], with `extra(n)` added to node `n`'s flags (e.g. a shared `--records-url`).
+fn cluster_with(bot: &TwilioBot, extra: impl Fn(usize) -> Vec<String> + std::marker::Send + Sync + 'static) -> Cluster {
     let port = bot.authority().parse::<SocketAddr>().expect("the bot's address").port();
     Cluster::start(Options {
         node_args: Box::new(move |n, root: IpAddr| {
             let url = format!("ws://{}/bot/{}", SocketAddr::new(root, port), Cluster::node_name(n));
-            vec!["--agent-url".to_owned(), url]
+            let mut args = vec!["--agent-url".to_owned(), url];
+            args.extend(extra(n));
+            args
         }),
         // TODO(issue 15): drop this once `/health/ready` (part A) is merged; until then the nodes
         // answer the config's check with 404, which HAProxy would read as "draining".
