@@ -10,10 +10,10 @@ use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{pump, relay_bin, temp_dir, Conn, POLL_INTERVAL, TIMEOUT};
 
@@ -182,6 +182,26 @@ impl Cluster {
         let mut child = self.nodes[n].child.take().expect("the node runs");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Waits up to `limit` for node `n` to exit on its own (e.g. after SIGTERM) and reaps it.
+    ///
+    /// # Panics
+    /// When it is not running, or still runs after `limit` (it is then killed).
+    pub fn wait_exit(&mut self, n: usize, limit: Duration) -> ExitStatus {
+        let mut child = self.nodes[n].child.take().expect("the node runs");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait on a node") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node{} still ran {limit:?} later:\n{}", n + 1, self.logs(n).join("\n"));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
     }
 
     /// Starts node `n` again, with the same address, flags and data directory, and waits until
