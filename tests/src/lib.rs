@@ -24,6 +24,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 pub mod browser;
+pub mod cluster;
 pub mod postgres;
 pub mod ptime;
 pub mod telephony;
@@ -35,7 +36,7 @@ pub mod webrtc;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pause between two attempts of a polled condition (polling, not a readiness sleep).
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// The text the relay logs once it listens; the address follows it.
 const LISTENING: &str = "listening on http://";
@@ -833,6 +834,22 @@ pub fn client_socket(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<tungstenite::WebSocket<TcpStream>, u16> {
+    client_socket_answered(addr, path, headers).map(|(socket, _)| socket)
+}
+
+/// Header fields of an answer, names lowercased, in order.
+pub type Fields = Vec<(String, String)>;
+
+/// As [`client_socket`], also returning the 101's header fields (names lowercased), e.g. to read
+/// which node answered (`x-relay-node`).
+///
+/// # Panics
+/// As [`client_socket`].
+pub fn client_socket_answered(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(tungstenite::WebSocket<TcpStream>, Fields), u16> {
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     stream.set_read_timeout(Some(TIMEOUT)).expect("set read timeout");
     stream.set_write_timeout(Some(TIMEOUT)).expect("set write timeout");
@@ -843,7 +860,14 @@ pub fn client_socket(
         request.headers_mut().append(name, HeaderValue::from_str(v).expect("valid header value"));
     }
     match tungstenite::client(request, stream) {
-        Ok((socket, _)) => Ok(socket),
+        Ok((socket, answer)) => {
+            let fields = answer
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+                .collect();
+            Ok((socket, fields))
+        }
         Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => Err(resp.status().as_u16()),
         Err(e) => panic!("WebSocket handshake for {path} failed: {e}"),
     }

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
@@ -159,6 +159,18 @@ impl Peer {
     /// When connecting fails or the handshake fails for another reason.
     pub fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Self, u16> {
         crate::client_socket(addr, path, headers).map(|socket| Self::spawn(socket, path))
+    }
+
+    /// As [`Self::connect`], also returning the 101's header fields (names lowercased).
+    ///
+    /// # Panics
+    /// As [`Self::connect`].
+    pub fn connect_answered(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(Self, crate::Fields), u16> {
+        crate::client_socket_answered(addr, path, headers).map(|(socket, answer)| (Self::spawn(socket, path), answer))
     }
 
     /// Serves an open socket (client or server side) on a new thread.
@@ -625,7 +637,13 @@ pub struct TwilioBot {
 impl TwilioBot {
     /// Listens on 127.0.0.1:0 and serves every connection on its own thread.
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the bot");
+        Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
+    /// Listens on `ip` (any port), e.g. `0.0.0.0` for relays in other network namespaces, and
+    /// serves every connection on its own thread.
+    pub fn start_on(ip: IpAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).expect("bind the bot");
         let addr = listener.local_addr().expect("bot address");
         let conns: Arc<(Mutex<Vec<BotConn>>, Condvar)> = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -667,6 +685,11 @@ impl TwilioBot {
     /// `ws://127.0.0.1:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{path}", self.addr)
+    }
+
+    /// `ws://<ip>:<port><path>`: the bot as a host that reaches it at `ip` dials it.
+    pub fn url_at(&self, ip: IpAddr, path: &str) -> String {
+        format!("ws://{}{path}", SocketAddr::new(ip, self.addr.port()))
     }
 
     /// `127.0.0.1:<port>`, as `--agent-allow` names it.
@@ -882,6 +905,20 @@ impl Frontend {
         Peer::connect(relay.addr(), &path, &[]).map(|peer| Self { peer })
     }
 
+    /// As [`Self::connect`] at `addr` (a relay or a balancer in front of relays); also returns the
+    /// 101's header fields (names lowercased).
+    ///
+    /// # Panics
+    /// As [`Self::connect`].
+    pub fn connect_at(addr: SocketAddr, call_sid: &str, user: &str, extra_query: &str) -> (Self, crate::Fields) {
+        let path = format!("/frontend-stream?callSid={call_sid}&user_id={user}{extra_query}");
+        let (peer, answer) = Peer::connect_answered(addr, &path, &[])
+            .unwrap_or_else(|status| panic!("/frontend-stream for {call_sid} refused with {status}"));
+        peer.send_json(&json!({ "event": "connect-twilio", "callSid": call_sid, "user_id": user }));
+        assert!(peer.sync(), "the relay closed frontend {user}'s socket: {:?}", peer.received());
+        (Self { peer }, answer)
+    }
+
     /// Opens, sends `connect-twilio` for `call_sid`, and round-trips a ping so the relay has handled
     /// it: from then on every frame of the call reaches this socket.
     ///
@@ -934,14 +971,23 @@ impl Events {
     /// # Panics
     /// When the upgrade is refused or the greeting does not come.
     pub fn open(relay: &Relay, id: &str, token: Option<&str>) -> Self {
+        Self::open_at(relay.addr(), id, token).0
+    }
+
+    /// As [`Self::open`] at `addr` (a relay or a balancer in front of relays); also returns the
+    /// 101's header fields (names lowercased).
+    ///
+    /// # Panics
+    /// As [`Self::open`].
+    pub fn open_at(addr: SocketAddr, id: &str, token: Option<&str>) -> (Self, crate::Fields) {
         let auth = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
-        let peer = Peer::connect(relay.addr(), &format!("/ws?sessionId={id}"), &headers)
+        let (peer, answer) = Peer::connect_answered(addr, &format!("/ws?sessionId={id}"), &headers)
             .unwrap_or_else(|status| panic!("/ws for {id} refused with {status}"));
         peer.wait_until("connection_established", |r| {
             r.iter().find(|a| a.json().is_some_and(|v| v["type"] == "connection_established")).map(|_| ())
         });
-        Self { peer }
+        (Self { peer }, answer)
     }
 
     /// The `retell_event`s received so far: `(eventType, data)` in order.

@@ -5,7 +5,7 @@
 //!
 //! Invariant: every loop is bounded by the duration given; nothing here blocks without a timeout.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use audiopus::coder::{Decoder, Encoder};
@@ -67,7 +67,16 @@ impl Peer {
     /// # Panics
     /// When a loopback socket or the codec cannot be made.
     pub fn new(direction: Direction) -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind loopback UDP");
+        Self::new_on(direction, IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
+    /// As [`Self::new`], with its socket (and host candidate) on `ip`: the address a relay in
+    /// another network namespace reaches this host at.
+    ///
+    /// # Panics
+    /// As [`Self::new`].
+    pub fn new_on(direction: Direction, ip: IpAddr) -> Self {
+        let socket = UdpSocket::bind((ip, 0)).expect("bind UDP");
         socket.set_read_timeout(Some(Duration::from_millis(2))).expect("timeout");
         let local = socket.local_addr().expect("addr");
         let mut rtc = Rtc::builder().clear_codecs().enable_opus(true, false).build(Instant::now());
@@ -98,6 +107,15 @@ impl Peer {
             phase: 0.0,
             frames: 0,
         }
+    }
+
+    /// How long one read of [`Self::run`] waits for a packet (2 ms by default): a peer that only
+    /// listens, or many peers on few CPUs, can poll less often.
+    ///
+    /// # Panics
+    /// When the socket refuses the timeout (zero).
+    pub fn set_poll_interval(&mut self, interval: Duration) {
+        self.socket.set_read_timeout(Some(interval)).expect("a read timeout");
     }
 
     /// The SDP offer to POST.
