@@ -51,6 +51,13 @@ impl Postgres {
         format!("postgresql://postgres@127.0.0.1:{}/{DATABASE}", self.port)
     }
 
+    /// The URL of the test's database over the server's Unix socket (in its temp dir): reachable
+    /// from a network namespace the test made, as the filesystem is shared and loopback is not.
+    pub fn socket_url(&self) -> String {
+        let dir = self.dir.display().to_string().replace('/', "%2F");
+        format!("postgresql://postgres@{dir}:{}/{DATABASE}", self.port)
+    }
+
     /// The same URL with `password` in it (trust authentication ignores it): for checking that
     /// the relay never prints it.
     pub fn url_with_password(&self, password: &str) -> String {

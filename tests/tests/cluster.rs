@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use relay_tests::cluster::{Cluster, Options, NODES};
+use relay_tests::postgres::Postgres;
 use relay_tests::telephony::{frames, unulaw, BotConn, Events, Frontend, Peer, TwilioBot, TwilioCaller};
 use relay_tests::webrtc::{self, dominant_hz, rms, Send};
-use relay_tests::{Conn, RawWs, Response, WsMsg, TIMEOUT};
+use relay_tests::{poll_until, Conn, RawWs, Response, WsMsg, TIMEOUT};
 use serde_json::{json, Value};
 use str0m::media::Direction;
 
@@ -283,6 +284,112 @@ fn a_killed_node_costs_only_its_own_calls() {
     let fresh: Vec<String> = (0..9).map(|i| format!("CA-back-{i}")).collect();
     let back = open_calls(&cluster, &bot, &fresh);
     assert!(back.iter().any(|c| c.node == victim), "the node brought back takes new calls again");
+}
+
+/// Drain one node of the cluster: HAProxy sees its check say 404 (NOLB) and sends it no new
+/// call, its live calls keep every leg (audio both ways, a new `/ws` observer answered by it)
+/// until they end, it then stays unready, and SIGTERM makes it exit at once, far below its grace.
+#[test]
+fn a_drained_node_keeps_its_calls_until_they_end() {
+    let _one = one_at_a_time();
+    let bot = TwilioBot::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let mut cluster = cluster_with(&bot, |_| vec!["--shutdown-grace".to_owned(), "120s".to_owned()]);
+    let ids: Vec<String> = (0..9).map(|i| format!("CA-drain-{i}")).collect();
+    let calls = open_calls(&cluster, &bot, &ids);
+    let drained = calls[0].node;
+    let at = cluster.node_addr(drained);
+    let answer = post(at, "/admin/drain", &json!({}));
+    assert_eq!((answer.status, &answer.json()["draining"]), (200, &json!(true)), "{}", answer.text());
+    cluster.wait_status(drained, "NOLB");
+
+    talk(&calls, 50, || calls.iter().for_each(|call| assert_exchanged(call, 50)));
+    let mine: Vec<&Call> = calls.iter().filter(|c| c.node == drained).collect();
+    for call in &mine {
+        let (events, answer) = Events::open_at(cluster.addr(), &call.id, Some(TOKEN));
+        assert_eq!(node_in(&answer), drained, "{}: a new leg of a live call reaches its draining node", call.id);
+        drop(events);
+    }
+    let fresh: Vec<String> = (0..9).map(|i| format!("CA-drain-new-{i}")).collect();
+    for call in open_calls(&cluster, &bot, &fresh) {
+        assert_ne!(call.node, drained, "{}: a new call goes to a node that is not draining", call.id);
+    }
+
+    for call in &mine {
+        call.caller.stop();
+        let stopped = post(cluster.addr(), "/stop-call", &json!({ "sessionId": call.id }));
+        assert_node(&stopped, call, "/stop-call");
+    }
+    let ready = poll_until("the drained node's calls ended", || {
+        let r = get(at, "/health/ready");
+        (r.json()["activeSessions"] == 0).then_some(r)
+    });
+    assert_eq!((ready.status, &ready.json()["status"]), (404, &json!("draining")), "{}", ready.text());
+    cluster.signal(drained, libc::SIGTERM);
+    // Far below the 120 s grace: wait_exit panics past its limit.
+    let status = cluster.wait_exit(drained, Duration::from_secs(30));
+    assert!(status.success(), "the drained node exits cleanly: {status}");
+}
+
+/// One PostgreSQL beside the cluster (over its Unix socket, which every namespace shares):
+/// PostgreSQL stopped for 10 s mid-call costs no frame and no leg, every node says its database
+/// is down while staying ready, and once it is back every node's analytics count all the calls,
+/// each recorded with the node that served it, those that ended during the outage included.
+#[test]
+fn shared_records_count_every_node_and_survive_an_outage() {
+    let _one = one_at_a_time();
+    let mut pg = Postgres::start();
+    let url = pg.socket_url();
+    let bot = TwilioBot::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let project = "proj_cluster";
+    let cluster = cluster_with(&bot, move |_| {
+        vec!["--records-url".to_owned(), url.clone(), "--default-project".to_owned(), project.to_owned()]
+    });
+    let ids: Vec<String> = (0..9).map(|i| format!("CA-rec-{i}")).collect();
+    let calls = open_calls(&cluster, &bot, &ids);
+    let used: BTreeSet<usize> = calls.iter().map(|c| c.node).collect();
+    assert!(used.len() >= 2, "the calls spread over nodes: {used:?}");
+
+    // 10 s of audio each way (500 frames), with PostgreSQL stopped all along.
+    talk(&calls, 500, || {
+        pg.stop();
+        for n in 0..NODES {
+            let detailed = poll_until("a node sees its database down", || {
+                let r = get(cluster.node_addr(n), "/health/detailed");
+                (r.json()["services"]["database"]["status"] == "down").then_some(r)
+            });
+            assert_eq!(detailed.status, 200, "node{} stays up: {}", n + 1, detailed.text());
+            assert_eq!(get(cluster.node_addr(n), "/health/ready").status, 200, "node{} stays ready", n + 1);
+        }
+        calls.iter().for_each(|call| assert_exchanged(call, 500));
+        for call in &calls {
+            for (leg, peer) in legs(call) {
+                assert!(!peer.ended(), "{}: its {leg} lives through the outage", call.id);
+            }
+            call.caller.stop();
+        }
+        for n in 0..NODES {
+            poll_until("the calls ended during the outage", || {
+                (get(cluster.node_addr(n), "/health/ready").json()["activeSessions"] == 0).then_some(())
+            });
+        }
+    });
+    pg.start_again();
+
+    for n in 0..NODES {
+        let overview = poll_until("every call in every node's analytics", || {
+            let r = get(cluster.node_addr(n), &format!("/analytics/project/{project}"));
+            (r.status == 200 && r.json()["totalCalls"] == ids.len() && r.json()["callsByStatus"]["active"] == 0)
+                .then(|| r.json())
+        });
+        assert_eq!(overview["totalCalls"], ids.len(), "node{}: {overview}", n + 1);
+        let recent = get(cluster.node_addr(n), &format!("/analytics/project/{project}/recent"));
+        let recent = recent.json();
+        for call in &calls {
+            let row = recent["calls"].as_array().and_then(|a| a.iter().find(|c| c["callSid"] == call.id.as_str()));
+            let row = row.unwrap_or_else(|| panic!("node{}: {} not in recent calls: {recent}", n + 1, call.id));
+            assert_eq!(row["node"], Cluster::node_name(call.node), "{}: its record names its node", call.id);
+        }
+    }
 }
 
 /// `deploy/haproxy.cfg` passes HAProxy's own check with its addresses from the environment.
