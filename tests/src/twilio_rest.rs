@@ -626,9 +626,8 @@ impl PlacedCall {
         let (_, _, path) = split_url_unresolved(&twiml.stream_url);
         let signature = sign_url(AUTH_TOKEN, &twiml.stream_url);
         let headers = [("X-Twilio-Signature", signature.as_str()), ("User-Agent", "Twilio.TmeWs/1.0")];
-        let peer = Peer::connect(node, &path, &headers).unwrap_or_else(|status| {
-            panic!("stream upgrade to {} at {node} refused with {status}", twiml.stream_url)
-        });
+        let peer = Peer::connect(node, &path, &headers)
+            .unwrap_or_else(|status| panic!("stream upgrade to {} at {node} refused with {status}", twiml.stream_url));
         let params: Vec<(&str, &str)> = twiml.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         TwilioCaller::greet(peer, &self.sid, &params)
     }

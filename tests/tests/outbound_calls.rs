@@ -379,7 +379,8 @@ fn calls_path() -> String {
 /// outbound_handover.rs), the status callback's names its owner.
 fn expected_create_form(base: &str, number: &str, user: &str) -> Vec<(String, String)> {
     let text = |s: &str| relay_tests::twilio_rest::percent_encode(s);
-    let voice = format!("{base}/twilio/voice?user_id={}&prompt={}&first_message={}", text(user), text(PROMPT), text(FIRST));
+    let voice =
+        format!("{base}/twilio/voice?user_id={}&prompt={}&first_message={}", text(user), text(PROMPT), text(FIRST));
     owned(&[
         ("To", number),
         ("From", FROM_NUMBER),

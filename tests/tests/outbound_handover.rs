@@ -102,7 +102,8 @@ fn a_realtime_agent_on_the_serving_node_is_briefed_with_tools() {
     let twilio = TwilioRest::start();
     let model = TwilioBot::start();
     let node1 = node(&twilio, &[]);
-    let node2 = node(&twilio, &["--openai-url", &model.url("/v1/realtime?model=gpt-realtime"), "--openai-api-key", "sk"]);
+    let node2 =
+        node(&twilio, &["--openai-url", &model.url("/v1/realtime?model=gpt-realtime"), "--openai-api-key", "sk"]);
     let tools = json!([{"name": "confirm_booking", "description": "Confirms", "parameters": {"type": "object"}}]);
     let body = json!({"user_id": "u1", "number": NUMBER, "prompt": PROMPT, "first_message": FIRST, "tools": tools});
     let resp = node1.post("/outbound-call", &body);
@@ -167,8 +168,10 @@ fn a_hand_over_past_twilios_url_limit_is_400() {
     // 1400 spaces are 4200 characters once percent-encoded.
     let spaces = " ".repeat(1400);
     let many: Vec<Value> = (0..40)
-        .map(|i| json!({"name": format!("tool_{i}"), "description": "Looks something up in the booking system",
-                        "parameters": {"type": "object"}}))
+        .map(|i| {
+            json!({"name": format!("tool_{i}"), "description": "Looks something up in the booking system",
+                        "parameters": {"type": "object"}})
+        })
         .collect();
     for body in [
         json!({"user_id": "long", "number": NUMBER, "prompt": spaces}),

@@ -400,7 +400,11 @@ fn main() -> anyhow::Result<()> {
                 .map(|(i, n)| format!("node{} {}", i + 1, n.map_or_else(|| "?".to_owned(), |n| n.to_string())))
                 .collect();
             drop(cluster);
-            print_measurement(&format!("through HAProxy to {} node(s) (server = HAProxy)", nodes.clamp(1, 3)), &via, load);
+            print_measurement(
+                &format!("through HAProxy to {} node(s) (server = HAProxy)", nodes.clamp(1, 3)),
+                &via,
+                load,
+            );
             print_hop(&direct, &via, load);
             println!("  audio frames each node received: {}", per_node.join(", "));
             write_outputs(&out, &[("direct".to_owned(), &direct), ("haproxy".to_owned(), &via)], load)?;

@@ -14,9 +14,9 @@ use anyhow::{bail, Context};
 use tungstenite::{Message, WebSocket};
 
 use super::{
-    caller_path, connect_twilio_msg, echo_msg, echo_stamp, elapsed_nanos, frame_id, frames, frontend_path, frontend_stream, lead_in,
-    media_msg, parse, report, start_msg, steady, stop_msg, stream_sid, Options, Received, Report, Schedule, Tally,
-    CONNECTED, DECODE_BYTES, DRAIN, HANG_UP_AFTER, PERIOD,
+    caller_path, connect_twilio_msg, echo_msg, echo_stamp, elapsed_nanos, frame_id, frames, frontend_path,
+    frontend_stream, lead_in, media_msg, parse, report, start_msg, steady, stop_msg, stream_sid, Options, Received,
+    Report, Schedule, Tally, CONNECTED, DECODE_BYTES, DRAIN, HANG_UP_AFTER, PERIOD,
 };
 use crate::stats::Recorder;
 

@@ -78,7 +78,12 @@ pub async fn outbound_call(
     };
     // Checked before the initiation counts: a refused URL places no call.
     let voice_url = handover.url(&base, "/twilio/voice")?;
-    let owner = Handover { user_id: user_id.to_owned(), project_id: project_id.clone(), intent: intent.clone(), ..Handover::default() };
+    let owner = Handover {
+        user_id: user_id.to_owned(),
+        project_id: project_id.clone(),
+        intent: intent.clone(),
+        ..Handover::default()
+    };
     let status_url = owner.url(&base, "/twilio/status")?;
     let initiated = match users.try_initiate(user_id, Instant::now()) {
         Ok(at) => at,

@@ -179,7 +179,10 @@ mod tests {
     fn round_trip() {
         let h = full();
         let query = h.to_query();
-        assert!(query.starts_with("user_id=olivia%2B1%40example.com&projectId=proj-1&intent=booking&prompt="), "{query}");
+        assert!(
+            query.starts_with("user_id=olivia%2B1%40example.com&projectId=proj-1&intent=booking&prompt="),
+            "{query}"
+        );
         assert_eq!(Handover::from_query(Some(&query)).expect("valid"), Some(h));
         let minimal = Handover { user_id: "u".into(), ..Handover::default() };
         assert_eq!(minimal.to_query(), "user_id=u");
