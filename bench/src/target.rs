@@ -156,8 +156,9 @@ impl Cluster {
     /// Starts `nodes` relays (1 to 3; each `--node-id nodeN`, its own port, data directory and
     /// WebRTC ports, `extra` flags) and `haproxy -f config` with `RELAY_BIND` (a free loopback
     /// port) and `RELAY_NODE1..3` (the nodes' addresses; with fewer than three nodes the last one
-    /// fills the remaining slots, so the same configuration serves), HAProxy pinned to `cpu` when
-    /// given; waits until HAProxy answers `/health` through a node.
+    /// fills the remaining slots, so the same configuration serves), the nodes and HAProxy pinned to
+    /// `cpu` when given (the load generator keeps its own CPU); waits until HAProxy answers
+    /// `/health` through a node.
     ///
     /// # Errors
     /// When a relay or HAProxy does not start, or HAProxy does not serve within 30 s.
@@ -175,7 +176,7 @@ impl Cluster {
         for i in 1..=count {
             let mut args = extra.to_vec();
             args.extend(["--node-id".to_owned(), format!("node{i}")]);
-            started.push(Self::node(relay, cores, &args)?);
+            started.push(Target::spawn(relay, cores, &args, cpu, None)?);
         }
         let bind = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port for HAProxy")?;
@@ -231,10 +232,6 @@ impl Cluster {
                 )
             })
             .collect()
-    }
-
-    fn node(relay: &str, cores: usize, extra: &[String]) -> anyhow::Result<Target> {
-        Target::spawn(relay, cores, extra, None, None)
     }
 
     /// Waits (bounded, 30 s) until `/health` answers 200 through HAProxy: it listens and its

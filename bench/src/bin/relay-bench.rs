@@ -383,11 +383,12 @@ fn main() -> anyhow::Result<()> {
             if load.netns {
                 bail!("the cluster scenario runs on loopback only (no --netns)");
             }
-            // Relays are not pinned in either run (three nodes share the machine); --server-cpu
-            // pins HAProxy, whose CPU is what the second run samples.
+            // --server-cpu pins the direct run's relay, and every node and HAProxy in the second
+            // run (the servers share it; the generator keeps --bench-cpu to itself). The second
+            // run samples HAProxy's process.
             let load = LoadArgs { keyed_path: true, ..load };
-            let node = Target::spawn(&relay, cores, &agent_allow(None), None, None)?;
-            let direct = measure(Some(&node), None, LoadArgs { server_cpu: None, ..load }, None)?;
+            let node = Target::spawn(&relay, cores, &agent_allow(None), load.server_cpu, None)?;
+            let direct = measure(Some(&node), None, load, None)?;
             drop(node);
             print_measurement("relay, one node, direct", &direct, load);
             let cluster =
