@@ -7,12 +7,16 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
 use crate::netns::Netns;
+
+/// Relays spawned so far by this process (each gets its own data directory).
+static SPAWNED: AtomicUsize = AtomicUsize::new(0);
 
 /// A server to measure.
 pub struct Target {
@@ -34,7 +38,9 @@ impl Target {
         cpu: Option<usize>,
         net: Option<&Netns>,
     ) -> anyhow::Result<Self> {
-        let data_dir = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
+        // One directory per spawned relay: a cluster's nodes must not share a records store.
+        let n = SPAWNED.fetch_add(1, Ordering::Relaxed);
+        let data_dir = std::env::temp_dir().join(format!("relay-bench-{}-{n}", std::process::id()));
         let mut args: Vec<String> = [
             "--listen",
             &listen_arg(net),
@@ -134,6 +140,122 @@ impl Target {
     /// Process id of a spawned relay.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Three relay nodes on loopback behind HAProxy, as `deploy/haproxy.cfg` runs them: the callers
+/// talk to HAProxy's address, which routes every leg of a call to one node by the call's key.
+pub struct Cluster {
+    /// HAProxy: its address is where the callers go; its pid is what the sampler watches.
+    pub balancer: Target,
+    /// The relay nodes (dropped after HAProxy).
+    pub nodes: Vec<Target>,
+}
+
+impl Cluster {
+    /// Starts `nodes` relays (1 to 3; each `--node-id nodeN`, its own port, data directory and
+    /// WebRTC ports, `extra` flags) and `haproxy -f config` with `RELAY_BIND` (a free loopback
+    /// port) and `RELAY_NODE1..3` (the nodes' addresses; with fewer than three nodes the last one
+    /// fills the remaining slots, so the same configuration serves), the nodes and HAProxy pinned to
+    /// `cpu` when given (the load generator keeps its own CPU); waits until HAProxy answers
+    /// `/health` through a node.
+    ///
+    /// # Errors
+    /// When a relay or HAProxy does not start, or HAProxy does not serve within 30 s.
+    pub fn spawn(
+        relay: &str,
+        cores: usize,
+        nodes: usize,
+        extra: &[String],
+        haproxy: &str,
+        config: &str,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let count = nodes.clamp(1, 3);
+        let mut started = Vec::with_capacity(count);
+        for i in 1..=count {
+            let mut args = extra.to_vec();
+            args.extend(["--node-id".to_owned(), format!("node{i}")]);
+            started.push(Target::spawn(relay, cores, &args, cpu, None)?);
+        }
+        let bind = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port for HAProxy")?;
+            probe.local_addr()?
+        };
+        let mut command = Command::new(haproxy);
+        // -db: stay in the foreground, so the child is HAProxy itself (its pid is what is sampled).
+        command.args(["-db", "-f", config]).env("RELAY_BIND", bind.to_string());
+        for slot in 1..=3 {
+            let node = &started[(slot - 1).min(count - 1)];
+            command.env(format!("RELAY_NODE{slot}"), node.addr.to_string());
+        }
+        // Its alerts go to a file (a pipe nobody drains could stall it), read back should it fail.
+        let log = std::env::temp_dir().join(format!("relay-bench-haproxy-{}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        command.stdout(Stdio::null()).stderr(log_file);
+        if let Some(cpu) = cpu {
+            // SAFETY: as in `spawn_process`: only sched_setaffinity between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().with_context(|| format!("start {haproxy} -f {config}"))?;
+        let mut balancer = Self { balancer: Target { addr: bind, child: Some(child) }, nodes: started };
+        let serving = balancer.wait_serving();
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        serving.with_context(|| format!("HAProxy said: {}", said.trim()))?;
+        Ok(balancer)
+    }
+
+    /// Audio frames each node received so far (`relay_frames_in_total` summed over its cores and
+    /// leg kinds, from its `/metrics`): whether every node carried calls. `None` for a node that
+    /// did not answer.
+    pub fn frames_in(&self) -> Vec<Option<u64>> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let resp = crate::client::Conn::connect(node.addr).and_then(|mut c| c.request("GET", "/metrics", None));
+                let text = String::from_utf8(resp.ok()?.body).ok()?;
+                Some(
+                    text.lines()
+                        .filter(|l| l.starts_with("relay_frames_in_total"))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum::<f64>() as u64,
+                )
+            })
+            .collect()
+    }
+
+    /// Waits (bounded, 30 s) until `/health` answers 200 through HAProxy: it listens and its
+    /// health checks found a node up.
+    fn wait_serving(&mut self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.balancer.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("HAProxy exited at start ({status})");
+                }
+            }
+            let ok = crate::client::Conn::connect(self.balancer.addr)
+                .and_then(|mut c| c.request("GET", "/health", None))
+                .is_ok_and(|r| r.status == 200);
+            if ok {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!("HAProxy at {} did not serve /health within 30 s", self.balancer.addr);
+            }
+            // HAProxy says nothing when it is ready; its first health checks take ~a second.
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

@@ -583,8 +583,53 @@ impl PlacedCall {
     /// # Panics
     /// When the create request had no `Url` or the relay does not answer.
     pub fn post_webhook(&self) -> Response {
-        let url = self.param("Url").unwrap_or_else(|| panic!("call {} was created without a Url", self.sid));
-        post_signed(url, &self.webhook_params())
+        let url = self.webhook_url();
+        post_signed(split_url(url).0, url, url, &self.webhook_params())
+    }
+
+    /// The `Url` the relay created the call with.
+    ///
+    /// # Panics
+    /// When it created it without one.
+    pub fn webhook_url(&self) -> &str {
+        self.param("Url").unwrap_or_else(|| panic!("call {} was created without a Url", self.sid))
+    }
+
+    /// As [`Self::post_webhook`], but delivered to `node` whatever the URL's host (as a balancer in
+    /// front of several relays routes it), with the URL's authority as `Host`; the request's
+    /// target is `sent_url`'s path and query while the signature covers the call's own `Url` (the
+    /// same URL unless a test tampers with it on the way).
+    ///
+    /// # Panics
+    /// When the relay does not answer.
+    pub fn post_webhook_at(&self, node: SocketAddr, sent_url: &str) -> Response {
+        post_signed(node, sent_url, self.webhook_url(), &self.webhook_params())
+    }
+
+    /// [`Self::fetch_twiml`] from `node` (see [`Self::post_webhook_at`]).
+    ///
+    /// # Panics
+    /// When the relay answers anything but 200 TwiML.
+    pub fn fetch_twiml_at(&self, node: SocketAddr) -> Twiml {
+        let resp = self.post_webhook_at(node, self.webhook_url());
+        assert_eq!(resp.status, 200, "voice webhook for {} at {node}: {}", self.sid, resp.text());
+        Twiml::parse(&resp.text())
+    }
+
+    /// [`Self::open_stream`] to `node` whatever the stream URL's host (as a balancer routes it),
+    /// signed over the stream URL (the relay must know that URL's host as its `--public-url`: the
+    /// upgrade's `Host` names `node`).
+    ///
+    /// # Panics
+    /// When the relay refuses the upgrade.
+    pub fn open_stream_at(&self, node: SocketAddr, twiml: &Twiml) -> TwilioCaller {
+        let (_, _, path) = split_url_unresolved(&twiml.stream_url);
+        let signature = sign_url(AUTH_TOKEN, &twiml.stream_url);
+        let headers = [("X-Twilio-Signature", signature.as_str()), ("User-Agent", "Twilio.TmeWs/1.0")];
+        let peer = Peer::connect(node, &path, &headers)
+            .unwrap_or_else(|status| panic!("stream upgrade to {} at {node} refused with {status}", twiml.stream_url));
+        let params: Vec<(&str, &str)> = twiml.parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        TwilioCaller::greet(peer, &self.sid, &params)
     }
 
     /// [`Self::post_webhook`], asserted 200 `text/xml`, parsed.
@@ -650,7 +695,7 @@ impl PlacedCall {
             params.push(("CallDuration".to_owned(), d.to_string()));
             params.push(("Duration".to_owned(), d.div_ceil(60).to_string()));
         }
-        post_signed(url, &params)
+        post_signed(split_url(url).0, url, url, &params)
     }
 
     /// Hangs up as Twilio does: `stop` on the stream, waits for the relay to close it, then the
@@ -667,10 +712,11 @@ impl PlacedCall {
     }
 }
 
-/// POSTs `params` form-encoded to `url` (an `http://` URL) with Twilio's signature over it.
-fn post_signed(url: &str, params: &[(String, String)]) -> Response {
-    let (addr, authority, path) = split_url(url);
-    let signature = sign(AUTH_TOKEN, url, params);
+/// POSTs `params` form-encoded to `addr`, to `url`'s path and query (an `http://` URL) with its
+/// authority as `Host`, with Twilio's signature over `signed_url`.
+fn post_signed(addr: SocketAddr, url: &str, signed_url: &str, params: &[(String, String)]) -> Response {
+    let (_, authority, path) = split_url_unresolved(url);
+    let signature = sign(AUTH_TOKEN, signed_url, params);
     let body = encode_form(params);
     let headers = [
         ("Host", authority.as_str()),
@@ -687,6 +733,19 @@ fn post_signed(url: &str, params: &[(String, String)]) -> Response {
 /// # Panics
 /// For other schemes, or when the host does not resolve.
 fn split_url(url: &str) -> (SocketAddr, String, String) {
+    let (with_port, authority, path) = split_url_unresolved(url);
+    let addrs: Vec<SocketAddr> =
+        with_port.to_socket_addrs().unwrap_or_else(|e| panic!("resolve {authority}: {e}")).collect();
+    let addr = addrs.iter().find(|a| a.is_ipv4()).or_else(|| addrs.first()).copied();
+    let addr = addr.unwrap_or_else(|| panic!("{authority} has no address"));
+    (addr, authority, path)
+}
+
+/// The `host:port` (port 80 when absent), authority and path of an `http://` or `ws://` URL.
+///
+/// # Panics
+/// For other schemes.
+fn split_url_unresolved(url: &str) -> (String, String, String) {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("ws://"))
@@ -694,11 +753,7 @@ fn split_url(url: &str) -> (SocketAddr, String, String) {
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
     let with_port = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
-    let addrs: Vec<SocketAddr> =
-        with_port.to_socket_addrs().unwrap_or_else(|e| panic!("resolve {authority}: {e}")).collect();
-    let addr = addrs.iter().find(|a| a.is_ipv4()).or_else(|| addrs.first()).copied();
-    let addr = addr.unwrap_or_else(|| panic!("{authority} has no address"));
-    (addr, authority.to_owned(), path.to_owned())
+    (with_port, authority.to_owned(), path.to_owned())
 }
 
 /// Twilio's signature: base64(HMAC-SHA1(token, url + key₁value₁key₂value₂…)) over the parameters

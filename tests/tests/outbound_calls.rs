@@ -35,7 +35,7 @@ fn outbound_call_end_to_end() {
     assert_eq!(create.header("content-type"), Some("application/x-www-form-urlencoded"));
     assert!(!create.tls, "plain HTTP API base");
     let base = format!("http://{}", relay.addr());
-    assert_eq!(create.form, expected_create_form(&base, NUMBER), "the Calls.json form");
+    assert_eq!(create.form, expected_create_form(&base, NUMBER, user), "the Calls.json form");
 
     assert_eq!(
         call_status(&relay, &sid, user),
@@ -282,8 +282,9 @@ fn status_callbacks_update_the_record() {
     let user = "bea";
     initiate(&relay, user, NUMBER);
     let call = twilio.next_call();
-    assert_eq!(call.param("Url"), Some(format!("{public}/twilio/voice").as_str()), "callbacks use --public-url");
-    assert_eq!(call.param("StatusCallback"), Some(format!("{public}/twilio/status").as_str()));
+    let url = call.param("Url").unwrap_or_default();
+    assert!(url.starts_with(&format!("{public}/twilio/voice?user_id=bea&")), "callbacks use --public-url: {url}");
+    assert_eq!(call.param("StatusCallback"), Some(format!("{public}/twilio/status?user_id=bea").as_str()));
 
     assert_eq!(call.status_callback("ringing", None).status, 200);
     assert_eq!(call_status(&relay, &call.sid, user)["status"], "ringing");
@@ -373,14 +374,19 @@ fn calls_path() -> String {
     format!("/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json")
 }
 
-/// The form the relay must send to create a call to `number` with callbacks under `base`.
-fn expected_create_form(base: &str, number: &str) -> Vec<(String, String)> {
+/// The form the relay must send to create a call from `user` to `number` with callbacks under
+/// `base`: the webhook's query hands the call over to whichever node Twilio reaches (see
+/// outbound_handover.rs), the status callback's names its owner.
+fn expected_create_form(base: &str, number: &str, user: &str) -> Vec<(String, String)> {
+    let text = |s: &str| relay_tests::twilio_rest::percent_encode(s);
+    let voice =
+        format!("{base}/twilio/voice?user_id={}&prompt={}&first_message={}", text(user), text(PROMPT), text(FIRST));
     owned(&[
         ("To", number),
         ("From", FROM_NUMBER),
-        ("Url", &format!("{base}/twilio/voice")),
+        ("Url", &voice),
         ("Method", "POST"),
-        ("StatusCallback", &format!("{base}/twilio/status")),
+        ("StatusCallback", &format!("{base}/twilio/status?user_id={}", text(user))),
         ("StatusCallbackMethod", "POST"),
         ("StatusCallbackEvent", "initiated"),
         ("StatusCallbackEvent", "ringing"),

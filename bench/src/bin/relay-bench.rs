@@ -13,7 +13,7 @@ use relay_bench::client::Conn;
 use relay_bench::netns::Netns;
 use relay_bench::sampler::{Sampler, Usage};
 use relay_bench::stats::Summary;
-use relay_bench::target::{listen_arg, Target};
+use relay_bench::target::{listen_arg, Cluster, Target};
 use relay_bench::telephony::{Generator, Options, Report};
 use serde_json::json;
 use serde_json::Value;
@@ -129,6 +129,32 @@ enum Scenario {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// The balancer hop: the same telephony load straight to one relay node, then through HAProxy
+    /// (`haproxy -f deploy/haproxy.cfg`, with `RELAY_BIND` and `RELAY_NODE1..3` set) in front of
+    /// `--nodes` relay nodes on loopback, in one run; prints both, the latency the hop adds
+    /// (p50/p99 each way) and HAProxy's CPU per call. Callers open `/twilio/stream/{callSid}`.
+    Cluster {
+        /// The relay binary (every node, and the direct run's node).
+        #[arg(long, default_value = "target/release/relay")]
+        relay: String,
+        /// The HAProxy binary (`scripts/deps-cluster` installs Debian's package).
+        #[arg(long, default_value = "haproxy")]
+        haproxy: String,
+        /// The HAProxy configuration, used unchanged.
+        #[arg(long, default_value = "deploy/haproxy.cfg")]
+        haproxy_config: String,
+        /// Relay nodes behind HAProxy (1 to 3; with 1, the hop alone in front of the same kind of
+        /// node the direct run measures).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Cores per relay node.
+        #[arg(long, default_value_t = 1)]
+        cores: usize,
+        #[command(flatten)]
+        load: LoadArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
     /// Telephony at growing call counts against one server: finds where p99 starts to climb.
     Ramp {
         #[command(flatten)]
@@ -206,6 +232,11 @@ struct LoadArgs {
     /// Needs --server-cpu, --bench-cpu, root and iproute2.
     #[arg(long)]
     netns: bool,
+    /// Callers open `/twilio/stream/{callSid}` (the form Relay's TwiML uses) instead of
+    /// `/twilio/stream`, so a balancer in front of several relays can route them by the path
+    /// (`--url` of an HAProxy); the `cluster` scenario always does.
+    #[arg(long)]
+    keyed_path: bool,
 }
 
 impl LoadArgs {
@@ -347,6 +378,40 @@ fn main() -> anyhow::Result<()> {
             }
             m.check()
         }
+        Scenario::Cluster { relay, haproxy, haproxy_config, nodes, cores, load, out } => {
+            pin_bench(load)?;
+            if load.netns {
+                bail!("the cluster scenario runs on loopback only (no --netns)");
+            }
+            // --server-cpu pins the direct run's relay, and every node and HAProxy in the second
+            // run (the servers share it; the generator keeps --bench-cpu to itself). The second
+            // run samples HAProxy's process.
+            let load = LoadArgs { keyed_path: true, ..load };
+            let node = Target::spawn(&relay, cores, &agent_allow(None), load.server_cpu, None)?;
+            let direct = measure(Some(&node), None, load, None)?;
+            drop(node);
+            print_measurement("relay, one node, direct", &direct, load);
+            let cluster =
+                Cluster::spawn(&relay, cores, nodes, &agent_allow(None), &haproxy, &haproxy_config, load.server_cpu)?;
+            let via = measure(Some(&cluster.balancer), None, load, None)?;
+            let per_node: Vec<String> = cluster
+                .frames_in()
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("node{} {}", i + 1, n.map_or_else(|| "?".to_owned(), |n| n.to_string())))
+                .collect();
+            drop(cluster);
+            print_measurement(
+                &format!("through HAProxy to {} node(s) (server = HAProxy)", nodes.clamp(1, 3)),
+                &via,
+                load,
+            );
+            print_hop(&direct, &via, load);
+            println!("  audio frames each node received: {}", per_node.join(", "));
+            write_outputs(&out, &[("direct".to_owned(), &direct), ("haproxy".to_owned(), &via)], load)?;
+            direct.check()?;
+            via.check()
+        }
         Scenario::Ramp { target, from, step, to, load, out } => {
             pin_bench(load)?;
             let net = load.net()?;
@@ -484,6 +549,7 @@ fn measure(
         generator: load.generator(),
         cpu: load.bench_cpu,
         bot_ip: net.map_or_else(|| std::net::Ipv4Addr::LOCALHOST.into(), |n| n.peer_ip),
+        keyed_path: load.keyed_path,
     };
     let report = relay_bench::telephony::run(target.map(|t| t.addr), opts)?;
     let (from, to) = report.steady;
@@ -597,6 +663,46 @@ fn print_ratios(floor: &Measurement, relay: &Measurement, base: &Measurement, lo
             "  memory: relay {:.1} MiB, baseline {:.1} MiB",
             ru.rss_mean_bytes as f64 / 1048576.0,
             bu.rss_mean_bytes as f64 / 1048576.0
+        );
+    }
+}
+
+/// What the HAProxy hop added: latency percentiles each way, direct → through HAProxy, and
+/// HAProxy's own CPU and memory.
+fn print_hop(direct: &Measurement, via: &Measurement, load: LoadArgs) {
+    println!("\nthe HAProxy hop at {} calls (direct → through HAProxy):", load.calls);
+    for (path, d, v) in [
+        ("uplink caller→bot", &direct.report.uplink, &via.report.uplink),
+        ("downlink bot→caller", &direct.report.downlink, &via.report.downlink),
+        ("fan-out caller→frontend", &direct.report.fanout, &via.report.fanout),
+    ] {
+        let (d, v) = (d.summary(), v.summary());
+        if d.count == 0 || v.count == 0 {
+            continue;
+        }
+        println!(
+            "  {path:<24} p50 {:>6.0} → {:>6.0} µs ({:+.0}); p99 {:>6.0} → {:>6.0} µs ({:+.0})",
+            d.p50_us,
+            v.p50_us,
+            v.p50_us - d.p50_us,
+            d.p99_us,
+            v.p99_us,
+            v.p99_us - d.p99_us
+        );
+    }
+    if let Some(u) = via.server {
+        println!(
+            "  HAProxy: {:.1} % of one core = {:.4} % of a core per call; RSS {:.1} MiB",
+            u.cores * 100.0,
+            u.cores * 100.0 / f64::from(load.calls.max(1)),
+            u.rss_mean_bytes as f64 / 1048576.0
+        );
+    }
+    if let Some(u) = direct.server {
+        println!(
+            "  (the direct run's relay: {:.1} % of one core = {:.4} % per call)",
+            u.cores * 100.0,
+            u.cores * 100.0 / f64::from(load.calls.max(1))
         );
     }
 }

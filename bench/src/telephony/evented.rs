@@ -27,9 +27,9 @@ use tungstenite::Utf8Bytes;
 
 use super::epoll::{Epoll, Event, Interest};
 use super::{
-    connect_twilio_msg, echo_msg, echo_stamp, elapsed_nanos, frame_id, frames, frontend_path, frontend_stream, lead_in,
-    media_msg, parse, report, start_msg, steady, stop_msg, stream_sid, Options, Received, Report, Schedule, Tally,
-    CONNECTED, DECODE_BYTES, DRAIN, HANG_UP_AFTER, PERIOD,
+    caller_path, connect_twilio_msg, echo_msg, echo_stamp, elapsed_nanos, frame_id, frames, frontend_path,
+    frontend_stream, lead_in, media_msg, parse, report, start_msg, steady, stop_msg, stream_sid, Options, Received,
+    Report, Schedule, Tally, CONNECTED, DECODE_BYTES, DRAIN, HANG_UP_AFTER, PERIOD,
 };
 use crate::stats::Recorder;
 
@@ -265,10 +265,10 @@ impl Loop {
             let Some(dial) = self.dials.pop_front() else { return };
             let (role, path, seed) = match dial {
                 Dial::Caller(call) => {
-                    let path = if self.relay.is_some() { "/twilio/stream" } else { "/bot" };
+                    let path = caller_path(call, self.relay.is_some(), self.opts.keyed_path);
                     let caller =
                         Caller { call, stream_sid: stream_sid(call), next_seq: 0, hung_up: false, read_done: false };
-                    (Role::Caller(caller), path.to_owned(), u64::from(call))
+                    (Role::Caller(caller), path, u64::from(call))
                 }
                 Dial::Frontend(call, k) => {
                     (Role::Frontend { call, k }, frontend_path(call, k), (1 << 63) | frontend_stream(call, k))

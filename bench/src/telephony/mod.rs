@@ -114,6 +114,9 @@ pub struct Options {
     /// The address the bot listens on (the relay dials it): loopback, or the generator's end of a
     /// [`crate::netns::Netns`].
     pub bot_ip: std::net::IpAddr,
+    /// Callers open `/twilio/stream/{callSid}` (the form Relay's TwiML uses, which a balancer
+    /// routes by the path) instead of `/twilio/stream`.
+    pub keyed_path: bool,
 }
 
 /// Runs the scenario against `relay` (`None`: the callers talk to the bot directly, the no-relay
@@ -282,6 +285,16 @@ impl Seen {
 /// The frontend stream id of listener `k` of `call` in the fan-out tally.
 fn frontend_stream(call: u32, k: u32) -> u64 {
     (u64::from(call) << 32) | u64::from(k)
+}
+
+/// The path a caller opens: the bot's own (no relay), `/twilio/stream/{callSid}` when `keyed`, else
+/// `/twilio/stream`.
+fn caller_path(call: u32, via_relay: bool, keyed: bool) -> String {
+    match (via_relay, keyed) {
+        (false, _) => "/bot".to_owned(),
+        (true, true) => format!("/twilio/stream/{}", call_sid(call)),
+        (true, false) => "/twilio/stream".to_owned(),
+    }
 }
 
 fn call_sid(call: u32) -> String {
@@ -468,6 +481,7 @@ mod tests {
                 generator,
                 cpu: None,
                 bot_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                keyed_path: false,
             };
             let r = run(None, opts).expect("a direct run");
             assert_eq!(r.sent, 3 * 50, "{generator:?}");

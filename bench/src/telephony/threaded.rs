@@ -14,9 +14,9 @@ use anyhow::{bail, Context};
 use tungstenite::{Message, WebSocket};
 
 use super::{
-    connect_twilio_msg, echo_msg, echo_stamp, elapsed_nanos, frame_id, frames, frontend_path, frontend_stream, lead_in,
-    media_msg, parse, report, start_msg, steady, stop_msg, stream_sid, Options, Received, Report, Schedule, Tally,
-    CONNECTED, DECODE_BYTES, DRAIN, HANG_UP_AFTER, PERIOD,
+    caller_path, connect_twilio_msg, echo_msg, echo_stamp, elapsed_nanos, frame_id, frames, frontend_path,
+    frontend_stream, lead_in, media_msg, parse, report, start_msg, steady, stop_msg, stream_sid, Options, Received,
+    Report, Schedule, Tally, CONNECTED, DECODE_BYTES, DRAIN, HANG_UP_AFTER, PERIOD,
 };
 use crate::stats::Recorder;
 
@@ -77,8 +77,9 @@ pub(super) fn run(relay: Option<SocketAddr>, opts: Options) -> anyhow::Result<Re
         let target = relay.unwrap_or(bot_addr);
         let (down, sends, stop) = (downlink.clone(), sends.clone(), stop.clone());
         let agent = format!("ws://{bot_addr}/bot");
+        let path = caller_path(call, relay.is_some(), opts.keyed_path);
         callers.push(std::thread::spawn(move || {
-            caller(target, relay.is_some(), &agent, call, frames, schedule, &down, &sends, &stop, late_after)
+            caller(target, &path, &agent, call, frames, schedule, &down, &sends, &stop, late_after)
         }));
     }
     let mut failures = Vec::new();
@@ -145,7 +146,7 @@ fn frontend(
 #[allow(clippy::too_many_arguments)] // A thread entry point; grouping would only rename these.
 fn caller(
     target: SocketAddr,
-    via_relay: bool,
+    path: &str,
     agent_url: &str,
     call: u32,
     frames: u64,
@@ -157,7 +158,6 @@ fn caller(
 ) -> anyhow::Result<()> {
     let stream = TcpStream::connect(target).with_context(|| format!("connect {target}"))?;
     stream.set_nodelay(true)?;
-    let path = if via_relay { "/twilio/stream" } else { "/bot" };
     let (mut ws, _) = tungstenite::client(format!("ws://{target}{path}"), stream.try_clone()?)
         .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
     let stream_sid = stream_sid(call);

@@ -16,6 +16,7 @@ use relay_engine::proto::tools;
 use relay_engine::shell::{CoreHandle, FetchRequest, Request};
 use serde_json::{json, Value};
 
+use super::handover::{self, Handover, MAX_TEXT_BYTES};
 use super::params::{self, Body};
 use crate::config::{ApiConfig, TwilioAccount};
 use crate::error::{json_response, ApiError};
@@ -24,17 +25,20 @@ use crate::records::Records;
 
 /// How long a Twilio REST request may take.
 const TWILIO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest `prompt` or `first_message`, bytes.
-const MAX_TEXT_BYTES: usize = 4096;
 
 /// `POST /outbound-call {"user_id","number","prompt","first_message","tools"}`: dials `number`
 /// through Twilio, with the relay's `/twilio/voice` as the call's webhook. `tools` (declarations
 /// as for `--agent-tools`) stay in the call's record on its owner core, which puts them in the
 /// session of the call's Realtime agent instead of the relay's tools.
 ///
+/// The call's user, prompt, first message, project, intent and tools also travel in the
+/// webhook URL's query ([`Handover`]; the status callback's carries the user, project and intent),
+/// so whichever relay node Twilio's webhook reaches briefs the call as this one would.
+///
 /// # Errors
-/// 400 for missing or invalid fields, 429 past 5 initiations a minute per user, 503 without Twilio
-/// credentials, 502 when Twilio refuses or cannot be reached.
+/// 400 for missing or invalid fields or a webhook URL past Twilio's 4000 characters, 429 past 5
+/// initiations a minute per user, 503 without Twilio credentials, 502 when Twilio refuses or
+/// cannot be reached.
 pub async fn outbound_call(
     core: &CoreHandle,
     config: &ApiConfig,
@@ -55,9 +59,12 @@ pub async fn outbound_call(
     let first_message = optional_text(&body, "first_message")?;
     let project_id = optional_label(&body, "projectId")?;
     let intent = optional_label(&body, "intent")?;
-    let tools = match body.field("tools") {
-        None => None,
-        Some(v) => Some(tools::parse_tools(v).map_err(|e| ApiError::bad_request(e.to_string()))?.into()),
+    let (tools, tools_json) = match body.field("tools") {
+        None => (None, None),
+        Some(v) => {
+            let parsed = tools::parse_tools(v).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            (Some(parsed.into()), Some(handover::tools_json(v)))
+        }
     };
     if core.draining() {
         // A new call: a draining node places none (its callSid is unknown until Twilio answers,
@@ -65,6 +72,24 @@ pub async fn outbound_call(
         return Err(ApiError::draining());
     }
     let account = twilio_account(config)?;
+    let base = super::twilio::http_base(config, &request.head.headers);
+    let handover = Handover {
+        user_id: user_id.to_owned(),
+        prompt: prompt.clone(),
+        first_message: first_message.clone(),
+        project_id: project_id.clone(),
+        intent: intent.clone(),
+        tools: tools_json,
+    };
+    // Checked before the initiation counts: a refused URL places no call.
+    let voice_url = handover.url(&base, "/twilio/voice")?;
+    let owner = Handover {
+        user_id: user_id.to_owned(),
+        project_id: project_id.clone(),
+        intent: intent.clone(),
+        ..Handover::default()
+    };
+    let status_url = owner.url(&base, "/twilio/status")?;
     let initiated = match crate::limits::try_initiate(core, users, user_id).await {
         Ok(at) => at,
         Err(wait) => {
@@ -74,13 +99,12 @@ pub async fn outbound_call(
             return Err(e);
         }
     };
-    let base = super::twilio::http_base(config, &request.head.headers);
     let form = [
         ("To", number.to_owned()),
         ("From", account.from.clone()),
-        ("Url", format!("{base}/twilio/voice")),
+        ("Url", voice_url),
         ("Method", "POST".to_owned()),
-        ("StatusCallback", format!("{base}/twilio/status")),
+        ("StatusCallback", status_url),
         ("StatusCallbackMethod", "POST".to_owned()),
         ("StatusCallbackEvent", "initiated".to_owned()),
         ("StatusCallbackEvent", "ringing".to_owned()),
@@ -294,9 +318,7 @@ fn optional_text(body: &Body, name: &str) -> Result<Option<String>, ApiError> {
 fn optional_label(body: &Body, name: &str) -> Result<Option<String>, ApiError> {
     match body.field(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) => {
-            Ok(Some(s.clone()))
-        }
+        Some(Value::String(s)) if handover::is_label(s) => Ok(Some(s.clone())),
         Some(_) => Err(ApiError::bad_request(format!("{name} must be a string of 1 to 128 bytes"))),
     }
 }

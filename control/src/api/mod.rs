@@ -5,6 +5,7 @@
 
 pub mod analytics;
 pub mod calls;
+pub mod handover;
 pub mod openapi;
 pub mod ops;
 pub mod params;

@@ -15,6 +15,7 @@ use relay_engine::proto::ws;
 use relay_engine::shell::{CoreHandle, Request, SocketKind, Upgrade};
 use serde_json::json;
 
+use super::handover::{self, Handover};
 use super::{calls, params};
 use crate::auth;
 use crate::config::ApiConfig;
@@ -26,24 +27,28 @@ use crate::twilio::{field, parse_form, signature, twiml};
 /// the call's id, numbers, the webhook's `agentUrl` query parameter and, for outbound calls, the
 /// agent's `prompt` and `first_message` as stream parameters. Records the call as in progress.
 ///
+/// An outbound call's webhook URL carries its hand-over ([`Handover`]: user, prompt, first
+/// message, project, intent, tools) in its query, covered by Twilio's signature: the call's record
+/// is seeded from it on this node's owner core before the TwiML is written, so the node that
+/// serves the call need not be the one that dialled it.
+///
 /// # Errors
-/// 403 for a bad signature, 400 without a valid `CallSid`.
+/// 403 for a bad signature, 400 without a valid `CallSid` or with a hand-over field out of bounds.
 pub async fn voice(core: &CoreHandle, config: &ApiConfig, request: &Request) -> Result<Response<Bytes>, ApiError> {
     let (form, id) = signed_call(config, request)?;
     admit(core, &id).await?;
     let call_sid = id.as_str();
-    let label = |name: &str| {
-        params::query(request.head.uri.query(), name)
-            .filter(|v| !v.is_empty() && v.len() <= 128 && !v.chars().any(char::is_control))
-    };
-    let update = RecordUpdate {
-        from: field(&form, "From").map(bounded_number),
-        to: field(&form, "To").map(bounded_number),
+    let query = request.head.uri.query();
+    let mut update = match Handover::from_query(query)? {
+        Some(handover) => handover.record_update(),
         // `?projectId=` / `?intent=` on the webhook URL configured at Twilio, as `agentUrl`.
-        project_id: label("projectId"),
-        intent: label("intent"),
-        ..RecordUpdate::default()
+        None => {
+            let label = |name: &str| params::query(query, name).filter(|v| handover::is_label(v));
+            RecordUpdate { project_id: label("projectId"), intent: label("intent"), ..RecordUpdate::default() }
+        }
     };
+    update.from = field(&form, "From").map(bounded_number);
+    update.to = field(&form, "To").map(bounded_number);
     let record = calls::record(core, &id, update).await?;
     // The call's key in the path (Twilio allows no query string on stream URLs): a balancer in
     // front of several relays routes the stream to the node of the call's other legs.
@@ -98,7 +103,9 @@ pub async fn admit(core: &CoreHandle, id: &SessionId) -> Result<(), ApiError> {
     }
 }
 
-/// `POST /twilio/status`: a status callback; updates the call's record (status, duration).
+/// `POST /twilio/status`: a status callback; updates the call's record (status, duration). An
+/// outbound call's callback URL names its user, project and intent ([`Handover`]), so the node
+/// that receives it knows whose call it is even before (or without) the voice webhook.
 ///
 /// # Errors
 /// 403 for a bad signature, 400 without `CallSid` or `CallStatus`.
@@ -110,11 +117,9 @@ pub async fn status(core: &CoreHandle, config: &ApiConfig, request: &Request) ->
     if !CALL_STATUSES.contains(&status) {
         return Err(ApiError::bad_request("CallStatus is not one of Twilio's call statuses"));
     }
-    let update = RecordUpdate {
-        status: Some(status.to_owned()),
-        duration_secs: field(&form, "CallDuration").and_then(|d| d.parse().ok()),
-        ..RecordUpdate::default()
-    };
+    let mut update = Handover::from_query(request.head.uri.query())?.map(|h| h.record_update()).unwrap_or_default();
+    update.status = Some(status.to_owned());
+    update.duration_secs = field(&form, "CallDuration").and_then(|d| d.parse().ok());
     calls::record(core, &id, update).await?;
     Ok(json_response(StatusCode::OK, &json!({ "success": true })))
 }
