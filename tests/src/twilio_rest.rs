@@ -143,6 +143,12 @@ impl TwilioRest {
         Self::serve(None)
     }
 
+    /// Serves plain HTTP on `ip`, port 0 (`0.0.0.0`: relays in the test's network namespaces reach
+    /// it at their root-side address; [`Self::base_url`] then names no reachable host).
+    pub fn start_on(ip: std::net::IpAddr) -> Self {
+        Self::serve_on(ip, None)
+    }
+
     /// Serves HTTPS on 127.0.0.1:0 with a fresh self-signed certificate (see [`Self::ca_file`]).
     pub fn start_tls() -> Self {
         Self::serve(Some(TestCert::localhost()))
@@ -154,7 +160,11 @@ impl TwilioRest {
     }
 
     fn serve(cert: Option<TestCert>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the Twilio REST stand-in");
+        Self::serve_on(std::net::IpAddr::from([127, 0, 0, 1]), cert)
+    }
+
+    fn serve_on(ip: std::net::IpAddr, cert: Option<TestCert>) -> Self {
+        let listener = TcpListener::bind((ip, 0)).expect("bind the Twilio REST stand-in");
         let addr = listener.local_addr().expect("stand-in address");
         let shared = Arc::new(RestShared {
             state: Mutex::new(RestState {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use relay_tests::cluster::{Cluster, Options, NODES};
 use relay_tests::postgres::Postgres;
 use relay_tests::telephony::{frames, unulaw, BotConn, Events, Frontend, Peer, TwilioBot, TwilioCaller};
+use relay_tests::twilio_rest::{twilio_args, TwilioRest, Twiml};
 use relay_tests::webrtc::{self, dominant_hz, rms, Send};
 use relay_tests::{poll_until, Conn, RawWs, Response, WsMsg, TIMEOUT};
 use serde_json::{json, Value};
@@ -33,17 +34,21 @@ const CALLS: usize = 30;
 /// A cluster whose nodes dial `bot` as their agent, node N on path `/bot/nodeN` (so the bot sees
 /// which node dialled), and whose HAProxy checks `/health/ready` as shipped.
 fn cluster(bot: &TwilioBot) -> Cluster {
-    cluster_with(bot, |_| Vec::new())
+    cluster_with(bot, |_, _| Vec::new())
 }
 
-/// As [`cluster`], with `extra(n)` added to node `n`'s flags (e.g. a shared `--records-url`).
-fn cluster_with(bot: &TwilioBot, extra: impl Fn(usize) -> Vec<String> + std::marker::Send + Sync + 'static) -> Cluster {
+/// As [`cluster`], with `extra(n, root)` added to node `n`'s flags (e.g. a shared
+/// `--records-url`), `root` being the address node `n` reaches the test's own servers at.
+fn cluster_with(
+    bot: &TwilioBot,
+    extra: impl Fn(usize, IpAddr) -> Vec<String> + std::marker::Send + Sync + 'static,
+) -> Cluster {
     let port = bot.authority().parse::<SocketAddr>().expect("the bot's address").port();
     Cluster::start(Options {
         node_args: Box::new(move |n, root: IpAddr| {
             let url = format!("ws://{}/bot/{}", SocketAddr::new(root, port), Cluster::node_name(n));
             let mut args = vec!["--agent-url".to_owned(), url];
-            args.extend(extra(n));
+            args.extend(extra(n, root));
             args
         }),
         check_path: None,
@@ -293,7 +298,7 @@ fn a_killed_node_costs_only_its_own_calls() {
 fn a_drained_node_keeps_its_calls_until_they_end() {
     let _one = one_at_a_time();
     let bot = TwilioBot::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let mut cluster = cluster_with(&bot, |_| vec!["--shutdown-grace".to_owned(), "120s".to_owned()]);
+    let mut cluster = cluster_with(&bot, |_, _| vec!["--shutdown-grace".to_owned(), "120s".to_owned()]);
     let ids: Vec<String> = (0..9).map(|i| format!("CA-drain-{i}")).collect();
     let calls = open_calls(&cluster, &bot, &ids);
     let drained = calls[0].node;
@@ -341,7 +346,7 @@ fn shared_records_count_every_node_and_survive_an_outage() {
     let url = pg.socket_url();
     let bot = TwilioBot::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let project = "proj_cluster";
-    let cluster = cluster_with(&bot, move |_| {
+    let cluster = cluster_with(&bot, move |_, _| {
         vec!["--records-url".to_owned(), url.clone(), "--default-project".to_owned(), project.to_owned()]
     });
     let ids: Vec<String> = (0..9).map(|i| format!("CA-rec-{i}")).collect();
@@ -390,6 +395,61 @@ fn shared_records_count_every_node_and_survive_an_outage() {
             assert_eq!(row["node"], Cluster::node_name(call.node), "{}: its record names its node", call.id);
         }
     }
+}
+
+/// Outbound calls, one placed on each node: each is served by the node HAProxy sends its webhook
+/// and stream to (its bot, dialled by that node, briefed with the call's prompt and first
+/// message), and `/call-status` and `/end-call` work on a node that neither placed nor serves it
+/// (the shared records), the hang-up reaching Twilio.
+#[test]
+fn an_outbound_call_is_served_where_its_stream_lands_and_ended_from_any_node() {
+    let _one = one_at_a_time();
+    let pg = Postgres::start();
+    let url = pg.socket_url();
+    let twilio = TwilioRest::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let port = twilio.addr().port();
+    let bot = TwilioBot::start_on(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    // Twilio reaches the cluster at its public URL (HAProxy): the webhooks and streams below are
+    // delivered to HAProxy's address with that URL's host.
+    let cluster = cluster_with(&bot, move |_, root| {
+        let mut args = twilio_args(&format!("http://{root}:{port}"));
+        args.extend(["--records-url", url.as_str(), "--public-url", "http://relay.cluster.test"].map(str::to_owned));
+        args
+    });
+    let mut moved = 0;
+    for placed in 0..NODES {
+        let (user, prompt, first) = (format!("user{placed}"), format!("Prompt {placed}"), format!("Hello {placed}"));
+        let body = json!({ "user_id": user, "number": "+14155550123", "prompt": prompt, "first_message": first });
+        let resp = post(cluster.node_addr(placed), "/outbound-call", &body);
+        assert_eq!(resp.status, 200, "outbound-call on node{}: {}", placed + 1, resp.text());
+        let call = twilio.next_call();
+        let since = bot.connections();
+        let webhook = call.post_webhook_at(cluster.addr(), call.webhook_url());
+        assert_eq!(webhook.status, 200, "{}: the voice webhook through HAProxy: {}", call.sid, webhook.text());
+        let served = webhook.header("x-relay-node").and_then(Cluster::node_index).expect("a node answered");
+        let caller = call.open_stream_at(cluster.addr(), &Twiml::parse(&webhook.text()));
+        let agent = bot_for(&bot, since, &call.sid);
+        assert_eq!(agent.path, format!("/bot/{}", Cluster::node_name(served)), "{}: served by its node", call.sid);
+        let custom = agent.start_msg()["start"]["customParameters"].clone();
+        assert_eq!((custom["prompt"].as_str(), custom["first_message"].as_str()), (Some(&*prompt), Some(&*first)));
+        caller.send_audio(&frames(7, 0..5));
+        same_frames(&agent.wait_media(5), &frames(7, 0..5), &format!("{}: the callee reaches its bot", call.sid));
+        moved += usize::from(served != placed);
+
+        let third = (0..NODES).find(|n| *n != placed && *n != served).expect("a node that is neither");
+        let status = poll_until("the call's status on a third node", || {
+            let r = get(cluster.node_addr(third), &format!("/call-status?callSid={}&user_id={user}", call.sid));
+            (r.status == 200 && r.json()["status"] == "in-progress").then_some(r)
+        });
+        assert_eq!(status.header("x-relay-node"), Some(Cluster::node_name(third).as_str()));
+        let end = json!({ "callSid": call.sid, "user_id": user });
+        let ended = post(cluster.node_addr(third), "/end-call", &end);
+        assert_eq!(ended.status, 200, "{}: /end-call on node{}: {}", call.sid, third + 1, ended.text());
+        let hang_up = twilio.requests().into_iter().last().expect("a request");
+        assert!(hang_up.path.ends_with(&format!("/Calls/{}.json", call.sid)), "{}", hang_up.path);
+        assert_eq!(hang_up.field("Status"), Some("completed"), "{}: the hang-up reached Twilio", call.sid);
+    }
+    assert!(moved > 0, "at least one call was served by a node other than the one that placed it");
 }
 
 /// `deploy/haproxy.cfg` passes HAProxy's own check with its addresses from the environment.
