@@ -337,7 +337,7 @@ impl Shell {
     }
 
     /// Frames that came with a head: handled, and what is left kept for the next read.
-    fn more_frames(&mut self, token: Token, bytes: &mut Vec<u8>) {
+    fn more_frames(&mut self, token: Token, bytes: &mut [u8]) {
         if bytes.is_empty() {
             return;
         }
@@ -544,7 +544,6 @@ fn dial_key(n: u64) -> String {
 mod tests {
     use super::*;
     use crate::telephony::{self, Generator};
-    use std::io::Read as _;
     use std::time::Duration;
 
     /// The bench's own callers, bot and frontends through the floor: every frame arrives once, in

@@ -343,14 +343,14 @@ impl Router {
             }
             Bot::Dialling { .. } => {
                 self.stats.backlog_drops += 1;
-                return self.to_frontends(call, payload, true);
+                return self.fan_out(call, payload, true);
             }
-            Bot::None => return self.to_frontends(call, payload, true),
+            Bot::None => return self.fan_out(call, payload, true),
         }
         c.sequence += 1;
         c.chunk = chunk + 1;
         c.next_at = timestamp * 8 + samples;
-        self.to_frontends(call, payload, true);
+        self.fan_out(call, payload, true);
     }
 
     fn bot_media(&mut self, call: CallRef, msg: &[u8]) {
@@ -365,11 +365,11 @@ impl Router {
             let bytes = frame::finish(&mut self.out, start, frame::TEXT, false);
             self.outputs.push_back(Output::Send { to: caller, bytes });
         }
-        self.to_frontends(call, payload, false);
+        self.fan_out(call, payload, false);
     }
 
     /// One `audio` message, encoded once, to every frontend that said `connect-twilio`.
-    fn to_frontends(&mut self, call: CallRef, payload: &[u8], inbound: bool) {
+    fn fan_out(&mut self, call: CallRef, payload: &[u8], inbound: bool) {
         let Some(c) = call_in(&mut self.slots, call) else { return };
         let mut shared = None;
         for &(to, active) in &c.frontends {
