@@ -13,9 +13,12 @@
 //! The telephony load comes from one event-loop thread driving every socket (`--threads`: the
 //! original thread-per-socket generator, kept to compare against). With `--netns` a spawned server
 //! runs in a network namespace of its own, reached over a veth pair ([`netns`]).
+//! [`floor`] is the yardstick `compare` measures Relay against: the least a relay of this
+//! protocol can do (one thread, epoll, hand-written WebSocket framing).
 
 pub mod client;
 pub mod codec;
+pub mod floor;
 pub mod netns;
 pub mod plot;
 pub mod sampler;

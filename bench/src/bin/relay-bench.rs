@@ -59,8 +59,9 @@ enum Scenario {
         #[command(flatten)]
         out: OutArgs,
     },
-    /// One run, same machine: the no-relay floor, Relay, and the Node.js `ws` baseline
-    /// (bench/baseline) under the same load; prints each and the ratios.
+    /// One run, same machine: the floor (`relay-bench floor`, the least a relay of this protocol
+    /// can do), Relay, and the Node.js `ws` baseline (bench/baseline) under the same load, one
+    /// after the other; prints each, then every figure also as × floor.
     Compare {
         /// The relay binary.
         #[arg(long, default_value = "target/release/relay")]
@@ -71,10 +72,31 @@ enum Scenario {
         /// Cores for the relay.
         #[arg(long, default_value_t = 1)]
         cores: usize,
+        /// The legs, in the order they run: `floor`, `relay`, `baseline`, and `direct` (callers
+        /// talk to the bot with no server between). Ratios are against `floor` when it runs.
+        #[arg(long, value_delimiter = ',', default_value = "floor,relay,baseline")]
+        legs: Vec<Leg>,
+        /// Run the legs this many times over, alternated (floor, relay, baseline, floor, …).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
         #[command(flatten)]
         load: LoadArgs,
         #[command(flatten)]
         out: OutArgs,
+    },
+    /// The floor server on its own: one thread, epoll, hand-written WebSocket framing, serving the
+    /// bench's Twilio callers, their bots and frontends as Relay does (what `compare` measures
+    /// Relay against). Prints `floor listening on http://ADDR` to stderr once it listens.
+    Floor {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// An address a caller's `agentUrl` may name, repeatable (Relay's `--agent-allow`).
+        #[arg(long = "agent-allow")]
+        agent_allow: Vec<std::net::IpAddr>,
+        /// Flags the bench gives any spawned server (`--cores`, `--log`, …): accepted, ignored.
+        #[arg(long, hide = true)]
+        cores: Option<usize>,
     },
     /// CPU per 20 ms frame (median, p99) and quality of μ-law, Opus at several settings, the
     /// 8 kHz-direct and resampled μ-law ⇄ Opus paths, and rubato resampler types; single thread.
@@ -295,28 +317,53 @@ fn main() -> anyhow::Result<()> {
             write_outputs(&out, &[(name.to_owned(), &m)], load)?;
             m.check()
         }
-        Scenario::Compare { relay, baseline, cores, load, out } => {
+        Scenario::Compare { relay, baseline, cores, legs, rounds, load, out } => {
             pin_bench(load)?;
             let net = load.net()?;
             let net = net.as_ref();
-            let floor = measure(None, None, load, net)?;
-            print_measurement("direct (no relay)", &floor, load);
-            let r = Target::spawn(&relay, cores, &agent_allow(net), load.server_cpu, net)?;
-            let relay_m = measure(Some(&r), None, load, net)?;
-            drop(r);
-            print_measurement("relay", &relay_m, load);
-            let b = Target::spawn_process(&baseline, &["--listen".to_owned(), listen_arg(net)], load.server_cpu, net)?;
-            let base_m = measure(Some(&b), None, load, net)?;
-            drop(b);
-            print_measurement("baseline (Node.js ws)", &base_m, load);
-            print_ratios(&floor, &relay_m, &base_m, load);
-            write_outputs(
-                &out,
-                &[("direct".to_owned(), &floor), ("relay".to_owned(), &relay_m), ("baseline".to_owned(), &base_m)],
-                load,
-            )?;
-            floor.check()?;
-            relay_m.check()
+            let floor_bin = std::env::current_exe().context("the bench's own path, to start the floor")?;
+            let floor_bin = floor_bin.to_string_lossy().into_owned();
+            let mut runs: Vec<(String, Measurement)> = Vec::new();
+            for round in 1..=rounds.max(1) {
+                let mut this_round = Vec::new();
+                for leg in &legs {
+                    let server = match leg {
+                        Leg::Direct => None,
+                        Leg::Floor => {
+                            let mut args = vec!["floor".to_owned(), "--listen".to_owned(), listen_arg(net)];
+                            args.extend(agent_allow(net));
+                            Some(Target::spawn_process(&floor_bin, &args, load.server_cpu, net)?)
+                        }
+                        Leg::Relay => Some(Target::spawn(&relay, cores, &agent_allow(net), load.server_cpu, net)?),
+                        Leg::Baseline => Some(Target::spawn_process(
+                            &baseline,
+                            &["--listen".to_owned(), listen_arg(net)],
+                            load.server_cpu,
+                            net,
+                        )?),
+                    };
+                    let m = measure(server.as_ref(), None, load, net)?;
+                    drop(server);
+                    let name =
+                        if rounds > 1 { format!("{} (round {round})", leg.label()) } else { leg.label().to_owned() };
+                    print_measurement(&name, &m, load);
+                    this_round.push((*leg, m));
+                }
+                print_table(&this_round, load);
+                runs.extend(this_round.into_iter().map(|(leg, m)| {
+                    let name = if rounds > 1 { format!("{} {round}", leg.as_str()) } else { leg.as_str().to_owned() };
+                    (name, m)
+                }));
+            }
+            let named: Vec<(String, &Measurement)> = runs.iter().map(|(n, m)| (n.clone(), m)).collect();
+            write_outputs(&out, &named, load)?;
+            for (name, m) in &runs {
+                m.check().with_context(|| name.clone())?;
+            }
+            Ok(())
+        }
+        Scenario::Floor { listen, agent_allow, cores: _ } => {
+            relay_bench::floor::serve(&relay_bench::floor::Options { listen, agent_allow })
         }
         Scenario::Codec { frames, cpu, json } => {
             if let Some(cpu) = cpu {
@@ -647,22 +694,95 @@ fn cpu_busy_note(busy: Option<f64>) -> String {
     busy.map_or_else(String::new, |b| format!(" (its CPU {:.0} % busy)", b * 100.0))
 }
 
-fn print_ratios(floor: &Measurement, relay: &Measurement, base: &Measurement, load: LoadArgs) {
-    let (f, r, b) = (floor.report.uplink.summary(), relay.report.uplink.summary(), base.report.uplink.summary());
-    println!("\nratios at {} calls (baseline ÷ relay):", load.calls);
-    println!("  added uplink latency p50: relay {:.0} µs, baseline {:.0} µs", r.p50_us - f.p50_us, b.p50_us - f.p50_us);
-    println!("  added uplink latency p99: relay {:.0} µs, baseline {:.0} µs", r.p99_us - f.p99_us, b.p99_us - f.p99_us);
-    if let (Some(ru), Some(bu)) = (relay.server, base.server) {
+/// A server `compare` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Leg {
+    /// The bench's floor server (`relay-bench floor`).
+    Floor,
+    /// Relay.
+    Relay,
+    /// The Node.js `ws` baseline.
+    Baseline,
+    /// No server: callers talk to the bot directly.
+    Direct,
+}
+
+impl Leg {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Floor => "floor",
+            Self::Relay => "relay",
+            Self::Baseline => "baseline",
+            Self::Direct => "direct",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Floor => "floor (epoll, relay-bench floor)",
+            Self::Relay => "relay",
+            Self::Baseline => "baseline (Node.js ws)",
+            Self::Direct => "direct (no relay)",
+        }
+    }
+}
+
+/// A round's figures side by side, each also as × the floor's (when the floor ran), as a
+/// Markdown table.
+fn print_table(round: &[(Leg, Measurement)], load: LoadArgs) {
+    struct Row {
+        cpu_pct: Option<f64>,
+        us: Option<f64>,
+        rss_kib: Option<f64>,
+        p50: f64,
+        p99: f64,
+        p999: f64,
+    }
+    let calls = f64::from(load.calls.max(1));
+    let row = |m: &Measurement| {
+        let up = m.report.uplink.summary();
+        Row {
+            cpu_pct: m.server.map(|u| u.cores * 100.0 / calls),
+            us: m.server.map(|u| u.cores / calls * 20_000.0),
+            rss_kib: m.server.map(|u| u.rss_mean_bytes.saturating_sub(m.idle_rss) as f64 / calls / 1024.0),
+            p50: up.p50_us,
+            p99: up.p99_us,
+            p999: up.p999_us,
+        }
+    };
+    let floor = round.iter().find(|(leg, _)| *leg == Leg::Floor).map(|(_, m)| row(m));
+    let ratio = |v: Option<f64>, f: Option<f64>| match (v, f) {
+        (Some(v), Some(f)) if f > 0.0 => format!(" ({:.2}×)", v / f),
+        _ => String::new(),
+    };
+    let fig = |v: Option<f64>, digits: usize| v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"));
+    println!(
+        "\n{} calls + {} frontend(s) each, {} s; × floor in brackets{}",
+        load.calls,
+        load.frontends,
+        load.seconds,
+        if round.iter().all(|(_, m)| m.valid()) { "" } else { " (a leg was INVALID: see above)" }
+    );
+    println!("| server | CPU per call | µs per call per 20 ms | RSS per call | caller→bot p50 | p99 | p99.9 |");
+    println!("|---|---|---|---|---|---|---|");
+    for (leg, m) in round {
+        let r = row(m);
+        let f = floor.as_ref();
         println!(
-            "  CPU per call: relay {:.3} %, baseline {:.3} % → {:.1}× less CPU per call",
-            ru.cores * 100.0 / f64::from(load.calls),
-            bu.cores * 100.0 / f64::from(load.calls),
-            bu.cores / ru.cores.max(1e-9)
-        );
-        println!(
-            "  memory: relay {:.1} MiB, baseline {:.1} MiB",
-            ru.rss_mean_bytes as f64 / 1048576.0,
-            bu.rss_mean_bytes as f64 / 1048576.0
+            "| {} | {} %{} | {}{} | {} KiB{} | {:.0} µs{} | {:.0} µs{} | {:.0} µs{} |",
+            leg.as_str(),
+            fig(r.cpu_pct, 3),
+            ratio(r.cpu_pct, f.and_then(|f| f.cpu_pct)),
+            fig(r.us, 0),
+            ratio(r.us, f.and_then(|f| f.us)),
+            fig(r.rss_kib, 1),
+            ratio(r.rss_kib, f.and_then(|f| f.rss_kib)),
+            r.p50,
+            ratio(Some(r.p50), f.map(|f| f.p50)),
+            r.p99,
+            ratio(Some(r.p99), f.map(|f| f.p99)),
+            r.p999,
+            ratio(Some(r.p999), f.map(|f| f.p999)),
         );
     }
 }
