@@ -567,6 +567,7 @@ mod tests {
             generator: Generator::Events,
             cpu: None,
             bot_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            keyed_path: false,
         };
         let r = telephony::run(Some(addr), opts).expect("a run through the floor");
         assert_eq!(r.sent, 3 * 50);
