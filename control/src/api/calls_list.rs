@@ -1,0 +1,165 @@
+//! `GET /calls`: this node's live calls, gathered from every core through the mesh (each core
+//! answers from its own state, the oldest `limit` at most) and merged into one bounded list.
+//!
+//! Invariant: never blocks a core (one read of each core's state, no input, no wait on a full
+//! queue) and never shows a secret (no access token, no stream parameter, only ids, kinds, states
+//! and counts).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use relay_engine::core::command::{CallSummary, CommandError, CoreCalls};
+use relay_engine::session::LegCounts;
+use relay_engine::shell::{CoreHandle, Request};
+use serde_json::{json, Value};
+
+use crate::api::params;
+use crate::error::{json_response, ApiError};
+
+/// Calls listed when the request names no `limit`.
+pub const DEFAULT_LIMIT: usize = 100;
+/// The largest `limit` a request may ask for: a node of 2 000 calls answers in one page of at
+/// most this many (about 500 bytes each).
+pub const MAX_LIMIT: usize = 1000;
+
+/// The `limit` query parameter: 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent.
+///
+/// # Errors
+/// 400 when it is not a whole number in range.
+pub fn limit(query: Option<&str>) -> Result<usize, ApiError> {
+    match params::query(query, "limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(format!("limit must be a whole number from 1 to {MAX_LIMIT}"))),
+        },
+    }
+}
+
+/// `GET /calls[?limit=]`.
+///
+/// # Errors
+/// 400 for a bad `limit`.
+pub async fn list(core: &CoreHandle, request: &Request) -> Result<Response<Bytes>, ApiError> {
+    let limit = limit(request.head.uri.query())?;
+    let answers = core.calls(limit).await;
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    Ok(json_response(StatusCode::OK, &render(answers, limit, now_ms, core.node_id())))
+}
+
+/// The answer from every core's reply: the oldest `limit` calls of all cores (by start time, then
+/// id), how many there are, whether the list is cut, and the cores that did not answer.
+pub fn render(answers: Vec<Result<CoreCalls, CommandError>>, limit: usize, now_ms: u64, node: &str) -> Value {
+    let mut total = 0;
+    let mut unavailable = Vec::new();
+    let mut calls: Vec<(usize, CallSummary)> = Vec::new();
+    for (i, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Ok(core_calls) => {
+                total += core_calls.total;
+                let core = core_calls.core.0;
+                calls.extend(core_calls.calls.into_iter().map(|c| (core, c)));
+            }
+            Err(_) => unavailable.push(i),
+        }
+    }
+    calls.sort_unstable_by(|(_, a), (_, b)| (a.started_ms, &a.id).cmp(&(b.started_ms, &b.id)));
+    calls.truncate(limit);
+    let listed: Vec<Value> = calls.iter().map(|(core, c)| call(c, node, *core, now_ms)).collect();
+    json!({
+        "node": node,
+        "generatedAt": iso(now_ms),
+        "generatedAtMs": now_ms,
+        "total": total,
+        "limit": limit,
+        "truncated": listed.len() < total,
+        "unavailableCores": unavailable,
+        "calls": listed,
+    })
+}
+
+fn call(c: &CallSummary, node: &str, core: usize, now_ms: u64) -> Value {
+    json!({
+        "id": c.id.as_str(),
+        "caller": c.caller.name(),
+        "callerConnected": c.connected,
+        "agent": c.agent.name(),
+        "agentState": c.agent_state.name(),
+        "node": node,
+        "core": core,
+        "startedAt": iso(c.started_ms),
+        "startedAtMs": c.started_ms,
+        "durationMs": now_ms.saturating_sub(c.started_ms),
+        "legs": { "caller": leg(&c.counts.caller), "agent": leg(&c.counts.agent) },
+        "microphoneEnabled": c.microphone_enabled,
+        "customStream": c.custom_stream.as_ref().map(|s| s.as_str()),
+        "listeners": c.listeners,
+        "webrtcLegs": c.webrtc_legs,
+    })
+}
+
+fn leg(counts: &LegCounts) -> Value {
+    json!({ "framesIn": counts.frames_in, "framesOut": counts.frames_out, "dropped": counts.dropped })
+}
+
+/// `ms` since the epoch as ISO 8601 UTC with milliseconds.
+fn iso(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_engine::core::command::{AgentKind, AgentState, CallerKind};
+    use relay_engine::id::{CoreId, SessionId};
+    use relay_engine::session::CallCounts;
+
+    fn summary(id: &str, started_ms: u64) -> CallSummary {
+        CallSummary {
+            id: SessionId::parse(id).unwrap(),
+            caller: CallerKind::Twilio,
+            connected: true,
+            agent: AgentKind::Bot,
+            agent_state: AgentState::Open,
+            started_ms,
+            counts: CallCounts::default(),
+            microphone_enabled: true,
+            custom_stream: None,
+            listeners: 0,
+            webrtc_legs: 0,
+        }
+    }
+
+    /// `limit` defaults to 100, takes 1 to 1000, and anything else is a 400.
+    #[test]
+    fn limit_is_bounded() {
+        assert_eq!(limit(None).unwrap(), DEFAULT_LIMIT);
+        assert_eq!(limit(Some("limit=1000")).unwrap(), 1000);
+        assert_eq!(limit(Some("x=1&limit=7")).unwrap(), 7);
+        for bad in ["limit=0", "limit=1001", "limit=-1", "limit=abc", "limit="] {
+            assert_eq!(limit(Some(bad)).unwrap_err().status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    /// Calls of every core merge oldest first; past `limit` the list is cut and says so, and a core
+    /// that did not answer is named instead of failing the answer.
+    #[test]
+    fn merges_cores_oldest_first_and_bounds() {
+        let answers = vec![
+            Ok(CoreCalls { core: CoreId(0), total: 3, calls: vec![summary("b", 20), summary("d", 40)] }),
+            Err(CommandError::Busy),
+            Ok(CoreCalls { core: CoreId(2), total: 1, calls: vec![summary("a", 20)] }),
+        ];
+        let v = render(answers, 2, 1_000, "n1");
+        assert_eq!(v["total"], 4);
+        assert_eq!(v["truncated"], true);
+        assert_eq!(v["unavailableCores"], json!([1]));
+        let ids: Vec<&str> = v["calls"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(v["calls"][0]["core"], 2);
+        assert_eq!(v["calls"][0]["durationMs"], 980);
+        assert_eq!(v["calls"][0]["startedAt"], "1970-01-01T00:00:00.020Z");
+        assert_eq!(v["calls"][1]["legs"]["caller"], json!({ "framesIn": 0, "framesOut": 0, "dropped": 0 }));
+    }
+}
