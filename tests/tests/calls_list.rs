@@ -104,7 +104,8 @@ fn webrtc_caller_is_listed() {
     assert_eq!(c["webrtcLegs"], 1);
 }
 
-/// `/calls` needs the API key: none or a wrong one is 401; a bad `limit` is 400.
+/// `/calls` needs the API key: none or a wrong one is 401; a bad `limit` or `all` is 400, and
+/// `all=1` without shared records too.
 #[test]
 fn needs_the_api_key_and_a_valid_limit() {
     let relay = Relay::start(&["--api-key", "k"]);
@@ -113,6 +114,13 @@ fn needs_the_api_key_and_a_valid_limit() {
     for bad in ["0", "1001", "x", "-3"] {
         assert_error(&relay.request("GET", &format!("/calls?limit={bad}"), &[KEY], None), 400);
     }
+    for bad in ["all=2", "all=yes"] {
+        assert_error(&relay.request("GET", &format!("/calls?{bad}"), &[KEY], None), 400);
+    }
+    // Every node's calls come from shared records: without --records-url, a 400 that says so.
+    let r = relay.request("GET", "/calls?all=1", &[KEY], None);
+    assert_error(&r, 400);
+    assert!(r.text().contains("--records-url"), "{}", r.text());
     let empty = calls(&relay, "");
     assert_eq!(empty["total"], 0);
     assert_eq!(empty["truncated"], false);

@@ -1,5 +1,7 @@
 //! `GET /calls`: this node's live calls, gathered from every core through the mesh (each core
-//! answers from its own state, the oldest `limit` at most) and merged into one bounded list.
+//! answers from its own state, the oldest `limit` at most) and merged into one bounded list; with
+//! `?all=1` and a shared records database (`--records-url`), every node's calls that have not
+//! ended, from their records.
 //!
 //! Invariant: never blocks a core (one read of each core's state, no input, no wait on a full
 //! queue) and never shows a secret (no access token, no stream parameter, only ids, kinds, states
@@ -16,6 +18,11 @@ use serde_json::{json, Value};
 
 use crate::api::params;
 use crate::error::{json_response, ApiError};
+use crate::records::{Records, StoredCall};
+
+/// How far back `?all=1` looks for calls that have not ended: a record whose node died before it
+/// could end it stays without an end, and is not listed after this long.
+pub const CLUSTER_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Calls listed when the request names no `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -37,15 +44,73 @@ pub fn limit(query: Option<&str>) -> Result<usize, ApiError> {
     }
 }
 
-/// `GET /calls[?limit=]`.
+/// Whether the request asks for every node's calls (`all=1` or `all=true`).
 ///
 /// # Errors
-/// 400 for a bad `limit`.
-pub async fn list(core: &CoreHandle, request: &Request) -> Result<Response<Bytes>, ApiError> {
-    let limit = limit(request.head.uri.query())?;
-    let answers = core.calls(limit).await;
+/// 400 for another value.
+pub fn all(query: Option<&str>) -> Result<bool, ApiError> {
+    match params::query(query, "all").as_deref() {
+        None | Some("0" | "false") => Ok(false),
+        Some("1" | "true") => Ok(true),
+        Some(_) => Err(ApiError::bad_request("all must be 1, true, 0 or false")),
+    }
+}
+
+/// `GET /calls[?limit=][&all=1]`.
+///
+/// # Errors
+/// 400 for a bad `limit` or `all`, or `all=1` without a shared records database; 503 when that
+/// database cannot be read.
+pub async fn list(core: &CoreHandle, records: &Records, request: &Request) -> Result<Response<Bytes>, ApiError> {
+    let query = request.head.uri.query();
+    let limit = limit(query)?;
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    if all(query)? {
+        if records.shared().is_none() {
+            return Err(ApiError::bad_request(
+                "all=1 lists every node's calls from the shared records: start the relay with --records-url",
+            ));
+        }
+        let since_ms = now_ms.saturating_sub(CLUSTER_WINDOW.as_millis() as u64);
+        let records = records.clone();
+        let (calls, total) = core
+            .blocking(move || records.live(since_ms, limit))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the records database: {e}")))?;
+        return Ok(json_response(StatusCode::OK, &render_cluster(&calls, total, limit, now_ms, core.node_id())));
+    }
+    let answers = core.calls(limit).await;
     Ok(json_response(StatusCode::OK, &render(answers, limit, now_ms, core.node_id())))
+}
+
+/// The `?all=1` answer: every node's calls that have not ended, from their records.
+pub fn render_cluster(calls: &[StoredCall], total: u64, limit: usize, now_ms: u64, node: &str) -> Value {
+    let listed: Vec<Value> = calls
+        .iter()
+        .map(|c| {
+            let started_ms = c.start_ms.unwrap_or(c.created_ms);
+            json!({
+                "id": c.id,
+                "node": c.node,
+                "status": c.status,
+                "direction": c.direction,
+                "projectId": c.project_id,
+                "startedAt": iso(started_ms),
+                "startedAtMs": started_ms,
+                "durationMs": now_ms.saturating_sub(started_ms),
+            })
+        })
+        .collect();
+    json!({
+        "scope": "cluster",
+        "node": node,
+        "generatedAt": iso(now_ms),
+        "generatedAtMs": now_ms,
+        "total": total,
+        "limit": limit,
+        "truncated": (listed.len() as u64) < total,
+        "calls": listed,
+    })
 }
 
 /// The answer from every core's reply: the oldest `limit` calls of all cores (by start time, then
@@ -129,6 +194,16 @@ mod tests {
             listeners: 0,
             webrtc_legs: 0,
         }
+    }
+
+    /// `all` takes 1/true/0/false (absent: this node only); anything else is a 400.
+    #[test]
+    fn all_is_a_flag() {
+        assert!(!all(None).unwrap());
+        assert!(all(Some("all=1")).unwrap());
+        assert!(all(Some("limit=3&all=true")).unwrap());
+        assert!(!all(Some("all=0")).unwrap());
+        assert_eq!(all(Some("all=yes")).unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 
     /// `limit` defaults to 100, takes 1 to 1000, and anything else is a 400.

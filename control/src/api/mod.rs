@@ -77,7 +77,7 @@ impl Service {
             Route::OpenApi => respond(Ok(openapi::openapi_json())),
             Route::Docs => respond(Ok(openapi::docs())),
             Route::Console => respond(Ok(console::page())),
-            Route::Calls => respond(calls_list::list(core, request).await),
+            Route::Calls => respond(calls_list::list(core, &self.records, request).await),
             Route::StartCall => respond(session::start_call(core, request).await),
             Route::StopCall => respond(session::stop_call(core, request).await),
             Route::Mute => respond(session::set_microphone(core, request, false).await),
