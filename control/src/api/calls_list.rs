@@ -4,7 +4,7 @@
 //! ended, from their records.
 //!
 //! Invariant: never blocks a core (one read of each core's state, no input, no wait on a full
-//! queue) and never shows a secret (no access token, no stream parameter, only ids, kinds, states
+//! queue; the merge and the JSON on the blocking pool) and never shows a secret (no access token, no stream parameter, only ids, kinds, states
 //! and counts).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -72,15 +72,22 @@ pub async fn list(core: &CoreHandle, records: &Records, request: &Request) -> Re
             ));
         }
         let since_ms = now_ms.saturating_sub(CLUSTER_WINDOW.as_millis() as u64);
-        let records = records.clone();
-        let (calls, total) = core
-            .blocking(move || records.live(since_ms, limit))
+        let (records, node) = (records.clone(), core.node_id().to_owned());
+        return core
+            .blocking(move || {
+                let (calls, total) = records.live(since_ms, limit)?;
+                Ok(json_response(StatusCode::OK, &render_cluster(&calls, total, limit, now_ms, &node)))
+            })
             .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the records database: {e}")))?;
-        return Ok(json_response(StatusCode::OK, &render_cluster(&calls, total, limit, now_ms, core.node_id())));
+            .map_err(|e: crate::records::Error| {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the records database: {e}"))
+            });
     }
     let answers = core.calls(limit).await;
-    Ok(json_response(StatusCode::OK, &render(answers, limit, now_ms, core.node_id())))
+    // Merging and serializing up to 1000 calls takes milliseconds: on the blocking pool, so the
+    // core that took the request goes on moving its calls' frames meanwhile.
+    let node = core.node_id().to_owned();
+    Ok(core.blocking(move || json_response(StatusCode::OK, &render(answers, limit, now_ms, &node))).await)
 }
 
 /// The `?all=1` answer: every node's calls that have not ended, from their records.
