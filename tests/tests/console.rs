@@ -110,6 +110,15 @@ fn console_drives_a_real_call() {
     if let Some(dir) = std::env::var_os("RELAY_CONSOLE_SCREENSHOTS") {
         let png = page.screenshot().expect("screenshot");
         std::fs::write(std::path::Path::new(&dir).join("console.png"), png).expect("write the screenshot");
+        // And as a phone shows it (390 CSS pixels wide).
+        let phone = serde_json::json!({ "width": 390, "height": 1600, "deviceScaleFactor": 1, "mobile": true });
+        page.call("Emulation.setDeviceMetricsOverride", phone).expect("phone metrics");
+        // Two animation frames: the page is laid out and painted at the new width.
+        page.eval("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
+            .expect("a frame");
+        let png = page.screenshot().expect("screenshot");
+        std::fs::write(std::path::Path::new(&dir).join("console-phone.png"), png).expect("write the screenshot");
+        page.call("Emulation.clearDeviceMetricsOverride", serde_json::json!({})).expect("metrics back");
     }
 
     // Stop ends the call; its record appears.
