@@ -1,7 +1,8 @@
 //! Headless Chromium for the end-to-end browser tests: serves `tests/browser/webrtc.html` (or the
 //! seeds' own web client, `tests/browser/seed.html`) from a
 //! tiny loopback HTTP server, opens it in a fresh headless Chromium and returns the JSON result the
-//! page reports (WHIP/WHEP statuses, ICE state, energy of the audio it heard).
+//! page reports (WHIP/WHEP statuses, ICE state, energy of the audio it heard). [`DevTools`] drives
+//! a page the relay serves itself (the console) over Chromium's DevTools protocol instead.
 //!
 //! Invariant: every wait is bounded, and when [`run_page`] returns Chromium (its whole process
 //! group) has been killed and its temporary profile removed.
