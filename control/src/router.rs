@@ -72,6 +72,10 @@ pub enum Route {
     OpenApi,
     /// `GET /docs`: the HTML page rendering it.
     Docs,
+    /// `GET /calls`: this node's live calls.
+    Calls,
+    /// `GET /console`: the operator's page (public: it holds no data, its API calls carry the key).
+    Console,
 }
 
 /// Why a request has no route.
@@ -123,6 +127,8 @@ static TABLE: &[Entry] = &[
     Entry { path: "/end-call", methods: &[(Method::POST, Route::EndCall)], allow: POST },
     Entry { path: "/openapi.json", methods: &[(Method::GET, Route::OpenApi)], allow: GET },
     Entry { path: "/docs", methods: &[(Method::GET, Route::Docs)], allow: GET },
+    Entry { path: "/calls", methods: &[(Method::GET, Route::Calls)], allow: GET },
+    Entry { path: "/console", methods: &[(Method::GET, Route::Console)], allow: GET },
 ];
 
 /// The route for `method` on `path`. `HEAD` is served wherever `GET` is.

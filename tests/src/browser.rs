@@ -1,7 +1,8 @@
 //! Headless Chromium for the end-to-end browser tests: serves `tests/browser/webrtc.html` (or the
 //! seeds' own web client, `tests/browser/seed.html`) from a
 //! tiny loopback HTTP server, opens it in a fresh headless Chromium and returns the JSON result the
-//! page reports (WHIP/WHEP statuses, ICE state, energy of the audio it heard).
+//! page reports (WHIP/WHEP statuses, ICE state, energy of the audio it heard). [`DevTools`] drives
+//! a page the relay serves itself (the console) over Chromium's DevTools protocol instead.
 //!
 //! Invariant: every wait is bounded, and when [`run_page`] returns Chromium (its whole process
 //! group) has been killed and its temporary profile removed.
@@ -136,7 +137,7 @@ pub fn run_named_page(page: &str, query: &str, timeout: Duration) -> Result<Valu
     }
     let url = server.url_of(page, &query);
 
-    let mut browser = Browser::launch(&chromium, &url)?;
+    let mut browser = Browser::launch(&chromium, &url, &[])?;
     let deadline = Instant::now() + timeout;
     let body = loop {
         if let Some(body) = server.try_result() {
@@ -260,10 +261,10 @@ struct Stderr {
 }
 
 impl Browser {
-    fn launch(chromium: &Path, url: &str) -> Result<Self, String> {
+    fn launch(chromium: &Path, url: &str, extra: &[&str]) -> Result<Self, String> {
         let profile = temp_profile().map_err(|e| format!("chromium profile directory: {e}"))?;
         let mut cmd = Command::new(chromium);
-        cmd.args(CHROMIUM_FLAGS).arg(format!("--user-data-dir={}", profile.display())).arg(url);
+        cmd.args(CHROMIUM_FLAGS).args(extra).arg(format!("--user-data-dir={}", profile.display())).arg(url);
         // Chromium writes outside its profile too (crashpad's database under ~/.config, PulseAudio
         // and dconf state): point those at the profile, which is removed afterwards.
         cmd.env("HOME", &profile)
@@ -415,4 +416,165 @@ fn temp_profile() -> io::Result<PathBuf> {
 
 fn executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A page open in headless Chromium, driven over the DevTools protocol (a WebSocket to the page
+/// target): evaluate script in it, take screenshots. For pages served by the relay itself (the
+/// console), which cannot post results to the harness.
+pub struct DevTools {
+    browser: Browser,
+    socket: tungstenite::WebSocket<TcpStream>,
+    next_id: u64,
+}
+
+/// How long the DevTools endpoint may take to appear after launch, and a command to answer.
+const DEVTOOLS_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl DevTools {
+    /// Opens `url` in a fresh headless Chromium (a `width`×`height` window) with its DevTools
+    /// endpoint on a free loopback port, and connects to the page.
+    ///
+    /// # Errors
+    /// When Chromium is missing or does not start, or its page target does not appear in time.
+    pub fn open(url: &str, width: u32, height: u32) -> Result<Self, String> {
+        let chromium = chromium_path().ok_or("chromium not found: run scripts/deps-browser or set CHROMIUM_BIN")?;
+        let size = format!("--window-size={width},{height}");
+        let mut browser = Browser::launch(&chromium, url, &["--remote-debugging-port=0", &size])?;
+        let deadline = Instant::now() + DEVTOOLS_TIMEOUT;
+        // Chromium writes the port it bound to the profile's DevToolsActivePort once it listens.
+        let port: u16 = loop {
+            let file = std::fs::read_to_string(browser.profile.join("DevToolsActivePort")).unwrap_or_default();
+            if let Some(port) = file.lines().next().and_then(|l| l.trim().parse().ok()) {
+                break port;
+            }
+            if let Some(status) = browser.exited() {
+                return Err(format!("chromium exited with {status}; stderr:\n{}", browser.stderr()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no DevTools port within {DEVTOOLS_TIMEOUT:?}; stderr:\n{}", browser.stderr()));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        };
+        let target = loop {
+            let list = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/json/list").unwrap_or_default();
+            let targets: Value = serde_json::from_str(&list).unwrap_or(Value::Null);
+            let page = targets.as_array().and_then(|t| {
+                t.iter()
+                    .find(|t| t["type"] == "page")
+                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
+            });
+            if let Some(page) = page {
+                break page;
+            }
+            if Instant::now() >= deadline {
+                browser.kill();
+                return Err(format!("no page target within {DEVTOOLS_TIMEOUT:?}: {list}"));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        };
+        let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("devtools connect: {e}"))?;
+        stream.set_read_timeout(Some(DEVTOOLS_TIMEOUT)).map_err(|e| e.to_string())?;
+        let (socket, _) =
+            tungstenite::client(target.as_str(), stream).map_err(|e| format!("devtools handshake: {e}"))?;
+        Ok(Self { browser, socket, next_id: 1 })
+    }
+
+    /// Runs DevTools command `method` with `params` and returns its `result`.
+    ///
+    /// # Errors
+    /// When the socket fails, or the command answers an error.
+    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let message = serde_json::json!({ "id": id, "method": method, "params": params }).to_string();
+        self.socket.send(tungstenite::Message::text(message)).map_err(|e| format!("devtools send: {e}"))?;
+        loop {
+            let message = self.socket.read().map_err(|e| format!("devtools read: {e}"))?;
+            let tungstenite::Message::Text(text) = message else { continue };
+            let v: Value = serde_json::from_str(&text).map_err(|e| format!("devtools json: {e}"))?;
+            if v["id"] == id {
+                if !v["error"].is_null() {
+                    return Err(format!("{method}: {}", v["error"]));
+                }
+                return Ok(v["result"].clone());
+            }
+        }
+    }
+
+    /// Evaluates `expression` in the page (awaiting a promise) and returns its value as JSON.
+    ///
+    /// # Errors
+    /// When the call fails or the expression throws.
+    pub fn eval(&mut self, expression: &str) -> Result<Value, String> {
+        let params = serde_json::json!({ "expression": expression, "returnByValue": true, "awaitPromise": true });
+        let r = self.call("Runtime.evaluate", params)?;
+        if let Some(e) = r.get("exceptionDetails") {
+            return Err(format!("{expression}: {e}"));
+        }
+        Ok(r["result"]["value"].clone())
+    }
+
+    /// Evaluates `expression` every 50 ms until it returns something other than `null`/`false`
+    /// (an expression that throws, e.g. while the page still loads, counts as not yet).
+    ///
+    /// # Errors
+    /// When it does not within `limit` (the message says `what` and the last exception).
+    pub fn wait_for(&mut self, what: &str, expression: &str, limit: Duration) -> Result<Value, String> {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        loop {
+            match self.eval(expression) {
+                Ok(v) if !v.is_null() && v != Value::Bool(false) => return Ok(v),
+                Ok(_) => {}
+                Err(e) => last = Some(e),
+            }
+            if Instant::now() >= deadline {
+                let console = self.browser.console();
+                return Err(format!(
+                    "timed out after {limit:?} waiting for {what} (last error {last:?}); console: {console:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A PNG screenshot of the page's viewport.
+    ///
+    /// # Errors
+    /// When the capture fails.
+    pub fn screenshot(&mut self) -> Result<Vec<u8>, String> {
+        use base64::Engine as _;
+        let r = self.call("Page.captureScreenshot", serde_json::json!({ "format": "png" }))?;
+        let data = r["data"].as_str().ok_or("no screenshot data")?;
+        base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| e.to_string())
+    }
+
+    /// The browser's console messages so far.
+    pub fn console(&self) -> Vec<String> {
+        self.browser.console()
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback, for Chromium's DevTools listing.
+fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, CONN_TIMEOUT)?;
+    stream.set_read_timeout(Some(CONN_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    // Chromium may keep the connection open: read the head, then exactly Content-Length bytes.
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0; length.min(MAX_BODY_BYTES)];
+    reader.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }

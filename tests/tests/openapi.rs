@@ -225,3 +225,18 @@ fn normalize(template: &str) -> String {
 fn example_path(template: &str) -> String {
     normalize(template).replace("{}", "p1")
 }
+
+/// `GET /calls` is documented with the API key, its bounded `limit` and its `CallList` answer;
+/// `GET /console` is documented as public.
+#[test]
+fn document_states_calls_and_console() {
+    let doc: Value = serde_json::from_str(relay_control::api::openapi::SOURCE).expect("the document is JSON");
+    let calls = &doc["paths"]["/calls"]["get"];
+    assert!(calls.get("security").is_none(), "/calls takes the API key (the default security)");
+    let limit = calls["parameters"].as_array().and_then(|p| p.iter().find(|p| p["name"] == "limit")).expect("limit");
+    assert_eq!(limit["schema"]["maximum"], 1000);
+    assert_eq!(calls["responses"]["401"]["$ref"], "#/components/responses/Unauthorized");
+    let list = &doc["components"]["schemas"]["CallList"];
+    assert!(list["required"].as_array().is_some_and(|r| r.contains(&Value::from("truncated"))), "{list}");
+    assert_eq!(doc["paths"]["/console"]["get"]["security"], serde_json::json!([]));
+}

@@ -271,3 +271,42 @@ fn signed_caller(relay: &Relay, sid: &str, params: &[(&str, &str)]) -> TwilioCal
     all.extend_from_slice(params);
     TwilioCaller::greet(peer, sid, &all)
 }
+
+/// `GET /calls?all=1` on any node lists every node's calls that have not ended, from the shared
+/// records, each with the node that serves it; a call that ends leaves the list.
+#[test]
+fn every_node_lists_every_live_call() {
+    let pg = Postgres::start();
+    let url = pg.url();
+    let n1 = node(&url, "n1", &[]);
+    let n2 = node(&url, "n2", &[]);
+    let c1 = TwilioCaller::start(&n1, "CAlive1", &[]);
+    let c2 = TwilioCaller::start(&n2, "CAlive2", &[]);
+    c1.send_audio(&frames(1, 0..5));
+    c2.send_audio(&frames(2, 0..5));
+    let live = |relay: &Relay| -> Vec<(String, String)> {
+        let v = ok_json(relay, "/calls?all=1");
+        assert_eq!(v["scope"], "cluster", "{v}");
+        let calls = v["calls"].as_array().cloned().unwrap_or_default();
+        calls
+            .iter()
+            .map(|c| (c["id"].as_str().unwrap_or("").to_owned(), c["node"].as_str().unwrap_or("").to_owned()))
+            .collect()
+    };
+    let both = vec![("CAlive1".to_owned(), "n1".to_owned()), ("CAlive2".to_owned(), "n2".to_owned())];
+    for relay in [&n1, &n2] {
+        poll_until("both nodes' live calls", || {
+            let mut calls = live(relay);
+            calls.sort();
+            (calls == both).then_some(())
+        });
+    }
+    // This node's own list is still its own calls only.
+    let local = ok_json(&n1, "/calls");
+    assert_eq!(local["total"], 1, "{local}");
+    c2.stop();
+    c2.wait_closed();
+    poll_until("the ended call to leave the list", || {
+        (live(&n1) == vec![("CAlive1".to_owned(), "n1".to_owned())]).then_some(())
+    });
+}

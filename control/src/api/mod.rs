@@ -5,6 +5,8 @@
 
 pub mod analytics;
 pub mod calls;
+pub mod calls_list;
+pub mod console;
 pub mod handover;
 pub mod openapi;
 pub mod ops;
@@ -74,6 +76,8 @@ impl Service {
             }
             Route::OpenApi => respond(Ok(openapi::openapi_json())),
             Route::Docs => respond(Ok(openapi::docs())),
+            Route::Console => respond(Ok(console::page())),
+            Route::Calls => respond(calls_list::list(core, &self.records, request).await),
             Route::StartCall => respond(session::start_call(core, request).await),
             Route::StopCall => respond(session::stop_call(core, request).await),
             Route::Mute => respond(session::set_microphone(core, request, false).await),
@@ -143,6 +147,7 @@ impl Service {
                 | Route::HealthReady
                 | Route::OpenApi
                 | Route::Docs
+                | Route::Console
                 | Route::Events
                 | Route::FrontendStream
                 | Route::Whip

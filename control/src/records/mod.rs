@@ -653,6 +653,19 @@ impl Records {
         Ok(out)
     }
 
+    /// Every node's calls created since `since_ms` that have not ended, oldest first, at most
+    /// `limit`, and how many there are: the shared database only (the embedded one holds this
+    /// node's calls, which `GET /calls` lists from the cores themselves).
+    ///
+    /// # Errors
+    /// When the records are not shared, or the database cannot be read.
+    pub fn live(&self, since_ms: u64, limit: usize) -> Result<(Vec<StoredCall>, u64), Error> {
+        match &self.backend {
+            Backend::Postgres(pool) => pool.live(since_ms, limit),
+            Backend::Redb(_) => Err(Error::Database("the records are not shared (no --records-url)".to_owned())),
+        }
+    }
+
     /// The stored record of call `id`.
     ///
     /// # Errors

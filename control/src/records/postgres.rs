@@ -278,6 +278,31 @@ impl Pool {
         Ok(rows.iter().filter_map(|row| parse_call(row.get(0))).collect())
     }
 
+    /// Calls of every node created since `since_ms` that have not ended (no end time, no final
+    /// status), oldest first, at most `limit`, and how many there are.
+    ///
+    /// No index serves this (the schema has none on `created_ms` alone): the database reads the
+    /// rows created since `since_ms`.
+    ///
+    /// # Errors
+    /// When the database cannot be read.
+    pub fn live(&self, since_ms: u64, limit: usize) -> Result<(Vec<StoredCall>, u64), Error> {
+        let since = i64::try_from(since_ms).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.with(|c| {
+            c.query(
+                "SELECT record, count(*) OVER () FROM relay_calls
+                 WHERE created_ms >= $1 AND record->>'endMs' IS NULL
+                   AND coalesce(record->>'status', '') NOT IN ('completed', 'busy', 'failed', 'no-answer', 'canceled')
+                 ORDER BY created_ms, id LIMIT $2",
+                &[&since, &limit],
+            )
+            .map_err(pg)
+        })?;
+        let total = rows.first().map_or(0, |row| u64::try_from(row.get::<_, i64>(1)).unwrap_or(0));
+        Ok((rows.iter().filter_map(|row| parse_call(row.get(0))).collect(), total))
+    }
+
     /// The stored record of call `id`.
     ///
     /// # Errors

@@ -325,6 +325,118 @@ pub enum Reply {
     RtcEnded,
     /// Answer to [`Command::Admit`]: the core takes legs of this call.
     Admitted,
+    /// A core's live calls (the answer to a listing request, not to a session command).
+    Calls(Box<CoreCalls>),
+}
+
+/// What kind of caller a live call has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerKind {
+    /// None yet (a session started by `/start-call` whose caller has not connected).
+    None,
+    /// A Twilio Media Stream.
+    Twilio,
+    /// A WebRTC peer (WHIP `role=caller`).
+    Webrtc,
+}
+
+impl CallerKind {
+    /// The name `GET /calls` uses (`none`, `twilio`, `webrtc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Twilio => "twilio",
+            Self::Webrtc => "webrtc",
+        }
+    }
+}
+
+/// What kind of agent a live call has, and where its leg stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentKind {
+    /// No agent leg (none configured, none dialled yet, or it failed).
+    None,
+    /// A Twilio-protocol bot the relay dials.
+    Bot,
+    /// An OpenAI-Realtime server the relay dials.
+    Realtime,
+    /// A WebRTC peer (WHIP `role=agent`, e.g. a supervisor).
+    Webrtc,
+}
+
+impl AgentKind {
+    /// The name `GET /calls` uses (`none`, `bot`, `realtime`, `webrtc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Bot => "bot",
+            Self::Realtime => "realtime",
+            Self::Webrtc => "webrtc",
+        }
+    }
+}
+
+/// Where a call's agent leg stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    /// No agent leg.
+    None,
+    /// Being dialled.
+    Connecting,
+    /// Connected.
+    Open,
+    /// Said goodbye; the call ends once its audio has played.
+    Finished,
+}
+
+impl AgentState {
+    /// The name `GET /calls` uses (`none`, `connecting`, `open`, `finished`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Connecting => "connecting",
+            Self::Open => "open",
+            Self::Finished => "finished",
+        }
+    }
+}
+
+/// One live call as a core sees it (`GET /calls`): no secret, only state and counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSummary {
+    /// The call (session) id.
+    pub id: SessionId,
+    /// Its caller.
+    pub caller: CallerKind,
+    /// Whether the caller is connected (a Twilio stream, or a WebRTC caller whose ICE and DTLS are up).
+    pub connected: bool,
+    /// Its agent.
+    pub agent: AgentKind,
+    /// Where the agent leg stands.
+    pub agent_state: AgentState,
+    /// When the session began, ms since the epoch.
+    pub started_ms: u64,
+    /// Frames in, out and dropped on the caller and agent legs.
+    pub counts: crate::session::CallCounts,
+    /// Whether the microphone is unmuted.
+    pub microphone_enabled: bool,
+    /// The custom stream the agent hears instead of the microphone, if any.
+    pub custom_stream: Option<StreamId>,
+    /// Listeners attached (`/ws`, `/frontend-stream`).
+    pub listeners: usize,
+    /// WebRTC legs (WHIP and WHEP peers).
+    pub webrtc_legs: usize,
+}
+
+/// One core's live calls: the oldest first, at most the limit asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreCalls {
+    /// The core.
+    pub core: crate::id::CoreId,
+    /// Live calls on the core, listed or not.
+    pub total: usize,
+    /// The calls listed (the oldest `limit`, by start time then id).
+    pub calls: Vec<CallSummary>,
 }
 
 /// `/call-status` fields.

@@ -662,6 +662,9 @@ impl CoreState {
             (Role::CallerPending, twilio::Message::Start(start)) => self.caller_started(now, &id, conn, start),
             (Role::Caller, twilio::Message::Media(media)) => {
                 self.stats.frames_in.add(LegKind::Caller, 1);
+                if let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) {
+                    session.counts.caller.frames_in += 1;
+                }
                 self.route_caller_audio(now, &id, &media);
             }
             (Role::Caller, twilio::Message::Dtmf(dtmf)) => self.route_dtmf(now, &id, dtmf.digit),
@@ -712,6 +715,7 @@ impl CoreState {
                 Pending::Media { payload, samples, chunk, timestamp_ms } => {
                     let Some((_, t)) = session.agent_media_msg(&payload, samples, chunk, timestamp_ms) else { break };
                     self.stats.frames_out.add(LegKind::Bot, 1);
+                    session.counts.agent.frames_out += 1;
                     t
                 }
                 Pending::Dtmf(digit) => {
@@ -742,6 +746,7 @@ impl CoreState {
             }
             Ok(twilio::Message::Media(m)) => {
                 self.stats.frames_in.add(LegKind::Bot, 1);
+                session.counts.agent.frames_in += 1;
                 push_split(&mut session.pacer, now.instant, m.payload, m.samples)
             }
             Ok(twilio::Message::Mark(m)) => session.pacer.push_mark(now.instant, m.name),
@@ -756,6 +761,7 @@ impl CoreState {
         };
         if result.is_err() {
             self.stats.pacer_drops += 1;
+            session.counts.caller.dropped += 1;
         }
         self.drain_pacer(now, &id);
         self.schedule(now, &id);
@@ -926,6 +932,15 @@ impl CoreState {
             Some(kind) => self.stats.dropped.add(kind, count),
             None => self.stats.dropped_unattached += count,
         }
+        if let Some((id, role)) = self.conns.get(&conn) {
+            if let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) {
+                match role {
+                    Role::Caller | Role::CallerPending => session.counts.caller.dropped += count,
+                    Role::Agent => session.counts.agent.dropped += count,
+                    Role::Listener => {}
+                }
+            }
+        }
     }
 
     /// What socket `conn` is to its call, if it is attached.
@@ -946,6 +961,69 @@ impl CoreState {
                 _ => LegKind::Events,
             },
         })
+    }
+
+    /// This core's live calls for `GET /calls`: the oldest `limit` (by start time, then id) and how
+    /// many there are. Visits every session once; allocates only for the calls listed.
+    pub fn calls(&self, limit: usize) -> (Vec<command::CallSummary>, usize) {
+        use command::{AgentKind, AgentState, CallSummary, CallerKind};
+        let mut live: Vec<(u64, &SessionId, &Slot)> = self
+            .slots
+            .iter()
+            .filter_map(|(id, slot)| slot.session.as_ref().map(|s| (s.started_ms, id, slot)))
+            .collect();
+        let total = live.len();
+        if limit < live.len() {
+            live.select_nth_unstable_by(limit, |a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            live.truncate(limit);
+        }
+        live.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let calls = live
+            .into_iter()
+            .filter_map(|(_, id, slot)| {
+                let session = slot.session.as_ref()?;
+                let caller = if session.caller.is_some() {
+                    CallerKind::Twilio
+                } else if session.leg(&command::RtcRole::Caller).is_some() {
+                    CallerKind::Webrtc
+                } else {
+                    CallerKind::None
+                };
+                let (agent, agent_state) = match &session.agent {
+                    Agent::None => (AgentKind::None, AgentState::None),
+                    Agent::Peer(_) => (AgentKind::Webrtc, AgentState::Open),
+                    other => {
+                        let kind = match session.agent_protocol {
+                            AgentProtocol::Realtime => AgentKind::Realtime,
+                            AgentProtocol::Twilio | AgentProtocol::RetellLlm => AgentKind::Bot,
+                        };
+                        let state = match other {
+                            Agent::Connecting { .. } => AgentState::Connecting,
+                            Agent::Finished => AgentState::Finished,
+                            _ => AgentState::Open,
+                        };
+                        (kind, state)
+                    }
+                };
+                Some(CallSummary {
+                    id: id.clone(),
+                    caller,
+                    connected: session.is_connected(),
+                    agent,
+                    agent_state,
+                    started_ms: session.started_ms,
+                    counts: session.counts,
+                    microphone_enabled: session.microphone_enabled(),
+                    custom_stream: match session.source() {
+                        crate::session::Source::Custom(s) => Some(s.clone()),
+                        crate::session::Source::Microphone => None,
+                    },
+                    listeners: slot.listeners.len(),
+                    webrtc_legs: session.legs.len(),
+                })
+            })
+            .collect();
+        (calls, total)
     }
 
     /// How much waits in this core's queues now. Visits every session: for a periodic gauge, not
@@ -970,7 +1048,8 @@ impl CoreState {
         self.conns.get(&conn).map(|(id, _)| id)
     }
 
-    fn create(&mut self, now: Now, id: &SessionId, session: Session) {
+    fn create(&mut self, now: Now, id: &SessionId, mut session: Session) {
+        session.started_ms = now.unix_ms;
         let slot = self.slots.entry(id.clone()).or_default();
         if slot.waiting_since.take().is_some() {
             self.waiting -= 1;
@@ -1166,6 +1245,9 @@ impl CoreState {
                         &slot.listeners,
                         &payload,
                     );
+                    if caller_conn.is_some() {
+                        session.counts.caller.frames_out += 1;
+                    }
                     // A Realtime agent's delta fully released: the caller gets its mark after it.
                     if let Some(caller) = &session.caller {
                         while let Some(name) = session.realtime.heard.poll_mark(session.pacer.released_samples()) {

@@ -46,11 +46,16 @@ impl CoreState {
         if let Some(first) = first_message.as_deref() {
             self.send(conn, realtime::greeting(first));
         }
+        let mut sent = 0;
         for item in backlog {
             if let Pending::Media { payload, .. } = item {
                 self.stats.frames_out.add(super::LegKind::Realtime, 1);
                 self.send(conn, realtime::append(&payload));
+                sent += 1;
             }
+        }
+        if let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) {
+            session.counts.agent.frames_out += sent;
         }
         self.broadcast(now, id, RetellEvent::CallReady, json!({ "agent": "connected" }));
     }
@@ -141,6 +146,7 @@ impl CoreState {
         };
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
         self.stats.frames_in.add(super::LegKind::Realtime, 1);
+        session.counts.agent.frames_in += 1;
         if session.realtime.interrupted.as_deref() == Some(item_id.as_str()) {
             // The caller talked over this item: the rest of it, already on its way when the model
             // heard the caller, is not played (nor counted as heard).
@@ -165,6 +171,7 @@ impl CoreState {
         let pushed = pushed.and_then(|()| session.pacer.push_mark(now.instant, realtime::mark_name(&item_id, end_ms)));
         if pushed.is_err() {
             self.stats.pacer_drops += 1;
+            session.counts.caller.dropped += 1;
         }
         self.drain_pacer(now, id);
         self.schedule(now, id);

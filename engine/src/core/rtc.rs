@@ -296,7 +296,13 @@ impl CoreState {
     fn peer_audio(&mut self, now: Now, peer: PeerId, seq: u64, rtp_time: u64, payload: Bytes) {
         let Some(id) = self.session_of_peer(peer) else { return };
         let Some(session) = self.slots.get_mut(&id).and_then(|s| s.session.as_mut()) else { return };
-        let Some(leg) = session.leg_mut(peer) else { return };
+        let counts = &mut session.counts;
+        let Some(leg) = session.legs.iter_mut().find(|l| l.peer == peer) else { return };
+        match leg.role {
+            RtcRole::Caller => counts.caller.frames_in += 1,
+            RtcRole::Agent => counts.agent.frames_in += 1,
+            RtcRole::Custom(_) | RtcRole::Listener => {}
+        }
         let Some(inbound) = leg.inbound.as_mut() else { return };
         // RTP timestamps are 32 bits on the wire and sequence numbers 16; the playout buffer
         // extends the one and only compares the other with its predecessor.
@@ -449,6 +455,9 @@ impl CoreState {
                     &slot.listeners,
                     &payload,
                 );
+                if caller.is_some() {
+                    session.counts.caller.frames_out += 1;
+                }
             }
         }
         self.agent_pcm(now, id, frame);
@@ -534,11 +543,13 @@ impl CoreState {
             }
             Agent::Open { conn, .. } if session.agent_protocol == crate::session::agent::AgentProtocol::Realtime => {
                 self.stats.frames_out.add(LegKind::Realtime, 1);
+                session.counts.agent.frames_out += 1;
                 self.outputs.push_back(Output::Send { conn: *conn, text: crate::proto::realtime::append(&payload) });
             }
             Agent::Open { .. } => {
                 if let Some((conn, text)) = session.agent_media_msg(&payload, samples, chunk, timestamp_ms) {
                     self.stats.frames_out.add(LegKind::Bot, 1);
+                    session.counts.agent.frames_out += 1;
                     self.outputs.push_back(Output::Send { conn, text });
                 }
             }
@@ -555,7 +566,8 @@ impl CoreState {
 
     fn encode_to_peer(&mut self, now: Now, id: &SessionId, peer: PeerId, frame: &Pcm) {
         let Some(session) = self.slots.get_mut(id).and_then(|s| s.session.as_mut()) else { return };
-        let Some(leg) = session.leg_mut(peer) else { return };
+        let counts = &mut session.counts;
+        let Some(leg) = session.legs.iter_mut().find(|l| l.peer == peer) else { return };
         if !leg.connected {
             return;
         }
@@ -565,6 +577,11 @@ impl CoreState {
         if let Some(rtc) = self.rtc.as_mut() {
             if rtc.endpoint.write_audio(now.instant, peer, &packet, WIRE_SAMPLES) {
                 self.stats.frames_out.add(LegKind::Webrtc, 1);
+                match leg.role {
+                    RtcRole::Caller => counts.caller.frames_out += 1,
+                    RtcRole::Agent => counts.agent.frames_out += 1,
+                    RtcRole::Custom(_) | RtcRole::Listener => {}
+                }
             }
         }
     }

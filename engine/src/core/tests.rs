@@ -297,3 +297,32 @@ fn draining_admits_calls_placed_before() {
     h.cmd("CA9", Command::Record(Box::new(done))).expect("record");
     assert_eq!(h.cmd("CA9", Command::Admit), Err(CommandError::Draining), "a call that is over is not admitted");
 }
+
+/// `calls` lists live sessions oldest first (start time, then id), at most `limit`, with the
+/// total; a stopped session leaves the list; mute and custom streams show.
+#[test]
+fn calls_lists_oldest_first_bounded() {
+    let mut h = Harness::new(Limits::default());
+    for (i, id) in ["c", "a", "b"].iter().enumerate() {
+        h.ms = i as u64 * 10;
+        h.cmd(id, start("t")).unwrap();
+    }
+    h.ms = 20;
+    h.cmd("d", start("t")).unwrap();
+    let (calls, total) = h.core.calls(3);
+    assert_eq!(total, 4);
+    let ids: Vec<&str> = calls.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["c", "a", "b"], "by start time, then id (b and d started together)");
+    assert_eq!(calls[0].started_ms, 1_700_000_000_000);
+    assert_eq!(calls[0].caller, command::CallerKind::None);
+    assert_eq!(calls[0].agent, command::AgentKind::None);
+    h.cmd("a", Command::SetMicrophone(false)).unwrap();
+    h.cmd("b", Command::SendCustomStream(StreamId::parse("s1").unwrap())).unwrap();
+    h.cmd("c", Command::Stop).unwrap();
+    let (calls, total) = h.core.calls(10);
+    assert_eq!(total, 3);
+    assert_eq!(calls.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["a", "b", "d"]);
+    assert!(!calls[0].microphone_enabled);
+    assert_eq!(calls[1].custom_stream.as_ref().map(StreamId::as_str), Some("s1"));
+    assert_eq!(h.core.calls(0).0.len(), 0);
+}

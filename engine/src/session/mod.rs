@@ -111,6 +111,26 @@ impl Agent {
     }
 }
 
+/// Audio frames of one leg of a call (the caller's or the agent's), as `GET /calls` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LegCounts {
+    /// Audio frames (Twilio `media` messages, Realtime deltas, RTP packets) received from the leg.
+    pub frames_in: u64,
+    /// Audio frames sent to the leg.
+    pub frames_out: u64,
+    /// Frames toward the leg the relay could not deliver (its socket's queue full, its pacer full).
+    pub dropped: u64,
+}
+
+/// A call's frame counts, by leg.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallCounts {
+    /// The caller (a Twilio stream or a WHIP `role=caller` peer).
+    pub caller: LegCounts,
+    /// The agent (a dialled bot or Realtime server, or a WHIP `role=agent` peer).
+    pub agent: LegCounts,
+}
+
 /// A live session.
 #[derive(Debug)]
 pub struct Session {
@@ -156,6 +176,10 @@ pub struct Session {
     /// When the agent's last frame played: an agent that goes quiet by sending nothing (a bot
     /// between replies, a muted browser) stops talking too.
     pub agent_heard_at: Option<std::time::Instant>,
+    /// When the session began (its start command or its caller's stream), ms since the epoch.
+    pub started_ms: u64,
+    /// Frames in, out and dropped on the caller and agent legs.
+    pub counts: CallCounts,
 }
 
 impl Session {
@@ -194,6 +218,8 @@ impl Session {
             agent_protocol: agent::AgentProtocol::Twilio,
             realtime: agent::RealtimeState::default(),
             agent_heard_at: None,
+            started_ms: 0,
+            counts: CallCounts::default(),
         }
     }
 
@@ -215,6 +241,11 @@ impl Session {
     /// Whether `/ws` carries raw agent samples.
     pub fn emit_raw_audio_samples(&self) -> bool {
         self.emit_raw_audio_samples
+    }
+
+    /// Whether the microphone is unmuted.
+    pub fn microphone_enabled(&self) -> bool {
+        self.microphone_enabled
     }
 
     /// What the agent hears now.

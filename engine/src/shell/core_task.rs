@@ -131,6 +131,31 @@ impl CoreHandle {
         if owner == self.0.id {
             return self.0.command(&session, command);
         }
+        let from = self.0.id;
+        self.request(owner, |request| CoreMessage::Command { from, request, session, command }).await
+    }
+
+    /// Every core's live calls (`GET /calls`), each core's oldest `limit` at most, asked of all
+    /// cores at once through the mesh and answered from each core's own state: a core that does
+    /// not answer in time (its queue full, or busy past `command_timeout`) is an `Err` in its
+    /// place, and the others are listed all the same.
+    pub async fn calls(&self, limit: usize) -> Vec<Result<crate::core::command::CoreCalls, CommandError>> {
+        let asks = (0..self.0.cores).map(CoreId).map(|core| async move {
+            if core == self.0.id {
+                return Ok(self.0.calls(limit));
+            }
+            let from = self.0.id;
+            match self.request(core, |request| CoreMessage::ListCalls { from, request, limit }).await {
+                Ok(Reply::Calls(calls)) => Ok(*calls),
+                Ok(_) => Err(CommandError::Internal),
+                Err(e) => Err(e),
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Sends the request `message` (made with its request number) to `core` and awaits its reply.
+    async fn request(&self, core: CoreId, message: impl FnOnce(u64) -> CoreMessage) -> Result<Reply, CommandError> {
         if self.0.pending.borrow().len() >= self.0.limits.mesh_capacity {
             return Err(CommandError::Busy);
         }
@@ -138,8 +163,7 @@ impl CoreHandle {
         self.0.next_request.set(request + 1);
         let (tx, rx) = oneshot::channel();
         self.0.pending.borrow_mut().insert(request, tx);
-        let message = CoreMessage::Command { from: self.0.id, request, session, command };
-        if self.0.send_to_core(owner, message).is_err() {
+        if self.0.send_to_core(core, message(request)).is_err() {
             self.0.pending.borrow_mut().remove(&request);
             return Err(CommandError::Busy);
         }
@@ -253,6 +277,12 @@ impl CoreShared {
         let now = clock::now();
         self.drive(Some(session), |state| state.handle_command(now, session, command))
             .unwrap_or(Err(CommandError::Internal))
+    }
+
+    /// This core's live calls, the oldest `limit` at most: a read of its state, no input.
+    pub(crate) fn calls(&self, limit: usize) -> crate::core::command::CoreCalls {
+        let (calls, total) = self.state.borrow().calls(limit);
+        crate::core::command::CoreCalls { core: self.id, total, calls }
     }
 
     /// Feeds one input to the core state, then drains and applies every output.

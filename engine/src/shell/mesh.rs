@@ -19,6 +19,8 @@ use crate::id::{CoreId, SessionId};
 pub(crate) enum CoreMessage {
     /// Run `command` on `session` (owned by the receiver) and reply to `from`.
     Command { from: CoreId, request: u64, session: SessionId, command: Command },
+    /// List the receiver's live calls (at most `limit`) and reply to `from` with `Reply::Calls`.
+    ListCalls { from: CoreId, request: u64, limit: usize },
     /// A connection whose WebSocket upgrade belongs to a session the receiver owns.
     Handoff(Box<Handoff>),
     /// Stands in for a message the mesh lost in an unexpected send error.
@@ -55,6 +57,10 @@ pub(crate) async fn receive_task<S: ControlService>(
         match message {
             CoreMessage::Command { from, request, session, command } => {
                 let result = shared.command(&session, command);
+                shared.reply_to_core(from, ReplyMessage { request, result });
+            }
+            CoreMessage::ListCalls { from, request, limit } => {
+                let result = Ok(Reply::Calls(Box::new(shared.calls(limit))));
                 shared.reply_to_core(from, ReplyMessage { request, result });
             }
             CoreMessage::Dropped => {}
