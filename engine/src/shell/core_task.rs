@@ -273,7 +273,7 @@ async fn work_task(shared: Rc<CoreShared>) {
         while let Some(work) = shared.work.pop() {
             match work {
                 Work::Dial { conn, session, target } => {
-                    glommio::spawn_local(agent::agent_task(shared.clone(), conn, session, target)).detach();
+                    glommio::spawn_local(agent::agent_task(shared.clone(), conn, session, *target)).detach();
                 }
                 Work::Tool(call) => {
                     glommio::spawn_local(tools::tool_task(shared.clone(), *call)).detach();

@@ -382,7 +382,7 @@ impl CoreShared {
                 }
             }
             Output::ConnectAgent { conn, session, url, bearer, header, .. } => {
-                let target = Dial { url, bearer, header };
+                let target = Box::new(Dial { url, bearer, header });
                 if let Err(work) = self.work.push(Work::Dial { conn, session, target }) {
                     return Applied::Refused(work);
                 }

@@ -28,7 +28,7 @@ pub(crate) struct Dial {
 /// One piece of work for the work task.
 pub(crate) enum Work {
     /// Dial an agent for leg `conn` of `session` and serve it (`agent::agent_task`).
-    Dial { conn: ConnectionId, session: SessionId, target: Dial },
+    Dial { conn: ConnectionId, session: SessionId, target: Box<Dial> },
     /// POST a tool call to the tools server (`tools::tool_task`).
     Tool(Box<ToolCall>),
 }
@@ -82,7 +82,7 @@ mod tests {
         Work::Dial {
             conn: ConnectionId(n),
             session: SessionId::parse("s").unwrap(),
-            target: Dial { url: AgentUrl::parse("ws://127.0.0.1:1/").unwrap(), bearer: None, header: None },
+            target: Box::new(Dial { url: AgentUrl::parse("ws://127.0.0.1:1/").unwrap(), bearer: None, header: None }),
         }
     }
 
