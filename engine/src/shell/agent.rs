@@ -11,21 +11,13 @@ use std::time::Duration;
 use base64::Engine as _;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
-use super::core_task::CoreShared;
+use super::outbox::Outbox;
+use super::shared::CoreShared;
 use super::tls::{Stream, TlsStream};
-use super::{clock, dial, ws};
+use super::work::Dial;
+use super::{clock, dial, socket, ws};
 use crate::id::{ConnectionId, SessionId};
 use crate::proto::ws::{check_answer, WsCodec};
-use crate::session::agent::AgentUrl;
-
-/// Where and how to dial an agent.
-pub(crate) struct Dial {
-    pub(crate) url: AgentUrl,
-    /// `Authorization: Bearer` for the upgrade request.
-    pub(crate) bearer: Option<crate::secret::Secret>,
-    /// One more header field for the upgrade request (the Realtime beta's `OpenAI-Beta`).
-    pub(crate) header: Option<(&'static str, &'static str)>,
-}
 
 /// Dials `target` for agent leg `conn` of `session`, then serves it until it ends.
 pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, session: SessionId, target: Dial) {
@@ -43,7 +35,7 @@ pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, sessi
     let now = shared.now();
     // The outbox is registered before the open, so the greeting the core sends on open (and the
     // caller audio held while dialling) reaches the socket.
-    let outbox = Rc::new(ws::Outbox::new(shared.coarse_now()));
+    let outbox = Rc::new(Outbox::new(shared.coarse_now()));
     outbox.set_media_leg();
     shared.register_outbox(conn, outbox.clone());
     let opened = shared.drive(Some(&session), |state| state.handle_agent_open(now, conn)).unwrap_or(false);
@@ -53,7 +45,7 @@ pub(crate) async fn agent_task(shared: Rc<CoreShared>, conn: ConnectionId, sessi
     } else {
         shared.remove_outbox(conn);
         let mut stream = stream;
-        super::tcp::close(&mut stream).await;
+        socket::close(&mut stream).await;
     }
     shared.connection_closed();
 }

@@ -1,51 +1,18 @@
-//! Messages between cores and the task that receives them. Every request carries its reply
-//! address (the sending core and a request number), as aquatic's meshes do.
+//! The tasks that receive messages from other cores (see `message.rs`): commands run here and
+//! answered, connections handed over and served, replies matched to their requests.
 //!
 //! Invariant: nothing here awaits a full queue: senders use `try_send_to` and shed on full.
 
-use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
 use glommio::channels::shared_channel::ConnectedReceiver;
 
-use super::core_task::CoreShared;
-
+use super::message::{CoreMessage, ReplyMessage};
+use super::service::ControlService;
+use super::shared::CoreShared;
 use super::tls::{Stream, TlsStream};
-use super::{handoff, tcp, ws, ControlService, Upgrade};
-use crate::core::command::{Command, CommandError, Reply};
-use crate::id::{CoreId, SessionId};
-
-/// A message from one core to another.
-pub(crate) enum CoreMessage {
-    /// Run `command` on `session` (owned by the receiver) and reply to `from`.
-    Command { from: CoreId, request: u64, session: SessionId, command: Command },
-    /// List the receiver's live calls (at most `limit`) and reply to `from` with `Reply::Calls`.
-    ListCalls { from: CoreId, request: u64, limit: usize },
-    /// A connection whose WebSocket upgrade belongs to a session the receiver owns.
-    Handoff(Box<Handoff>),
-    /// Stands in for a message the mesh lost in an unexpected send error.
-    Dropped,
-}
-
-/// The answer to request `request`, on the reply mesh.
-pub(crate) struct ReplyMessage {
-    pub(crate) request: u64,
-    pub(crate) result: Result<Reply, CommandError>,
-}
-
-/// A connection moving to its session's core, with the bytes already read from it.
-pub(crate) struct Handoff {
-    pub(crate) fd: OwnedFd,
-    /// The connection's TLS state, when it came in over TLS.
-    pub(crate) tls: Option<Box<super::tls::TlsState>>,
-    /// Bytes the client sent after its upgrade request (early WebSocket frames).
-    pub(crate) read_ahead: Vec<u8>,
-    pub(crate) upgrade: Upgrade,
-    /// The session, resolved by the sending core (from the request or the first frames).
-    pub(crate) session: SessionId,
-    /// Whether the 101 answer was already sent (callers): `read_ahead` then holds WebSocket frames.
-    pub(crate) upgraded: bool,
-}
+use super::{handoff, socket, ws};
+use crate::core::command::Reply;
 
 /// Receives messages from one peer core until the mesh closes.
 pub(crate) async fn receive_task<S: ControlService>(
@@ -76,7 +43,7 @@ pub(crate) async fn receive_task<S: ControlService>(
                     let (service, upgraded, node) = (service.clone(), h.upgraded, shared.node_id.clone());
                     glommio::spawn_local(async move {
                         let message = "this relay core is at its connection limit";
-                        tcp::refuse(&service, &mut stream, upgraded, message, &node).await;
+                        socket::refuse(&service, &mut stream, upgraded, message, &node).await;
                     })
                     .detach();
                     continue;

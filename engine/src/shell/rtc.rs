@@ -6,8 +6,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 
-use super::core_task::CoreShared;
-use super::StartError;
+use super::shared::CoreShared;
 use crate::config::RtcSettings;
 use crate::rtc::Certificate;
 
@@ -29,34 +28,35 @@ const MAX_DATAGRAM: usize = 2048;
 /// Binds core `i`'s socket on `listen_ip`, port `port_base + i` (any port when the base is 0).
 ///
 /// # Errors
-/// [`StartError::Rtc`] when a port is taken or the candidate address would be unusable.
-pub(crate) fn bind(settings: &RtcSettings, listen_ip: IpAddr, cores: usize) -> Result<Vec<CoreRtc>, StartError> {
-    let cert = Certificate::generate().map_err(|e| StartError::Rtc(e.to_string()))?;
+/// What went wrong (`start` reports it as `StartError::Rtc`) when a port is taken or the
+/// candidate address would be unusable.
+pub(crate) fn bind(settings: &RtcSettings, listen_ip: IpAddr, cores: usize) -> Result<Vec<CoreRtc>, String> {
+    let cert = Certificate::generate().map_err(|e| e.to_string())?;
     let public = match settings.public_ip {
         Some(ip) => ip,
         None if !listen_ip.is_unspecified() => listen_ip,
         // Listening everywhere: candidates name the address of the interface that has the default
         // route, as a browser would see it on a LAN; deployments behind NAT set --public-ip.
         None => default_route_ip(listen_ip.is_ipv6()).ok_or_else(|| {
-            StartError::Rtc(format!(
+            format!(
                 "listening on {listen_ip} and no interface address was found for ICE candidates: set --public-ip (or --disable-webrtc)"
-            ))
+            )
         })?,
     };
     if public.is_unspecified() {
-        return Err(StartError::Rtc("--public-ip must be a reachable address, not 0.0.0.0 or ::".to_owned()));
+        return Err("--public-ip must be a reachable address, not 0.0.0.0 or ::".to_owned());
     }
     (0..cores)
         .map(|i| {
             let port = match settings.port_base {
                 0 => 0,
                 base => u16::try_from(usize::from(base) + i)
-                    .map_err(|_| StartError::Rtc(format!("--rtc-port-base {base} + core {i} passes port 65535")))?,
+                    .map_err(|_| format!("--rtc-port-base {base} + core {i} passes port 65535"))?,
             };
             let addr = SocketAddr::new(listen_ip, port);
-            let socket = UdpSocket::bind(addr).map_err(|e| StartError::Rtc(format!("cannot bind UDP {addr}: {e}")))?;
-            socket.set_nonblocking(true).map_err(|e| StartError::Rtc(e.to_string()))?;
-            let bound = socket.local_addr().map_err(|e| StartError::Rtc(e.to_string()))?;
+            let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
+            socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let bound = socket.local_addr().map_err(|e| e.to_string())?;
             Ok(CoreRtc {
                 socket,
                 candidate: SocketAddr::new(public, bound.port()),

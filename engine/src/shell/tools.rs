@@ -7,8 +7,8 @@
 use std::rc::Rc;
 
 use super::clock;
-use super::core_task::CoreShared;
 use super::fetch::{self, FetchRequest};
+use super::shared::CoreShared;
 use crate::core::{ToolCall, ToolResult};
 use crate::proto::tools;
 
