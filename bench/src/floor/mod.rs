@@ -1,8 +1,8 @@
 //! The floor: the least a relay of this protocol can do, as the yardstick `relay-bench compare`
 //! measures Relay against. One thread, one level-triggered epoll instance, non-blocking sockets
-//! with `TCP_NODELAY`, hand-written WebSocket framing ([`frame`]: client frames toward the bot
-//! masked with the all-zero key), fields found by byte search ([`json`]), routing as Relay's
-//! pass-through path ([`router`]), each output frame written with one `send`, no timers at all.
+//! with `TCP_NODELAY`, hand-written WebSocket framing (`frame.rs`: client frames toward the bot
+//! masked with the all-zero key), fields found by byte search (`json.rs`), routing as Relay's
+//! pass-through path (`router.rs`), each output frame written with one `send`, no timers at all.
 //!
 //! It serves exactly the bench's traffic the way Relay does: Twilio-protocol callers on
 //! `/twilio/stream` (or `/twilio/stream/{callSid}`) whose `start` names the bot to dial
