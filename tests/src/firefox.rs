@@ -200,6 +200,37 @@ impl Firefox {
         Ok(remote_to_json(&r["result"]))
     }
 
+    /// Clicks the first element `selector` matches as a user would (`input.performActions`: a
+    /// mouse moved to its centre, pressed and released), so the page gets a trusted click with
+    /// user activation, which starting audio needs.
+    ///
+    /// # Errors
+    /// When nothing matches or an action fails.
+    pub fn click(&mut self, selector: &str) -> Result<(), String> {
+        let selector_js = serde_json::to_string(selector).map_err(|e| e.to_string())?;
+        let centre = self.eval(&format!(
+            "(() => {{ const e = document.querySelector({selector_js}); if (!e) return null; \
+             e.scrollIntoView({{ block: 'center' }}); const r = e.getBoundingClientRect(); \
+             return [Math.round(r.x + r.width / 2), Math.round(r.y + r.height / 2)]; }})()"
+        ))?;
+        let (Some(x), Some(y)) = (centre[0].as_i64(), centre[1].as_i64()) else {
+            return Err(format!("click: nothing matches {selector}"));
+        };
+        let actions = json!([{
+            "type": "pointer",
+            "id": "mouse",
+            "parameters": { "pointerType": "mouse" },
+            "actions": [
+                { "type": "pointerMove", "x": x, "y": y },
+                { "type": "pointerDown", "button": 0 },
+                { "type": "pointerUp", "button": 0 },
+            ],
+        }]);
+        let context = self.context.clone();
+        self.call("input.performActions", json!({ "context": context, "actions": actions }))?;
+        Ok(())
+    }
+
     /// Evaluates `expression` every 50 ms until it returns something other than `null`/`false`
     /// (an expression that throws, e.g. while the page still loads, counts as not yet).
     ///
@@ -247,7 +278,11 @@ impl Firefox {
         }
         let entry = &event["params"];
         let text = entry["text"].as_str().unwrap_or_default();
-        self.log.push(format!("{} {}: {text}", entry["level"].as_str().unwrap_or("?"), entry["type"].as_str().unwrap_or("?")));
+        self.log.push(format!(
+            "{} {}: {text}",
+            entry["level"].as_str().unwrap_or("?"),
+            entry["type"].as_str().unwrap_or("?")
+        ));
     }
 }
 
@@ -308,10 +343,10 @@ fn remote_to_json(remote: &Value) -> Value {
     let value = &remote["value"];
     match remote["type"].as_str() {
         Some("string" | "boolean") => value.clone(),
-        Some("number") => value.as_f64().map_or(Value::Null, |n| {
-            value.as_i64().map_or_else(|| json!(n), |i| json!(i))
-        }),
-        Some("array" | "set") => value.as_array().map_or(Value::Null, |items| items.iter().map(remote_to_json).collect()),
+        Some("number") => value.as_f64().map_or(Value::Null, |n| value.as_i64().map_or_else(|| json!(n), |i| json!(i))),
+        Some("array" | "set") => {
+            value.as_array().map_or(Value::Null, |items| items.iter().map(remote_to_json).collect())
+        }
         Some("object" | "map") => value.as_array().map_or(Value::Null, |pairs| {
             pairs
                 .iter()
