@@ -122,8 +122,8 @@ impl Firefox {
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
-                if let Some(address) = line.strip_prefix("WebDriver BiDi listening on ") {
-                    let _ = address_tx.send(address.trim().to_owned());
+                if let Some(address) = bidi_address(&line) {
+                    let _ = address_tx.send(address.to_owned());
                 }
                 let mut kept = kept.lock().expect("stderr lock");
                 if kept.len() == STDERR_LINES {
@@ -134,9 +134,9 @@ impl Firefox {
         });
         // From here on, Drop kills the group and removes the profile, whatever fails.
         let launching = Launching { child: Some(child), profile: Some(profile), stderr };
-        let address = match address_rx.recv_timeout(BIDI_TIMEOUT) {
-            Ok(address) => address,
-            Err(_) => return Err(format!("no BiDi address within {BIDI_TIMEOUT:?}; stderr:\n{}", launching.stderr())),
+        // Disconnected (Firefox exited, its stderr closed) ends the wait early too.
+        let Ok(address) = address_rx.recv_timeout(BIDI_TIMEOUT) else {
+            return Err(format!("no BiDi address within {BIDI_TIMEOUT:?}; stderr:\n{}", launching.stderr()));
         };
         let socket = connect(&address).map_err(|e| format!("{e}; stderr:\n{}", launching.stderr()))?;
         let (child, profile, stderr) = launching.finish();
@@ -325,6 +325,12 @@ impl Drop for Launching {
     }
 }
 
+/// The WebSocket address in Firefox's `WebDriver BiDi listening on ws://127.0.0.1:<port>` line.
+fn bidi_address(line: &str) -> Option<&str> {
+    let address = line.strip_prefix("WebDriver BiDi listening on ")?.trim();
+    address.starts_with("ws://").then_some(address)
+}
+
 /// Connects to the BiDi endpoint `ws://host:port` (its session path is `/session`).
 fn connect(address: &str) -> Result<tungstenite::WebSocket<TcpStream>, String> {
     let host_port = address.strip_prefix("ws://").ok_or_else(|| format!("not a ws:// address: {address}"))?;
@@ -388,6 +394,14 @@ fn executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The BiDi address is read from Firefox's announcement line, and from nothing else.
+    #[test]
+    fn bidi_address_from_stderr() {
+        assert_eq!(bidi_address("WebDriver BiDi listening on ws://127.0.0.1:41679"), Some("ws://127.0.0.1:41679"));
+        assert_eq!(bidi_address("*** You are running in headless mode."), None);
+        assert_eq!(bidi_address("WebDriver BiDi listening on nowhere"), None);
+    }
 
     /// BiDi's typed remote values read as the plain JSON the tests compare with: strings, whole
     /// and fractional numbers, nested arrays and objects; `undefined` and NaN as `null`.
