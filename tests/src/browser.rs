@@ -514,30 +514,6 @@ impl DevTools {
         Ok(r["result"]["value"].clone())
     }
 
-    /// Evaluates `expression` every 50 ms until it returns something other than `null`/`false`
-    /// (an expression that throws, e.g. while the page still loads, counts as not yet).
-    ///
-    /// # Errors
-    /// When it does not within `limit` (the message says `what` and the last exception).
-    pub fn wait_for(&mut self, what: &str, expression: &str, limit: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + limit;
-        let mut last = None;
-        loop {
-            match self.eval(expression) {
-                Ok(v) if !v.is_null() && v != Value::Bool(false) => return Ok(v),
-                Ok(_) => {}
-                Err(e) => last = Some(e),
-            }
-            if Instant::now() >= deadline {
-                let console = self.browser.console();
-                return Err(format!(
-                    "timed out after {limit:?} waiting for {what} (last error {last:?}); console: {console:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// A PNG screenshot of the page's viewport.
     ///
     /// # Errors
@@ -552,6 +528,29 @@ impl DevTools {
     /// The browser's console messages so far.
     pub fn console(&self) -> Vec<String> {
         self.browser.console()
+    }
+}
+
+impl crate::console_page::Page for DevTools {
+    fn eval(&mut self, expression: &str) -> Result<Value, String> {
+        Self::eval(self, expression)
+    }
+
+    /// A script click (Chromium starts audio without a user gesture under the test's flags).
+    fn click(&mut self, selector: &str) -> Result<(), String> {
+        let selector = serde_json::to_string(selector).map_err(|e| e.to_string())?;
+        let clicked = self.eval(&format!(
+            "(() => {{ const e = document.querySelector({selector}); if (!e) return false; e.click(); return true; }})()"
+        ))?;
+        if clicked == Value::Bool(true) {
+            Ok(())
+        } else {
+            Err(format!("click: nothing matches {selector}"))
+        }
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.console()
     }
 }
 

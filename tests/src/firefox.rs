@@ -59,9 +59,6 @@ const BIDI_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of Firefox's stderr kept for error messages.
 const STDERR_LINES: usize = 200;
 
-/// Pause between two evaluations of a polled expression.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
-
 /// Most `log.entryAdded` entries kept (a page that logs in a loop cannot grow the harness).
 const MAX_LOG_ENTRIES: usize = 500;
 
@@ -231,30 +228,6 @@ impl Firefox {
         Ok(())
     }
 
-    /// Evaluates `expression` every 50 ms until it returns something other than `null`/`false`
-    /// (an expression that throws, e.g. while the page still loads, counts as not yet).
-    ///
-    /// # Errors
-    /// When it does not within `limit` (the message says `what`, the last exception and the log).
-    pub fn wait_for(&mut self, what: &str, expression: &str, limit: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + limit;
-        let mut last = None;
-        loop {
-            match self.eval(expression) {
-                Ok(v) if !v.is_null() && v != Value::Bool(false) => return Ok(v),
-                Ok(_) => {}
-                Err(e) => last = Some(e),
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "timed out after {limit:?} waiting for {what} (last error {last:?}); log: {:?}",
-                    self.log
-                ));
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-    }
-
     /// The page's log so far (`log.entryAdded`: console calls and uncaught errors), each as
     /// `"<level> <type>: <text>"`.
     pub fn log(&self) -> &[String] {
@@ -283,6 +256,20 @@ impl Firefox {
             entry["level"].as_str().unwrap_or("?"),
             entry["type"].as_str().unwrap_or("?")
         ));
+    }
+}
+
+impl crate::console_page::Page for Firefox {
+    fn eval(&mut self, expression: &str) -> Result<Value, String> {
+        Self::eval(self, expression)
+    }
+
+    fn click(&mut self, selector: &str) -> Result<(), String> {
+        Self::click(self, selector)
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.log.clone()
     }
 }
 

@@ -25,6 +25,7 @@ use tungstenite::Message;
 
 pub mod browser;
 pub mod cluster;
+pub mod console_page;
 pub mod firefox;
 pub mod postgres;
 pub mod ptime;

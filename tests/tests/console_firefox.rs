@@ -5,9 +5,13 @@
 
 use std::time::Duration;
 
+use relay_tests::console_page::{caller_tone, list_listen_talk, stop_shows_the_record};
 use relay_tests::firefox::{self, Firefox};
-use relay_tests::telephony::{ulaw, TwilioCaller};
-use relay_tests::{poll_until, Relay};
+use relay_tests::telephony::TwilioCaller;
+use relay_tests::Relay;
+
+/// The bound on each wait for the page.
+const LIMIT: Duration = Duration::from_secs(20);
 
 /// In headless Firefox, with the API key typed into the page: a real Twilio call appears in the
 /// table, its counters move, Listen plays the caller's tone (the page's level meter measures it),
@@ -23,69 +27,14 @@ fn console_drives_a_real_call_in_firefox() {
     let id = "CA-console-firefox";
     let caller = TwilioCaller::start(&relay, id, &[]);
     // The caller talks (a 1 kHz tone) all through the test.
-    let tone: Vec<u8> = (0..8000 * 40)
-        .map(|i| ulaw(((i as f32 * 1000.0 / 8000.0 * std::f32::consts::TAU).sin() * 6000.0) as i16))
-        .collect();
-    caller.send_audio(&tone.chunks(160).map(<[u8]>::to_vec).collect::<Vec<_>>());
+    caller.send_audio(&caller_tone());
 
     let url = format!("http://{}/console", relay.addr());
     let mut page = Firefox::open(&url).expect("firefox opens the console");
-    let wait = |page: &mut Firefox, what: &str, js: &str| page.wait_for(what, js, Duration::from_secs(20)).expect(what);
-    // Without the key the page says so; with it, the call shows up.
-    wait(&mut page, "the 401 notice", "document.getElementById('calls-error').textContent.includes('401') || null");
-    page.eval("document.getElementById('key').value = 'k'; document.querySelector('#key-form button[type=submit]').click(); true")
-        .expect("type the key");
-    let row = format!("document.querySelector('tr[data-id=\"{id}\"]')");
-    wait(&mut page, "the call in the table", &format!("!!{row} || null"));
-    assert_eq!(page.eval("sessionStorage.getItem('relay.apiKey')").expect("eval"), "k", "the key is kept for the tab");
-    assert_eq!(page.eval("document.getElementById('key').value").expect("eval"), "", "the key is not shown");
-    let cells = page.eval(&format!("[...{row}.cells].map((c) => c.textContent)")).expect("cells");
-    assert_eq!(cells[1], "twilio", "{cells}");
-    assert_eq!(cells[3], format!("console-node / {}", relay_tests::owner(id, relay.cores())), "{cells}");
-    let text = page.eval(&format!("{row}.querySelector('.caller-counts').textContent")).expect("counts");
-    let first: u64 = text.as_str().and_then(|t| t.split('/').next()).and_then(|n| n.parse().ok()).expect("framesIn");
-    wait(
-        &mut page,
-        "the counters to move",
-        &format!("(Number({row}.querySelector('.caller-counts').textContent.split('/')[0]) > {first}) || null"),
-    );
-
-    // One call's view: Listen hears the caller's tone.
-    page.eval(&format!("{row}.querySelector('button').click(); true")).expect("open the call");
-    wait(
-        &mut page,
-        "the events socket",
-        "document.getElementById('call-state').textContent.includes('events connected') || null",
-    );
-    page.click("#listen").expect("listen");
-    let peak = wait(
-        &mut page,
-        "the level meter to measure the call",
-        "(Number(document.getElementById('listen-level').dataset.peak) > 0.02) && document.getElementById('listen-level').dataset.peak",
-    );
-    let peak: f64 = peak.as_str().and_then(|p| p.parse().ok()).expect("a level");
-    assert!(peak > 0.02, "the page measured the caller's tone: {peak}");
-
-    // Talk: Firefox's fake microphone (a continuous tone) reaches the Twilio caller.
-    let heard_before = caller.heard_pcm().len();
-    page.click("#talk").expect("talk");
-    wait(
-        &mut page,
-        "the talk leg to connect",
-        "document.getElementById('media-state').textContent === 'talk: connected' || null",
-    );
-    poll_until("the caller to hear the browser", || {
-        let heard = caller.heard_pcm();
-        let loud = heard.get(heard_before..).unwrap_or_default().iter().filter(|s| s.unsigned_abs() > 2000).count();
-        (loud > 400).then_some(())
-    });
-
+    // Listen and Talk are real mouse clicks here: Firefox starts audio only in a user's gesture.
+    list_listen_talk(&mut page, &relay, &caller, id, LIMIT);
     // Stop ends the call; its record appears.
-    page.eval("document.querySelector('[data-act=\"stop-call\"]').click(); true").expect("stop");
-    let status = wait(&mut page, "the call record", "document.getElementById('record').dataset.status || null");
-    assert!(status.as_str().is_some_and(|s| !s.is_empty()), "{status}");
-    assert!(caller.wait_closed().is_some(), "the caller's stream is closed");
-    wait(&mut page, "the call to leave the table", &format!("!{row} || null"));
+    stop_shows_the_record(&mut page, &caller, id, LIMIT);
     let errors = page.errors();
     assert!(errors.is_empty(), "no script errors: {errors:?}; whole log: {:?}", page.log());
 }
