@@ -780,6 +780,25 @@ pub fn sign<K: AsRef<str>, V: AsRef<str>>(token: &str, url: &str, params: &[(K, 
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
+/// A Twilio caller on `relay` (configured with [`AUTH_TOKEN`]) for call `sid` on the flat
+/// `/twilio/stream`: the upgrade signed as Twilio signs it, and the `relaySig` parameter the relay's
+/// TwiML would have handed out (base64 HMAC-SHA1 of the sid), then `params`.
+///
+/// # Panics
+/// When the relay refuses the upgrade.
+pub fn signed_caller(relay: &crate::Relay, sid: &str, params: &[(&str, &str)]) -> TwilioCaller {
+    let url = format!("ws://{}/twilio/stream", relay.addr());
+    let signature = sign_url(AUTH_TOKEN, &url);
+    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", signature.as_str())])
+        .unwrap_or_else(|status| panic!("stream upgrade refused with {status}"));
+    let mut mac = Hmac::<Sha1>::new_from_slice(AUTH_TOKEN.as_bytes()).expect("any key length");
+    mac.update(sid.as_bytes());
+    let relay_sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let mut all = vec![("callSid", sid), ("relaySig", relay_sig.as_str())];
+    all.extend_from_slice(params);
+    TwilioCaller::greet(peer, sid, &all)
+}
+
 /// Twilio's signature of a request with no form parameters (a WebSocket upgrade).
 pub fn sign_url(token: &str, url: &str) -> String {
     sign::<&str, &str>(token, url, &[])

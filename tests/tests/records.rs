@@ -5,10 +5,8 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
-use relay_tests::telephony::{frames, Peer, TwilioCaller};
-use relay_tests::twilio_rest::{sign_url, TwilioRest, AUTH_TOKEN, FROM_NUMBER};
+use relay_tests::telephony::{frames, TwilioCaller};
+use relay_tests::twilio_rest::{signed_caller, TwilioRest, FROM_NUMBER};
 use relay_tests::{assert_error, assert_json_type, is_rfc3339, poll_until, temp_dir, Relay};
 use serde_json::{json, Value};
 
@@ -293,21 +291,6 @@ fn analytics(relay: &Relay, path: &str) -> Value {
     assert_eq!(resp.status, 200, "{path}: {}", resp.text());
     assert_json_type(&resp);
     resp.json()
-}
-
-/// A Twilio caller on a relay with a Twilio auth token: the upgrade signed as Twilio signs it, the
-/// `relaySig` parameter the relay's TwiML would have handed out.
-fn signed_caller(relay: &Relay, sid: &str, params: &[(&str, &str)]) -> TwilioCaller {
-    let url = format!("ws://{}/twilio/stream", relay.addr());
-    let signature = sign_url(AUTH_TOKEN, &url);
-    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", signature.as_str())])
-        .unwrap_or_else(|status| panic!("stream upgrade refused with {status}"));
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(AUTH_TOKEN.as_bytes()).expect("any key length");
-    mac.update(sid.as_bytes());
-    let relay_sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let mut all = vec![("callSid", sid), ("relaySig", relay_sig.as_str())];
-    all.extend_from_slice(params);
-    TwilioCaller::greet(peer, sid, &all)
 }
 
 /// Today's UTC date, `YYYY-MM-DD`.

@@ -4,11 +4,9 @@
 //! all come up; a database outage costs no call and loses no record; per-user limits hold across
 //! nodes. Needs root (the cluster runs as the `postgres` user) and PostgreSQL (`scripts/deps-db`).
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use relay_tests::postgres::Postgres;
-use relay_tests::telephony::{frames, Frontend, Peer, TwilioBot, TwilioCaller};
-use relay_tests::twilio_rest::{sign_url, TwilioRest, ACCOUNT_SID, AUTH_TOKEN};
+use relay_tests::telephony::{frames, Frontend, TwilioBot, TwilioCaller};
+use relay_tests::twilio_rest::{signed_caller, TwilioRest, ACCOUNT_SID};
 use relay_tests::{assert_error, poll_until, Relay, WsMsg};
 use serde_json::{json, Value};
 
@@ -255,21 +253,6 @@ fn utc_date_now() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// A Twilio caller on a relay with a Twilio auth token: the upgrade signed as Twilio signs it, the
-/// `relaySig` parameter the relay's TwiML would have handed out.
-fn signed_caller(relay: &Relay, sid: &str, params: &[(&str, &str)]) -> TwilioCaller {
-    let url = format!("ws://{}/twilio/stream", relay.addr());
-    let signature = sign_url(AUTH_TOKEN, &url);
-    let peer = Peer::connect(relay.addr(), "/twilio/stream", &[("X-Twilio-Signature", signature.as_str())])
-        .unwrap_or_else(|status| panic!("stream upgrade refused with {status}"));
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(AUTH_TOKEN.as_bytes()).expect("any key length");
-    mac.update(sid.as_bytes());
-    let relay_sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let mut all = vec![("callSid", sid), ("relaySig", relay_sig.as_str())];
-    all.extend_from_slice(params);
-    TwilioCaller::greet(peer, sid, &all)
 }
 
 /// `GET /calls?all=1` on any node lists every node's calls that have not ended, from the shared
