@@ -83,20 +83,7 @@ impl Target {
         let program = program.as_str();
         let mut command = Command::new(program);
         command.args(&args).stderr(Stdio::piped()).stdout(Stdio::null());
-        if let Some(cpu) = cpu {
-            // SAFETY: runs in the forked child before exec and only calls sched_setaffinity, which
-            // is async-signal-safe; the set lives on the child's stack.
-            unsafe {
-                command.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        pin_to(&mut command, cpu);
         let mut child = command.spawn().with_context(|| format!("start {program}"))?;
         let stderr = child.stderr.take().context("stderr is piped")?;
         let (tx, rx) = mpsc::channel();
@@ -193,19 +180,7 @@ impl Cluster {
         let log = std::env::temp_dir().join(format!("relay-bench-haproxy-{}.log", std::process::id()));
         let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         command.stdout(Stdio::null()).stderr(log_file);
-        if let Some(cpu) = cpu {
-            // SAFETY: as in `spawn_process`: only sched_setaffinity between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        pin_to(&mut command, cpu);
         let child = command.spawn().with_context(|| format!("start {haproxy} -f {config}"))?;
         let mut balancer = Self { balancer: Target { addr: bind, child: Some(child) }, nodes: started };
         let serving = balancer.wait_serving();
@@ -273,5 +248,15 @@ impl Drop for Target {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Makes `command`'s process run only on `cpu`, when one is given (from before it execs).
+fn pin_to(command: &mut Command, cpu: Option<usize>) {
+    let Some(cpu) = cpu else { return };
+    // SAFETY: runs in the forked child before exec; `pin_current_thread` only fills a set on the
+    // stack and calls sched_setaffinity, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || crate::sampler::pin_current_thread(cpu));
     }
 }
