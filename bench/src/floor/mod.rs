@@ -400,14 +400,7 @@ impl Shell {
                     // Answer with the peer's code (or 1000), then it is gone.
                     let code =
                         data.get(payload.start..payload.start + 2).map_or(1000, |c| u16::from_be_bytes([c[0], c[1]]));
-                    let mut close = std::mem::take(&mut self.scratch);
-                    close.clear();
-                    frame::write_close(&mut close, conn.client, code, "");
-                    self.send(token, &close);
-                    self.scratch = close;
-                    self.router.handle_closed(token);
-                    self.execute();
-                    self.close_conn(token);
+                    self.fail(token, code);
                     return at;
                 }
                 // A data frame inside a fragmented message, or a continuation of nothing.
@@ -419,7 +412,8 @@ impl Shell {
         }
     }
 
-    /// Closes `token` with `code` for breaking the protocol; its call hears it is gone.
+    /// Closes `token` with a close frame of `code` (a protocol error's, or the peer's own echoed);
+    /// its call hears it is gone.
     fn fail(&mut self, token: Token, code: u16) {
         if let Some(conn) = self.conns[token].as_ref() {
             let mut close = std::mem::take(&mut self.scratch);
@@ -447,7 +441,7 @@ impl Shell {
                     }
                 }
                 Output::Close { to } => self.close_conn(to),
-                Output::Dial { call, addr, host, path } => match dial(addr) {
+                Output::Dial { call, addr, host, path } => match epoll::connect(addr) {
                     Ok(stream) => {
                         self.dials += 1;
                         let key = dial_key(self.dials);
@@ -517,19 +511,6 @@ impl Shell {
             self.live -= 1;
         }
     }
-}
-
-/// Starts a non-blocking connect; its end shows as writability.
-fn dial(addr: SocketAddr) -> io::Result<TcpStream> {
-    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into())
 }
 
 /// A `Sec-WebSocket-Key`: a per-connection nonce (it guards caches, not secrets).

@@ -133,6 +133,23 @@ impl Epoll {
     }
 }
 
+/// Starts a non-blocking TCP connect to `addr`; its completion (or failure) shows as
+/// writability.
+///
+/// # Errors
+/// When the socket cannot be made or the connect fails at once.
+pub(crate) fn connect(addr: std::net::SocketAddr) -> io::Result<std::net::TcpStream> {
+    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}
+
 /// Sets how far the kernel may defer this thread's timed wake-ups to batch them (default 50 µs).
 ///
 /// # Errors

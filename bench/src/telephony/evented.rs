@@ -275,7 +275,7 @@ impl Loop {
                 }
             };
             let key = handshake_key(seed);
-            match connect(self.target) {
+            match super::epoll::connect(self.target) {
                 Ok(stream) => {
                     let token =
                         self.insert(Conn { stream, role, phase: Phase::Connecting { path, key }, unsent: Vec::new() });
@@ -696,19 +696,6 @@ impl Loop {
 /// Writes `bytes` now, or keeps what the socket will not take and watches for room.
 fn send(epoll: &Epoll, token: usize, conn: &mut Conn, bytes: &[u8]) -> io::Result<()> {
     super::epoll::send_or_queue(epoll, token as u64, &mut conn.stream, &mut conn.unsent, bytes)
-}
-
-/// Starts a non-blocking connect; completion (or failure) shows as writability.
-fn connect(target: SocketAddr) -> io::Result<TcpStream> {
-    let domain = if target.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    match socket.connect(&target.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into())
 }
 
 /// The role a dial would have had, to report its failure.
