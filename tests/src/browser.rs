@@ -365,18 +365,7 @@ fn serve(stream: TcpStream, results_tx: &mpsc::Sender<String>) -> io::Result<()>
     reader.read_line(&mut request_line)?;
     let mut parts = request_line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let mut content_length = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.trim().eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().unwrap_or(0);
-            }
-        }
-    }
+    let content_length = read_fields(&mut reader)?;
     let path = target.split('?').next().unwrap_or("");
     let (status, content_type, body): (&str, &str, &[u8]) = match (method, path) {
         ("GET", "/webrtc.html") => ("200 OK", "text/html; charset=utf-8", PAGE.as_bytes()),
@@ -554,18 +543,14 @@ impl crate::console_page::Page for DevTools {
     }
 }
 
-/// A plain HTTP/1.1 GET on loopback, for Chromium's DevTools listing.
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, CONN_TIMEOUT)?;
-    stream.set_read_timeout(Some(CONN_TIMEOUT))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    // Chromium may keep the connection open: read the head, then exactly Content-Length bytes.
-    let mut reader = BufReader::new(stream);
+/// Reads header lines up to the blank one (or the end) and returns the `Content-Length` among
+/// them (0 when absent or unreadable).
+fn read_fields(reader: &mut impl BufRead) -> io::Result<usize> {
     let mut length = 0;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
+            return Ok(length);
         }
         if let Some((name, value)) = line.split_once(':') {
             if name.trim().eq_ignore_ascii_case("content-length") {
@@ -573,6 +558,16 @@ fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback, for Chromium's DevTools listing.
+fn http_get(addr: SocketAddr, path: &str) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, CONN_TIMEOUT)?;
+    stream.set_read_timeout(Some(CONN_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    // Chromium may keep the connection open: read the head, then exactly Content-Length bytes.
+    let mut reader = BufReader::new(stream);
+    let length = read_fields(&mut reader)?;
     let mut body = vec![0; length.min(MAX_BODY_BYTES)];
     reader.read_exact(&mut body)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
