@@ -266,21 +266,9 @@ impl Browser {
         let mut cmd = Command::new(chromium);
         cmd.args(CHROMIUM_FLAGS).args(extra).arg(format!("--user-data-dir={}", profile.display())).arg(url);
         // Chromium writes outside its profile too (crashpad's database under ~/.config, PulseAudio
-        // and dconf state): point those at the profile, which is removed afterwards.
-        cmd.env("HOME", &profile)
-            .env("XDG_CONFIG_HOME", profile.join(".config"))
-            .env("XDG_CACHE_HOME", profile.join(".cache"));
-        // Its own process group, so that renderer, GPU and utility processes die with it. (The
-        // crashpad handlers call setsid; they exit by themselves once the browser is gone.)
-        cmd.process_group(0);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&profile);
-                return Err(format!("spawn {}: {e}", chromium.display()));
-            }
-        };
+        // and dconf state). (The crashpad handlers call setsid; they exit by themselves once the
+        // browser is gone.)
+        let mut child = spawn_in_profile(&mut cmd, &profile)?;
         let stderr = Arc::new(Mutex::new(Stderr::default()));
         let stderr_done = Arc::new(AtomicBool::new(false));
         let pipe = child.stderr.take().expect("stderr was piped above");
@@ -558,6 +546,25 @@ fn read_fields(reader: &mut impl BufRead) -> io::Result<usize> {
             }
         }
     }
+}
+
+/// Spawns a browser `cmd` whose profile is `profile`: what it writes outside its profile (`HOME`,
+/// the XDG config and cache dirs) goes there too, it runs in its own process group (so that its
+/// child processes die with it), with stderr piped and the other streams closed. When it cannot
+/// start, the profile is removed.
+///
+/// # Errors
+/// When the spawn fails; the message names the program.
+pub(crate) fn spawn_in_profile(cmd: &mut Command, profile: &Path) -> Result<Child, String> {
+    cmd.env("HOME", profile)
+        .env("XDG_CONFIG_HOME", profile.join(".config"))
+        .env("XDG_CACHE_HOME", profile.join(".cache"));
+    cmd.process_group(0);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.spawn().map_err(|e| {
+        let _ = std::fs::remove_dir_all(profile);
+        format!("spawn {}: {e}", cmd.get_program().to_string_lossy())
+    })
 }
 
 /// A plain HTTP/1.1 GET on loopback, for Chromium's DevTools listing.

@@ -11,9 +11,8 @@ use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,21 +95,10 @@ impl Firefox {
         std::fs::write(profile.join("user.js"), USER_JS).map_err(|e| format!("user.js: {e}"))?;
         let mut cmd = Command::new(&firefox);
         cmd.args(["--headless", "--no-remote", "--remote-debugging-port=0", "--profile"]).arg(&profile);
-        // Firefox writes outside its profile too (~/.mozilla, caches): point those at the profile.
-        cmd.env("HOME", &profile)
-            .env("XDG_CONFIG_HOME", profile.join(".config"))
-            .env("XDG_CACHE_HOME", profile.join(".cache"))
-            .env("MOZ_CRASHREPORTER_DISABLE", "1");
-        // Its own process group, so that content and utility processes die with it.
-        cmd.process_group(0);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&profile);
-                return Err(format!("spawn {}: {e}", firefox.display()));
-            }
-        };
+        // Firefox writes outside its profile too (~/.mozilla, caches); its content and utility
+        // processes die with its process group.
+        cmd.env("MOZ_CRASHREPORTER_DISABLE", "1");
+        let mut child = crate::browser::spawn_in_profile(&mut cmd, &profile)?;
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
         let (address_tx, address_rx) = mpsc::channel();
         let pipe = child.stderr.take().expect("stderr was piped above");
